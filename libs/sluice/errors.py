@@ -1,0 +1,235 @@
+"""The error catalogue: one stable code per failure a client can see.
+
+Each code knows its HTTP status, the OpenAI and Anthropic error types the official SDKs
+expect, a title, and a sentence that tells the caller how to fix it. Transports map
+``SluiceError`` to their wire shape in one place each (problem+json at the gateway,
+``chat_pb2.Problem`` on the bus).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from sluice.common.v1 import chat_pb2
+
+PROBLEM_TYPE_BASE = "https://sluice.dev/problems/"
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    status: int
+    title: str
+    fix: str
+    openai_type: str
+    anthropic_type: str
+    retryable: bool = False
+
+
+class ErrorCode(StrEnum):
+    INVALID_REQUEST = "invalid_request"
+    INVALID_JSON = "invalid_json"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    MODEL_NOT_FOUND = "model_not_found"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    RATE_LIMITED = "rate_limited"
+    UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
+    UPSTREAM_ERROR = "upstream_error"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_STREAM_INTERRUPTED = "upstream_stream_interrupted"
+    SERVICE_UNAVAILABLE = "service_unavailable"
+    INTERNAL_ERROR = "internal_error"
+
+
+CATALOGUE: dict[ErrorCode, ErrorSpec] = {
+    ErrorCode.INVALID_REQUEST: ErrorSpec(
+        400,
+        "Invalid request",
+        "Correct the fields named in details and send the request again.",
+        "invalid_request_error",
+        "invalid_request_error",
+    ),
+    ErrorCode.INVALID_JSON: ErrorSpec(
+        400,
+        "Malformed JSON body",
+        "Send a valid JSON object with Content-Type: application/json.",
+        "invalid_request_error",
+        "invalid_request_error",
+    ),
+    ErrorCode.UNAUTHORIZED: ErrorSpec(
+        401,
+        "Missing or invalid API key",
+        "Send 'Authorization: Bearer <key>' (or 'x-api-key: <key>') with a valid Sluice key.",
+        "authentication_error",
+        "authentication_error",
+    ),
+    ErrorCode.FORBIDDEN: ErrorSpec(
+        403,
+        "Not allowed for this key",
+        "Use a key whose scopes allow this operation.",
+        "permission_error",
+        "permission_error",
+    ),
+    ErrorCode.NOT_FOUND: ErrorSpec(
+        404,
+        "Not found",
+        "Check the path; GET /docs lists every route.",
+        "invalid_request_error",
+        "not_found_error",
+    ),
+    ErrorCode.METHOD_NOT_ALLOWED: ErrorSpec(
+        405,
+        "Method not allowed",
+        "Use a method the route accepts; GET /docs lists them.",
+        "invalid_request_error",
+        "invalid_request_error",
+    ),
+    ErrorCode.MODEL_NOT_FOUND: ErrorSpec(
+        404,
+        "Unknown model",
+        "Use one of the models listed by GET /v1/models.",
+        "invalid_request_error",
+        "not_found_error",
+    ),
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: ErrorSpec(
+        415,
+        "Unsupported media type",
+        "Send the body as JSON with Content-Type: application/json.",
+        "invalid_request_error",
+        "invalid_request_error",
+    ),
+    ErrorCode.PAYLOAD_TOO_LARGE: ErrorSpec(
+        413,
+        "Request body too large",
+        "Send a smaller body, or upload large context separately.",
+        "invalid_request_error",
+        "request_too_large",
+    ),
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: ErrorSpec(
+        400,
+        "Context length exceeded",
+        "Shorten the messages or lower max_tokens to fit the model's context window.",
+        "invalid_request_error",
+        "invalid_request_error",
+    ),
+    ErrorCode.RATE_LIMITED: ErrorSpec(
+        429,
+        "Rate limit reached",
+        "Wait for the time in Retry-After, or lower max_tokens to reserve fewer tokens.",
+        "rate_limit_error",
+        "rate_limit_error",
+        retryable=True,
+    ),
+    ErrorCode.UPSTREAM_RATE_LIMITED: ErrorSpec(
+        429,
+        "Provider rate limit reached",
+        "Retry after the time in Retry-After; the provider is throttling.",
+        "rate_limit_error",
+        "rate_limit_error",
+        retryable=True,
+    ),
+    ErrorCode.UPSTREAM_ERROR: ErrorSpec(
+        502,
+        "Provider error",
+        "Retry the request; if it persists, the provider rejected or failed it.",
+        "api_error",
+        "api_error",
+        retryable=True,
+    ),
+    ErrorCode.UPSTREAM_UNAVAILABLE: ErrorSpec(
+        503,
+        "Provider unavailable",
+        "Retry after the time in Retry-After; no provider for this model answered.",
+        "api_error",
+        "overloaded_error",
+        retryable=True,
+    ),
+    ErrorCode.UPSTREAM_TIMEOUT: ErrorSpec(
+        504,
+        "Provider timed out",
+        "Retry, ask for fewer tokens, or submit the request as a job.",
+        "api_error",
+        "api_error",
+        retryable=True,
+    ),
+    ErrorCode.UPSTREAM_STREAM_INTERRUPTED: ErrorSpec(
+        502,
+        "Provider stream interrupted",
+        "The answer is partial; resume or retry the request.",
+        "api_error",
+        "api_error",
+        retryable=True,
+    ),
+    ErrorCode.SERVICE_UNAVAILABLE: ErrorSpec(
+        503,
+        "Gateway temporarily unavailable",
+        "Retry after the time in Retry-After; a Sluice service is not answering.",
+        "api_error",
+        "overloaded_error",
+        retryable=True,
+    ),
+    ErrorCode.INTERNAL_ERROR: ErrorSpec(
+        500,
+        "Internal error",
+        "Retry; if it persists, report the trace id.",
+        "api_error",
+        "api_error",
+        retryable=True,
+    ),
+}
+
+
+@dataclass
+class SluiceError(Exception):
+    """A failure with a stable code. ``detail`` must be safe to show a client."""
+
+    code: ErrorCode
+    detail: str
+    details: dict[str, Any] = field(default_factory=dict)
+    param: str | None = None
+    retry_after_ms: int | None = None
+    status_override: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.detail)
+
+    @property
+    def spec(self) -> ErrorSpec:
+        return CATALOGUE[self.code]
+
+    @property
+    def status(self) -> int:
+        return self.status_override or self.spec.status
+
+    def to_proto(self) -> chat_pb2.Problem:
+        return chat_pb2.Problem(
+            code=str(self.code),
+            message=self.detail,
+            http_status=self.status,
+            retryable=self.spec.retryable,
+            retry_after_ms=self.retry_after_ms or 0,
+            param=self.param or "",
+            details={k: str(v) for k, v in self.details.items()},
+        )
+
+    @classmethod
+    def from_proto(cls, problem: chat_pb2.Problem) -> SluiceError:
+        try:
+            code = ErrorCode(problem.code)
+        except ValueError:
+            code = ErrorCode.UPSTREAM_ERROR
+        return cls(
+            code=code,
+            detail=problem.message or CATALOGUE[code].title,
+            details=dict(problem.details),
+            param=problem.param or None,
+            retry_after_ms=problem.retry_after_ms or None,
+            status_override=problem.http_status or None,
+        )

@@ -1,0 +1,84 @@
+"""Metric instruments shared by the services, named once.
+
+Names follow OpenTelemetry (GenAI semantic conventions where they exist); the Prometheus
+reader turns dots into underscores and appends units (``gen_ai_client_token_usage``...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from opentelemetry import metrics
+
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+)
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+@dataclass(frozen=True)
+class Instruments:
+    requests: metrics.Counter
+    errors: metrics.Counter
+    request_duration: metrics.Histogram
+    queue_wait: metrics.Histogram
+    time_to_first_token: metrics.Histogram
+    operation_duration: metrics.Histogram
+    token_usage: metrics.Histogram
+    in_flight: metrics.UpDownCounter
+    open_streams: metrics.UpDownCounter
+    cost_usd: metrics.Counter
+
+
+@lru_cache(maxsize=1)
+def instruments() -> Instruments:
+    """The instruments of this process (call after ``setup_telemetry``)."""
+    meter = metrics.get_meter("sluice")
+    return Instruments(
+        requests=meter.create_counter(
+            "sluice.requests", unit="{request}", description="Requests by route and status"
+        ),
+        errors=meter.create_counter(
+            "sluice.errors", unit="{error}", description="Errors by stable code and service"
+        ),
+        request_duration=meter.create_histogram(
+            "sluice.request.duration",
+            unit="s",
+            description="Total request latency at the gateway",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
+        ),
+        queue_wait=meter.create_histogram(
+            "sluice.queue.wait",
+            unit="s",
+            description="Time a work item waited in the queue before a worker took it",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
+        ),
+        time_to_first_token=meter.create_histogram(
+            "gen_ai.server.time_to_first_token",
+            unit="s",
+            description="Time to the first output token",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
+        ),
+        operation_duration=meter.create_histogram(
+            "gen_ai.client.operation.duration",
+            unit="s",
+            description="Duration of a provider call",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
+        ),
+        token_usage=meter.create_histogram(
+            "gen_ai.client.token.usage",
+            unit="{token}",
+            description="Tokens per request by gen_ai.token.type",
+            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
+        ),
+        in_flight=meter.create_up_down_counter(
+            "sluice.in_flight", unit="{request}", description="Requests being processed"
+        ),
+        open_streams=meter.create_up_down_counter(
+            "sluice.streams.open", unit="{stream}", description="Open SSE streams"
+        ),
+        cost_usd=meter.create_counter(
+            "sluice.cost", unit="USD", description="Priced cost by model and key"
+        ),
+    )

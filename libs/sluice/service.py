@@ -1,0 +1,157 @@
+"""The lifecycle every service shares.
+
+``ServiceRuntime`` owns, in order of start: telemetry, the NATS connection (with the
+JetStream topology ensured), a grpc.aio server with the standard health service, a
+Prometheus ``/metrics`` endpoint, and a NATS health responder. ``run`` waits for
+SIGTERM/SIGINT, then shuts down in the order that loses nothing: mark NOT_SERVING, stop
+taking work, let the service finish or hand back in-flight work, drain NATS, stop gRPC
+with grace, flush telemetry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from nats.aio.msg import Msg
+
+from sluice import __version__
+from sluice.bus import Bus
+from sluice.common.v1 import chat_pb2
+from sluice.logging import configure_logging
+from sluice.settings import CommonSettings
+from sluice.telemetry import Telemetry, setup_telemetry
+from sluice.topology import GRPC_SERVICES, ServiceName, Subjects
+
+log = logging.getLogger(__name__)
+
+GrpcRegistrar = Callable[[grpc.aio.Server], None]
+StopHook = Callable[[], Awaitable[None]]
+
+
+class ServiceRuntime:
+    def __init__(
+        self,
+        name: ServiceName,
+        common: CommonSettings,
+        *,
+        grpc_port: int,
+        grpc_host: str = "0.0.0.0",
+        metrics_port: int | None,
+        metrics_host: str = "0.0.0.0",
+    ) -> None:
+        self.name = name
+        self.common = common
+        self.grpc_port = grpc_port
+        self.grpc_host = grpc_host
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
+        self.started_unix_ms = int(time.time() * 1000)
+        self.ready = False
+        self.telemetry: Telemetry | None = None
+        self.bus: Bus | None = None
+        self.grpc_server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self._stop_hooks: list[StopHook] = []
+        self._stopping = asyncio.Event()
+
+    # --- start ----------------------------------------------------------------------
+
+    async def start(self, registrars: list[GrpcRegistrar] | None = None) -> Bus:
+        configure_logging(str(self.name), self.common.log_level)
+        self.common.state_dir.mkdir(parents=True, exist_ok=True)
+        self.telemetry = setup_telemetry(str(self.name), self.common.state_dir)
+        self.bus = await Bus.connect(self.common.nats_url, f"sluice-{self.name}")
+        await self.bus.ensure_topology()
+
+        self.grpc_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        for register in registrars or []:
+            register(self.grpc_server)
+        bound = self.grpc_server.add_insecure_port(f"{self.grpc_host}:{self.grpc_port}")
+        if bound == 0:
+            raise RuntimeError(f"cannot bind gRPC port {self.grpc_port}")
+        self.grpc_port = bound
+        await self.grpc_server.start()
+
+        if self.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(self.metrics_port, addr=self.metrics_host)
+
+        await self.bus.serve(Subjects.health(self.name), chat_pb2.ServiceStatus, self._on_health)
+        log.info(
+            "%s started: nats=%s grpc=%s metrics=%s",
+            self.name,
+            self.common.nats_url,
+            self.grpc_port,
+            self.metrics_port,
+        )
+        return self.bus
+
+    async def mark_ready(self) -> None:
+        self.ready = True
+        for svc in ("", *GRPC_SERVICES[self.name]):
+            await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _on_health(self, _req: chat_pb2.ServiceStatus, _msg: Msg) -> chat_pb2.ServiceStatus:
+        return chat_pb2.ServiceStatus(
+            service=str(self.name),
+            instance_id=self.common.instance_id,
+            version=__version__,
+            ready=self.ready,
+            started_unix_ms=self.started_unix_ms,
+        )
+
+    def on_stop(self, hook: StopHook) -> None:
+        """Register work for shutdown, run in registration order after intake stops."""
+        self._stop_hooks.append(hook)
+
+    # --- run and stop ---------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        await self._stopping.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        log.info("%s stopping", self.name)
+        self.ready = False
+        await self.health.enter_graceful_shutdown()
+        if self.bus is not None:
+            await self.bus.stop_serving()
+        for hook in self._stop_hooks:
+            try:
+                await asyncio.wait_for(hook(), timeout=self.common.shutdown_grace_seconds)
+            except Exception:
+                log.exception("stop hook failed")
+        if self.bus is not None:
+            await self.bus.close()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=5)
+        if self.telemetry is not None:
+            self.telemetry.shutdown()
+        log.info("%s stopped", self.name)
+
+
+def run_service(main: Callable[[], Awaitable[Any]]) -> None:
+    """Entry point helper: run ``main`` on uvloop when available."""
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        asyncio.run(main())

@@ -1,0 +1,33 @@
+"""Settings shared by every service. Each service adds its own class with its own prefix
+(``SLUICE_<SERVICE>_``) and embeds these under ``common``."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    """What every process needs: where NATS is, where local state lives, who it is."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICE_", extra="ignore")
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    # Local state: JetStream store of the embedded NATS, spans, SQLite ledger, Qdrant.
+    state_dir: Path = Path(".sluice")
+    # "local" allows generated dev secrets; anything else fails fast without real ones.
+    environment: str = "local"
+    log_level: str = "INFO"
+    instance_id: str = Field(default_factory=lambda: f"{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    # Seconds a service waits for in-flight work after SIGTERM before handing it back.
+    shutdown_grace_seconds: float = 20.0
+    # Config files (providers, prices). Relative paths resolve from the working directory.
+    config_dir: Path = Path("config")
+
+    @property
+    def is_local(self) -> bool:
+        return self.environment == "local"

@@ -1,0 +1,235 @@
+"""Tracing and metrics set up once per process.
+
+Spans go to OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, and otherwise to a local
+JSON-lines file per service under ``<state_dir>/spans/`` that ``sluice trace`` reads.
+Either way they are batched and exported off the event loop. Metrics are OpenTelemetry
+instruments read by a Prometheus reader (``/metrics``) and, with an endpoint, by OTLP.
+W3C trace context travels in HTTP headers, NATS headers and gRPC metadata through the
+same propagator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.propagate import set_global_textmap
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+log = logging.getLogger(__name__)
+
+PROPAGATOR = TraceContextTextMapPropagator()
+SPANS_DIRNAME = "spans"
+
+
+def spans_dir(state_dir: Path) -> Path:
+    return state_dir / SPANS_DIRNAME
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends finished spans to one JSON-lines file; the local stand-in for a collector."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = [json.dumps(span_to_dict(s), separators=(",", ":")) for s in spans]
+        with self._lock, self._path.open("a", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
+    ctx = span.get_span_context()
+    parent = span.parent
+    return {
+        "trace_id": f"{ctx.trace_id:032x}" if ctx else "",
+        "span_id": f"{ctx.span_id:016x}" if ctx else "",
+        "parent_span_id": f"{parent.span_id:016x}" if parent else "",
+        "name": span.name,
+        "kind": span.kind.name if span.kind else "INTERNAL",
+        "service": str(span.resource.attributes.get("service.name", "")),
+        "start_ns": span.start_time,
+        "end_ns": span.end_time,
+        "status": span.status.status_code.name,
+        "attributes": {k: _jsonable(v) for k, v in (span.attributes or {}).items()},
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return list(value)
+
+
+@dataclass
+class Telemetry:
+    service: str
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+
+    @property
+    def tracer(self) -> trace.Tracer:
+        return self.tracer_provider.get_tracer(f"sluice.{self.service}")
+
+    @property
+    def meter(self) -> metrics.Meter:
+        return self.meter_provider.get_meter(f"sluice.{self.service}")
+
+    def shutdown(self) -> None:
+        try:
+            self.tracer_provider.shutdown()
+        finally:
+            self.meter_provider.shutdown()
+
+
+_CURRENT: Telemetry | None = None
+
+
+def setup_telemetry(
+    service: str,
+    state_dir: Path,
+    *,
+    extra_span_exporter: SpanExporter | None = None,
+    prometheus: bool = True,
+) -> Telemetry:
+    """Install the process-wide tracer and meter providers for ``service``."""
+    global _CURRENT
+    if _CURRENT is not None:
+        return _CURRENT
+    resource = Resource.create(
+        {"service.name": os.environ.get("OTEL_SERVICE_NAME", service), "service.namespace": "sluice"}
+    )
+    tracer_provider = TracerProvider(resource=resource)
+    otlp_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    exporter: SpanExporter
+    if otlp_endpoint:
+        exporter = _otlp_span_exporter()
+    else:
+        exporter = JsonLinesSpanExporter(spans_dir(state_dir) / f"{service}.jsonl")
+    tracer_provider.add_span_processor(
+        BatchSpanProcessor(exporter, schedule_delay_millis=500, max_export_batch_size=512)
+    )
+    if extra_span_exporter is not None:
+        tracer_provider.add_span_processor(
+            BatchSpanProcessor(extra_span_exporter, schedule_delay_millis=100)
+        )
+    trace.set_tracer_provider(tracer_provider)
+
+    readers: list[MetricReader] = []
+    if prometheus:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+        readers.append(PrometheusMetricReader())
+    if otlp_endpoint:
+        readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter()))
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    metrics.set_meter_provider(meter_provider)
+    set_global_textmap(PROPAGATOR)
+    _CURRENT = Telemetry(service, tracer_provider, meter_provider)
+    return _CURRENT
+
+
+def _otlp_protocol() -> str:
+    return os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+    )
+
+
+def _otlp_span_exporter() -> SpanExporter:
+    if _otlp_protocol().startswith("http"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter as GrpcSpanExporter,
+    )
+
+    return GrpcSpanExporter()
+
+
+def _otlp_metric_exporter() -> Any:
+    if _otlp_protocol().startswith("http"):
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        return OTLPMetricExporter()
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+        OTLPMetricExporter as GrpcMetricExporter,
+    )
+
+    return GrpcMetricExporter()
+
+
+def current() -> Telemetry:
+    if _CURRENT is None:
+        raise RuntimeError("setup_telemetry() has not run in this process")
+    return _CURRENT
+
+
+def inject(carrier: MutableMapping[str, str], span: Span | None = None) -> MutableMapping[str, str]:
+    """Write ``traceparent``/``tracestate`` for the current (or given) span."""
+    ctx = trace.set_span_in_context(span) if span is not None else None
+    PROPAGATOR.inject(carrier, context=ctx)
+    return carrier
+
+
+def extract(carrier: Mapping[str, str] | None) -> otel_context.Context:
+    return PROPAGATOR.extract(carrier or {})
+
+
+def trace_id_hex(span: Span | None = None) -> str:
+    ctx = (span or trace.get_current_span()).get_span_context()
+    return f"{ctx.trace_id:032x}" if ctx.is_valid else ""
+
+
+def traceparent(span: Span | None = None) -> str:
+    carrier: dict[str, str] = {}
+    inject(carrier, span)
+    return carrier.get("traceparent", "")
+
+
+def messaging_attributes(subject: str, operation: str) -> dict[str, str]:
+    return {
+        "messaging.system": "nats",
+        "messaging.destination.name": subject,
+        "messaging.operation.type": operation,
+    }
+
+
+__all__ = [
+    "Span",
+    "SpanKind",
+    "Telemetry",
+    "current",
+    "extract",
+    "inject",
+    "messaging_attributes",
+    "setup_telemetry",
+    "spans_dir",
+    "trace_id_hex",
+    "traceparent",
+]

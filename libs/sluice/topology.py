@@ -1,0 +1,200 @@
+"""Every NATS subject, JetStream stream, KV bucket and service port, declared once.
+
+The messages that travel on these subjects are defined in ``proto/``; this module says
+where they travel. Services and tests import names from here and never spell a subject.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+PREFIX = "sluice.v1"
+
+
+class ServiceName(StrEnum):
+    GATEWAY = "gateway"
+    LIMITER = "limiter"
+    CACHE = "cache"
+    INFERENCE_WORKER = "inference-worker"
+    COST_TRACKER = "cost-tracker"
+
+
+ALL_SERVICES: tuple[ServiceName, ...] = tuple(ServiceName)
+
+
+class PriorityClass(StrEnum):
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+    SYSTEM = "system"
+
+
+class Subjects:
+    """Subjects of the data path. Payloads are the proto messages named beside each."""
+
+    # request/reply: limiter_pb2.ReserveRequest -> ReserveResponse
+    LIMITER_RESERVE = f"{PREFIX}.limiter.reserve"
+    # request/reply: limiter_pb2.CommitRequest -> CommitResponse (the gateway releases a
+    # reservation it will not use; actual usage arrives through the usage stream)
+    LIMITER_COMMIT = f"{PREFIX}.limiter.commit"
+    # request/reply: cache_pb2.LookupRequest -> LookupResponse
+    CACHE_LOOKUP = f"{PREFIX}.cache.lookup"
+    # publish: cache_pb2.StoreRequest
+    CACHE_STORE = f"{PREFIX}.cache.store"
+    # JetStream work queue: inference_pb2.InferenceWork, one subject per priority class
+    INFER_ALL = f"{PREFIX}.infer.>"
+    # core publish captured by the STREAMS stream: inference_pb2.StreamEvent
+    STREAM_ALL = f"{PREFIX}.stream.>"
+    # JetStream: cost_pb2.UsageEvent, deduplicated by request id
+    USAGE_ALL = f"{PREFIX}.usage.>"
+    # publish: cost_pb2.CostEvent
+    COST_RECORDED_ALL = f"{PREFIX}.cost.recorded.>"
+    # request/reply: empty -> chat_pb2.ServiceStatus, one subject per service
+    HEALTH_ALL = f"{PREFIX}.health.>"
+
+    @staticmethod
+    def infer(priority: PriorityClass | str) -> str:
+        return f"{PREFIX}.infer.{priority}"
+
+    @staticmethod
+    def stream(request_id: str) -> str:
+        return f"{PREFIX}.stream.{request_id}"
+
+    @staticmethod
+    def usage(key_id: str) -> str:
+        return f"{PREFIX}.usage.{key_id}"
+
+    @staticmethod
+    def cost_recorded(key_id: str) -> str:
+        return f"{PREFIX}.cost.recorded.{key_id}"
+
+    @staticmethod
+    def health(service: ServiceName | str) -> str:
+        return f"{PREFIX}.health.{service}"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A JetStream stream. ``retention`` is "limits" or "workqueue"."""
+
+    name: str
+    subjects: tuple[str, ...]
+    retention: str = "limits"
+    max_age_seconds: float = 0.0
+    duplicate_window_seconds: float = 120.0
+    max_bytes: int = -1
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    stream: str
+    durable: str
+    filter_subject: str
+    ack_wait_seconds: float = 30.0
+    max_deliver: int = 5
+    max_ack_pending: int = 1000
+
+
+class Streams:
+    # Durable inference work; a message leaves the queue only when a worker acks it.
+    INFER = StreamSpec(
+        name="SLUICE_INFER",
+        subjects=(Subjects.INFER_ALL,),
+        retention="workqueue",
+        max_age_seconds=24 * 3600,
+        description="inference work queue, one subject per priority class",
+    )
+    # Token streams kept for replay after a disconnect.
+    STREAMS = StreamSpec(
+        name="SLUICE_STREAMS",
+        subjects=(Subjects.STREAM_ALL,),
+        max_age_seconds=24 * 3600,
+        duplicate_window_seconds=0.0,
+        description="token stream events by request id, kept for resumption",
+    )
+    # Billing source of truth; Nats-Msg-Id = request id deduplicates redeliveries.
+    USAGE = StreamSpec(
+        name="SLUICE_USAGE",
+        subjects=(Subjects.USAGE_ALL,),
+        max_age_seconds=90 * 24 * 3600,
+        duplicate_window_seconds=24 * 3600,
+        description="usage events, one per request",
+    )
+
+    ALL: tuple[StreamSpec, ...] = (INFER, STREAMS, USAGE)
+
+
+class Consumers:
+    WORKER = {
+        cls: ConsumerSpec(
+            stream=Streams.INFER.name,
+            durable=f"worker-{cls}",
+            filter_subject=Subjects.infer(cls),
+            ack_wait_seconds=30.0,
+            max_deliver=5,
+        )
+        for cls in PriorityClass
+    }
+    LIMITER_USAGE = ConsumerSpec(
+        stream=Streams.USAGE.name, durable="limiter-reconcile", filter_subject=Subjects.USAGE_ALL
+    )
+    COST_USAGE = ConsumerSpec(
+        stream=Streams.USAGE.name, durable="cost-ledger", filter_subject=Subjects.USAGE_ALL
+    )
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    name: str
+    ttl_seconds: float = 0.0
+    history: int = 1
+    description: str = ""
+
+
+class Buckets:
+    API_KEYS = BucketSpec("sluice_api_keys", description="ApiKeyRecord by key id")
+    EXACT_CACHE = BucketSpec(
+        "sluice_exact_cache", ttl_seconds=3600.0, description="cached Final by request hash"
+    )
+    LIMITER_SNAPSHOTS = BucketSpec(
+        "sluice_limiter_snapshots", description="limiter window state, for restarts"
+    )
+
+    ALL: tuple[BucketSpec, ...] = (API_KEYS, EXACT_CACHE, LIMITER_SNAPSHOTS)
+
+
+@dataclass(frozen=True)
+class ServicePorts:
+    """Default listening ports of one service (overridable by its settings)."""
+
+    grpc: int
+    metrics: int
+    http: int | None = None
+
+
+DEFAULT_PORTS: dict[ServiceName, ServicePorts] = {
+    ServiceName.GATEWAY: ServicePorts(grpc=50051, metrics=8080, http=8080),
+    ServiceName.LIMITER: ServicePorts(grpc=50052, metrics=9102),
+    ServiceName.CACHE: ServicePorts(grpc=50053, metrics=9103),
+    ServiceName.INFERENCE_WORKER: ServicePorts(grpc=50054, metrics=9104),
+    ServiceName.COST_TRACKER: ServicePorts(grpc=50055, metrics=9105),
+}
+
+
+@dataclass(frozen=True)
+class GrpcServices:
+    """Fully qualified names of the gRPC services each process serves, health aside."""
+
+    by_service: dict[ServiceName, tuple[str, ...]] = field(
+        default_factory=lambda: {
+            ServiceName.GATEWAY: (),
+            ServiceName.LIMITER: ("sluice.limiter.v1.QuotaService",),
+            ServiceName.CACHE: ("sluice.cache.v1.CacheAdminService",),
+            ServiceName.INFERENCE_WORKER: ("sluice.inference.v1.ProviderHealthService",),
+            ServiceName.COST_TRACKER: ("sluice.cost.v1.UsageService",),
+        }
+    )
+
+
+GRPC_SERVICES = GrpcServices().by_service
