@@ -176,6 +176,7 @@ class Bus:
         handler: Callable[[P, Msg], Awaitable[ProtoMessage | None]],
         *,
         queue: str | None = None,
+        traced: bool = True,
     ) -> Subscription:
         """Serve request/reply (or plain publishes) on ``subject`` inside CONSUMER spans.
 
@@ -183,6 +184,16 @@ class Bus:
         handler errors are logged and answered with no reply, so callers time out rather
         than receive garbage; handlers map domain errors into their reply messages.
         """
+
+        async def untraced(msg: Msg) -> None:
+            try:
+                request = request_type()
+                request.ParseFromString(msg.data)
+                reply = await handler(request, msg)
+                if reply is not None and msg.reply:
+                    await msg.respond(reply.SerializeToString())
+            except Exception:
+                log.exception("handler for %s failed", subject)
 
         async def on_message(msg: Msg) -> None:
             parent = telemetry.extract(msg.headers)
@@ -202,7 +213,9 @@ class Bus:
                     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                     log.exception("handler for %s failed", subject)
 
-        sub = await self.nc.subscribe(subject, queue=queue or "", cb=on_message)
+        sub = await self.nc.subscribe(
+            subject, queue=queue or "", cb=on_message if traced else untraced
+        )
         self._subs.append(sub)
         return sub
 

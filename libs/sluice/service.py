@@ -86,7 +86,10 @@ class ServiceRuntime:
 
             start_http_server(self.metrics_port, addr=self.metrics_host)
 
-        await self.bus.serve(Subjects.health(self.name), chat_pb2.ServiceStatus, self._on_health)
+        # Probes are not traced: they would bury the request traces.
+        await self.bus.serve(
+            Subjects.health(self.name), chat_pb2.ServiceStatus, self._on_health, traced=False
+        )
         log.info(
             "%s started: nats=%s grpc=%s metrics=%s",
             self.name,
