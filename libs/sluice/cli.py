@@ -1,0 +1,29 @@
+"""The ``sluice`` command: ``up`` (everything, locally), ``trace`` (one request as a
+tree), ``simulator`` (the fault-injecting provider)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("sluice.launcher", "start NATS, the local model and all five services"),
+    "trace": ("sluice.tracecli", "print one request's spans as a tree"),
+    "simulator": ("sluice.simulator", "run the simulated OpenAI-compatible provider"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help", "help"} or args[0] not in COMMANDS:
+        print("usage: sluice <command> [options]\n\ncommands:")
+        for name, (_module, summary) in COMMANDS.items():
+            print(f"  {name:<10} {summary}")
+        return 0 if args and args[0] in {"-h", "--help", "help"} else 2
+    module = importlib.import_module(COMMANDS[args[0]][0])
+    result: int = module.main(args[1:])
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
