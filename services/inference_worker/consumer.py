@@ -1,0 +1,280 @@
+"""Pulling work from SLUICE_INFER: one durable pull consumer per priority class, served
+in the order system, interactive, batch, with bounded concurrency.
+
+Each class keeps at most one pull request (batch 1) open at the server, and a pull only
+opens on a free slot (open pulls count as taken), so the worker never holds more
+messages than it can start; the rest stay available to other workers. With slack, every
+class long-polls, and a long-poll answers as soon as a message is published: the pickup
+latency is one server delivery. Near saturation the free slots go, in priority order, to
+short polls: a class with a backlog gets its message at once and asks again first, and
+a class that just came back empty yields its turn, so a saturated worker prefers system
+over interactive over batch without leaving a slot parked on an idle class.
+
+Each message: CONSUMER span continued from its headers, progress acks while the work
+runs, ack after every event about it is published, nak when the worker shuts down
+before finishing (another worker restarts it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from sluice import telemetry
+from sluice.bus import Bus
+from sluice.inference.v1 import inference_pb2
+from sluice.topology import Consumers, ConsumerSpec, PriorityClass, Subjects
+
+from .engine import InferenceEngine
+from .settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+PRIORITY_ORDER: tuple[PriorityClass, ...] = (
+    PriorityClass.SYSTEM,
+    PriorityClass.INTERACTIVE,
+    PriorityClass.BATCH,
+)
+_STATUS = "Status"
+_HEARTBEAT = "100"
+_API_PREFIX = "$JS.API"
+
+
+class _Pull:
+    """The state of one class's pull request."""
+
+    def __init__(self, spec: ConsumerSpec) -> None:
+        self.spec = spec
+        self.open = False
+        self.opened_at = 0.0
+        # When a pull last came back without a message.
+        self.empty_at = -1e9
+        self.inbox = ""
+        self.sub: Subscription | None = None
+
+
+class WorkConsumer:
+    def __init__(self, bus: Bus, engine: InferenceEngine, settings: WorkerSettings) -> None:
+        self.bus = bus
+        self.engine = engine
+        self.settings = settings
+        self.concurrency = max(1, settings.concurrency)
+        self.pulls = {cls: _Pull(Consumers.WORKER[cls]) for cls in PRIORITY_ORDER}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.pending: dict[str, int] = {}
+        self.stopping = False
+        self.processed = 0
+        self._wake = asyncio.Event()
+        # Set whenever no pull is open (during shutdown: nothing can arrive any more).
+        self._pulls_closed = asyncio.Event()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._tracer = trace.get_tracer("sluice.inference_worker")
+        self._gauge = metrics.get_meter("sluice").create_observable_gauge(
+            "sluice.jetstream.pending",
+            callbacks=[self._observe_pending],
+            unit="{message}",
+            description="Messages waiting in a JetStream consumer (work queue depth)",
+        )
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for cls, pull in self.pulls.items():
+            await self.bus.ensure_consumer(pull.spec)
+            pull.inbox = self.bus.nc.new_inbox()
+            pull.sub = await self.bus.nc.subscribe(pull.inbox, cb=self._callback(cls))
+        await self._refresh_pending()
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="worker-dispatch")
+        self._poller = asyncio.create_task(self._poll_pending(), name="worker-pending")
+
+    async def stop(self, grace: float) -> None:
+        """Stop pulling, let in-flight work finish within ``grace`` seconds, nak the rest."""
+        self.stopping = True
+        deadline = time.monotonic() + grace
+        for task in (self._dispatcher, self._poller):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.tasks:
+            log.info("waiting for %d in-flight requests", len(self.tasks))
+            await asyncio.wait(set(self.tasks), timeout=max(0.0, deadline - time.monotonic()))
+        unfinished = list(self.tasks)
+        for task in unfinished:
+            task.cancel()  # the handler naks its message
+        if unfinished:
+            log.warning("handing back %d unfinished requests", len(unfinished))
+            await asyncio.gather(*unfinished, return_exceptions=True)
+        # Open pulls can still deliver a message (naked on arrival while stopping); wait
+        # for them to expire so nothing sits claimed by a process about to exit.
+        if any(p.open for p in self.pulls.values()):
+            self._pulls_closed.clear()
+            limit = min(deadline - time.monotonic(), self.settings.long_poll_seconds + 0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pulls_closed.wait(), timeout=max(0.0, limit))
+        for pull in self.pulls.values():
+            if pull.sub is not None:
+                with contextlib.suppress(Exception):
+                    await pull.sub.unsubscribe()
+
+    # --- pulling --------------------------------------------------------------------
+
+    def _credits(self) -> int:
+        return self.concurrency - len(self.tasks) - sum(p.open for p in self.pulls.values())
+
+    def _to_open(self, now: float) -> tuple[list[_Pull], float]:
+        """Which pulls to open now, and their expiry in seconds.
+
+        With slack (free slots for every class twice over) each class long-polls. Near
+        saturation the few free slots rotate: short polls, in priority order, except
+        that a class which just came back empty yields its turn to the next one.
+        """
+        credits = self._credits()
+        idle = [p for p in self.pulls.values() if not p.open]
+        if credits <= 0 or not idle:
+            return [], 0.0
+        if credits - len(idle) >= len(self.pulls):
+            return idle, self.settings.long_poll_seconds
+        window = 2 * self.settings.short_poll_seconds
+        ranked = sorted(idle, key=lambda p: now - p.empty_at < window)  # stable: keeps order
+        return ranked[:credits], self.settings.short_poll_seconds
+
+    async def _dispatch(self) -> None:
+        stale_after = self.settings.long_poll_seconds + 2.0
+        while not self.stopping:
+            self._wake.clear()
+            now = time.monotonic()
+            for pull in self.pulls.values():
+                if pull.open and now - pull.opened_at > stale_after:
+                    # Its answer was lost (a reconnect): the server forgot it too.
+                    pull.open = False
+            chosen, expires = self._to_open(now)
+            for pull in chosen:
+                request = json.dumps({"batch": 1, "expires": int(expires * 1e9)}).encode()
+                subject = f"{_API_PREFIX}.CONSUMER.MSG.NEXT.{pull.spec.stream}.{pull.spec.durable}"
+                pull.open = True
+                pull.opened_at = now
+                try:
+                    await self.bus.nc.publish(subject, request, reply=pull.inbox)
+                except Exception:
+                    pull.open = False
+                    log.warning("pull request for %s failed", pull.spec.durable, exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+
+    def _callback(self, cls: PriorityClass) -> Callable[[Msg], Awaitable[None]]:
+        pull = self.pulls[cls]
+
+        async def on_message(msg: Msg) -> None:
+            status = msg.headers.get(_STATUS) if msg.headers and not msg.data else None
+            if status is not None:
+                if status != _HEARTBEAT:
+                    # 404 no messages, 408 expired, 409 limits: this pull is over.
+                    pull.empty_at = time.monotonic()
+                    self._closed(pull)
+                return
+            self._closed(pull)
+            if self.stopping:
+                await msg.nak()
+                self._wake.set()
+                return
+            task = asyncio.create_task(self._handle(msg, cls))
+            self.tasks.add(task)
+            task.add_done_callback(self._done)
+            self._wake.set()
+
+        return on_message
+
+    def _closed(self, pull: _Pull) -> None:
+        pull.open = False
+        self._wake.set()
+        if not any(p.open for p in self.pulls.values()):
+            self._pulls_closed.set()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self._wake.set()
+
+    # --- one message ----------------------------------------------------------------
+
+    async def _handle(self, msg: Msg, cls: PriorityClass) -> None:
+        work = inference_pb2.InferenceWork()
+        try:
+            work.ParseFromString(msg.data)
+        except DecodeError:
+            log.error("undecodable work message on %s; terminating it", msg.subject)
+            await msg.term()
+            return
+        delivery = msg.metadata.num_delivered or 1
+        subject = Subjects.infer(cls)
+        keepalive = asyncio.create_task(self._keep_claim(msg))
+        finished = False
+        with self._tracer.start_as_current_span(
+            f"{subject} process",
+            context=telemetry.extract(msg.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                **telemetry.messaging_attributes(subject, "process"),
+                "messaging.message.id": work.request_id,
+                "sluice.request_id": work.request_id,
+                "sluice.delivery": delivery,
+            },
+        ) as span:
+            try:
+                await self.engine.process(work, priority=str(cls), delivery=delivery)
+                finished = True
+            except asyncio.CancelledError:
+                span.set_status(Status(StatusCode.ERROR, "worker stopping"))
+                raise
+            except Exception as exc:
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                log.exception("request %s could not be processed", work.request_id)
+            finally:
+                keepalive.cancel()
+                if finished:
+                    await msg.ack()
+                    self.processed += 1
+                else:
+                    # Shutdown or a transport failure: hand the work to another worker.
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=None if self.stopping else 1.0)
+
+    async def _keep_claim(self, msg: Msg) -> None:
+        interval = self.settings.in_progress_interval_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await msg.in_progress()
+            except Exception:
+                log.warning("in-progress ack failed", exc_info=True)
+
+    # --- queue depth ----------------------------------------------------------------
+
+    async def _refresh_pending(self) -> None:
+        for pull in self.pulls.values():
+            try:
+                info = await self.bus.js.consumer_info(pull.spec.stream, pull.spec.durable)
+            except Exception:
+                log.debug("consumer_info %s failed", pull.spec.durable, exc_info=True)
+                continue
+            self.pending[pull.spec.durable] = int(info.num_pending or 0)
+
+    async def _poll_pending(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.pending_poll_seconds)
+            await self._refresh_pending()
+
+    def _observe_pending(self, _options: CallbackOptions) -> Iterable[Observation]:
+        # Reads the cached figures: a metrics scrape never waits on JetStream.
+        return [Observation(v, {"consumer": k}) for k, v in self.pending.items()]

@@ -1,0 +1,400 @@
+"""The worker's domain logic: one work item from pickup to its last event.
+
+Resolve the model, walk its chain (the model, then its fallbacks), retry each provider
+on retryable errors that happen before any output reached the client, relay deltas,
+then report exactly one ``Final`` or ``Failure``, the usage event (billing and the
+limiter's reconciliation) and, for a cacheable answer, a cache store. Messaging is
+behind ``EventSink``; this module imports neither NATS nor gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from sluice import telemetry
+from sluice.cache.v1 import cache_pb2
+from sluice.catalog import Catalog, ModelConfig
+from sluice.common.v1 import chat_pb2
+from sluice.cost.v1 import cost_pb2
+from sluice.errors import ErrorCode, SluiceError
+from sluice.inference.v1 import inference_pb2
+from sluice.metrics import Instruments
+from sluice.pricing import PriceTable
+from sluice.topology import ServiceName, Subjects
+
+from .circuit import CircuitRegistry
+from .providers import ProviderPool, UpstreamAnswer, UpstreamFailure
+from .settings import RetrySettings
+
+log = logging.getLogger(__name__)
+
+SERVICE = str(ServiceName.INFERENCE_WORKER)
+
+
+class Outcome(StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+class EventSink(Protocol):
+    """Where a work item's results go (NATS in the service, lists in unit tests)."""
+
+    async def stream_event(self, subject: str, event: inference_pb2.StreamEvent) -> None: ...
+
+    async def usage(self, event: cost_pb2.UsageEvent) -> None:
+        """Durably record usage (awaits the store's acknowledgement)."""
+        ...
+
+    async def cache_store(self, store: cache_pb2.StoreRequest) -> None: ...
+
+
+@dataclass
+class _Request:
+    """Per-work-item state shared by the attempts."""
+
+    work: inference_pb2.InferenceWork
+    subject: str
+    picked_up: float
+    queue_wait_us: int
+    deadline: float | None
+    sequence: int = 0
+
+
+class InferenceEngine:
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        prices: PriceTable,
+        pool: ProviderPool,
+        circuits: CircuitRegistry,
+        retry: RetrySettings,
+        max_deliveries: int,
+        sink: EventSink,
+        instruments: Instruments,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.catalog = catalog
+        self.prices = prices
+        self.pool = pool
+        self.circuits = circuits
+        self.retry = retry
+        self.max_deliveries = max_deliveries
+        self.sink = sink
+        self.metrics = instruments
+        self._sleep = sleep
+        self._tracer = trace.get_tracer("sluice.inference_worker")
+
+    # --- entry point ----------------------------------------------------------------
+
+    async def process(
+        self, work: inference_pb2.InferenceWork, *, priority: str, delivery: int = 1
+    ) -> Outcome:
+        """Serve one work item; returns once every event about it is published."""
+        picked_up = time.monotonic()
+        now_ns = time.time_ns()
+        queue_wait_us = (
+            max(0, (now_ns - work.enqueued_unix_nanos) // 1000) if work.enqueued_unix_nanos else 0
+        )
+        self.metrics.queue_wait.record(queue_wait_us / 1e6, {"priority": priority})
+        deadline = None
+        if work.deadline_unix_nanos:
+            deadline = picked_up + (work.deadline_unix_nanos - now_ns) / 1e9
+        req = _Request(
+            work=work,
+            subject=work.stream_subject or Subjects.stream(work.request_id),
+            picked_up=picked_up,
+            queue_wait_us=queue_wait_us,
+            deadline=deadline,
+        )
+        self.metrics.in_flight.add(1, {"service": SERVICE})
+        try:
+            return await self._process(req, delivery)
+        finally:
+            self.metrics.in_flight.add(-1, {"service": SERVICE})
+
+    async def _process(self, req: _Request, delivery: int) -> Outcome:
+        work = req.work
+        if delivery > self.max_deliveries:
+            return await self._fail(
+                req,
+                UpstreamFailure(
+                    SluiceError(
+                        ErrorCode.SERVICE_UNAVAILABLE,
+                        f"the work was delivered {delivery} times without completing",
+                        {"deliveries": delivery},
+                    )
+                ),
+                None,
+            )
+        if req.deadline is not None and time.monotonic() >= req.deadline:
+            return await self._fail(req, _deadline_failure("while queued"), None)
+        model = self.catalog.model(work.request.model)
+        if model is None:
+            return await self._fail(
+                req,
+                UpstreamFailure(
+                    SluiceError(
+                        ErrorCode.MODEL_NOT_FOUND,
+                        f"unknown model {work.request.model!r}",
+                        param="model",
+                    ),
+                    permanent=True,
+                ),
+                None,
+            )
+
+        chain = [model, *(m for name in model.fallbacks if (m := self.catalog.model(name)))]
+        last: UpstreamFailure | None = None
+        last_model: ModelConfig | None = None
+        for candidate in chain:
+            outcome, failure = await self._try_model(req, candidate)
+            if outcome is not None:
+                return outcome
+            assert failure is not None
+            last, last_model = failure, candidate
+            if not failure.try_fallback or self._past_deadline(req):
+                break
+        if last is None:
+            last = UpstreamFailure(
+                SluiceError(ErrorCode.UPSTREAM_UNAVAILABLE, "no provider is available")
+            )
+        return await self._fail(req, last, last_model)
+
+    # --- one model of the chain -------------------------------------------------------
+
+    async def _try_model(
+        self, req: _Request, model: ModelConfig
+    ) -> tuple[Outcome | None, UpstreamFailure | None]:
+        """Attempts against one model: (outcome, None) when finished (well or after
+        output), (None, failure) when the next fallback should be tried."""
+        breaker = self.circuits.get(model.provider)
+        failure: UpstreamFailure | None = None
+        for attempt in range(1, max(1, self.retry.attempts) + 1):
+            if not breaker.allow():
+                return None, UpstreamFailure(
+                    SluiceError(
+                        ErrorCode.UPSTREAM_UNAVAILABLE,
+                        f"provider {model.provider} is failing; its circuit is open",
+                        {"provider": model.provider, "circuit": "open"},
+                    )
+                )
+            if self._past_deadline(req):
+                return None, _deadline_failure("before the provider answered")
+            try:
+                answer = await self._call(req, model, attempt)
+            except UpstreamFailure as exc:
+                failure = exc
+                if exc.counts_against_circuit:
+                    breaker.record_failure()
+                else:
+                    breaker.record_neutral()
+                if exc.relayed:
+                    # Output reached the client: no retry can hide this any more.
+                    return await self._fail(req, exc, model), None
+                delay = self._backoff(attempt, exc)
+                if delay is None or attempt >= self.retry.attempts:
+                    return None, exc
+                if req.deadline is not None and time.monotonic() + delay >= req.deadline:
+                    return None, exc
+                await self._sleep(delay)
+                continue
+            breaker.record_success()
+            return await self._complete(req, model, answer), None
+        return None, failure
+
+    def _backoff(self, attempt: int, failure: UpstreamFailure) -> float | None:
+        """Seconds before the next attempt, or None when retrying this provider is moot."""
+        if not failure.retry_same:
+            return None
+        base = min(self.retry.max_delay_ms, self.retry.base_delay_ms * 2 ** (attempt - 1))
+        # Equal jitter: spreads retries of a burst without ever retrying immediately.
+        delay_ms = base / 2 + random.uniform(0, base / 2)
+        hinted: int | None = failure.error.retry_after_ms
+        if hinted:
+            if hinted > self.retry.retry_after_cap_ms:
+                return None
+            delay_ms = max(delay_ms, hinted)
+        return float(delay_ms) / 1000
+
+    @staticmethod
+    def _past_deadline(req: _Request) -> bool:
+        return req.deadline is not None and time.monotonic() >= req.deadline
+
+    async def _call(self, req: _Request, model: ModelConfig, attempt: int) -> UpstreamAnswer:
+        """One provider call inside a GenAI CLIENT span; deltas are relayed as they come."""
+        request = req.work.request
+        provider = self.pool.get(model.provider)
+        attrs: dict[str, str | int | float] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": model.provider,
+            "gen_ai.request.model": model.upstream_model,
+            "sluice.model": model.name,
+            "sluice.attempt": attempt,
+        }
+        if request.sampling.HasField("max_tokens"):
+            attrs["gen_ai.request.max_tokens"] = request.sampling.max_tokens
+        if request.sampling.HasField("temperature"):
+            attrs["gen_ai.request.temperature"] = request.sampling.temperature
+        metric_attrs = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": model.provider,
+            "gen_ai.request.model": model.upstream_model,
+        }
+
+        async def relay(delta: inference_pb2.Delta) -> None:
+            req.sequence += 1
+            await self.sink.stream_event(
+                req.subject,
+                inference_pb2.StreamEvent(
+                    request_id=req.work.request_id, sequence=req.sequence, delta=delta
+                ),
+            )
+
+        started = time.monotonic()
+        with self._tracer.start_as_current_span(
+            f"chat {model.upstream_model}", kind=SpanKind.CLIENT, attributes=attrs
+        ) as span:
+            try:
+                answer = await provider.chat(
+                    request,
+                    model.upstream_model,
+                    on_delta=relay if request.stream else None,
+                    deadline=req.deadline,
+                )
+            except UpstreamFailure as exc:
+                span.set_attribute("error.type", str(exc.code))
+                span.set_status(Status(StatusCode.ERROR, str(exc.code)))
+                if exc.usage.output_tokens or exc.usage.input_tokens:
+                    span.set_attribute("gen_ai.usage.input_tokens", exc.usage.input_tokens)
+                    span.set_attribute("gen_ai.usage.output_tokens", exc.usage.output_tokens)
+                self.metrics.operation_duration.record(
+                    time.monotonic() - started, {**metric_attrs, "error.type": str(exc.code)}
+                )
+                raise
+            span.set_attribute("gen_ai.response.model", answer.model or model.upstream_model)
+            if answer.response_id:
+                span.set_attribute("gen_ai.response.id", answer.response_id)
+            span.set_attribute("gen_ai.response.finish_reasons", answer.finish_reasons)
+            span.set_attribute("gen_ai.usage.input_tokens", answer.usage.input_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", answer.usage.output_tokens)
+            if not answer.usage_reported:
+                span.set_attribute("sluice.usage.counted_locally", True)
+        self.metrics.operation_duration.record(answer.total_s, metric_attrs)
+        if answer.ttft_s is not None:
+            self.metrics.time_to_first_token.record(answer.ttft_s, metric_attrs)
+        self.metrics.token_usage.record(
+            answer.usage.input_tokens, {**metric_attrs, "gen_ai.token.type": "input"}
+        )
+        self.metrics.token_usage.record(
+            answer.usage.output_tokens, {**metric_attrs, "gen_ai.token.type": "output"}
+        )
+        return answer
+
+    # --- endings --------------------------------------------------------------------
+
+    async def _complete(
+        self, req: _Request, model: ModelConfig, answer: UpstreamAnswer
+    ) -> Outcome:
+        work = req.work
+        cost = self.prices.price(model.name, answer.usage).total_usd
+        final = inference_pb2.Final(
+            usage=answer.usage,
+            model_served=model.name,
+            provider=model.provider,
+            response_id=answer.response_id,
+            created_unix=answer.created_unix,
+            cost_usd=float(cost),
+            system_fingerprint=answer.system_fingerprint,
+        )
+        if not work.request.stream:
+            final.choices.extend(answer.choices)
+        final.timing.queue_wait_us = req.queue_wait_us
+        final.timing.upstream_ttft_us = int((answer.ttft_s or answer.total_s) * 1e6)
+        final.timing.upstream_total_us = int(answer.total_s * 1e6)
+        final.timing.worker_total_us = int((time.monotonic() - req.picked_up) * 1e6)
+        req.sequence += 1
+        await self.sink.stream_event(
+            req.subject,
+            inference_pb2.StreamEvent(request_id=work.request_id, sequence=req.sequence,
+                                      final=final),
+        )
+        await self.sink.usage(
+            self._usage_event(req, model.name, model.provider, answer.usage, Outcome.COMPLETED)
+        )
+        if work.cache_key:
+            stored = inference_pb2.Final()
+            stored.CopyFrom(final)
+            if work.request.stream:
+                stored.choices.extend(answer.choices)
+            await self.sink.cache_store(
+                cache_pb2.StoreRequest(
+                    cache_key=work.cache_key, answer=stored, ttl_seconds=work.cache_ttl_seconds
+                )
+            )
+        return Outcome.COMPLETED
+
+    async def _fail(
+        self, req: _Request, failure: UpstreamFailure, model: ModelConfig | None
+    ) -> Outcome:
+        work = req.work
+        outcome = Outcome.INTERRUPTED if failure.relayed else Outcome.FAILED
+        self.metrics.errors.add(1, {"code": str(failure.code), "service": SERVICE})
+        served = model.name if model is not None and failure.relayed else ""
+        provider = model.provider if model is not None else ""
+        req.sequence += 1
+        await self.sink.stream_event(
+            req.subject,
+            inference_pb2.StreamEvent(
+                request_id=work.request_id,
+                sequence=req.sequence,
+                failure=inference_pb2.Failure(
+                    problem=failure.error.to_proto(),
+                    partial_usage=failure.usage,
+                    model_served=served,
+                    provider=provider,
+                ),
+            ),
+        )
+        # Published even with zero usage: the limiter releases the reservation on it.
+        await self.sink.usage(self._usage_event(req, served, provider, failure.usage, outcome))
+        log.info(
+            "request %s failed: %s (%s)", work.request_id, failure.code, failure.error.detail
+        )
+        return outcome
+
+    def _usage_event(
+        self, req: _Request, served: str, provider: str, usage: chat_pb2.Usage, outcome: Outcome
+    ) -> cost_pb2.UsageEvent:
+        work = req.work
+        return cost_pb2.UsageEvent(
+            request_id=work.request_id,
+            key_id=work.key_id,
+            team_id=work.team_id,
+            model_requested=work.request.model,
+            model_served=served,
+            provider=provider,
+            usage=usage,
+            occurred_unix_nanos=time.time_ns(),
+            reservation_id=work.reservation_id,
+            cache_hit=False,
+            outcome=str(outcome),
+            trace_id=telemetry.trace_id_hex(),
+        )
+
+
+def _deadline_failure(when: str) -> UpstreamFailure:
+    return UpstreamFailure(
+        SluiceError(ErrorCode.UPSTREAM_TIMEOUT, f"the request deadline passed {when}"),
+        permanent=True,
+    )

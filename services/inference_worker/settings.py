@@ -1,0 +1,48 @@
+"""Settings of the inference worker (``SLUICE_WORKER_*``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sluice.settings import CommonSettings
+from sluice.topology import DEFAULT_PORTS, Consumers, PriorityClass, ServiceName
+
+_PORTS = DEFAULT_PORTS[ServiceName.INFERENCE_WORKER]
+
+
+class RetrySettings(BaseSettings):
+    """Retries of one provider before its fallbacks are tried (``SLUICE_WORKER_RETRY_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICE_WORKER_RETRY_", extra="ignore")
+
+    # Calls per model, the first included.
+    attempts: int = 3
+    base_delay_ms: int = 100
+    max_delay_ms: int = 2000
+    # A provider's Retry-After is honoured up to this; longer waits go to the fallback.
+    retry_after_cap_ms: int = 5000
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_WORKER_", extra="ignore")
+
+    grpc_port: int = _PORTS.grpc
+    metrics_port: int = _PORTS.metrics
+    # Work items processed at once by this process, across priority classes.
+    concurrency: int = 64
+    # How long one pull request waits at the server for a message.
+    long_poll_seconds: float = 5.0
+    # Near saturation free slots rotate between classes with polls this short.
+    short_poll_seconds: float = 0.1
+    # Progress acks keep the JetStream claim on long generations (below ack_wait).
+    in_progress_interval_seconds: float = 10.0
+    # Deliveries after which a work item is reported failed instead of retried again.
+    max_deliveries: int = Consumers.WORKER[PriorityClass.INTERACTIVE].max_deliver
+    # How often the queue depth gauge refreshes from JetStream.
+    pending_poll_seconds: float = 5.0
+    usage_publish_timeout_seconds: float = 5.0
+    usage_publish_attempts: int = 5
+    circuit_failure_threshold: int = 5
+    circuit_cooldown_seconds: float = 15.0
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    common: CommonSettings = Field(default_factory=CommonSettings)

@@ -1,0 +1,58 @@
+"""Where the engine's results go on NATS: stream events as core publishes, usage to
+JetStream (acknowledged, deduplicated by request id), cache stores as publishes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+from sluice import telemetry
+from sluice.bus import Bus
+from sluice.cache.v1 import cache_pb2
+from sluice.cost.v1 import cost_pb2
+from sluice.inference.v1 import inference_pb2
+from sluice.topology import Subjects
+
+log = logging.getLogger(__name__)
+
+
+class NatsEventSink:
+    def __init__(self, bus: Bus, *, usage_timeout: float, usage_attempts: int) -> None:
+        self.bus = bus
+        self.usage_timeout = usage_timeout
+        self.usage_attempts = max(1, usage_attempts)
+        self._tracer = trace.get_tracer("sluice.inference_worker")
+
+    async def stream_event(self, subject: str, event: inference_pb2.StreamEvent) -> None:
+        await self.bus.publish(subject, event)
+
+    async def usage(self, event: cost_pb2.UsageEvent) -> None:
+        subject = Subjects.usage(event.key_id or "unknown")
+        payload = event.SerializeToString()
+        with self._tracer.start_as_current_span(
+            f"{subject} publish",
+            kind=SpanKind.PRODUCER,
+            attributes=telemetry.messaging_attributes(subject, "publish"),
+        ):
+            # The consumers (limiter, cost-tracker) continue the trace from these headers.
+            headers = {"Nats-Msg-Id": event.request_id}
+            telemetry.inject(headers)
+            for attempt in range(1, self.usage_attempts + 1):
+                try:
+                    await self.bus.js.publish(
+                        subject, payload, timeout=self.usage_timeout, headers=headers
+                    )
+                    return
+                except (TimeoutError, NatsTimeoutError, NoRespondersError):
+                    # Safe to repeat: the stream deduplicates on Nats-Msg-Id.
+                    if attempt == self.usage_attempts:
+                        raise
+                    log.warning("usage publish for %s failed; retrying", event.request_id)
+                    await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+
+    async def cache_store(self, store: cache_pb2.StoreRequest) -> None:
+        await self.bus.publish(Subjects.CACHE_STORE, store)

@@ -1,0 +1,113 @@
+"""The adapter against the real llama.cpp server serving the real Qwen model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from sluice.catalog import ProviderConfig
+from sluice.common.v1 import chat_pb2
+from sluice.embedded import free_port
+from sluice.inference.v1 import inference_pb2
+from sluice.localmodel import (
+    MODEL_ALIAS,
+    MODEL_SIZE,
+    ensure_model,
+    start_llama_server,
+    wait_llama_ready,
+)
+
+from services.inference_worker.providers import OpenAICompatProvider
+from tests.support.stack import REPO
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+
+@pytest.fixture(scope="session")
+def llama_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # Reused across runs (gitignored): assembling and verifying the model once is enough.
+    model = ensure_model(REPO / ".sluice" / "models")
+    assert model.stat().st_size == MODEL_SIZE
+    port = free_port()
+    log = tmp_path_factory.mktemp("llama") / "llama-server.log"
+    proc = start_llama_server(model, port, log_file=log, ctx_size=4096)
+    try:
+        wait_llama_ready(port, 120, proc)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+async def qwen(llama_url: str) -> AsyncIterator[OpenAICompatProvider]:
+    provider = OpenAICompatProvider(
+        ProviderConfig(name="local-llama", kind="openai", base_url=llama_url, timeout_seconds=120)
+    )
+    yield provider
+    await provider.close()
+
+
+def ask(text: str, *, max_tokens: int, stream: bool = False) -> chat_pb2.ChatRequest:
+    request = chat_pb2.ChatRequest(
+        model="qwen2.5-coder-0.5b",
+        messages=[chat_pb2.Message(role="user", text=text)],
+        stream=stream,
+    )
+    request.sampling.max_tokens = max_tokens
+    request.sampling.temperature = 0
+    return request
+
+
+async def test_sensible_non_stream_answer(qwen: OpenAICompatProvider) -> None:
+    answer = await qwen.chat(
+        ask("What is the capital of France? Answer in one word.", max_tokens=16), MODEL_ALIAS
+    )
+    assert "paris" in answer.choices[0].content.lower()
+    assert answer.usage_reported and answer.usage.input_tokens > 5
+    assert 0 < answer.usage.output_tokens <= 16
+
+
+async def test_stream_with_usage(qwen: OpenAICompatProvider) -> None:
+    deltas: list[inference_pb2.Delta] = []
+
+    async def collect(delta: inference_pb2.Delta) -> None:
+        deltas.append(delta)
+
+    answer = await qwen.chat(
+        ask("Write a Python function that adds two numbers.", max_tokens=24, stream=True),
+        MODEL_ALIAS,
+        on_delta=collect,
+    )
+    assert len(deltas) > 3, "tokens arrive as separate deltas"
+    assert answer.usage_reported
+    assert answer.usage.output_tokens == 24
+    assert answer.choices[0].finish_reason == "length"
+    assert "def" in answer.choices[0].content
+    assert answer.ttft_s is not None and answer.ttft_s < answer.total_s
+    print(f"qwen: {answer.usage.output_tokens / (answer.total_s - answer.ttft_s):.1f} tokens/s")
+
+
+async def test_json_schema_response_format_is_honoured(qwen: OpenAICompatProvider) -> None:
+    request = ask("Give the name and age of a fictional person.", max_tokens=48)
+    request.response_format.type = "json_schema"
+    request.response_format.schema_name = "person"
+    request.response_format.schema_json = json.dumps(
+        {
+            "type": "object",
+            "properties": {"name": {"type": "string", "maxLength": 20},
+                           "age": {"type": "integer"}},
+            "required": ["name", "age"],
+            "additionalProperties": False,
+        }
+    )
+    answer = await qwen.chat(request, MODEL_ALIAS)
+    data = json.loads(answer.choices[0].content)
+    assert set(data) == {"name", "age"}
+    assert isinstance(data["name"], str) and isinstance(data["age"], int)
