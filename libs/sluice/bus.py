@@ -92,7 +92,7 @@ class Bus:
             retention=RetentionPolicy(spec.retention),
             storage=StorageType.FILE,
             max_age=spec.max_age_seconds or None,
-            duplicate_window=spec.duplicate_window_seconds or None,
+            duplicate_window=spec.duplicate_window_seconds,
             max_bytes=spec.max_bytes,
             description=spec.description or None,
         )

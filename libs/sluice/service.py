@@ -15,7 +15,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -150,7 +150,7 @@ class ServiceRuntime:
         log.info("%s stopped", self.name)
 
 
-def run_service(main: Callable[[], Awaitable[Any]]) -> None:
+def run_service(main: Callable[[], Coroutine[Any, Any, Any]]) -> None:
     """Entry point helper: run ``main`` on uvloop when available."""
     try:
         import uvloop
