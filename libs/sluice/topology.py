@@ -51,6 +51,12 @@ class Subjects:
     COST_RECORDED_ALL = f"{PREFIX}.cost.recorded.>"
     # request/reply: empty -> chat_pb2.ServiceStatus, one subject per service
     HEALTH_ALL = f"{PREFIX}.health.>"
+    # core publish: stop one request's generation (job cancel, client disconnect policy)
+    CANCEL_ALL = f"{PREFIX}.cancel.>"
+    # JetStream SLUICE_LIFECYCLE: a request's lifecycle (queued, started, finished)
+    LIFECYCLE_ALL = f"{PREFIX}.lifecycle.>"
+    # JetStream SLUICE_WEBHOOKS: webhook deliveries waiting to be (re)tried
+    WEBHOOK_ALL = f"{PREFIX}.webhook.>"
 
     @staticmethod
     def infer(priority: PriorityClass | str) -> str:
@@ -71,6 +77,18 @@ class Subjects:
     @staticmethod
     def health(service: ServiceName | str) -> str:
         return f"{PREFIX}.health.{service}"
+
+    @staticmethod
+    def cancel(request_id: str) -> str:
+        return f"{PREFIX}.cancel.{request_id}"
+
+    @staticmethod
+    def lifecycle(request_id: str) -> str:
+        return f"{PREFIX}.lifecycle.{request_id}"
+
+    @staticmethod
+    def webhook(job_id: str) -> str:
+        return f"{PREFIX}.webhook.{job_id}"
 
 
 @dataclass(frozen=True)
@@ -122,7 +140,23 @@ class Streams:
         description="usage events, one per request",
     )
 
-    ALL: tuple[StreamSpec, ...] = (INFER, STREAMS, USAGE)
+    # Request lifecycle events (small): job state and idempotency progress follow them.
+    LIFECYCLE = StreamSpec(
+        name="SLUICE_LIFECYCLE",
+        subjects=(Subjects.LIFECYCLE_ALL,),
+        max_age_seconds=24 * 3600,
+        description="request lifecycle events by request id",
+    )
+    # Webhook deliveries; retried with backoff by nak delays until delivered or expired.
+    WEBHOOKS = StreamSpec(
+        name="SLUICE_WEBHOOKS",
+        subjects=(Subjects.WEBHOOK_ALL,),
+        retention="workqueue",
+        max_age_seconds=3 * 24 * 3600,
+        description="pending webhook deliveries",
+    )
+
+    ALL: tuple[StreamSpec, ...] = (INFER, STREAMS, USAGE, LIFECYCLE, WEBHOOKS)
 
 
 class Consumers:
@@ -161,7 +195,16 @@ class Buckets:
         "sluice_limiter_snapshots", description="limiter window state, for restarts"
     )
 
-    ALL: tuple[BucketSpec, ...] = (API_KEYS, EXACT_CACHE, LIMITER_SNAPSHOTS)
+    JOBS = BucketSpec(
+        "sluice_jobs", ttl_seconds=24 * 3600.0, description="JobRecord by job id (retention)"
+    )
+    IDEMPOTENCY = BucketSpec(
+        "sluice_idempotency",
+        ttl_seconds=24 * 3600.0,
+        description="idempotency records by team-scoped key hash (atomic create)",
+    )
+
+    ALL: tuple[BucketSpec, ...] = (API_KEYS, EXACT_CACHE, LIMITER_SNAPSHOTS, JOBS, IDEMPOTENCY)
 
 
 @dataclass(frozen=True)
