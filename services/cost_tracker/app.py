@@ -1,0 +1,135 @@
+"""Wiring of the cost-tracker: price table, ledger, usage consumer, cost feed, gRPC.
+
+``python -m services.cost_tracker`` runs the service; with ``--rebuild`` it recreates
+the ledger from the usage stream and exits (see ``services.cost_tracker.rebuild``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+
+import grpc
+from nats.aio.msg import Msg
+from opentelemetry import trace
+from sluice.bus import Bus
+from sluice.cost.v1 import cost_pb2, cost_pb2_grpc
+from sluice.logging import configure_logging
+from sluice.pricing import PriceTable
+from sluice.service import ServiceRuntime
+from sluice.topology import Consumers, ConsumerSpec, ServiceName, Subjects
+
+from services.cost_tracker.consumer import UsageConsumer
+from services.cost_tracker.domain import Pricer
+from services.cost_tracker.feed import CostFeed
+from services.cost_tracker.grpc_api import UsageServicer
+from services.cost_tracker.ledger import Ledger
+from services.cost_tracker.rebuild import rebuild_ledger
+from services.cost_tracker.settings import CostTrackerSettings
+
+log = logging.getLogger(__name__)
+
+
+class CostTracker:
+    """The service's parts, started on a connected bus and stopped in order."""
+
+    def __init__(
+        self, settings: CostTrackerSettings, *, tracer: trace.Tracer | None = None
+    ) -> None:
+        self.settings = settings
+        self.pricer = Pricer(PriceTable.load(settings.prices_file))
+        self.ledger = Ledger(settings.ledger_file)
+        self.feed = CostFeed(settings.watch_queue_size)
+        self.servicer = UsageServicer(self.ledger, self.feed, tracer)
+        self.consumer: UsageConsumer | None = None
+        self._tracer = tracer
+
+    def register(self, server: grpc.aio.Server) -> None:
+        cost_pb2_grpc.add_UsageServiceServicer_to_server(self.servicer, server)
+
+    async def start(self, bus: Bus, *, consumer_spec: ConsumerSpec | None = None) -> None:
+        await self.ledger.open()
+        # The feed listens to every instance's cost events, not only its own, so that a
+        # watcher sees all spend whichever replica its gRPC call landed on.
+        await bus.serve(
+            Subjects.COST_RECORDED_ALL, cost_pb2.CostEvent, self._on_cost_event, traced=False
+        )
+        spec = consumer_spec or replace(
+            Consumers.COST_USAGE, durable=self.settings.consumer_durable
+        )
+        self.consumer = UsageConsumer(
+            bus,
+            self.ledger,
+            self.pricer,
+            spec,
+            batch_size=self.settings.batch_size,
+            fetch_timeout=self.settings.fetch_timeout_seconds,
+            tracer=self._tracer,
+        )
+        await self.consumer.start()
+        log.info(
+            "cost-tracker recording into %s with prices %s (version %s)",
+            self.settings.ledger_file,
+            self.settings.prices_file,
+            self.pricer.table.version,
+        )
+
+    async def _on_cost_event(self, event: cost_pb2.CostEvent, _msg: Msg) -> None:
+        self.feed.publish(event)
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, end the watch streams, close the ledger."""
+        if self.consumer is not None:
+            await self.consumer.stop()
+        self.feed.close()
+        await self.ledger.close()
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.cost_tracker",
+        description="Price usage events into the SQLite cost ledger and serve UsageService.",
+    )
+    parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="recreate the ledger by replaying SLUICE_USAGE from the start, then exit",
+    )
+    return parser.parse_args(argv)
+
+
+async def run_rebuild(settings: CostTrackerSettings) -> None:
+    configure_logging(str(ServiceName.COST_TRACKER), settings.common.log_level)
+    pricer = Pricer(PriceTable.load(settings.prices_file))
+    bus = await Bus.connect(settings.common.nats_url, "sluice-cost-tracker-rebuild")
+    try:
+        await rebuild_ledger(bus, settings.ledger_file, pricer)
+    finally:
+        await bus.close()
+
+
+async def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    settings = CostTrackerSettings()
+    if args.rebuild or settings.rebuild:
+        await run_rebuild(settings)
+        return
+    runtime = ServiceRuntime(
+        ServiceName.COST_TRACKER,
+        settings.common,
+        grpc_port=settings.grpc_port,
+        metrics_port=settings.metrics_port,
+    )
+    tracker = CostTracker(settings)
+    bus = await runtime.start([tracker.register])
+    runtime.on_stop(tracker.stop)
+    try:
+        await tracker.start(bus)
+    except BaseException:
+        await runtime.shutdown()
+        raise
+    await runtime.mark_ready()
+    await runtime.run_until_stopped()

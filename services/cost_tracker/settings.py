@@ -1,0 +1,44 @@
+"""Settings of the cost-tracker, read from ``SLUICE_COST_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sluice.settings import CommonSettings
+from sluice.topology import DEFAULT_PORTS, Consumers, ServiceName
+
+_PORTS = DEFAULT_PORTS[ServiceName.COST_TRACKER]
+
+
+class CostTrackerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_COST_", extra="ignore")
+
+    grpc_port: int = _PORTS.grpc
+    metrics_port: int = _PORTS.metrics
+    # Default: <state_dir>/ledger.sqlite3 (see ``ledger_file``).
+    ledger_path: Path | None = None
+    # Default: <config_dir>/prices.yaml (see ``prices_file``).
+    prices_path: Path | None = None
+    # The durable consumer on SLUICE_USAGE. Another name builds an independent ledger
+    # (a shadow copy, or an isolated test) from the start of the stream.
+    consumer_durable: str = Consumers.COST_USAGE.durable
+    # Messages fetched and committed per SQLite transaction.
+    batch_size: int = Field(default=256, ge=1, le=10_000)
+    # How long one fetch waits for messages; bounds how fast a stop is noticed.
+    fetch_timeout_seconds: float = Field(default=1.0, gt=0)
+    # Cost events buffered per WatchCostEvents caller before the oldest are dropped.
+    watch_queue_size: int = Field(default=1024, ge=1)
+    # Recreate the ledger by replaying SLUICE_USAGE, then exit (also ``--rebuild``).
+    rebuild: bool = False
+
+    common: CommonSettings = Field(default_factory=CommonSettings)
+
+    @property
+    def ledger_file(self) -> Path:
+        return self.ledger_path or self.common.state_dir / "ledger.sqlite3"
+
+    @property
+    def prices_file(self) -> Path:
+        return self.prices_path or self.common.config_dir / "prices.yaml"

@@ -1,0 +1,120 @@
+from decimal import Decimal
+
+import pytest
+from sluice.cost.v1 import cost_pb2
+from sluice.pricing import PriceTable
+
+from services.cost_tracker.domain import (
+    InvalidQuery,
+    InvalidUsageEvent,
+    Pricer,
+    UsageFilter,
+    UsageTotals,
+    nanos_to_usd,
+    summarize,
+    usd_to_nanos,
+)
+from tests.cost_tracker.harness import REPO_CONFIG, usage_event, write_prices
+
+
+@pytest.fixture
+def pricer(tmp_path) -> Pricer:
+    return Pricer(PriceTable.load(write_prices(tmp_path)))
+
+
+def test_prices_fresh_and_cached_input_separately(pricer: Pricer):
+    # sim-fast: 0.10 input, 0.05 cached input, 0.40 output per million tokens.
+    entry = pricer.price(usage_event("k", input_tokens=1000, cached=200, output_tokens=500))
+    assert entry.input_cost_nanos == 800 * 100 + 200 * 50  # 0.00009 USD
+    assert entry.output_cost_nanos == 500 * 400  # 0.0002 USD
+    assert entry.total_cost_usd == Decimal("0.00029")
+    assert entry.priced and not entry.cache_hit
+    assert entry.price_version == pricer.table.version
+
+
+def test_cached_tokens_above_input_are_capped(pricer: Pricer):
+    entry = pricer.price(usage_event("k", input_tokens=100, cached=500, output_tokens=0))
+    assert entry.input_cost_nanos == 100 * 50
+
+
+def test_cache_hit_costs_nothing_but_keeps_tokens(pricer: Pricer):
+    entry = pricer.price(usage_event("k", input_tokens=1000, output_tokens=500, cache_hit=True))
+    assert entry.total_cost_nanos == 0
+    assert entry.cache_hit and entry.priced
+    assert (entry.input_tokens, entry.output_tokens) == (1000, 500)
+
+
+def test_failed_request_bills_tokens_produced(pricer: Pricer):
+    entry = pricer.price(usage_event("k", input_tokens=10, output_tokens=3, outcome="failed"))
+    assert entry.outcome == "failed"
+    assert entry.total_cost_nanos == 10 * 100 + 3 * 400
+
+
+def test_unknown_model_is_zero_and_flagged_once(pricer: Pricer):
+    entry = pricer.price(usage_event("k", model="mystery-9b"))
+    assert entry.total_cost_nanos == 0
+    assert not entry.priced
+    assert entry.model == "mystery-9b"
+    assert pricer.first_time_unpriced("mystery-9b") is True
+    assert pricer.first_time_unpriced("mystery-9b") is False
+    assert pricer.first_time_unpriced("other") is True
+
+
+def test_requested_model_stands_in_when_none_served(pricer: Pricer):
+    event = usage_event("k", input_tokens=10, output_tokens=0)
+    event.model_served = ""
+    entry = pricer.price(event)
+    assert entry.model == "sim-fast"
+    assert entry.total_cost_nanos == 1000
+
+
+def test_large_prices_stay_exact(pricer: Pricer):
+    # big-model: 3 USD in, 15 USD out per million: 1.7M tokens in, 0.9M out.
+    entry = pricer.price(
+        usage_event("k", model="big-model", input_tokens=1_700_000, output_tokens=900_000)
+    )
+    assert entry.total_cost_usd == Decimal("5.1") + Decimal("13.5")
+
+
+def test_event_without_request_id_is_rejected(pricer: Pricer):
+    event = usage_event("k")
+    event.request_id = ""
+    with pytest.raises(InvalidUsageEvent):
+        pricer.price(event)
+
+
+def test_nano_dollar_rounding_is_half_even():
+    assert usd_to_nanos(Decimal("0.0000000005")) == 0
+    assert usd_to_nanos(Decimal("0.0000000015")) == 2
+    assert usd_to_nanos(Decimal("0.0000000025")) == 2
+    assert usd_to_nanos(Decimal("1.25")) == 1_250_000_000
+    assert nanos_to_usd(1_250_000_001) == Decimal("1.250000001")
+
+
+def test_shipped_price_table_loads():
+    table = PriceTable.load(REPO_CONFIG / "prices.yaml")
+    assert table.prices, "config/prices.yaml prices no model"
+
+
+@pytest.mark.parametrize(
+    ("since", "until"),
+    [(10, 10), (20, 10), (-1, 0), (0, -5)],
+)
+def test_invalid_time_ranges(since: int, until: int):
+    with pytest.raises(InvalidQuery):
+        UsageFilter.from_query(cost_pb2.UsageQuery(since_unix_nanos=since, until_unix_nanos=until))
+
+
+def test_summary_totals_are_summed_exactly():
+    rows = [
+        UsageTotals("a", "m1", 2, 10, 20, 0, 0, 1_000_000_001),
+        UsageTotals("a", "m2", 1, 1, 2, 0, 0, 2),
+    ]
+    summary = summarize(rows)
+    assert summary.requests == 3
+    assert summary.total_cost_usd == pytest.approx(1.000000003)
+    assert [(r.key_id, r.model, r.requests) for r in summary.rows] == [
+        ("a", "m1", 2),
+        ("a", "m2", 1),
+    ]
+    assert summary.rows[0].usage.output_tokens == 20
