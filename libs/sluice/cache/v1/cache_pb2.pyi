@@ -172,3 +172,34 @@ class InvalidateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InvalidateResponse: _TypeAlias = InvalidateResponse  # noqa: Y015
+
+@_typing.final
+class CacheEntry(_message.Message):
+    """What the cache service stores in the `sluice_exact_cache` KV bucket under the cache
+    key: the answer and when it stops being fresh. The bucket's own TTL bounds every
+    entry; ttl_seconds lets a store ask for less.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWER_FIELD_NUMBER: _builtins.int
+    STORED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    stored_unix_ms: _builtins.int
+    ttl_seconds: _builtins.int
+    @_builtins.property
+    def answer(self) -> _inference_pb2.Final: ...
+    def __init__(
+        self,
+        *,
+        answer: _inference_pb2.Final | None = ...,
+        stored_unix_ms: _builtins.int = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "stored_unix_ms", b"stored_unix_ms", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CacheEntry: _TypeAlias = CacheEntry  # noqa: Y015

@@ -1,0 +1,1 @@
+"""The exact cache: answers stored in JetStream KV under a canonical request hash."""

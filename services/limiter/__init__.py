@@ -1,0 +1,1 @@
+"""The limiter: per-key token (TPM) and request (RPM) windows, reserve then reconcile."""

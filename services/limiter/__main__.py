@@ -1,0 +1,6 @@
+from sluice.service import run_service
+
+from services.limiter.app import main
+
+if __name__ == "__main__":
+    run_service(main)

@@ -1,0 +1,159 @@
+"""NATS handlers of the limiter: proto in, domain call, proto out. No logic of their own."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+from opentelemetry import metrics, trace
+from sluice.cost.v1 import cost_pb2
+from sluice.errors import ErrorCode
+from sluice.limiter.v1 import limiter_pb2
+from sluice.metrics import instruments
+from sluice.topology import ServiceName
+
+from services.limiter.domain import Limiter, PolicyView, Settlement
+
+Clock = Callable[[], int]
+
+
+def wall_ms() -> int:
+    """Wall-clock milliseconds: windows must mean the same thing after a restart."""
+    return time.time_ns() // 1_000_000
+
+
+def policy_states(views: Iterable[PolicyView]) -> list[limiter_pb2.PolicyState]:
+    return [
+        limiter_pb2.PolicyState(
+            name=v.name,
+            quota=v.quota,
+            remaining=v.remaining,
+            window_seconds=v.window_seconds,
+            reset_ms=v.reset_ms,
+        )
+        for v in views
+    ]
+
+
+@dataclass
+class LimiterMetrics:
+    """Plain counters on the hot path, read by observable instruments at collection time.
+
+    An OpenTelemetry ``Counter.add`` costs more than the whole admission decision; an
+    integer increment costs nothing, and the exporter reads the totals when it scrapes.
+    """
+
+    decisions: Counter[tuple[str, str]] = field(default_factory=Counter)
+    settlements: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def register(self, limiter: Limiter, meter: metrics.Meter | None = None) -> LimiterMetrics:
+        meter = meter or metrics.get_meter("sluice.limiter")
+
+        def observe_open(_options: metrics.CallbackOptions) -> list[metrics.Observation]:
+            return [metrics.Observation(limiter.open_reservations)]
+
+        def observe_decisions(_options: metrics.CallbackOptions) -> list[metrics.Observation]:
+            return [
+                metrics.Observation(
+                    n, {"result": result, "policy": policy} if policy else {"result": result}
+                )
+                for (result, policy), n in list(self.decisions.items())
+            ]
+
+        def observe_settlements(_options: metrics.CallbackOptions) -> list[metrics.Observation]:
+            return [
+                metrics.Observation(n, {"source": source, "result": result})
+                for (source, result), n in list(self.settlements.items())
+            ]
+
+        meter.create_observable_gauge(
+            "sluice.limiter.reservations.open",
+            callbacks=[observe_open],
+            unit="{reservation}",
+            description="Reservations waiting for their usage",
+        )
+        meter.create_observable_counter(
+            "sluice.limiter.decisions",
+            callbacks=[observe_decisions],
+            unit="{decision}",
+            description="Admission decisions by result and refusing policy",
+        )
+        meter.create_observable_counter(
+            "sluice.limiter.settlements",
+            callbacks=[observe_settlements],
+            unit="{settlement}",
+            description="Reservations settled, or not found, by source",
+        )
+        return self
+
+
+class LimiterHandlers:
+    """The limiter's bus-facing operations over one in-memory ``Limiter``."""
+
+    def __init__(self, limiter: Limiter, metrics_: LimiterMetrics, clock: Clock = wall_ms) -> None:
+        self.limiter = limiter
+        self.metrics = metrics_
+        self.clock = clock
+
+    async def reserve(
+        self, request: limiter_pb2.ReserveRequest, _msg: Msg | None = None
+    ) -> limiter_pb2.ReserveResponse:
+        decision = self.limiter.reserve(
+            request.key_id,
+            input_tokens=request.input_tokens,
+            max_output_tokens=request.max_output_tokens,
+            now_ms=self.clock(),
+            request_id=request.request_id,
+            tokens_per_minute=request.tokens_per_minute,
+            requests_per_minute=request.requests_per_minute,
+        )
+        span = trace.get_current_span()
+        span.set_attribute("sluice.key_id", request.key_id)
+        span.set_attribute("sluice.limiter.allowed", decision.allowed)
+        if decision.allowed:
+            span.set_attribute("sluice.limiter.reserved_tokens", decision.reserved_tokens)
+            self.metrics.decisions["allowed", ""] += 1
+        else:
+            span.set_attribute("sluice.limiter.denied_by", decision.denied_by)
+            span.set_attribute("sluice.limiter.retry_after_ms", decision.retry_after_ms)
+            self.metrics.decisions["denied", decision.denied_by] += 1
+            instruments().errors.add(
+                1, {"code": str(ErrorCode.RATE_LIMITED), "service": str(ServiceName.LIMITER)}
+            )
+        return limiter_pb2.ReserveResponse(
+            allowed=decision.allowed,
+            reservation_id=decision.reservation_id,
+            policies=policy_states(decision.policies),
+            denied_by=decision.denied_by,
+            retry_after_ms=decision.retry_after_ms,
+            reserved_tokens=decision.reserved_tokens,
+        )
+
+    async def commit(
+        self, request: limiter_pb2.CommitRequest, _msg: Msg | None = None
+    ) -> limiter_pb2.CommitResponse:
+        actual = request.actual.input_tokens + request.actual.output_tokens
+        settlement = self._settle(request.reservation_id, actual, source="commit")
+        trace.get_current_span().set_attribute("sluice.key_id", request.key_id)
+        return limiter_pb2.CommitResponse(found=settlement is not None)
+
+    def apply_usage(self, event: cost_pb2.UsageEvent) -> Settlement | None:
+        """Reconcile one usage event; a cache hit spent no upstream tokens."""
+        actual = 0 if event.cache_hit else event.usage.input_tokens + event.usage.output_tokens
+        return self._settle(event.reservation_id, actual, source="usage")
+
+    def _settle(self, reservation_id: str, actual: int, *, source: str) -> Settlement | None:
+        settlement = (
+            self.limiter.settle(reservation_id, actual, self.clock()) if reservation_id else None
+        )
+        span = trace.get_current_span()
+        span.set_attribute("sluice.limiter.reservation_found", settlement is not None)
+        if settlement is None:
+            self.metrics.settlements[source, "unknown"] += 1
+        else:
+            span.set_attribute("sluice.limiter.delta_tokens", settlement.delta)
+            self.metrics.settlements[source, "settled"] += 1
+        return settlement

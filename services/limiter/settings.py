@@ -1,0 +1,53 @@
+"""Settings of the limiter, read from ``SLUICE_LIMITER_*`` environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sluice.settings import CommonSettings
+from sluice.topology import DEFAULT_PORTS, Consumers, ServiceName
+
+from services.limiter.domain import LimiterConfig
+
+_PORTS = DEFAULT_PORTS[ServiceName.LIMITER]
+
+
+class LimiterSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_LIMITER_", extra="ignore")
+
+    grpc_port: int = _PORTS.grpc
+    # None: no Prometheus endpoint (in-process tests, where the port is process-wide).
+    metrics_port: int | None = _PORTS.metrics
+    # Quotas for keys whose record sets none (ReserveRequest fields left at 0).
+    default_tokens_per_minute: int = Field(default=100_000, gt=0)
+    default_requests_per_minute: int = Field(default=600, gt=0)
+    window_seconds: int = Field(default=60, gt=0)
+    # Granularity of the sliding window; spend is held at most this much past the window.
+    sub_bucket_ms: int = Field(default=1_000, gt=0)
+    # A reservation with no usage after this long is forgotten at its reserved amount.
+    reservation_ttl_seconds: float = Field(default=600.0, gt=0)
+    # Spend recorded since the last snapshot is what a crash (not a SIGTERM) forgets.
+    snapshot_interval_seconds: float = Field(default=5.0, gt=0)
+    # KV key of this instance's snapshot in the limiter snapshots bucket.
+    snapshot_key: str = "default"
+    # The durable consumer on SLUICE_USAGE; another name reconciles independently.
+    consumer_durable: str = Consumers.LIMITER_USAGE.durable
+    reconcile_batch: int = Field(default=256, ge=1, le=10_000)
+    # How long one fetch waits for usage events; bounds how fast a stop is noticed.
+    fetch_timeout_seconds: float = Field(default=1.0, gt=0)
+
+    common: CommonSettings = Field(default_factory=CommonSettings)
+
+    @model_validator(mode="after")
+    def _window_divides(self) -> LimiterSettings:
+        self.limiter_config()  # raises ValueError on an inconsistent window
+        return self
+
+    def limiter_config(self) -> LimiterConfig:
+        return LimiterConfig(
+            default_tokens_per_minute=self.default_tokens_per_minute,
+            default_requests_per_minute=self.default_requests_per_minute,
+            window_ms=self.window_seconds * 1000,
+            sub_bucket_ms=self.sub_bucket_ms,
+            reservation_ttl_ms=int(self.reservation_ttl_seconds * 1000),
+        )

@@ -1,0 +1,236 @@
+"""The limiter as a real process (``python -m services.limiter``) on the suite's NATS.
+
+Each test gets its own durable consumer and snapshot key, and unique key ids, because
+the NATS server (and the SLUICE_USAGE stream) is shared by the whole session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import signal
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from sluice.bus import Bus
+from sluice.common.v1 import chat_pb2
+from sluice.cost.v1 import cost_pb2
+from sluice.embedded import EmbeddedNats
+from sluice.limiter.v1 import limiter_pb2, limiter_pb2_grpc
+from sluice.topology import Buckets, Consumers, ServiceName, Subjects
+
+from tests.support.stack import ServiceProcess, Stack
+
+pytestmark = pytest.mark.integration
+
+TPM = 5000
+RPM = 50
+
+
+@dataclass
+class LimiterUnderTest:
+    stack: Stack
+    bus: Bus
+    durable: str
+    snapshot_key: str
+    process: ServiceProcess | None = None
+
+    async def start(self) -> ServiceProcess:
+        self.process = self.stack.start(ServiceName.LIMITER)
+        await self.stack.wait_ready([ServiceName.LIMITER])
+        return self.process
+
+    async def reserve(
+        self, key: str, tokens: int, tokens_per_minute: int = 0
+    ) -> limiter_pb2.ReserveResponse:
+        return await self.bus.request(
+            Subjects.LIMITER_RESERVE,
+            limiter_pb2.ReserveRequest(
+                key_id=key,
+                request_id=secrets.token_hex(8),
+                input_tokens=tokens,
+                tokens_per_minute=tokens_per_minute,
+            ),
+            limiter_pb2.ReserveResponse,
+        )
+
+    async def quota(self, key: str) -> limiter_pb2.GetQuotaResponse:
+        assert self.process is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.process.grpc_port}") as channel:
+            stub = limiter_pb2_grpc.QuotaServiceStub(channel)
+            reply: limiter_pb2.GetQuotaResponse = await stub.GetQuota(
+                limiter_pb2.GetQuotaRequest(key_id=key), timeout=5
+            )
+            return reply
+
+    async def publish_usage(
+        self, key: str, reservation_id: str, tokens: int, *, cache_hit: bool = False
+    ) -> None:
+        request_id = secrets.token_hex(8)
+        event = cost_pb2.UsageEvent(
+            request_id=request_id,
+            key_id=key,
+            reservation_id=reservation_id,
+            usage=chat_pb2.Usage(input_tokens=tokens // 2, output_tokens=tokens - tokens // 2),
+            cache_hit=cache_hit,
+            outcome="completed",
+        )
+        ack = await self.bus.js.publish(
+            Subjects.usage(key), event.SerializeToString(), headers={"Nats-Msg-Id": request_id}
+        )
+        assert not ack.duplicate
+
+    async def wait_settled(self, key: str, timeout: float = 10) -> limiter_pb2.GetQuotaResponse:
+        deadline = time.monotonic() + timeout
+        while True:
+            quota = await self.quota(key)
+            if quota.open_reservations == 0 or time.monotonic() > deadline:
+                return quota
+            await asyncio.sleep(0.05)
+
+
+def tpm_of(
+    resp: limiter_pb2.ReserveResponse | limiter_pb2.GetQuotaResponse,
+) -> limiter_pb2.PolicyState:
+    return next(p for p in resp.policies if p.name == "tpm")
+
+
+@pytest.fixture
+async def limiter(
+    nats_server: EmbeddedNats, bus: Bus, tmp_path: Path
+) -> AsyncIterator[LimiterUnderTest]:
+    tag = secrets.token_hex(4)
+    durable, snapshot_key = f"limiter-test-{tag}", f"test-{tag}"
+    stack = Stack(
+        nats_url=nats_server.url,
+        state_dir=tmp_path,
+        extra_env={
+            "SLUICE_LIMITER_CONSUMER_DURABLE": durable,
+            "SLUICE_LIMITER_SNAPSHOT_KEY": snapshot_key,
+            "SLUICE_LIMITER_DEFAULT_TOKENS_PER_MINUTE": str(TPM),
+            "SLUICE_LIMITER_DEFAULT_REQUESTS_PER_MINUTE": str(RPM),
+            "SLUICE_LIMITER_SNAPSHOT_INTERVAL_SECONDS": "0.3",
+        },
+    )
+    under_test = LimiterUnderTest(stack, bus, durable, snapshot_key)
+    try:
+        yield under_test
+    finally:
+        stack.stop_all()
+        await bus.js.delete_consumer(Consumers.LIMITER_USAGE.stream, durable)
+        kv = await bus.kv(Buckets.LIMITER_SNAPSHOTS)
+        await kv.purge(snapshot_key)
+
+
+async def test_reserve_and_deny_over_nats(limiter: LimiterUnderTest) -> None:
+    await limiter.start()
+    key = f"key-{secrets.token_hex(4)}"
+    first = await limiter.reserve(key, 80, tokens_per_minute=100)
+    assert first.allowed and first.reserved_tokens == 80 and first.reservation_id
+    assert {p.name for p in first.policies} == {"tpm", "rpm"}
+    assert tpm_of(first).quota == 100 and tpm_of(first).remaining == 20
+
+    denied = await limiter.reserve(key, 30, tokens_per_minute=100)
+    assert not denied.allowed and denied.denied_by == "tpm"
+    assert 59_000 <= denied.retry_after_ms <= 61_000
+    assert tpm_of(denied).remaining == 20
+
+    # The gateway releases the reservation it will not use: the tokens come back.
+    commit = limiter_pb2.CommitRequest(reservation_id=first.reservation_id, key_id=key)
+    assert (
+        await limiter.bus.request(Subjects.LIMITER_COMMIT, commit, limiter_pb2.CommitResponse)
+    ).found
+    again = await limiter.bus.request(Subjects.LIMITER_COMMIT, commit, limiter_pb2.CommitResponse)
+    assert not again.found
+    assert (await limiter.reserve(key, 100, tokens_per_minute=100)).allowed
+
+    assert limiter.process is not None
+    url = f"http://127.0.0.1:{limiter.process.metrics_port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    assert re.search(r'sluice_errors_total\{[^}]*code="rate_limited"[^}]*\} 1\.0', text), text
+    assert re.search(r'sluice_limiter_decisions_total\{[^}]*result="denied"[^}]*\} 1\.0', text)
+    assert re.search(r'sluice_limiter_decisions_total\{[^}]*result="allowed"[^}]*\} 2\.0', text)
+
+
+async def test_usage_events_reconcile_reservations_once(limiter: LimiterUnderTest) -> None:
+    await limiter.start()
+    key = f"key-{secrets.token_hex(4)}"
+    a = await limiter.reserve(key, 1000)
+    b = await limiter.reserve(key, 500)
+    assert (await limiter.quota(key)).open_reservations == 2
+
+    await limiter.publish_usage(key, a.reservation_id, 120)
+    # The same event delivered twice (as after a lost ack): settles nothing more.
+    await limiter.publish_usage(key, a.reservation_id, 120)
+    await limiter.publish_usage(key, b.reservation_id, 400, cache_hit=True)
+
+    quota = await limiter.wait_settled(key)
+    assert quota.open_reservations == 0
+    assert tpm_of(quota).remaining == TPM - 120  # b was a cache hit: zero tokens
+    assert next(p for p in quota.policies if p.name == "rpm").remaining == RPM - 2
+
+    # Spans (flushed at stop): reserve and reconcile, tagged with the key and outcome.
+    assert limiter.process is not None and limiter.process.stop() == 0
+    spans = [
+        json.loads(line)
+        for line in (limiter.stack.state_dir / "spans" / "limiter.jsonl").read_text().splitlines()
+    ]
+    mine = [s for s in spans if s["attributes"].get("sluice.key_id") == key]
+    reserves = [s for s in mine if s["name"] == f"{Subjects.LIMITER_RESERVE} process"]
+    usages = [s for s in mine if s["name"] == f"{Subjects.USAGE_ALL} process"]
+    assert len(reserves) == 2 and all(s["attributes"]["sluice.limiter.allowed"] for s in reserves)
+    assert len(usages) == 3 and all(s["kind"] == "CONSUMER" for s in usages)
+    assert sorted(s["attributes"]["sluice.limiter.reservation_found"] for s in usages) == [
+        False,
+        True,
+        True,
+    ]
+
+
+async def test_get_quota_of_an_unknown_key_and_without_key(limiter: LimiterUnderTest) -> None:
+    await limiter.start()
+    quota = await limiter.quota(f"key-{secrets.token_hex(4)}")
+    assert tpm_of(quota).quota == TPM and tpm_of(quota).remaining == TPM
+    assert tpm_of(quota).reset_ms == 0 and quota.open_reservations == 0
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await limiter.quota("")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_spend_and_reservations_survive_a_graceful_restart(
+    limiter: LimiterUnderTest,
+) -> None:
+    process = await limiter.start()
+    key = f"key-{secrets.token_hex(4)}"
+    open_one = await limiter.reserve(key, 1000)
+    assert process.stop() == 0
+
+    await limiter.start()
+    quota = await limiter.quota(key)
+    assert tpm_of(quota).remaining == TPM - 1000 and quota.open_reservations == 1
+    # The restored reservation still reconciles.
+    await limiter.publish_usage(key, open_one.reservation_id, 10)
+    quota = await limiter.wait_settled(key)
+    assert quota.open_reservations == 0 and tpm_of(quota).remaining == TPM - 10
+
+
+async def test_periodic_snapshot_survives_a_crash(limiter: LimiterUnderTest) -> None:
+    process = await limiter.start()
+    key = f"key-{secrets.token_hex(4)}"
+    assert (await limiter.reserve(key, 2000)).allowed
+    await asyncio.sleep(1.0)  # a few snapshot intervals
+    process.signal(signal.SIGKILL)
+    process.process.wait(10)
+
+    await limiter.start()
+    quota = await limiter.quota(key)
+    assert tpm_of(quota).remaining == TPM - 2000 and quota.open_reservations == 1
+    denied = await limiter.reserve(key, TPM - 1999)
+    assert not denied.allowed and denied.denied_by == "tpm"
