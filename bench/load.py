@@ -63,7 +63,7 @@ async def one_request(
                     gaps.append(now - last)
                 last = now
             return Sample(resp.status == 200, resp.status, time.perf_counter() - start, ttft, gaps)
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         return Sample(False, 0, time.perf_counter() - start)
 
 

@@ -4,7 +4,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-
 from sluice.bus import Bus
 from sluice.embedded import EmbeddedNats
 

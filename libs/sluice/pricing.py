@@ -51,9 +51,7 @@ class PriceTable:
             prices[str(name)] = ModelPrice(
                 input_per_mtok=input_rate,
                 output_per_mtok=Decimal(str(entry.get("output_per_mtok", 0))),
-                cached_input_per_mtok=Decimal(
-                    str(entry.get("cached_input_per_mtok", input_rate))
-                ),
+                cached_input_per_mtok=Decimal(str(entry.get("cached_input_per_mtok", input_rate))),
             )
         version = hashlib.sha256(raw).hexdigest()[:12]
         return cls(prices, version)

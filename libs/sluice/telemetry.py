@@ -117,11 +117,15 @@ def setup_telemetry(
     prometheus: bool = True,
 ) -> Telemetry:
     """Install the process-wide tracer and meter providers for ``service``."""
-    global _CURRENT
+    # One tracer/meter provider per process: OpenTelemetry's own globals are set once.
+    global _CURRENT  # noqa: PLW0603
     if _CURRENT is not None:
         return _CURRENT
     resource = Resource.create(
-        {"service.name": os.environ.get("OTEL_SERVICE_NAME", service), "service.namespace": "sluice"}
+        {
+            "service.name": os.environ.get("OTEL_SERVICE_NAME", service),
+            "service.namespace": "sluice",
+        }
     )
     tracer_provider = TracerProvider(resource=resource)
     otlp_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")

@@ -366,9 +366,7 @@ def run(args: argparse.Namespace) -> str:
         raise TraceCliError("give a trace id or --last (one of them)", EXIT_USAGE)
     files = span_files(args.state_dir)
     if not files:
-        raise TraceCliError(
-            f"no span files in {spans_dir(args.state_dir)}" + _not_found_hint()
-        )
+        raise TraceCliError(f"no span files in {spans_dir(args.state_dir)}" + _not_found_hint())
     if args.last:
         found = last_trace_id(files)
         if found is None:

@@ -214,9 +214,7 @@ class Ledger:
     async def entries(self, f: UsageFilter) -> list[LedgerEntry]:
         """The recorded entries matching ``f``, oldest first."""
         where, params = _where(f)
-        sql = (
-            f"SELECT {_COLUMNS} FROM ledger{where} ORDER BY occurred_unix_nanos, request_id"
-        )
+        sql = f"SELECT {_COLUMNS} FROM ledger{where} ORDER BY occurred_unix_nanos, request_id"
         rows = await self._on(self._reader, self._fetch, sql, params)
         return [_entry(r) for r in rows]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from sluice.embedded import EmbeddedNats, free_port, wait_for_port
 from sluice.topology import ALL_SERVICES, ServiceName
+
 from tests.support.stack import REPO, Stack
 
 DEV_KEY = "sk-sluice-e2e-test-key-0123456789"

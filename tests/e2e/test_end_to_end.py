@@ -18,10 +18,10 @@ import grpc
 import httpx
 import openai
 import pytest
-
 from sluice.cost.v1 import cost_pb2, cost_pb2_grpc
 from sluice.telemetry import spans_dir
 from sluice.topology import ServiceName
+
 from tests.e2e.conftest import DEV_KEY, RunningStack
 from tests.support.stack import REPO
 
@@ -196,7 +196,9 @@ async def test_one_request_is_one_trace_across_all_services(e2e: RunningStack) -
     provider_calls = [
         s
         for s in spans
-        if s["service"] == "inference-worker" and s["kind"] == "CLIENT" and s["name"].startswith("chat ")
+        if s["service"] == "inference-worker"
+        and s["kind"] == "CLIENT"
+        and s["name"].startswith("chat ")
     ]
     assert provider_calls, [s["name"] for s in spans]
     attrs = provider_calls[0]["attributes"]
@@ -306,17 +308,63 @@ async def test_identical_deterministic_request_is_served_from_cache(
 
 
 BAD_INPUTS: list[tuple[str, dict[str, Any], int, str]] = [
-    ("malformed json", {"content": b'{"model": "sim-fast", "messages": [', "auth": True}, 400, "invalid_json"),
-    ("wrong types", {"json": {"model": "sim-fast", "messages": "hi " + SECRET_PROMPT}, "auth": True}, 400, "invalid_request"),
+    (
+        "malformed json",
+        {"content": b'{"model": "sim-fast", "messages": [', "auth": True},
+        400,
+        "invalid_json",
+    ),
+    (
+        "wrong types",
+        {"json": {"model": "sim-fast", "messages": "hi " + SECRET_PROMPT}, "auth": True},
+        400,
+        "invalid_request",
+    ),
     ("missing messages", {"json": {"model": "sim-fast"}, "auth": True}, 400, "invalid_request"),
-    ("unknown model", {"json": {"model": "nope", "messages": [{"role": "user", "content": SECRET_PROMPT}]}, "auth": True}, 404, "model_not_found"),
-    ("missing key", {"json": {"model": "sim-fast", "messages": [{"role": "user", "content": SECRET_PROMPT}]}, "auth": False}, 401, "unauthorized"),
-    ("wrong key", {"json": {"model": "sim-fast", "messages": [{"role": "user", "content": SECRET_PROMPT}]}, "auth": "sk-wrong"}, 401, "unauthorized"),
-    ("too large", {"content": b'{"model":"sim-fast","messages":[{"role":"user","content":"' + b"a" * (11 * 1024 * 1024) + b'"}]}', "auth": True}, 413, "payload_too_large"),
+    (
+        "unknown model",
+        {
+            "json": {"model": "nope", "messages": [{"role": "user", "content": SECRET_PROMPT}]},
+            "auth": True,
+        },
+        404,
+        "model_not_found",
+    ),
+    (
+        "missing key",
+        {
+            "json": {"model": "sim-fast", "messages": [{"role": "user", "content": SECRET_PROMPT}]},
+            "auth": False,
+        },
+        401,
+        "unauthorized",
+    ),
+    (
+        "wrong key",
+        {
+            "json": {"model": "sim-fast", "messages": [{"role": "user", "content": SECRET_PROMPT}]},
+            "auth": "sk-wrong",
+        },
+        401,
+        "unauthorized",
+    ),
+    (
+        "too large",
+        {
+            "content": b'{"model":"sim-fast","messages":[{"role":"user","content":"'
+            + b"a" * (11 * 1024 * 1024)
+            + b'"}]}',
+            "auth": True,
+        },
+        413,
+        "payload_too_large",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "spec", "status", "code"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("case", "spec", "status", "code"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS]
+)
 async def test_bad_input_gets_the_problem_envelope(
     e2e: RunningStack, case: str, spec: dict[str, Any], status: int, code: str
 ) -> None:

@@ -170,13 +170,16 @@ async def make_worker(
             long_poll_seconds=overrides.pop("long_poll_seconds", 0.5),
             retry=retry,
             circuit_failure_threshold=overrides.pop("circuit_failure_threshold", 3),
-            common=CommonSettings(config_dir=config_dir, nats_url=bus.nc.connected_url.geturl()
-                                  if bus.nc.connected_url else ""),
+            common=CommonSettings(
+                config_dir=config_dir,
+                nats_url=bus.nc.connected_url.geturl() if bus.nc.connected_url else "",
+            ),
             **overrides,
         )
         catalog = Catalog.load(config_dir / "providers.yaml")
-        circuits = CircuitRegistry(settings.circuit_failure_threshold,
-                                   settings.circuit_cooldown_seconds)
+        circuits = CircuitRegistry(
+            settings.circuit_failure_threshold, settings.circuit_cooldown_seconds
+        )
         pool = ProviderPool(catalog)
         engine = InferenceEngine(
             catalog=catalog,
@@ -211,7 +214,9 @@ def new_work(
 ) -> inference_pb2.InferenceWork:
     request_id = f"req-{uuid.uuid4().hex}"
     request = chat_pb2.ChatRequest(
-        model=model, messages=[chat_pb2.Message(role="user", text=text)], stream=stream,
+        model=model,
+        messages=[chat_pb2.Message(role="user", text=text)],
+        stream=stream,
         include_usage=stream,
     )
     request.sampling.max_tokens = 64
@@ -263,28 +268,38 @@ class Tap:
         return self.result
 
 
-async def publish_work(bus: Bus, work: inference_pb2.InferenceWork,
-                       cls: PriorityClass = PriorityClass.INTERACTIVE,
-                       msg_id: str | None = None) -> None:
+async def publish_work(
+    bus: Bus,
+    work: inference_pb2.InferenceWork,
+    cls: PriorityClass = PriorityClass.INTERACTIVE,
+    msg_id: str | None = None,
+) -> None:
     await bus.js.publish(
-        Subjects.infer(cls), work.SerializeToString(),
+        Subjects.infer(cls),
+        work.SerializeToString(),
         headers={"Nats-Msg-Id": msg_id or work.request_id},
     )
 
 
-async def run(bus: Bus, work: inference_pb2.InferenceWork,
-              cls: PriorityClass = PriorityClass.INTERACTIVE, timeout: float = 10) -> Result:
+async def run(
+    bus: Bus,
+    work: inference_pb2.InferenceWork,
+    cls: PriorityClass = PriorityClass.INTERACTIVE,
+    timeout: float = 10,
+) -> Result:
     async with Tap(bus, work) as tap:
         await publish_work(bus, work, cls)
         return await tap.wait(timeout)
 
 
-async def usage_events(bus: Bus, key_id: str, expect: int = 1,
-                       timeout: float = 3) -> list[cost_pb2.UsageEvent]:
+async def usage_events(
+    bus: Bus, key_id: str, expect: int = 1, timeout: float = 3
+) -> list[cost_pb2.UsageEvent]:
     """Every usage event stored for ``key_id`` (an ephemeral consumer reads them all)."""
     deadline = time.monotonic() + timeout
     sub = await bus.js.pull_subscribe(
-        Subjects.usage(key_id), stream=Streams.USAGE.name,
+        Subjects.usage(key_id),
+        stream=Streams.USAGE.name,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=10),
     )
     events: list[cost_pb2.UsageEvent] = []

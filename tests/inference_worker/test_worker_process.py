@@ -35,8 +35,7 @@ async def stack(
         stack.stop_all()
 
 
-async def test_worker_process_serves_work_health_and_stops_cleanly(stack: Stack, bus: Bus
-                                                                   ) -> None:
+async def test_worker_process_serves_work_health_and_stops_cleanly(stack: Stack, bus: Bus) -> None:
     proc = stack.start(ServiceName.INFERENCE_WORKER)
     await stack.wait_ready([ServiceName.INFERENCE_WORKER], timeout=60)
 
@@ -61,9 +60,10 @@ async def test_worker_process_serves_work_health_and_stops_cleanly(stack: Stack,
     assert by_name["simulator"].requests_total >= 1
     assert "qwen2.5-coder-0.5b" in by_name["local-llama"].models
 
-    async with aiohttp.ClientSession() as http, http.get(
-        f"http://127.0.0.1:{proc.metrics_port}/metrics"
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{proc.metrics_port}/metrics") as resp,
+    ):
         exposition = await resp.text()
     for family in (
         "sluice_jetstream_pending",

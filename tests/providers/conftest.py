@@ -37,7 +37,10 @@ async def make_provider(
 
     def make(base_url: str | None = None, **overrides: object) -> OpenAICompatProvider:
         config = ProviderConfig(
-            name="simulator", kind="openai", base_url=base_url or sim_url, **overrides  # type: ignore[arg-type]
+            name="simulator",
+            kind="openai",
+            base_url=base_url or sim_url,
+            **overrides,  # type: ignore[arg-type]
         )
         provider = OpenAICompatProvider(config)
         made.append(provider)

@@ -101,8 +101,7 @@ async def test_json_schema_response_format_is_honoured(qwen: OpenAICompatProvide
     request.response_format.schema_json = json.dumps(
         {
             "type": "object",
-            "properties": {"name": {"type": "string", "maxLength": 20},
-                           "age": {"type": "integer"}},
+            "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
             "required": ["name", "age"],
             "additionalProperties": False,
         }

@@ -22,8 +22,12 @@ SECRET = "zebra-violet-prompt-marker"
 
 
 def chat(
-    *, stream: bool = False, sim: dict[str, Any] | None = None, text: str = "Say hello",
-    max_tokens: int | None = None, **fields: Any,
+    *,
+    stream: bool = False,
+    sim: dict[str, Any] | None = None,
+    text: str = "Say hello",
+    max_tokens: int | None = None,
+    **fields: Any,
 ) -> chat_pb2.ChatRequest:
     request = chat_pb2.ChatRequest(
         model="sim-fast",
@@ -71,8 +75,9 @@ async def test_non_stream_answer_with_usage(make_provider) -> None:
 async def test_stream_relays_each_delta_and_reports_usage(make_provider) -> None:
     provider = make_provider()
     sink = Collector()
-    answer = await provider.chat(chat(stream=True, sim={"output_tokens": 5}), "sim-fast",
-                                 on_delta=sink)
+    answer = await provider.chat(
+        chat(stream=True, sim={"output_tokens": 5}), "sim-fast", on_delta=sink
+    )
     # Five content deltas (the role merged into the first) and one finish delta.
     assert [bool(d.content) for d in sink.deltas] == [True] * 5 + [False]
     assert sink.deltas[0].role == "assistant"
@@ -111,8 +116,10 @@ def weather_tools() -> list[chat_pb2.Tool]:
             name="get_weather",
             description="Weather of a city",
             parameters_json=json.dumps(
-                {"type": "object", "properties": {"city": {"type": "string"},
-                                                   "days": {"type": "integer"}}}
+                {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                }
             ),
         )
     ]
@@ -148,8 +155,9 @@ async def test_refusal_and_truncation(make_provider) -> None:
     refused = await provider.chat(chat(sim={"fault": "refusal"}), "sim-fast")
     assert refused.choices[0].refusal and not refused.choices[0].content
     sink = Collector()
-    streamed = await provider.chat(chat(stream=True, sim={"fault": "refusal"}), "sim-fast",
-                                   on_delta=sink)
+    streamed = await provider.chat(
+        chat(stream=True, sim={"fault": "refusal"}), "sim-fast", on_delta=sink
+    )
     assert streamed.choices[0].refusal == refused.choices[0].refusal
     truncated = await provider.chat(chat(sim={"fault": "truncate"}), "sim-fast")
     assert truncated.choices[0].finish_reason == "length"
@@ -168,14 +176,17 @@ async def test_refusal_and_truncation(make_provider) -> None:
     ],
 )
 @pytest.mark.parametrize("stream", [False, True])
-async def test_http_faults_map_to_codes(make_provider, fault: str, code: ErrorCode, status: int,
-                                        stream: bool) -> None:
+async def test_http_faults_map_to_codes(
+    make_provider, fault: str, code: ErrorCode, status: int, stream: bool
+) -> None:
     provider = make_provider()
     sink = Collector()
     with pytest.raises(UpstreamFailure) as info:
-        await provider.chat(chat(stream=stream, sim={"fault": fault, "retry_after_ms": 1500},
-                                 text=SECRET),
-                            "sim-fast", on_delta=sink if stream else None)
+        await provider.chat(
+            chat(stream=stream, sim={"fault": fault, "retry_after_ms": 1500}, text=SECRET),
+            "sim-fast",
+            on_delta=sink if stream else None,
+        )
     failure = info.value
     assert failure.code is code
     assert failure.upstream_status == status
@@ -201,14 +212,16 @@ async def test_connect_timeout_maps_to_upstream_timeout(make_provider) -> None:
 async def test_deadline_bounds_the_call(make_provider) -> None:
     provider = make_provider()
     with pytest.raises(UpstreamFailure) as info:
-        await provider.chat(chat(sim={"ttft_ms": 3000}), "sim-fast",
-                            deadline=time.monotonic() + 0.2)
+        await provider.chat(
+            chat(sim={"ttft_ms": 3000}), "sim-fast", deadline=time.monotonic() + 0.2
+        )
     assert info.value.code is ErrorCode.UPSTREAM_TIMEOUT
 
 
 async def test_connection_refused_is_unavailable(make_provider) -> None:
-    provider = make_provider(base_url=f"http://127.0.0.1:{free_port()}/v1",
-                             connect_timeout_seconds=1.0)
+    provider = make_provider(
+        base_url=f"http://127.0.0.1:{free_port()}/v1", connect_timeout_seconds=1.0
+    )
     with pytest.raises(UpstreamFailure) as info:
         await provider.chat(chat(), "sim-fast")
     assert info.value.code is ErrorCode.UPSTREAM_UNAVAILABLE
@@ -235,7 +248,8 @@ async def test_stall_longer_than_read_timeout_interrupts(make_provider) -> None:
     with pytest.raises(UpstreamFailure) as info:
         await provider.chat(
             chat(stream=True, sim={"fault": "stall", "stall_after": 2, "stall_ms": 3000}),
-            "sim-fast", on_delta=sink,
+            "sim-fast",
+            on_delta=sink,
         )
     assert info.value.code is ErrorCode.UPSTREAM_STREAM_INTERRUPTED
     assert info.value.error.details["cause"] == "timeout"
@@ -246,9 +260,12 @@ async def test_short_stall_is_tolerated(make_provider) -> None:
     provider = make_provider(timeout_seconds=2)
     sink = Collector()
     answer = await provider.chat(
-        chat(stream=True, sim={"fault": "stall", "stall_after": 2, "stall_ms": 200,
-                               "output_tokens": 4}),
-        "sim-fast", on_delta=sink,
+        chat(
+            stream=True,
+            sim={"fault": "stall", "stall_after": 2, "stall_ms": 200, "output_tokens": 4},
+        ),
+        "sim-fast",
+        on_delta=sink,
     )
     assert answer.usage.output_tokens == 4
 
@@ -278,20 +295,27 @@ def test_request_conversion_covers_every_field() -> None:
     request = chat_pb2.ChatRequest(
         model="alias",
         messages=[
-            chat_pb2.Message(role="user", parts=[
-                chat_pb2.ContentPart(type="text", text="look"),
-                chat_pb2.ContentPart(type="image_url", image_url="http://x/i.png",
-                                     image_detail="low"),
-                chat_pb2.ContentPart(raw_json=b'{"type":"input_audio","input_audio":{}}'),
-            ]),
-            chat_pb2.Message(role="assistant", tool_calls=[
-                chat_pb2.ToolCall(id="c1", type="function", name="f", arguments="{}")]),
+            chat_pb2.Message(
+                role="user",
+                parts=[
+                    chat_pb2.ContentPart(type="text", text="look"),
+                    chat_pb2.ContentPart(
+                        type="image_url", image_url="http://x/i.png", image_detail="low"
+                    ),
+                    chat_pb2.ContentPart(raw_json=b'{"type":"input_audio","input_audio":{}}'),
+                ],
+            ),
+            chat_pb2.Message(
+                role="assistant",
+                tool_calls=[chat_pb2.ToolCall(id="c1", type="function", name="f", arguments="{}")],
+            ),
             chat_pb2.Message(role="tool", text="42", tool_call_id="c1"),
         ],
         tools=weather_tools(),
         tool_choice_json='{"type":"function","function":{"name":"get_weather"}}',
-        response_format=chat_pb2.ResponseFormat(type="json_schema", schema_name="s",
-                                                schema_json='{"type":"object"}', strict=True),
+        response_format=chat_pb2.ResponseFormat(
+            type="json_schema", schema_name="s", schema_json='{"type":"object"}', strict=True
+        ),
         extra_json='{"sim":{"ttft_ms":1},"model":"ignored","logit_bias":{"1":2}}',
         parallel_tool_calls=False,
         user="u1",
@@ -303,17 +327,26 @@ def test_request_conversion_covers_every_field() -> None:
     assert body["model"] == "upstream"
     assert body["sim"] == {"ttft_ms": 1} and body["logit_bias"] == {"1": 2}
     assert body["messages"][0]["content"][1] == {
-        "type": "image_url", "image_url": {"url": "http://x/i.png", "detail": "low"}}
+        "type": "image_url",
+        "image_url": {"url": "http://x/i.png", "detail": "low"},
+    }
     assert body["messages"][0]["content"][2]["type"] == "input_audio"
     assert body["messages"][1]["content"] is None
     assert body["messages"][1]["tool_calls"][0]["function"] == {"name": "f", "arguments": "{}"}
     assert body["messages"][2]["tool_call_id"] == "c1"
     assert body["tools"][0]["function"]["parameters"]["properties"]["city"] == {"type": "string"}
     assert body["tool_choice"]["function"]["name"] == "get_weather"
-    assert body["response_format"] == {"type": "json_schema", "json_schema": {
-        "name": "s", "schema": {"type": "object"}, "strict": True}}
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "s", "schema": {"type": "object"}, "strict": True},
+    }
     assert (body["temperature"], body["top_p"], body["max_tokens"], body["n"], body["seed"]) == (
-        0.5, 0.9, 12, 2, 7)
+        0.5,
+        0.9,
+        12,
+        2,
+        7,
+    )
     assert body["stop"] == ["\n"] and body["parallel_tool_calls"] is False
     assert body["stream_options"] == {"include_usage": True}
     assert "stream_options" not in wire.request_to_json(request, "u", stream=False)

@@ -73,7 +73,9 @@ class Stack:
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[ServiceName, ServiceProcess] = field(default_factory=dict)
 
-    def env_for(self, name: ServiceName, grpc_port: int, metrics_port: int, http_port: int | None) -> dict[str, str]:
+    def env_for(
+        self, name: ServiceName, grpc_port: int, metrics_port: int, http_port: int | None
+    ) -> dict[str, str]:
         env = dict(os.environ)
         prefix = SERVICE_ENV_PREFIX[name]
         env.update(
@@ -126,7 +128,10 @@ class Stack:
                         raise RuntimeError(f"{name} exited:\n{proc.log()[-4000:]}")
                     try:
                         status = await bus.request(
-                            Subjects.health(name), chat_pb2.ServiceStatus(), chat_pb2.ServiceStatus, timeout=0.5
+                            Subjects.health(name),
+                            chat_pb2.ServiceStatus(),
+                            chat_pb2.ServiceStatus,
+                            timeout=0.5,
                         )
                         if status.ready:
                             pending.discard(name)
@@ -136,7 +141,9 @@ class Stack:
                     await asyncio.sleep(0.1)
             if pending:
                 logs = "\n".join(
-                    f"--- {n}\n{self.processes[n].log()[-3000:]}" for n in pending if n in self.processes
+                    f"--- {n}\n{self.processes[n].log()[-3000:]}"
+                    for n in pending
+                    if n in self.processes
                 )
                 raise TimeoutError(f"not ready after {timeout}s: {sorted(pending)}\n{logs}")
         finally:

@@ -130,34 +130,56 @@ class OpenAICompatProvider:
             raise
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise self._failure(
-                request, state, ErrorCode.UPSTREAM_TIMEOUT,
-                f"provider {self.config.name} timed out", "timeout",
+                request,
+                state,
+                ErrorCode.UPSTREAM_TIMEOUT,
+                f"provider {self.config.name} timed out",
+                "timeout",
             ) from exc
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
             if state.relayed or state.first_at is not None:
                 raise self._failure(
-                    request, state, ErrorCode.UPSTREAM_STREAM_INTERRUPTED,
-                    f"provider {self.config.name} closed the stream", "connection_closed",
+                    request,
+                    state,
+                    ErrorCode.UPSTREAM_STREAM_INTERRUPTED,
+                    f"provider {self.config.name} closed the stream",
+                    "connection_closed",
                 ) from exc
             raise self._failure(
-                request, state, ErrorCode.UPSTREAM_UNAVAILABLE,
-                f"cannot reach provider {self.config.name}", "connect",
+                request,
+                state,
+                ErrorCode.UPSTREAM_UNAVAILABLE,
+                f"cannot reach provider {self.config.name}",
+                "connect",
             ) from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientError, ConnectionError) as exc:
             raise self._failure(
-                request, state, ErrorCode.UPSTREAM_STREAM_INTERRUPTED
-                if state.relayed else ErrorCode.UPSTREAM_ERROR,
-                f"provider {self.config.name} broke the connection", "connection_closed",
+                request,
+                state,
+                ErrorCode.UPSTREAM_STREAM_INTERRUPTED
+                if state.relayed
+                else ErrorCode.UPSTREAM_ERROR,
+                f"provider {self.config.name} broke the connection",
+                "connection_closed",
             ) from exc
         except (msgspec.DecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise self._failure(
-                request, state, ErrorCode.UPSTREAM_ERROR,
-                f"provider {self.config.name} sent a malformed answer", "malformed",
+                request,
+                state,
+                ErrorCode.UPSTREAM_ERROR,
+                f"provider {self.config.name} sent a malformed answer",
+                "malformed",
             ) from exc
         return self._answer_from_stream(request, state, started)
 
-    def _failure(self, request: chat_pb2.ChatRequest, state: _StreamState, code: ErrorCode,
-                 detail: str, cause: str) -> UpstreamFailure:
+    def _failure(
+        self,
+        request: chat_pb2.ChatRequest,
+        state: _StreamState,
+        code: ErrorCode,
+        detail: str,
+        cause: str,
+    ) -> UpstreamFailure:
         if state.relayed:
             # After output, any failure leaves a partial answer: report it as interrupted.
             code = ErrorCode.UPSTREAM_STREAM_INTERRUPTED
@@ -205,7 +227,10 @@ class OpenAICompatProvider:
     # --- stream ---------------------------------------------------------------------
 
     async def _read_stream(
-        self, resp: aiohttp.ClientResponse, state: _StreamState, on_delta: DeltaSink,
+        self,
+        resp: aiohttp.ClientResponse,
+        state: _StreamState,
+        on_delta: DeltaSink,
         started: float,
     ) -> None:
         data_lines: list[bytes] = []
@@ -226,8 +251,7 @@ class OpenAICompatProvider:
             await self._on_chunk(_DECODER.decode(payload), state, on_delta, started)
         if data_lines and data_lines[0] != b"[DONE]":
             # A last event without its blank line: still an event.
-            await self._on_chunk(_DECODER.decode(b"\n".join(data_lines)), state, on_delta,
-                                 started)
+            await self._on_chunk(_DECODER.decode(b"\n".join(data_lines)), state, on_delta, started)
         elif data_lines:
             state.done = True
         await self._flush_roles(state, on_delta, started)
@@ -268,8 +292,9 @@ class OpenAICompatProvider:
                 continue
             await self._relay(delta, state, on_delta, started)
 
-    async def _relay(self, delta: inference_pb2.Delta, state: _StreamState,
-                     on_delta: DeltaSink, started: float) -> None:
+    async def _relay(
+        self, delta: inference_pb2.Delta, state: _StreamState, on_delta: DeltaSink, started: float
+    ) -> None:
         role = state.pending_role.pop(delta.choice_index, None)
         if role and not delta.role:
             delta.role = role
@@ -279,8 +304,7 @@ class OpenAICompatProvider:
         await on_delta(delta)
         state.relayed = True
 
-    async def _flush_roles(self, state: _StreamState, on_delta: DeltaSink, started: float
-                           ) -> None:
+    async def _flush_roles(self, state: _StreamState, on_delta: DeltaSink, started: float) -> None:
         for index, role in list(state.pending_role.items()):
             # A choice that produced nothing but its role (an empty answer).
             await self._relay(

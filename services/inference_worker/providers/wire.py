@@ -130,8 +130,10 @@ def request_to_json(
     if stream:
         # Always ask for usage: billing needs it even when the client did not.
         options = body.get("stream_options")
-        body["stream_options"] = {**(options if isinstance(options, dict) else {}),
-                                  "include_usage": True}
+        body["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
     else:
         body.pop("stream_options", None)
     return body
@@ -227,8 +229,11 @@ class ChoiceAssembler:
             known = calls.get(call.index)
             if known is None:
                 calls[call.index] = chat_pb2.ToolCall(
-                    index=call.index, id=call.id, type=call.type or "function",
-                    name=call.name, arguments=call.arguments,
+                    index=call.index,
+                    id=call.id,
+                    type=call.type or "function",
+                    name=call.name,
+                    arguments=call.arguments,
                 )
             else:
                 known.id = known.id or call.id

