@@ -46,6 +46,9 @@ class ErrorCode(StrEnum):
     UPSTREAM_STREAM_INTERRUPTED = "upstream_stream_interrupted"
     SERVICE_UNAVAILABLE = "service_unavailable"
     INTERNAL_ERROR = "internal_error"
+    IDEMPOTENCY_KEY_IN_USE = "idempotency_key_in_use"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    CANCELLED = "cancelled"
 
 
 CATALOGUE: dict[ErrorCode, ErrorSpec] = {
@@ -182,6 +185,29 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "api_error",
         "api_error",
         retryable=True,
+    ),
+    ErrorCode.IDEMPOTENCY_KEY_IN_USE: ErrorSpec(
+        409,
+        "Idempotency key in use",
+        "The first request with this Idempotency-Key is still running; retry after "
+        "Retry-After to get its response.",
+        "invalid_request_error",
+        "invalid_request_error",
+        retryable=True,
+    ),
+    ErrorCode.IDEMPOTENCY_KEY_REUSED: ErrorSpec(
+        422,
+        "Idempotency key reused",
+        "Use a new Idempotency-Key for a different request body.",
+        "invalid_request_error",
+        "invalid_request_error",
+    ),
+    ErrorCode.CANCELLED: ErrorSpec(
+        409,
+        "Cancelled",
+        "The request was cancelled before it finished; submit it again to run it.",
+        "invalid_request_error",
+        "invalid_request_error",
     ),
 }
 

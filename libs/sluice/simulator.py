@@ -15,10 +15,18 @@ with a pass-through body member ``"sim": {...}`` (the gateway forwards unknown m
 - ``tool_call``: answer with a call of the first (or the chosen) tool
 - ``omit_usage``, ``cached_tokens``, ``reasoning_tokens``: shape the reported usage
 
+A trailing assistant message with string content is a prefill: the answer continues it
+(as llama.cpp's server does). The simulator produces the same words it would have
+produced without the prefill, skipping as many as the prefill holds, so a continued
+answer equals the uninterrupted one (for a seed or temperature 0); ``max_tokens`` then
+bounds the new tokens only.
+
 Usage is counted the way a real provider reports it: prompt tokens with the
 gateway's tokenizer over the message contents (plus OpenAI's chat framing), output
 tokens as the number of tokens emitted. ``GET /_sim/stats`` returns request counts
-(total and by ``sim.id``); ``POST /_sim/reset`` clears them.
+(total and by ``sim.id``), and per ``sim.id`` the tokens streamed, the streams the
+client closed early (``aborted_by_id``) and the requests that carried a prefill;
+``POST /_sim/reset`` clears them.
 
 Run ``sluice simulator --port 8090`` or, in-process, ``await start_simulator(port)``.
 """
@@ -44,10 +52,40 @@ from sluice import tokens
 
 DEFAULT_MODELS = ("sim-fast",)
 _VOCAB = [
-    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dogs", "while", "careful",
-    "engineers", "measure", "every", "stream", "token", "and", "cost", "across", "gateways",
-    "queues", "workers", "providers", "caches", "limits", "traces", "metrics", "retries",
-    "fallbacks", "circuits", "answers", "questions", "code", "tests", "data",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dogs",
+    "while",
+    "careful",
+    "engineers",
+    "measure",
+    "every",
+    "stream",
+    "token",
+    "and",
+    "cost",
+    "across",
+    "gateways",
+    "queues",
+    "workers",
+    "providers",
+    "caches",
+    "limits",
+    "traces",
+    "metrics",
+    "retries",
+    "fallbacks",
+    "circuits",
+    "answers",
+    "questions",
+    "code",
+    "tests",
+    "data",
 ]
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder()
@@ -97,9 +135,19 @@ class SimStats:
     total: int = 0
     by_id: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
+    tokens_by_id: Counter[str] = field(default_factory=Counter)
+    aborted_by_id: Counter[str] = field(default_factory=Counter)
+    prefill_by_id: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "by_id": dict(self.by_id), "faults": dict(self.faults)}
+        return {
+            "total": self.total,
+            "by_id": dict(self.by_id),
+            "faults": dict(self.faults),
+            "tokens_by_id": dict(self.tokens_by_id),
+            "aborted_by_id": dict(self.aborted_by_id),
+            "prefill_by_id": dict(self.prefill_by_id),
+        }
 
 
 @dataclass(frozen=True)
@@ -119,11 +167,20 @@ class Plan:
     omit_usage: bool
     cached_tokens: int
     reasoning_tokens: int
+    sim_id: str = ""
 
 
 class SimError(Exception):
-    def __init__(self, status: int, message: str, err_type: str, *, code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        err_type: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = _ENCODER.encode(
@@ -133,6 +190,17 @@ class SimError(Exception):
 
     def response(self) -> web.Response:
         return web.Response(status=self.status, body=self.body, headers=self.headers)
+
+
+def _prefill(body: dict[str, Any]) -> str | None:
+    """The text of a trailing assistant message, which the answer continues."""
+    messages = body.get("messages") or []
+    last = messages[-1] if messages else None
+    if isinstance(last, dict) and last.get("role") == "assistant":
+        content = last.get("content")
+        if isinstance(content, str) and content:
+            return content
+    return None
 
 
 @lru_cache(maxsize=4096)
@@ -233,20 +301,21 @@ class Simulator:
         if sim_id:
             self.stats.by_id[sim_id] += 1
         if fault is not None and fault not in FAULTS:
-            raise SimError(400, f"unknown sim.fault {fault!r}", "invalid_request_error",
-                           param="sim.fault")
+            raise SimError(
+                400, f"unknown sim.fault {fault!r}", "invalid_request_error", param="sim.fault"
+            )
         fail_times = sim.get("fail_times")
         if fail_times is not None:
             if not sim_id:
-                raise SimError(400, "sim.fail_times needs sim.id", "invalid_request_error",
-                               param="sim.id")
+                raise SimError(
+                    400, "sim.fail_times needs sim.id", "invalid_request_error", param="sim.id"
+                )
             fault = (fault or "500") if self.stats.by_id[sim_id] <= _int(fail_times, 0) else None
         if fault is not None:
             self.stats.faults[fault] += 1
         return Plan(
             ttft_ms=max(0.0, _float(sim.get("ttft_ms"), cfg.ttft_ms)),
-            tokens_per_second=max(0.0, _float(sim.get("tokens_per_second"),
-                                              cfg.tokens_per_second)),
+            tokens_per_second=max(0.0, _float(sim.get("tokens_per_second"), cfg.tokens_per_second)),
             output_tokens=output,
             fault=fault,
             retry_after_ms=_int(sim.get("retry_after_ms"), cfg.retry_after_ms),
@@ -258,6 +327,7 @@ class Simulator:
             omit_usage=bool(sim.get("omit_usage", False)),
             cached_tokens=max(0, _int(sim.get("cached_tokens"), 0)),
             reasoning_tokens=max(0, _int(sim.get("reasoning_tokens"), 0)),
+            sim_id=sim_id,
         )
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -268,16 +338,18 @@ class Simulator:
                 400, "request body is not valid JSON", "invalid_request_error"
             ).response()
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            return SimError(400, "'messages' is required", "invalid_request_error",
-                            param="messages").response()
+            return SimError(
+                400, "'messages' is required", "invalid_request_error", param="messages"
+            ).response()
         try:
             plan = self.plan(body)
             return await self._answer(request, body, plan)
         except SimError as exc:
             return exc.response()
 
-    async def _answer(self, request: web.Request, body: dict[str, Any], plan: Plan
-                      ) -> web.StreamResponse:
+    async def _answer(
+        self, request: web.Request, body: dict[str, Any], plan: Plan
+    ) -> web.StreamResponse:
         fault = plan.fault
         if fault == "connect_timeout":
             # Nothing is sent until the client gives up; the handler is cancelled when it
@@ -286,16 +358,23 @@ class Simulator:
         elif fault == "429":
             seconds = max(1, -(-plan.retry_after_ms // 1000))
             raise SimError(
-                429, "Rate limit reached for requests (simulated).", "requests",
+                429,
+                "Rate limit reached for requests (simulated).",
+                "requests",
                 code="rate_limit_exceeded",
                 headers={"Retry-After": str(seconds), "retry-after-ms": str(plan.retry_after_ms)},
             )
         elif fault == "500":
-            raise SimError(500, "The server had an error while processing your request.",
-                           "server_error")
+            raise SimError(
+                500, "The server had an error while processing your request.", "server_error"
+            )
         elif fault == "503":
-            raise SimError(503, "The engine is currently overloaded, please try again later.",
-                           "server_error", headers={"Retry-After": "1"})
+            raise SimError(
+                503,
+                "The engine is currently overloaded, please try again later.",
+                "server_error",
+                headers={"Retry-After": "1"},
+            )
         elif fault == "context_length":
             used = prompt_tokens(body)
             window = self.config.context_window
@@ -304,13 +383,19 @@ class Simulator:
                 f"This model's maximum context length is {window} tokens. However, your "
                 f"messages resulted in {max(used, window + 1)} tokens. Please reduce the "
                 "length of the messages.",
-                "invalid_request_error", code="context_length_exceeded", param="messages",
+                "invalid_request_error",
+                code="context_length_exceeded",
+                param="messages",
             )
 
         model = str(body.get("model") or self.config.models[0])
         n = max(1, _int(body.get("n"), 1))
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        count = plan.output_tokens
+        prefill = _prefill(body)
+        skip = len(prefill.split()) if prefill is not None else 0
+        if prefill is not None:
+            self.stats.prefill_by_id[plan.sim_id] += 1
+        count = max(0, plan.output_tokens - skip)
         finish = "stop"
         if max_tokens is not None and 0 <= _int(max_tokens, count) < count:
             count = _int(max_tokens, count)
@@ -318,13 +403,24 @@ class Simulator:
         if fault == "truncate":
             finish = "length"
         tool = self._tool_to_call(body) if plan.tool_call or self._tool_forced(body) else None
-        words = self._words(body, count)
+        unprefilled = body if prefill is None else {**body, "messages": body["messages"][:-1]}
+        words = self._words(unprefilled, skip + count)[skip:]
         prompt = prompt_tokens(body)
         if body.get("stream"):
-            return await self._stream(request, body, plan, model=model, n=n, words=words,
-                                      finish=finish, tool=tool, prompt=prompt)
-        return await self._complete(plan, model=model, n=n, words=words, finish=finish, tool=tool,
-                                    prompt=prompt)
+            return await self._stream(
+                request,
+                body,
+                plan,
+                model=model,
+                n=n,
+                words=words,
+                finish=finish,
+                tool=tool,
+                prompt=prompt,
+            )
+        return await self._complete(
+            plan, model=model, n=n, words=words, finish=finish, tool=tool, prompt=prompt
+        )
 
     @staticmethod
     def _tool_forced(body: dict[str, Any]) -> bool:
@@ -340,17 +436,25 @@ class Simulator:
         choice = body.get("tool_choice")
         if isinstance(choice, dict):
             name = (choice.get("function") or {}).get("name")
-            chosen = next((t for t in tools if (t.get("function") or {}).get("name") == name),
-                          chosen)
+            chosen = next(
+                (t for t in tools if (t.get("function") or {}).get("name") == name), chosen
+            )
         function = chosen.get("function") or {}
         params = function.get("parameters") or {}
         args: dict[str, Any] = {}
         for prop, schema in (params.get("properties") or {}).items():
             kind = schema.get("type") if isinstance(schema, dict) else None
-            args[prop] = {"integer": 1, "number": 1.5, "boolean": True, "array": [],
-                          "object": {}}.get(str(kind), "sim")
-        return {"name": str(function.get("name", "tool")), "arguments": _ENCODER.encode(args)
-                .decode()}
+            args[prop] = {
+                "integer": 1,
+                "number": 1.5,
+                "boolean": True,
+                "array": [],
+                "object": {},
+            }.get(str(kind), "sim")
+        return {
+            "name": str(function.get("name", "tool")),
+            "arguments": _ENCODER.encode(args).decode(),
+        }
 
     @staticmethod
     def _words(body: dict[str, Any], count: int) -> list[int]:
@@ -382,8 +486,17 @@ class Simulator:
             if delay > 0:
                 await asyncio.sleep(delay)
 
-    async def _complete(self, plan: Plan, *, model: str, n: int, words: list[int], finish: str,
-                        tool: dict[str, Any] | None, prompt: int) -> web.Response:
+    async def _complete(
+        self,
+        plan: Plan,
+        *,
+        model: str,
+        n: int,
+        words: list[int],
+        finish: str,
+        tool: dict[str, Any] | None,
+        prompt: int,
+    ) -> web.Response:
         if plan.ttft_ms:
             await asyncio.sleep(plan.ttft_ms / 1000)
         if plan.tokens_per_second > 0 and words:
@@ -397,10 +510,13 @@ class Simulator:
                 message["refusal"] = _REFUSAL_TEXT
                 completion += _count(_REFUSAL_TEXT)
             elif tool is not None:
-                message["tool_calls"] = [{
-                    "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                    "function": {"name": tool["name"], "arguments": tool["arguments"]},
-                }]
+                message["tool_calls"] = [
+                    {
+                        "id": f"call_{uuid.uuid4().hex[:24]}",
+                        "type": "function",
+                        "function": {"name": tool["name"], "arguments": tool["arguments"]},
+                    }
+                ]
                 completion += _count(tool["name"]) + _count(tool["arguments"])
                 reason = "tool_calls" if finish == "stop" else finish
             else:
@@ -421,21 +537,36 @@ class Simulator:
             out["usage"] = self._usage(plan, prompt, completion)
         return web.Response(body=_ENCODER.encode(out), headers=_JSON_HEADERS)
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], plan: Plan, *, model: str,
-                      n: int, words: list[int], finish: str, tool: dict[str, Any] | None,
-                      prompt: int) -> web.StreamResponse:
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        plan: Plan,
+        *,
+        model: str,
+        n: int,
+        words: list[int],
+        finish: str,
+        tool: dict[str, Any] | None,
+        prompt: int,
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         await resp.prepare(request)
         head = (
-            b'data: {"id":"chatcmpl-' + uuid.uuid4().hex.encode()
-            + b'","object":"chat.completion.chunk","created":' + str(int(time.time())).encode()
-            + b',"model":' + _ENCODER.encode(model)
+            b'data: {"id":"chatcmpl-'
+            + uuid.uuid4().hex.encode()
+            + b'","object":"chat.completion.chunk","created":'
+            + str(int(time.time())).encode()
+            + b',"model":'
+            + _ENCODER.encode(model)
             + b',"system_fingerprint":"fp_sluice_sim","choices":'
         )
         pieces: list[bytes] = []
         for index in range(n):
-            pieces.append(head + b'[{"index":%d,"delta":{"role":"assistant","content":""},'
-                          b'"logprobs":null,"finish_reason":null}]}\n\n' % index)
+            pieces.append(
+                head + b'[{"index":%d,"delta":{"role":"assistant","content":""},'
+                b'"logprobs":null,"finish_reason":null}]}\n\n' % index
+            )
         # (choice index, chunk bytes, counts as an output token)
         steps: list[tuple[bytes, int]] = []
         completion = 0
@@ -445,33 +576,59 @@ class Simulator:
             for index in range(n):
                 for i, word in enumerate(refusal_words):
                     text = word if i == 0 else " " + word
-                    steps.append((head + b'[{"index":%d,"delta":{"refusal":%s},"logprobs":null,'
-                                  b'"finish_reason":null}]}\n\n' % (index, _ENCODER.encode(text)),
-                                  1))
+                    steps.append(
+                        (
+                            head + b'[{"index":%d,"delta":{"refusal":%s},"logprobs":null,'
+                            b'"finish_reason":null}]}\n\n' % (index, _ENCODER.encode(text)),
+                            1,
+                        )
+                    )
         elif tool is not None:
             reason = "tool_calls" if finish == "stop" else finish
             args = tool["arguments"]
-            thirds = [args[: len(args) // 3], args[len(args) // 3: 2 * len(args) // 3],
-                      args[2 * len(args) // 3:]]
+            thirds = [
+                args[: len(args) // 3],
+                args[len(args) // 3 : 2 * len(args) // 3],
+                args[2 * len(args) // 3 :],
+            ]
             for index in range(n):
                 call_id = f"call_{uuid.uuid4().hex[:24]}"
-                first = {"index": 0, "id": call_id, "type": "function",
-                         "function": {"name": tool["name"], "arguments": ""}}
-                steps.append((head + b'[{"index":%d,"delta":{"tool_calls":[%s]},"logprobs":null,'
-                              b'"finish_reason":null}]}\n\n' % (index, _ENCODER.encode(first)),
-                              1))
+                first = {
+                    "index": 0,
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": tool["name"], "arguments": ""},
+                }
+                steps.append(
+                    (
+                        head + b'[{"index":%d,"delta":{"tool_calls":[%s]},"logprobs":null,'
+                        b'"finish_reason":null}]}\n\n' % (index, _ENCODER.encode(first)),
+                        1,
+                    )
+                )
                 for part in thirds:
                     delta = {"index": 0, "function": {"arguments": part}}
-                    steps.append((head + b'[{"index":%d,"delta":{"tool_calls":[%s]},'
-                                  b'"logprobs":null,"finish_reason":null}]}\n\n'
-                                  % (index, _ENCODER.encode(delta)), 1))
+                    steps.append(
+                        (
+                            head + b'[{"index":%d,"delta":{"tool_calls":[%s]},'
+                            b'"logprobs":null,"finish_reason":null}]}\n\n'
+                            % (index, _ENCODER.encode(delta)),
+                            1,
+                        )
+                    )
         else:
             for w in words:
                 for index in range(n):
-                    steps.append((head + b'[{"index":%d,"delta":{"content":%s},"logprobs":null,'
-                                  b'"finish_reason":null}]}\n\n' % (index, _TOKEN_JSON[w]), 1))
+                    steps.append(
+                        (
+                            head + b'[{"index":%d,"delta":{"content":%s},"logprobs":null,'
+                            b'"finish_reason":null}]}\n\n' % (index, _TOKEN_JSON[w]),
+                            1,
+                        )
+                    )
         tail: list[bytes] = [
-            head + b'[{"index":%d,"delta":{},"logprobs":null,"finish_reason":"%s"}]}\n\n'
+            head
+            + b'[{"index":%d,"delta":{},"logprobs":null,"finish_reason":"%s"}]}\n\n'
             % (index, reason.encode())
             for index in range(n)
         ]
@@ -484,35 +641,48 @@ class Simulator:
         if not paced:
             # Unlimited speed: one write for the whole stream.
             completion = sum(c for _, c in steps)
+            self.stats.tokens_by_id[plan.sim_id] += completion
             usage = self._usage_chunk(head, plan, include_usage, prompt, completion)
             await resp.write(b"".join([*pieces, *(s for s, _ in steps), *tail, usage, _DONE]))
             await resp.write_eof()
             return resp
         await resp.write(b"".join(pieces))
         start = time.monotonic()
-        for i, (chunk, counted) in enumerate(steps):
-            if plan.fault == "stall" and i == plan.stall_after:
-                await asyncio.sleep(plan.stall_ms / 1000)
-                start += plan.stall_ms / 1000
-            if plan.fault == "cut" and i == plan.cut_after:
-                # Drop the connection mid-body: the client sees an incomplete chunked body.
-                if request.transport is not None:
-                    request.transport.abort()
-                raise asyncio.CancelledError
-            await self._pace(plan, start, i)
-            await resp.write(chunk)
-            completion += counted
+        try:
+            for i, (chunk, counted) in enumerate(steps):
+                if plan.fault == "stall" and i == plan.stall_after:
+                    await asyncio.sleep(plan.stall_ms / 1000)
+                    start += plan.stall_ms / 1000
+                if plan.fault == "cut" and i == plan.cut_after:
+                    # Drop the connection mid-body: the client sees an incomplete body.
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise asyncio.CancelledError
+                await self._pace(plan, start, i)
+                await resp.write(chunk)
+                completion += counted
+                self.stats.tokens_by_id[plan.sim_id] += counted
+        except (asyncio.CancelledError, ConnectionResetError):
+            if plan.fault != "cut":
+                # The client went away mid-answer (handler cancelled, or a failed write).
+                self.stats.aborted_by_id[plan.sim_id] += 1
+            raise
         usage = self._usage_chunk(head, plan, include_usage, prompt, completion)
         await resp.write(b"".join([*tail, usage, _DONE]))
         await resp.write_eof()
         return resp
 
-    def _usage_chunk(self, head: bytes, plan: Plan, include_usage: Any, prompt: int,
-                     completion: int) -> bytes:
+    def _usage_chunk(
+        self, head: bytes, plan: Plan, include_usage: Any, prompt: int, completion: int
+    ) -> bytes:
         if not include_usage or plan.omit_usage:
             return b""
-        return head + b"[],\"usage\":" + _ENCODER.encode(
-            self._usage(plan, prompt, completion)) + b"}\n\n"
+        return (
+            head
+            + b'[],"usage":'
+            + _ENCODER.encode(self._usage(plan, prompt, completion))
+            + b"}\n\n"
+        )
 
 
 # --- running ------------------------------------------------------------------------
@@ -551,22 +721,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(_env("PORT", "8090")))
-    parser.add_argument("--ttft-ms", type=float, default=float(_env("TTFT_MS", "0")),
-                        help="delay before the first token (ms)")
-    parser.add_argument("--tokens-per-second", type=float,
-                        default=float(_env("TOKENS_PER_SECOND", "0")),
-                        help="output pace; 0 means unlimited")
-    parser.add_argument("--output-tokens", type=int, default=int(_env("OUTPUT_TOKENS", "16")),
-                        help="tokens per answer unless max_tokens is lower")
-    parser.add_argument("--model", action="append", dest="models",
-                        help="model id listed by /v1/models (repeatable; any id is answered)")
+    parser.add_argument(
+        "--ttft-ms",
+        type=float,
+        default=float(_env("TTFT_MS", "0")),
+        help="delay before the first token (ms)",
+    )
+    parser.add_argument(
+        "--tokens-per-second",
+        type=float,
+        default=float(_env("TOKENS_PER_SECOND", "0")),
+        help="output pace; 0 means unlimited",
+    )
+    parser.add_argument(
+        "--output-tokens",
+        type=int,
+        default=int(_env("OUTPUT_TOKENS", "16")),
+        help="tokens per answer unless max_tokens is lower",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        help="model id listed by /v1/models (repeatable; any id is answered)",
+    )
     parser.add_argument("--retry-after-ms", type=int, default=int(_env("RETRY_AFTER_MS", "1000")))
     return parser.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
-    models = tuple(args.models) if args.models else tuple(
-        m for m in _env("MODELS", ",".join(DEFAULT_MODELS)).split(",") if m
+    models = (
+        tuple(args.models)
+        if args.models
+        else tuple(m for m in _env("MODELS", ",".join(DEFAULT_MODELS)).split(",") if m)
     )
     return replace(
         SimConfig(),

@@ -165,7 +165,9 @@ class Consumers:
             stream=Streams.INFER.name,
             durable=f"worker-{cls}",
             filter_subject=Subjects.infer(cls),
-            ack_wait_seconds=30.0,
+            # Short: a worker that dies mid-generation hands its request over after this
+            # long (live workers send in-progress acks every few seconds).
+            ack_wait_seconds=10.0,
             max_deliver=5,
         )
         for cls in PriorityClass
@@ -175,6 +177,23 @@ class Consumers:
     )
     COST_USAGE = ConsumerSpec(
         stream=Streams.USAGE.name, durable="cost-ledger", filter_subject=Subjects.USAGE_ALL
+    )
+    # Shared by every gateway replica: job records follow the lifecycle events.
+    JOB_TRACKER = ConsumerSpec(
+        stream=Streams.LIFECYCLE.name,
+        durable="gateway-job-tracker",
+        filter_subject=Subjects.LIFECYCLE_ALL,
+        ack_wait_seconds=30.0,
+        max_deliver=-1,
+    )
+    # Shared by every gateway replica; retries are nak delays, so deliveries are
+    # unbounded here and the sender stops after the configured schedule.
+    WEBHOOK_SENDER = ConsumerSpec(
+        stream=Streams.WEBHOOKS.name,
+        durable="gateway-webhooks",
+        filter_subject=Subjects.WEBHOOK_ALL,
+        ack_wait_seconds=60.0,
+        max_deliver=-1,
     )
 
 
@@ -204,7 +223,19 @@ class Buckets:
         description="idempotency records by team-scoped key hash (atomic create)",
     )
 
-    ALL: tuple[BucketSpec, ...] = (API_KEYS, EXACT_CACHE, LIMITER_SNAPSHOTS, JOBS, IDEMPOTENCY)
+    WEBHOOK_SECRETS = BucketSpec(
+        "sluice_webhook_secrets",
+        description="Standard Webhooks signing secret by team; disabled endpoints",
+    )
+
+    ALL: tuple[BucketSpec, ...] = (
+        API_KEYS,
+        EXACT_CACHE,
+        LIMITER_SNAPSHOTS,
+        JOBS,
+        IDEMPOTENCY,
+        WEBHOOK_SECRETS,
+    )
 
 
 @dataclass(frozen=True)

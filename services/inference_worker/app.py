@@ -69,6 +69,7 @@ class WorkerService:
             max_deliveries=self.settings.max_deliveries,
             sink=sink,
             instruments=instruments(),
+            worker_id=self.settings.common.instance_id,
         )
         self.consumer = WorkConsumer(bus, self.engine, self.settings)
         await self.consumer.start()

@@ -1,14 +1,22 @@
-"""Pulling work from SLUICE_INFER: one durable pull consumer per priority class, served
-in the order system, interactive, batch, with bounded concurrency.
+"""Pulling work from SLUICE_INFER: one durable pull consumer per priority class, bounded
+concurrency, and a scheduling policy (scheduling.py) that decides which class a free
+slot asks next.
 
 Each class keeps at most one pull request (batch 1) open at the server, and a pull only
 opens on a free slot (open pulls count as taken), so the worker never holds more
 messages than it can start; the rest stay available to other workers. With slack, every
 class long-polls, and a long-poll answers as soon as a message is published: the pickup
-latency is one server delivery. Near saturation the free slots go, in priority order, to
-short polls: a class with a backlog gets its message at once and asks again first, and
-a class that just came back empty yields its turn, so a saturated worker prefers system
-over interactive over batch without leaving a slot parked on an idle class.
+latency is one server delivery. Near saturation a free slot goes to the highest class
+with a backlog (found with probes the server answers at once), except that interactive
+and batch each get a minimum share of the slots while they have a backlog
+(``WorkerSettings.interactive_share``, ``batch_share``), so a saturated worker prefers
+system over interactive over batch without starving any of them. scheduling.py explains
+the rules and the trade-off.
+
+Queue depth per class is the observable gauge ``sluice.jetstream.pending``
+(``sluice_jetstream_pending`` in Prometheus) with attributes ``consumer``
+(``worker-<class>``) and ``priority``: messages not yet delivered to any worker,
+refreshed from JetStream every ``pending_poll_seconds`` and from every pull's answer.
 
 Each message: CONSUMER span continued from its headers, progress acks while the work
 runs, ack after every event about it is published, nak when the worker shuts down
@@ -36,29 +44,25 @@ from sluice.inference.v1 import inference_pb2
 from sluice.topology import Consumers, ConsumerSpec, PriorityClass, Subjects
 
 from .engine import InferenceEngine
+from .scheduling import PRIORITY_ORDER, ClassScheduler
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-PRIORITY_ORDER: tuple[PriorityClass, ...] = (
-    PriorityClass.SYSTEM,
-    PriorityClass.INTERACTIVE,
-    PriorityClass.BATCH,
-)
 _STATUS = "Status"
 _HEARTBEAT = "100"
+# No messages (a probe), request expired (a poll): the class's queue was empty.
+_EMPTY = frozenset({"404", "408"})
 _API_PREFIX = "$JS.API"
 
 
 class _Pull:
-    """The state of one class's pull request."""
+    """The connection side of one class's pull requests (whether one is open, and the
+    rest of the policy state, lives in the scheduler)."""
 
     def __init__(self, spec: ConsumerSpec) -> None:
         self.spec = spec
-        self.open = False
         self.opened_at = 0.0
-        # When a pull last came back without a message.
-        self.empty_at = -1e9
         self.inbox = ""
         self.sub: Subscription | None = None
 
@@ -70,6 +74,14 @@ class WorkConsumer:
         self.settings = settings
         self.concurrency = max(1, settings.concurrency)
         self.pulls = {cls: _Pull(Consumers.WORKER[cls]) for cls in PRIORITY_ORDER}
+        self.scheduler = ClassScheduler(
+            shares={
+                PriorityClass.INTERACTIVE: settings.interactive_share,
+                PriorityClass.BATCH: settings.batch_share,
+            },
+            long_poll_seconds=settings.long_poll_seconds,
+            short_poll_seconds=settings.short_poll_seconds,
+        )
         self.tasks: set[asyncio.Task[None]] = set()
         self.pending: dict[str, int] = {}
         self.stopping = False
@@ -79,6 +91,7 @@ class WorkConsumer:
         self._pulls_closed = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._cancel_sub: Subscription | None = None
         self._tracer = trace.get_tracer("sluice.inference_worker")
         self._gauge = metrics.get_meter("sluice").create_observable_gauge(
             "sluice.jetstream.pending",
@@ -97,6 +110,14 @@ class WorkConsumer:
         await self._refresh_pending()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="worker-dispatch")
         self._poller = asyncio.create_task(self._poll_pending(), name="worker-pending")
+        # Every worker hears every cancel (no queue group): the one running the request
+        # stops it, the others remember it in case the work is still queued.
+        self._cancel_sub = await self.bus.nc.subscribe(Subjects.CANCEL_ALL, cb=self._on_cancel)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        request_id = msg.subject.rsplit(".", 1)[-1]
+        if self.engine.cancel(request_id):
+            log.info("request %s cancelled (%s)", request_id, msg.data.decode(errors="replace"))
 
     async def stop(self, grace: float) -> None:
         """Stop pulling, let in-flight work finish within ``grace`` seconds, nak the rest."""
@@ -118,7 +139,7 @@ class WorkConsumer:
             await asyncio.gather(*unfinished, return_exceptions=True)
         # Open pulls can still deliver a message (naked on arrival while stopping); wait
         # for them to expire so nothing sits claimed by a process about to exit.
-        if any(p.open for p in self.pulls.values()):
+        if self.scheduler.open_count():
             self._pulls_closed.clear()
             limit = min(deadline - time.monotonic(), self.settings.long_poll_seconds + 0.5)
             with contextlib.suppress(TimeoutError):
@@ -127,64 +148,60 @@ class WorkConsumer:
             if pull.sub is not None:
                 with contextlib.suppress(Exception):
                     await pull.sub.unsubscribe()
+        if self._cancel_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._cancel_sub.unsubscribe()
 
     # --- pulling --------------------------------------------------------------------
 
     def _credits(self) -> int:
-        return self.concurrency - len(self.tasks) - sum(p.open for p in self.pulls.values())
-
-    def _to_open(self, now: float) -> tuple[list[_Pull], float]:
-        """Which pulls to open now, and their expiry in seconds.
-
-        With slack (free slots for every class twice over) each class long-polls. Near
-        saturation the few free slots rotate: short polls, in priority order, except
-        that a class which just came back empty yields its turn to the next one.
-        """
-        credits = self._credits()
-        idle = [p for p in self.pulls.values() if not p.open]
-        if credits <= 0 or not idle:
-            return [], 0.0
-        if credits - len(idle) >= len(self.pulls):
-            return idle, self.settings.long_poll_seconds
-        window = 2 * self.settings.short_poll_seconds
-        ranked = sorted(idle, key=lambda p: now - p.empty_at < window)  # stable: keeps order
-        return ranked[:credits], self.settings.short_poll_seconds
+        return self.concurrency - len(self.tasks) - self.scheduler.open_count()
 
     async def _dispatch(self) -> None:
         stale_after = self.settings.long_poll_seconds + 2.0
         while not self.stopping:
             self._wake.clear()
             now = time.monotonic()
-            for pull in self.pulls.values():
-                if pull.open and now - pull.opened_at > stale_after:
+            for cls, pull in self.pulls.items():
+                if self.scheduler.is_open(cls) and now - pull.opened_at > stale_after:
                     # Its answer was lost (a reconnect): the server forgot it too.
-                    pull.open = False
-            chosen, expires = self._to_open(now)
-            for pull in chosen:
-                request = json.dumps({"batch": 1, "expires": int(expires * 1e9)}).encode()
+                    self.scheduler.lost(cls)
+            for poll in self.scheduler.plan(self._credits(), now):
+                pull = self.pulls[poll.cls]
+                if poll.probe:
+                    request = {"batch": 1, "no_wait": True}
+                else:
+                    request = {"batch": 1, "expires": int(poll.expires * 1e9)}
                 subject = f"{_API_PREFIX}.CONSUMER.MSG.NEXT.{pull.spec.stream}.{pull.spec.durable}"
-                pull.open = True
                 pull.opened_at = now
                 try:
-                    await self.bus.nc.publish(subject, request, reply=pull.inbox)
+                    await self.bus.nc.publish(
+                        subject, json.dumps(request).encode(), reply=pull.inbox
+                    )
                 except Exception:
-                    pull.open = False
+                    self.scheduler.lost(poll.cls)
                     log.warning("pull request for %s failed", pull.spec.durable, exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
 
     def _callback(self, cls: PriorityClass) -> Callable[[Msg], Awaitable[None]]:
-        pull = self.pulls[cls]
+        durable = self.pulls[cls].spec.durable
 
         async def on_message(msg: Msg) -> None:
             status = msg.headers.get(_STATUS) if msg.headers and not msg.data else None
             if status is not None:
                 if status != _HEARTBEAT:
                     # 404 no messages, 408 expired, 409 limits: this pull is over.
-                    pull.empty_at = time.monotonic()
-                    self._closed(pull)
+                    if status in _EMPTY:
+                        self.pending[durable] = 0
+                    self.scheduler.answered(cls, message=False, now=time.monotonic())
+                    self._closed()
                 return
-            self._closed(pull)
+            self.scheduler.answered(cls, message=True, now=time.monotonic())
+            self._closed()
+            with contextlib.suppress(Exception):
+                # Fresher than the periodic consumer_info: what is left behind this one.
+                self.pending[durable] = int(msg.metadata.num_pending or 0)
             if self.stopping:
                 await msg.nak()
                 self._wake.set()
@@ -196,14 +213,14 @@ class WorkConsumer:
 
         return on_message
 
-    def _closed(self, pull: _Pull) -> None:
-        pull.open = False
+    def _closed(self) -> None:
         self._wake.set()
-        if not any(p.open for p in self.pulls.values()):
+        if not self.scheduler.open_count():
             self._pulls_closed.set()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        self.scheduler.slot_freed()
         self._wake.set()
 
     # --- one message ----------------------------------------------------------------
@@ -277,4 +294,11 @@ class WorkConsumer:
 
     def _observe_pending(self, _options: CallbackOptions) -> Iterable[Observation]:
         # Reads the cached figures: a metrics scrape never waits on JetStream.
-        return [Observation(v, {"consumer": k}) for k, v in self.pending.items()]
+        return [
+            Observation(
+                self.pending[pull.spec.durable],
+                {"consumer": pull.spec.durable, "priority": str(cls)},
+            )
+            for cls, pull in self.pulls.items()
+            if pull.spec.durable in self.pending
+        ]

@@ -14,25 +14,27 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from sluice import telemetry
+from sluice import telemetry, tokens
 from sluice.cache.v1 import cache_pb2
 from sluice.catalog import Catalog, ModelConfig
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
 from sluice.errors import ErrorCode, SluiceError
-from sluice.inference.v1 import inference_pb2
+from sluice.inference.v1 import inference_pb2, lifecycle_pb2
 from sluice.metrics import Instruments
 from sluice.pricing import PriceTable
+from sluice.replay import History
 from sluice.topology import ServiceName, Subjects
 
 from .circuit import CircuitRegistry
-from .providers import ProviderPool, UpstreamAnswer, UpstreamFailure
+from .providers import ProviderPool, UpstreamAnswer, UpstreamFailure, wire
+from .resume import CancelRegistry, Takeover, can_continue, continuation, whole_usage
 from .settings import RetrySettings
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class Outcome(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    CANCELLED = "cancelled"
 
 
 class EventSink(Protocol):
@@ -57,6 +60,14 @@ class EventSink(Protocol):
 
     async def cache_store(self, store: cache_pb2.StoreRequest) -> None: ...
 
+    async def lifecycle(self, event: lifecycle_pb2.LifecycleEvent) -> None:
+        """Durably record a request's lifecycle (started per delivery, finished once)."""
+        ...
+
+    async def history(self, request_id: str) -> History | None:
+        """What ``SLUICE_STREAMS`` already holds for the request (for a takeover)."""
+        ...
+
 
 @dataclass
 class _Request:
@@ -68,6 +79,16 @@ class _Request:
     queue_wait_us: int
     deadline: float | None
     sequence: int = 0
+    delivery: int = 1
+    # Set when this delivery continues a partial answer published by a dead worker.
+    takeover: Takeover | None = None
+    # What this delivery relayed (partial usage of a cancel) and where it got to.
+    relayed: wire.ChoiceAssembler = field(default_factory=wire.ChoiceAssembler)
+    model: ModelConfig | None = None
+    called: bool = False
+    # Cancel requested (and honoured); finishing: the terminal event is being published.
+    cancelled: bool = False
+    finishing: bool = False
 
 
 class InferenceEngine:
@@ -83,6 +104,7 @@ class InferenceEngine:
         sink: EventSink,
         instruments: Instruments,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        worker_id: str = "",
     ) -> None:
         self.catalog = catalog
         self.prices = prices
@@ -93,7 +115,32 @@ class InferenceEngine:
         self.sink = sink
         self.metrics = instruments
         self._sleep = sleep
+        self.worker_id = worker_id
         self._tracer = trace.get_tracer("sluice.inference_worker")
+        # Requests in progress here, for cancel; ids cancelled recently, for work that
+        # is still queued when its cancel arrives.
+        self._running: dict[str, tuple[_Request, asyncio.Task[Outcome]]] = {}
+        self.cancelled = CancelRegistry()
+
+    # --- cancel ---------------------------------------------------------------------
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop ``request_id``: True when it was running here and is being cancelled.
+
+        Publishing on ``Subjects.cancel(request_id)`` is all a caller needs: every
+        worker's consumer forwards it here. A request already publishing its terminal
+        event is left to finish.
+        """
+        self.cancelled.add(request_id)
+        running = self._running.get(request_id)
+        if running is None:
+            return False
+        req, task = running
+        if req.finishing or task.done():
+            return False
+        req.cancelled = True
+        task.cancel()
+        return True
 
     # --- entry point ----------------------------------------------------------------
 
@@ -116,15 +163,73 @@ class InferenceEngine:
             picked_up=picked_up,
             queue_wait_us=queue_wait_us,
             deadline=deadline,
+            delivery=delivery,
         )
+        await self._started(req, priority)
         self.metrics.in_flight.add(1, {"service": SERVICE})
+        # Its own task, so that a cancel stops the work (and the upstream call) without
+        # cancelling the consumer's handler, which still acks.
+        task = asyncio.create_task(self._process(req, delivery))
+        self._running[work.request_id] = (req, task)
         try:
-            return await self._process(req, delivery)
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if req.cancelled and (current is None or not current.cancelling()):
+                return await self._end_cancelled(req)
+            raise
         finally:
+            self._running.pop(work.request_id, None)
             self.metrics.in_flight.add(-1, {"service": SERVICE})
+
+    async def _started(self, req: _Request, priority: str) -> None:
+        if not req.work.lifecycle_events:
+            return
+        event = lifecycle_pb2.LifecycleEvent(
+            request_id=req.work.request_id,
+            at_unix_nanos=time.time_ns(),
+            started=lifecycle_pb2.Started(
+                attempt=req.delivery,
+                worker=self.worker_id,
+                priority=priority,
+                queue_wait_us=req.queue_wait_us,
+            ),
+        )
+        try:
+            await self.sink.lifecycle(event)
+        except Exception:
+            # Informational: the finished event, published durably, is what counts.
+            log.warning("started event for %s not recorded", req.work.request_id)
+
+    async def _finished(
+        self,
+        req: _Request,
+        outcome: Outcome,
+        *,
+        final: inference_pb2.Final | None = None,
+        failure: inference_pb2.Failure | None = None,
+    ) -> None:
+        if not req.work.lifecycle_events:
+            return
+        event = lifecycle_pb2.LifecycleEvent(
+            request_id=req.work.request_id,
+            at_unix_nanos=time.time_ns(),
+            finished=lifecycle_pb2.Finished(
+                outcome=str(outcome), attempt=req.delivery, final=final, failure=failure
+            ),
+        )
+        await self.sink.lifecycle(event)
 
     async def _process(self, req: _Request, delivery: int) -> Outcome:
         work = req.work
+        if work.request_id in self.cancelled:
+            # Cancelled while queued: never reaches a provider.
+            req.cancelled = True
+            return await self._end_cancelled(req)
+        if delivery > 1:
+            ended = await self._take_over(req)
+            if ended is not None:
+                return ended
         if delivery > self.max_deliveries:
             return await self._fail(
                 req,
@@ -233,7 +338,9 @@ class InferenceEngine:
 
     async def _call(self, req: _Request, model: ModelConfig, attempt: int) -> UpstreamAnswer:
         """One provider call inside a GenAI CLIENT span; deltas are relayed as they come."""
-        request = req.work.request
+        request = req.takeover.request if req.takeover is not None else req.work.request
+        req.model = model
+        req.called = True
         provider = self.pool.get(model.provider)
         attrs: dict[str, str | int | float] = {
             "gen_ai.operation.name": "chat",
@@ -253,6 +360,7 @@ class InferenceEngine:
         }
 
         async def relay(delta: inference_pb2.Delta) -> None:
+            req.relayed.add(delta)
             req.sequence += 1
             await self.sink.stream_event(
                 req.subject,
@@ -303,10 +411,15 @@ class InferenceEngine:
 
     # --- endings --------------------------------------------------------------------
 
-    async def _complete(
-        self, req: _Request, model: ModelConfig, answer: UpstreamAnswer
-    ) -> Outcome:
+    async def _complete(self, req: _Request, model: ModelConfig, answer: UpstreamAnswer) -> Outcome:
         work = req.work
+        req.finishing = True
+        if req.takeover is not None:
+            # One answer across workers: the relayed prefix and its tokens belong to it.
+            answer.usage = whole_usage(req.takeover, work.request, answer.usage)
+            for choice in answer.choices:
+                if choice.index == 0:
+                    choice.content = req.takeover.prefix + choice.content
         cost = self.prices.price(model.name, answer.usage).total_usd
         final = inference_pb2.Final(
             usage=answer.usage,
@@ -326,12 +439,18 @@ class InferenceEngine:
         req.sequence += 1
         await self.sink.stream_event(
             req.subject,
-            inference_pb2.StreamEvent(request_id=work.request_id, sequence=req.sequence,
-                                      final=final),
+            inference_pb2.StreamEvent(
+                request_id=work.request_id, sequence=req.sequence, final=final
+            ),
         )
         await self.sink.usage(
             self._usage_event(req, model.name, model.provider, answer.usage, Outcome.COMPLETED)
         )
+        whole = inference_pb2.Final()
+        whole.CopyFrom(final)
+        if work.request.stream:
+            whole.choices.extend(answer.choices)
+        await self._finished(req, Outcome.COMPLETED, final=whole)
         if work.cache_key:
             stored = inference_pb2.Final()
             stored.CopyFrom(final)
@@ -345,33 +464,124 @@ class InferenceEngine:
         return Outcome.COMPLETED
 
     async def _fail(
-        self, req: _Request, failure: UpstreamFailure, model: ModelConfig | None
+        self,
+        req: _Request,
+        failure: UpstreamFailure,
+        model: ModelConfig | None,
+        outcome: Outcome | None = None,
     ) -> Outcome:
         work = req.work
-        outcome = Outcome.INTERRUPTED if failure.relayed else Outcome.FAILED
+        req.finishing = True
+        if req.takeover is not None:
+            # Output of an earlier delivery reached the client: bill it, report it.
+            failure.usage = whole_usage(req.takeover, work.request, failure.usage)
+            failure.relayed = True
+            model = model or req.model
+        if outcome is None:
+            outcome = Outcome.INTERRUPTED if failure.relayed else Outcome.FAILED
         self.metrics.errors.add(1, {"code": str(failure.code), "service": SERVICE})
         served = model.name if model is not None and failure.relayed else ""
         provider = model.provider if model is not None else ""
         req.sequence += 1
+        failed = inference_pb2.Failure(
+            problem=failure.error.to_proto(),
+            partial_usage=failure.usage,
+            model_served=served,
+            provider=provider,
+        )
         await self.sink.stream_event(
             req.subject,
             inference_pb2.StreamEvent(
-                request_id=work.request_id,
-                sequence=req.sequence,
-                failure=inference_pb2.Failure(
-                    problem=failure.error.to_proto(),
-                    partial_usage=failure.usage,
-                    model_served=served,
-                    provider=provider,
-                ),
+                request_id=work.request_id, sequence=req.sequence, failure=failed
             ),
         )
         # Published even with zero usage: the limiter releases the reservation on it.
         await self.sink.usage(self._usage_event(req, served, provider, failure.usage, outcome))
-        log.info(
-            "request %s failed: %s (%s)", work.request_id, failure.code, failure.error.detail
-        )
+        await self._finished(req, outcome, failure=failed)
+        log.info("request %s failed: %s (%s)", work.request_id, failure.code, failure.error.detail)
         return outcome
+
+    async def _end_cancelled(self, req: _Request) -> Outcome:
+        """The terminal event of a cancelled request, billing only what was produced."""
+        work = req.work
+        produced = req.relayed.output_text_tokens()
+        usage = chat_pb2.Usage()
+        if req.called:
+            # The provider read the prompt; its output so far is what the client got.
+            usage.input_tokens = tokens.count_chat(work.request)
+            usage.output_tokens = produced
+        if req.takeover is not None:
+            usage = whole_usage(req.takeover, work.request, usage)
+        error = SluiceError(
+            ErrorCode.CANCELLED,
+            "the request was cancelled before it finished",
+            {"reason": "cancel requested", "output_tokens": usage.output_tokens},
+        )
+        failure = UpstreamFailure(error, usage=usage, relayed=bool(usage.output_tokens))
+        return await self._fail(req, failure, req.model, Outcome.CANCELLED)
+
+    async def _take_over(self, req: _Request) -> Outcome | None:
+        """On a redelivery, continue after what an earlier delivery published; returns
+        an outcome when nothing is left to generate."""
+        work = req.work
+        history = await self.sink.history(work.request_id)
+        if history is None or not history.events:
+            return None
+        req.sequence = history.last_sequence
+        terminal = history.terminal
+        if terminal is not None:
+            # The answer ended; only the (deduplicated) usage and record may be missing.
+            req.finishing = True
+            if terminal.HasField("final"):
+                final = terminal.final
+                await self.sink.usage(
+                    self._usage_event(
+                        req, final.model_served, final.provider, final.usage, Outcome.COMPLETED
+                    )
+                )
+                await self._finished(req, Outcome.COMPLETED, final=final)
+                return Outcome.COMPLETED
+            failed = terminal.failure
+            outcome = Outcome.INTERRUPTED if failed.model_served else Outcome.FAILED
+            if failed.problem.code == ErrorCode.CANCELLED:
+                outcome = Outcome.CANCELLED
+            await self.sink.usage(
+                self._usage_event(
+                    req, failed.model_served, failed.provider, failed.partial_usage, outcome
+                )
+            )
+            await self._finished(req, outcome, failure=failed)
+            return outcome
+        if not history.deltas():
+            return None
+        if not can_continue(work.request, history):
+            partial = chat_pb2.Usage(
+                input_tokens=tokens.count_chat(work.request),
+                output_tokens=sum(tokens.count_text(t) for t in history.partial_content().values()),
+            )
+            return await self._fail(
+                req,
+                UpstreamFailure(
+                    SluiceError(
+                        ErrorCode.UPSTREAM_STREAM_INTERRUPTED,
+                        "the worker serving this request stopped mid-answer and the partial "
+                        "answer cannot be continued (tool calls, refusal or several choices)",
+                        {"cause": "worker_failover", "last_sequence": history.last_sequence},
+                    ),
+                    usage=partial,
+                    relayed=True,
+                    permanent=True,
+                ),
+                None,
+            )
+        req.takeover = continuation(work.request, history)
+        log.info(
+            "request %s taken over after sequence %d (%d output tokens already relayed)",
+            work.request_id,
+            req.takeover.last_sequence,
+            req.takeover.prior_output_tokens,
+        )
+        return None
 
     def _usage_event(
         self, req: _Request, served: str, provider: str, usage: chat_pb2.Usage, outcome: Outcome

@@ -32,10 +32,17 @@ class WorkerSettings(BaseSettings):
     concurrency: int = 64
     # How long one pull request waits at the server for a message.
     long_poll_seconds: float = 5.0
-    # Near saturation free slots rotate between classes with polls this short.
+    # Near saturation, with every queue empty, free slots rotate between classes with
+    # polls this short.
     short_poll_seconds: float = 0.1
-    # Progress acks keep the JetStream claim on long generations (below ack_wait).
-    in_progress_interval_seconds: float = 10.0
+    # Minimum share of the slots a class with a backlog gets while higher classes keep
+    # the worker busy (0.1: one slot in ten; 0: strict priority, which can starve it).
+    # Batch against system and interactive; interactive against system. See scheduling.py.
+    batch_share: float = Field(default=0.1, ge=0.0, le=0.5)
+    interactive_share: float = Field(default=0.1, ge=0.0, le=0.5)
+    # Progress acks keep the JetStream claim on long generations (well below ack_wait,
+    # which is short so that a dead worker's request moves on quickly).
+    in_progress_interval_seconds: float = 3.0
     # Deliveries after which a work item is reported failed instead of retried again.
     max_deliveries: int = Consumers.WORKER[PriorityClass.INTERACTIVE].max_deliver
     # How often the queue depth gauge refreshes from JetStream.

@@ -76,7 +76,8 @@ def spans(tmp_path_factory: pytest.TempPathFactory) -> InMemorySpanExporter:
     """Finished spans of this process (the SDK provider is process-wide: reuse it)."""
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
-        setup_telemetry("inference-worker", tmp_path_factory.mktemp("state"), prometheus=False)
+        # prometheus=True: other suites in this process read the metrics registry.
+        setup_telemetry("inference-worker", tmp_path_factory.mktemp("state"))
         provider = trace.get_tracer_provider()
     assert isinstance(provider, TracerProvider)
     exporter = InMemorySpanExporter()

@@ -36,8 +36,7 @@ from tests.support.stack import REPO
 pytestmark = pytest.mark.slow
 
 
-async def test_non_stream_final_usage_and_cache_store(bus: Bus, make_worker: WorkerFactory
-                                                      ) -> None:
+async def test_non_stream_final_usage_and_cache_store(bus: Bus, make_worker: WorkerFactory) -> None:
     await make_worker()
     stores = StoreTap()
     sub = await bus.nc.subscribe(Subjects.CACHE_STORE, cb=stores.on_msg)
@@ -70,8 +69,11 @@ async def test_stream_deltas_in_order_then_final(bus: Bus, make_worker: WorkerFa
     await make_worker()
     stores = StoreTap()
     sub = await bus.nc.subscribe(Subjects.CACHE_STORE, cb=stores.on_msg)
-    work = new_work(stream=True, sim={"output_tokens": 6, "tokens_per_second": 200},
-                    cache_key=f"ck-{uuid.uuid4().hex}")
+    work = new_work(
+        stream=True,
+        sim={"output_tokens": 6, "tokens_per_second": 200},
+        cache_key=f"ck-{uuid.uuid4().hex}",
+    )
     result = await run(bus, work)
     assert [e.sequence for e in result.events] == list(range(1, 9))
     assert [e.WhichOneof("body") for e in result.events] == ["delta"] * 7 + ["final"]
@@ -98,9 +100,12 @@ async def test_one_trace_from_work_message_to_provider_call(
     work.request.sampling.temperature = 0.25
     async with Tap(bus, work) as tap:
         await bus.js.publish(
-            Subjects.infer(PriorityClass.INTERACTIVE), work.SerializeToString(),
-            headers={"Nats-Msg-Id": work.request_id,
-                     "traceparent": f"00-{trace_id}-{parent_span}-01"},
+            Subjects.infer(PriorityClass.INTERACTIVE),
+            work.SerializeToString(),
+            headers={
+                "Nats-Msg-Id": work.request_id,
+                "traceparent": f"00-{trace_id}-{parent_span}-01",
+            },
         )
         await tap.wait()
     [usage] = await usage_events(bus, work.key_id)
@@ -135,13 +140,17 @@ async def test_failed_call_span_has_error_type(
     work = new_work(sim={"fault": "context_length"})
     await run(bus, work)
     [usage] = await usage_events(bus, work.key_id)
-    failed = [s for s in spans.get_finished_spans()
-              if f"{s.context.trace_id:032x}" == usage.trace_id and s.name == "chat sim-fast"]
+    failed = [
+        s
+        for s in spans.get_finished_spans()
+        if f"{s.context.trace_id:032x}" == usage.trace_id and s.name == "chat sim-fast"
+    ]
     assert failed and dict(failed[0].attributes or {})["error.type"] == "context_length_exceeded"
 
 
-async def test_usage_is_deduplicated_when_work_runs_twice(bus: Bus, make_worker: WorkerFactory
-                                                          ) -> None:
+async def test_usage_is_deduplicated_when_work_runs_twice(
+    bus: Bus, make_worker: WorkerFactory
+) -> None:
     await make_worker()
     work = new_work()
     first = await run(bus, work)
@@ -164,8 +173,12 @@ async def test_usage_is_deduplicated_when_work_runs_twice(bus: Bus, make_worker:
     ],
 )
 async def test_failures_are_reported_and_released(
-    bus: Bus, make_worker: WorkerFactory, simulator: Simulator, sim: dict[str, object],
-    code: ErrorCode, calls: int,
+    bus: Bus,
+    make_worker: WorkerFactory,
+    simulator: Simulator,
+    sim: dict[str, object],
+    code: ErrorCode,
+    calls: int,
 ) -> None:
     await make_worker()
     sim_id = uuid.uuid4().hex
@@ -190,30 +203,35 @@ async def test_unknown_model_fails_without_calling(bus: Bus, make_worker: Worker
     assert usage.outcome == "failed"
 
 
-async def test_cut_stream_bills_partial_usage(bus: Bus, make_worker: WorkerFactory,
-                                              simulator: Simulator) -> None:
+async def test_cut_stream_bills_partial_usage(
+    bus: Bus, make_worker: WorkerFactory, simulator: Simulator
+) -> None:
     await make_worker()
     sim_id = uuid.uuid4().hex
-    work = new_work(stream=True, sim={"fault": "cut", "cut_after": 3, "output_tokens": 10,
-                                      "id": sim_id})
+    work = new_work(
+        stream=True, sim={"fault": "cut", "cut_after": 3, "output_tokens": 10, "id": sim_id}
+    )
     result = await run(bus, work)
     assert [e.WhichOneof("body") for e in result.events] == ["delta"] * 3 + ["failure"]
     failure = result.failure
     assert failure.problem.code == "upstream_stream_interrupted"
     assert failure.partial_usage.output_tokens == tokens.count_text(
-        "".join(d.content for d in result.deltas))
+        "".join(d.content for d in result.deltas)
+    )
     assert failure.model_served == "sim-fast"
     assert simulator.stats.by_id[sim_id] == 1, "no retry once output was relayed"
     [usage] = await usage_events(bus, work.key_id)
     assert usage.outcome == "interrupted" and usage.usage == failure.partial_usage
 
 
-async def test_retry_before_first_token_is_invisible(bus: Bus, make_worker: WorkerFactory,
-                                                     simulator: Simulator) -> None:
+async def test_retry_before_first_token_is_invisible(
+    bus: Bus, make_worker: WorkerFactory, simulator: Simulator
+) -> None:
     await make_worker()
     sim_id = uuid.uuid4().hex
-    work = new_work(stream=True, sim={"fault": "503", "fail_times": 1, "id": sim_id,
-                                      "output_tokens": 4})
+    work = new_work(
+        stream=True, sim={"fault": "503", "fail_times": 1, "id": sim_id, "output_tokens": 4}
+    )
     result = await run(bus, work)
     assert [e.sequence for e in result.events] == list(range(1, 7))
     assert result.final.usage.output_tokens == 4
@@ -247,7 +265,8 @@ async def test_circuit_opens_and_is_reported(bus: Bus, make_worker: WorkerFactor
     result = await run(bus, new_work(model="dead-chain"))
     assert result.final.model_served == "sim-fast" and breaker.requests_total == calls
     health = await ProviderHealthServicer(worker.catalog, worker.circuits).GetProviderHealth(
-        inference_pb2.ProviderHealthRequest(), None  # type: ignore[arg-type]
+        inference_pb2.ProviderHealthRequest(),
+        None,  # type: ignore[arg-type]
     )
     states = {p.provider: p for p in health.providers}
     assert states["dead"].circuit == "open" and states["dead"].failures_total >= 3
@@ -275,11 +294,25 @@ async def test_shutdown_naks_unfinished_work_and_another_worker_restarts_it(
         assert tap.result.events, "generation started"
         await first.stop(grace=0.1)
         assert first.consumer.processed == 0
+        await asyncio.sleep(0.2)
+        before = [e for e in tap.result.events if e.HasField("delta")]
         tap.result.events.clear()
         second = await make_worker()
-        result = await tap.wait(timeout=10)
-    assert result.final.usage.output_tokens == 40
-    assert result.events[0].sequence == 1, "a restarted generation streams from the start"
+        result = await tap.wait(timeout=20)
+    # The second worker continues the published prefix (assistant prefill) instead of
+    # starting over, and bills the whole answer once.
+    prefix = "".join(e.delta.content for e in before)
+    assert result.events[0].sequence == before[-1].sequence + 1
+    assert [e.sequence for e in result.events] == list(
+        range(before[-1].sequence + 1, before[-1].sequence + 1 + len(result.events))
+    )
+    continued = "".join(e.delta.content for e in result.events if e.HasField("delta"))
+    assert len((prefix + continued).split()) == 40
+    assert result.final.usage.output_tokens == tokens.count_text(prefix) + 40 - len(prefix.split())
+    for _ in range(100):
+        if second.consumer.processed:
+            break
+        await asyncio.sleep(0.02)
     assert second.consumer.processed == 1
     [usage] = await usage_events(bus, work.key_id)
     assert usage.outcome == "completed"
@@ -289,8 +322,9 @@ async def test_gives_up_after_max_deliveries(bus: Bus, make_worker: WorkerFactor
     worker = await make_worker()
     work = new_work()
     async with Tap(bus, work) as tap:
-        outcome = await worker.engine.process(work, priority="interactive",
-                                              delivery=worker.settings.max_deliveries + 1)
+        outcome = await worker.engine.process(
+            work, priority="interactive", delivery=worker.settings.max_deliveries + 1
+        )
         result = await tap.wait()
     assert outcome == "failed"
     assert result.failure.problem.code == "service_unavailable"

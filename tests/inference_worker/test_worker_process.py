@@ -74,6 +74,7 @@ async def test_worker_process_serves_work_health_and_stops_cleanly(stack: Stack,
     ):
         assert family in exposition, family
     assert 'consumer="worker-interactive"' in exposition
+    assert 'priority="batch"' in exposition
 
     proc.signal(signal.SIGTERM)
     assert proc.process.wait(20) == 0, proc.log()[-3000:]

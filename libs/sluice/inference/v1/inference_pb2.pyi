@@ -36,6 +36,7 @@ class InferenceWork(_message.Message):
     DEADLINE_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     CACHE_KEY_FIELD_NUMBER: _builtins.int
     CACHE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    LIFECYCLE_EVENTS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     key_id: _builtins.str
     team_id: _builtins.str
@@ -49,6 +50,11 @@ class InferenceWork(_message.Message):
     cache_key: _builtins.str
     """Exact-cache key under which a successful answer is stored; empty: do not store."""
     cache_ttl_seconds: _builtins.int
+    lifecycle_events: _builtins.bool
+    """Publish Started/Finished LifecycleEvents to SLUICE_LIFECYCLE: set for jobs and
+    requests with an Idempotency-Key, whose state follows them; plain requests skip
+    the two acknowledged publishes.
+    """
     @_builtins.property
     def request(self) -> _chat_pb2.ChatRequest: ...
     def __init__(
@@ -65,10 +71,11 @@ class InferenceWork(_message.Message):
         deadline_unix_nanos: _builtins.int = ...,
         cache_key: _builtins.str = ...,
         cache_ttl_seconds: _builtins.int = ...,
+        lifecycle_events: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cache_ttl_seconds", b"cache_ttl_seconds", "deadline_unix_nanos", b"deadline_unix_nanos", "enqueued_unix_nanos", b"enqueued_unix_nanos", "key_id", b"key_id", "priority", b"priority", "request", b"request", "request_id", b"request_id", "reservation_id", b"reservation_id", "stream_subject", b"stream_subject", "team_id", b"team_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cache_ttl_seconds", b"cache_ttl_seconds", "deadline_unix_nanos", b"deadline_unix_nanos", "enqueued_unix_nanos", b"enqueued_unix_nanos", "key_id", b"key_id", "lifecycle_events", b"lifecycle_events", "priority", b"priority", "request", b"request", "request_id", b"request_id", "reservation_id", b"reservation_id", "stream_subject", b"stream_subject", "team_id", b"team_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -195,6 +202,44 @@ class Failure(_message.Message):
 Global___Failure: _TypeAlias = Failure  # noqa: Y015
 
 @_typing.final
+class StreamOpened(_message.Message):
+    """Sequence 0 of every stream, published (acknowledged) by the gateway before the work
+    is enqueued: who owns the stream and what a replay needs to render it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    TEAM_ID_FIELD_NUMBER: _builtins.int
+    MODEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    CREATED_UNIX_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    INCLUDE_USAGE_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    team_id: _builtins.str
+    model_requested: _builtins.str
+    created_unix: _builtins.int
+    stream: _builtins.bool
+    include_usage: _builtins.bool
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        team_id: _builtins.str = ...,
+        model_requested: _builtins.str = ...,
+        created_unix: _builtins.int = ...,
+        stream: _builtins.bool = ...,
+        include_usage: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "include_usage", b"include_usage", "key_id", b"key_id", "model_requested", b"model_requested", "stream", b"stream", "team_id", b"team_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamOpened: _TypeAlias = StreamOpened  # noqa: Y015
+
+@_typing.final
 class StreamEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -203,15 +248,20 @@ class StreamEvent(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
+    OPENED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     sequence: _builtins.int
-    """1, 2, 3 ... in publish order; clients resume after a sequence."""
+    """1, 2, 3 ... in publish order; clients resume after a sequence. A worker that takes
+    over a request continues the numbering after the last event already published.
+    """
     @_builtins.property
     def delta(self) -> Global___Delta: ...
     @_builtins.property
     def final(self) -> Global___Final: ...
     @_builtins.property
     def failure(self) -> Global___Failure: ...
+    @_builtins.property
+    def opened(self) -> Global___StreamOpened: ...
     def __init__(
         self,
         *,
@@ -220,12 +270,13 @@ class StreamEvent(_message.Message):
         delta: Global___Delta | None = ...,
         final: Global___Final | None = ...,
         failure: Global___Failure | None = ...,
+        opened: Global___StreamOpened | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delta", b"delta", "failure", b"failure", "final", b"final"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delta", b"delta", "failure", b"failure", "final", b"final", "opened", b"opened"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delta", b"delta", "failure", b"failure", "final", b"final", "request_id", b"request_id", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delta", b"delta", "failure", b"failure", "final", b"final", "opened", b"opened", "request_id", b"request_id", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["delta", "final", "failure"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["delta", "final", "failure", "opened"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
