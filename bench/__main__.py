@@ -5,12 +5,19 @@ noisy: read medians, compare within one run).
 It starts the product the way a user does (``sluice up --simulator --no-model``, on
 free ports, in a temporary state directory), then measures the same load sent straight
 to the simulator and through the gateway.
+
+Sections (``--only a,b``; ``--quick`` for a short run of each): ``overhead`` (the tables
+above), ``jobs`` (job submission latency, bench/jobs.py), ``resume`` (reconnect to the
+first replayed event, bench/resume.py), ``priority`` (interactive queue wait behind
+1,000 batch jobs, on a product of its own) and ``streams`` (1,000 streams open at once,
+bench/streams.py, on a product with room for them).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -18,13 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from sluice.embedded import free_port
 
+from bench import jobs, resume, streams
 from bench.load import Sample, closed_loop, one_request, open_loop, percentile
 from bench.report import table
 
@@ -41,7 +49,7 @@ SERVICE_ENV_PREFIX = ("LIMITER", "CACHE", "WORKER", "COST")
 
 
 class RunningProduct:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, extra_env: Mapping[str, str] | None = None) -> None:
         self.state_dir = state_dir
         self.gateway_port = free_port()
         self.sim_port = free_port()
@@ -65,6 +73,7 @@ class RunningProduct:
             env[f"SLUICE_{prefix}_METRICS_PORT"] = str(free_port())
         env.pop("SLUICE_NATS_URL", None)
         env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+        env.update(extra_env or {})
         self.log = (state_dir / "launcher.log").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sluice.cli", "up", "--simulator", "--no-model", "--foreground"],
@@ -276,58 +285,176 @@ async def throughput_table(product: RunningProduct, seconds: float) -> str:
     return table(["in flight", "req/s sustained", "ok", "p50 ms", "p99 ms"], rows)
 
 
-async def main_async(args: argparse.Namespace) -> int:
+async def overhead_report(product: RunningProduct, args: argparse.Namespace) -> None:
+    pids = product.pids()
+    gateway_pid = pids["gateway"]
+    rss_start = rss_mib(gateway_pid)
+    print("Sluice gateway overhead over the simulated provider (zero delay, 16 tokens)")
+    print(f"all five services and NATS on this machine; {os.cpu_count()} cores\n")
+    print(await overhead_table(product, args.rates, args.seconds))
+    names = sorted(CPU_BREAKDOWN[0][2]) if CPU_BREAKDOWN else []
+    print("\nCPU ms per request, by process")
+    print(
+        table(
+            ["mode", "req/s", *names],
+            [[mode, rate, *[per[n] for n in names]] for mode, rate, per in CPU_BREAKDOWN],
+        )
+    )
+    print("\nStream relay: inter-chunk gaps, provider paced at 200 tokens/s")
+    print(await chunk_table(product, 20, args.seconds))
+    print("\nMaximum sustained throughput (closed loop, non-stream)")
+    print(await throughput_table(product, args.seconds))
+    rss_end = rss_mib(gateway_pid)
+    print(
+        f"\nGateway resident memory: {rss_start:.0f} MiB at start, {rss_end:.0f} MiB after the runs"
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(extra_env: Mapping[str, str] | None = None) -> AsyncIterator[RunningProduct]:
+    """The product on free ports in a temporary state directory, stopped on exit."""
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
-        product = RunningProduct(Path(tmp))
+        product = RunningProduct(Path(tmp), extra_env)
         try:
             await product.wait_ready()
-            pids = product.pids()
-            gateway_pid = pids["gateway"]
-            rss_start = rss_mib(gateway_pid)
-            print("Sluice gateway overhead over the simulated provider (zero delay, 16 tokens)")
-            print(f"all five services and NATS on this machine; {os.cpu_count()} cores\n")
-            print(await overhead_table(product, args.rates, args.seconds))
-            names = sorted(CPU_BREAKDOWN[0][2]) if CPU_BREAKDOWN else []
-            print("\nCPU ms per request, by process")
-            print(
-                table(
-                    ["mode", "req/s", *names],
-                    [[mode, rate, *[per[n] for n in names]] for mode, rate, per in CPU_BREAKDOWN],
-                )
-            )
-            print("\nStream relay: inter-chunk gaps, provider paced at 200 tokens/s")
-            print(await chunk_table(product, 20, args.seconds))
-            print("\nMaximum sustained throughput (closed loop, non-stream)")
-            print(await throughput_table(product, args.seconds))
-            rss_end = rss_mib(gateway_pid)
-            print(
-                f"\nGateway resident memory: {rss_start:.0f} MiB at start, "
-                f"{rss_end:.0f} MiB after the runs"
-            )
-            for name in ("jobs", "resume"):
-                extra = _optional(name)
-                if extra is not None:
-                    print()
-                    print(await extra(product.gateway, API_KEY))
+            yield product
         finally:
             product.stop()
+
+
+def section(title: str) -> None:
+    print(f"\n{title}", flush=True)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    only = args.only
+    # Every stream holds a socket in this process and in each service on the path.
+    streams.raise_fd_limit(4 * args.streams + 1024)
+    if only & {"overhead", "jobs", "resume"}:
+        async with running() as product:
+            if "overhead" in only:
+                await overhead_report(product, args)
+            if "jobs" in only:
+                section(
+                    f"Job submission: 202 latency at {args.job_rate:g}/s for "
+                    f"{args.job_seconds:g} s (open loop)"
+                )
+                print(
+                    await jobs.submission_table(
+                        product.gateway, API_KEY, rate=args.job_rate, seconds=args.job_seconds
+                    )
+                )
+            if "resume" in only:
+                section("Resumable streams: reconnect (Last-Event-ID) to the first replayed event")
+                print(await resume.resume_table(product.gateway, API_KEY, samples=args.reconnects))
+    if "priority" in only:
+        low, high = jobs.BATCH_SECONDS
+        async with running(jobs.product_env()) as product:
+            section(
+                f"Priority: {args.batch_jobs:,} batch jobs ({low:g}-{high:g} s each, "
+                f"{jobs.PRIORITY_CONCURRENCY} worker slots), interactive requests at "
+                f"{args.interactive_rate:g}/s for {args.interactive_seconds:g} s"
+            )
+            print(
+                await jobs.priority_table(
+                    product.gateway,
+                    API_KEY,
+                    batch_jobs=args.batch_jobs,
+                    interactive_rate=args.interactive_rate,
+                    interactive_seconds=args.interactive_seconds,
+                    baseline_seconds=min(3.0, args.interactive_seconds),
+                )
+            )
+    if "streams" in only:
+        with tempfile.TemporaryDirectory(prefix="sluice-bench-config-") as config:
+            env = streams.product_env(Path(config), args.streams)
+            async with running(env) as product:
+                pids = product.pids()
+                simulator = streams.simulator_pid(product.sim_port)
+                if simulator is not None:
+                    pids["simulator"] = simulator
+                section(
+                    f"Open streams: {args.streams:,} opened at {args.stream_open_rate:g}/s, "
+                    f"{args.stream_tps:g} tokens/s each, all open together for "
+                    f"{args.stream_seconds:g} s"
+                )
+                print(
+                    await streams.streams_table(
+                        product.gateway,
+                        API_KEY,
+                        pids,
+                        streams=args.streams,
+                        tokens_per_second=args.stream_tps,
+                        seconds=args.stream_seconds,
+                        open_rate=args.stream_open_rate,
+                    )
+                )
     return 0
 
 
-def _optional(name: str) -> Any:
-    """Benchmarks of later features, when their module is present."""
-    try:
-        module = __import__(f"bench.{name}", fromlist=["report"])
-    except ImportError:
-        return None
-    return getattr(module, "report", None)
+SECTIONS = ("overhead", "jobs", "resume", "priority", "streams")
+# Full run, and --quick: (seconds, job seconds, reconnects, batch jobs, interactive
+# seconds, streams, stream tokens/s, stream seconds).
+FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0)
+QUICK = (3.0, 2.0, 50, 300, 5.0, 200, 10.0, 5.0)
+
+
+def _sections(value: str) -> set[str]:
+    chosen = {name.strip() for name in value.split(",") if name.strip()}
+    unknown = chosen - set(SECTIONS)
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"sections are a comma-separated subset of {','.join(SECTIONS)}"
+        )
+    return chosen
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument(
+        "--only",
+        type=_sections,
+        default=set(SECTIONS),
+        help=f"run only these sections (comma-separated: {','.join(SECTIONS)})",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a short run: fewer seconds, jobs and streams"
+    )
     parser.add_argument("--rates", type=int, nargs="+", default=[100, 200])
-    parser.add_argument("--seconds", type=float, default=10.0)
-    return parser.parse_args(argv)
+    parser.add_argument("--seconds", type=float, help="per overhead run (10; quick 3)")
+    parser.add_argument("--job-rate", type=float, default=50, help="job submissions per second")
+    parser.add_argument("--job-seconds", type=float, help="of job submissions (4; quick 2)")
+    parser.add_argument("--reconnects", type=int, help="resume samples (200; quick 50)")
+    parser.add_argument("--batch-jobs", type=int, help="batch jobs queued (1000; quick 300)")
+    parser.add_argument(
+        "--interactive-rate", type=float, default=10, help="interactive requests per second"
+    )
+    parser.add_argument(
+        "--interactive-seconds", type=float, help="behind the batch backlog (15; quick 5)"
+    )
+    parser.add_argument("--streams", type=int, help="streams open at once (1000; quick 200)")
+    parser.add_argument("--stream-tps", type=float, help="tokens per second (20; quick 10)")
+    parser.add_argument(
+        "--stream-seconds", type=float, help="all streams open together this long (15; quick 5)"
+    )
+    parser.add_argument(
+        "--stream-open-rate", type=float, default=100, help="streams opened per second"
+    )
+    args = parser.parse_args(argv)
+    names = (
+        "seconds",
+        "job_seconds",
+        "reconnects",
+        "batch_jobs",
+        "interactive_seconds",
+        "streams",
+        "stream_tps",
+        "stream_seconds",
+    )
+    for name, value in zip(names, QUICK if args.quick else FULL, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 if __name__ == "__main__":
