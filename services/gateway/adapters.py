@@ -106,9 +106,13 @@ class JetStreamPublisher:
         self._timeout = timeout
         self._tracer = trace.get_tracer("sluice.gateway")
 
-    async def publish(self, subject: str, payload: bytes, msg_id: str) -> None:
+    async def publish(
+        self, subject: str, payload: bytes, msg_id: str, *, destination: str = ""
+    ) -> None:
+        """``destination`` names the span when the subject holds an id (span names stay
+        low-cardinality, as the messaging conventions ask)."""
         with self._tracer.start_as_current_span(
-            f"{subject} publish",
+            f"{destination or subject} publish",
             kind=SpanKind.PRODUCER,
             attributes={
                 **telemetry.messaging_attributes(subject, "publish"),

@@ -13,6 +13,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin
+from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sluice import __version__
@@ -20,14 +21,30 @@ from sluice.catalog import Catalog
 from sluice.errors import ErrorCode, SluiceError
 from sluice.keys.v1 import keys_pb2
 from sluice.metrics import Instruments
+from sluice.topology import PriorityClass
 
 from services.gateway.auth import KeyStore, extract_secret
-from services.gateway.chat import SERVICE, ChatService
+from services.gateway.chat import DISCONNECT_HEADER, SERVICE, ChatService, disconnect_policy
 from services.gateway.edge import request_context
+from services.gateway.idempotency import HttpAnswer, Idempotency
+from services.gateway.jobs import JobCreateRequest, JobService, parse_job_body, resolve_priority
+from services.gateway.jobs_http import (
+    CHAT_ROUTE,
+    IDEMPOTENCY_HEADER,
+    JOBS_ROUTE,
+    PRIORITY_HEADER,
+    idempotent,
+    job_json,
+    job_priority,
+    prefer_of,
+    submit_job,
+    to_response,
+)
 from services.gateway.normalize import parse_body
 from services.gateway.problems import PROBLEM_CONTENT_TYPE, problem_headers, render_problem
 from services.gateway.render import RequestMeta
 from services.gateway.settings import GatewaySettings
+from services.gateway.streams import StreamResumer, parse_resume_point
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +63,9 @@ class GatewayDeps:
     readiness: ReadinessCheck
     instruments: Instruments
     models_body: bytes
+    # Jobs, idempotency keys and webhook secrets (absent: those features are off).
+    jobs: JobService | None = None
+    idempotency: Idempotency | None = None
 
 
 def models_list_body(catalog: Catalog) -> bytes:
@@ -131,23 +151,243 @@ class ChatController(Controller):
         carries a ``sluice`` object: model served, provider, cache status, tokens, cost
         and latency breakdown. Unknown body members pass through to the provider.
         ``Cache-Control: no-cache`` skips the exact cache, ``no-store`` keeps the answer
-        out of it."""
+        out of it.
+
+        ``Prefer: respond-async`` answers ``202`` with a job (``Location: /v1/jobs/{id}``);
+        ``Prefer: wait=N`` answers inline when done within N seconds, else ``202``.
+        ``Idempotency-Key`` makes retries safe: one run, the same response replayed
+        (``Idempotent-Replayed: true``), 409 while the first runs, 422 for another body.
+        ``x-sluice-priority`` (interactive, batch, system) picks the scheduling class."""
         deps = _deps(request)
         ctx = request_context(request.scope)
         key = await _authenticate(request, deps)
         _check_content_type(request.headers.get("content-type"))
-        body = parse_body(await read_body(request, deps.settings.max_body_bytes))
-        meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model)
-        result = await deps.chat.complete(
-            key,
-            body,
-            meta,
-            cache_control=request.headers.get("cache-control", ""),
-            instance=ctx.instance,
+        raw = await read_body(request, deps.settings.max_body_bytes)
+        headers = request.headers
+        prefer = prefer_of(headers)
+        as_job = deps.jobs is not None and (prefer.respond_async or prefer.wait is not None)
+
+        async def run() -> HttpAnswer:
+            body = parse_body(raw)
+            if deps.jobs is not None and as_job:
+                priority = job_priority(key, headers, prefer)
+                spec = JobCreateRequest(request=body)
+                return await submit_job(
+                    deps.jobs,
+                    key,
+                    ctx=ctx,
+                    spec=spec,
+                    prefer=prefer,
+                    priority=priority,
+                )
+            priority = resolve_priority(
+                key, headers.get(PRIORITY_HEADER), PriorityClass.INTERACTIVE
+            )
+            meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model)
+            result = await deps.chat.complete(
+                key,
+                body,
+                meta,
+                cache_control=headers.get("cache-control", ""),
+                instance=ctx.instance,
+                on_disconnect=disconnect_policy(headers.get(DISCONNECT_HEADER)),
+                priority=priority,
+                # An idempotent request's record follows its lifecycle events.
+                lifecycle_events=IDEMPOTENCY_HEADER in headers,
+            )
+            if result.stream is not None:
+                return HttpAnswer(200, result.headers, "text/event-stream", stream=result.stream)
+            return HttpAnswer(200, result.headers, JSON, body=result.body or b"")
+
+        answer = await idempotent(
+            deps.idempotency,
+            headers,
+            key=key,
+            ctx=ctx,
+            raw=raw,
+            route=CHAT_ROUTE,
+            run=run,
+            job=as_job,
         )
-        if result.stream is not None:
-            return Stream(result.stream, media_type="text/event-stream", headers=result.headers)
-        return Response(result.body, media_type=JSON, headers=result.headers)
+        return to_response(answer)
+
+
+class JobsController(Controller):
+    path = "/v1"
+    tags = ["jobs"]
+
+    @post(
+        "/jobs",
+        operation_id="createJob",
+        summary="Submit a chat completion as a job",
+        status_code=202,
+    )
+    async def create_job(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        """Queues a chat completion and answers ``202 Accepted`` with the job object
+        and ``Location: /v1/jobs/{id}``. Body::
+
+            {"request": {<chat completion request>},
+             "webhook_url": "https://example.com/hook",   (optional)
+             "metadata": {"k": "v"}}                       (optional, up to 16 pairs)
+
+        Jobs run in the ``batch`` class unless ``x-sluice-priority`` says otherwise (or
+        ``Prefer: wait=N`` asks to hold the request: then ``interactive``, and a job done
+        within N seconds is answered inline with the ``chat.completion``). The webhook
+        (Standard Webhooks, signed with ``GET /v1/webhooks/secret``) reports
+        ``job.completed``, ``job.failed`` or ``job.cancelled``; URLs that resolve to
+        loopback, private, link-local or metadata addresses are refused.
+        ``Idempotency-Key`` is honoured."""
+        deps = _deps(request)
+        jobs = _jobs(deps)
+        ctx = request_context(request.scope)
+        key = await _authenticate(request, deps)
+        _check_content_type(request.headers.get("content-type"))
+        raw = await read_body(request, deps.settings.max_body_bytes)
+        headers = request.headers
+        prefer = prefer_of(headers)
+
+        async def run() -> HttpAnswer:
+            spec = parse_job_body(raw)
+            priority = job_priority(key, headers, prefer)
+            return await submit_job(
+                jobs,
+                key,
+                ctx=ctx,
+                spec=spec,
+                prefer=prefer,
+                priority=priority,
+            )
+
+        answer = await idempotent(
+            deps.idempotency,
+            headers,
+            key=key,
+            ctx=ctx,
+            raw=raw,
+            route=JOBS_ROUTE,
+            run=run,
+            job=True,
+        )
+        return to_response(answer)
+
+    @get("/jobs", operation_id="listJobs", summary="List jobs")
+    async def list_jobs(
+        self,
+        request: Request[Any, Any, Any],
+        limit: FromQuery[int] = 20,
+        after: FromQuery[str | None] = None,
+    ) -> Response[Any]:
+        """The caller's team's jobs, newest first. ``limit`` (1-100) and ``after`` (the
+        ``last_id`` of the previous page) paginate; ``has_more`` says whether to."""
+        deps = _deps(request)
+        jobs = _jobs(deps)
+        key = await _authenticate(request, deps)
+        if not 1 <= limit <= 100:
+            raise SluiceError(
+                ErrorCode.INVALID_REQUEST, "limit must be between 1 and 100.", param="limit"
+            )
+        return job_json(await jobs.list(key, limit=limit, after=after))
+
+    @get("/jobs/{job_id:str}", operation_id="getJob", summary="Get a job")
+    async def get_job(
+        self, request: Request[Any, Any, Any], job_id: FromPath[str]
+    ) -> Response[Any]:
+        """Status (queued, in_progress, completed, failed, cancelled), progress (tokens
+        so far, and the fraction of max_tokens), result (the ``chat.completion``), usage,
+        cost, error (a problem object), timestamps, attempts and the webhook delivery
+        log. Another team's job is 404."""
+        deps = _deps(request)
+        jobs = _jobs(deps)
+        key = await _authenticate(request, deps)
+        return job_json(await jobs.view(await jobs.find(key, job_id)))
+
+    @get("/jobs/{job_id:str}/events", operation_id="streamJobEvents", summary="Job events")
+    async def job_events(
+        self, request: Request[Any, Any, Any], job_id: FromPath[str]
+    ) -> Response[Any]:
+        """Server-Sent Events: ``status`` (the job object, at once and on every change)
+        and ``token`` (each generated piece, replayed from the start, then live) until
+        the job ends."""
+        deps = _deps(request)
+        jobs = _jobs(deps)
+        key = await _authenticate(request, deps)
+        record = await jobs.find(key, job_id)
+        return Stream(
+            jobs.events(record),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+
+    @post(
+        "/jobs/{job_id:str}/cancel",
+        operation_id="cancelJob",
+        summary="Cancel a job",
+        status_code=200,
+    )
+    async def cancel_job(
+        self, request: Request[Any, Any, Any], job_id: FromPath[str]
+    ) -> Response[Any]:
+        """Stops the job: a queued job never runs; a running one stops generating
+        upstream and is billed for what it produced. Answers the job object
+        (``cancel_requested: true``; ``status`` becomes ``cancelled`` when it stopped)."""
+        deps = _deps(request)
+        jobs = _jobs(deps)
+        key = await _authenticate(request, deps)
+        return job_json(await jobs.view(await jobs.cancel(key, job_id)))
+
+
+class WebhooksController(Controller):
+    path = "/v1"
+    tags = ["jobs"]
+
+    @get("/webhooks/secret", operation_id="getWebhookSecret", summary="Webhook secret")
+    async def webhook_secret(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        """The team's Standard Webhooks signing secret (``whsec_...``): verify
+        ``webhook-signature`` over ``<webhook-id>.<webhook-timestamp>.<body>``, e.g. with
+        ``standardwebhooks.Webhook(secret).verify(body, headers)``."""
+        deps = _deps(request)
+        jobs = _jobs(deps)
+        key = await _authenticate(request, deps)
+        secret = await jobs.webhook_secrets.get(key.team_id)
+        return job_json({"object": "webhook_secret", "team_id": key.team_id, "secret": secret})
+
+
+def _jobs(deps: GatewayDeps) -> JobService:
+    if deps.jobs is None:
+        raise SluiceError(ErrorCode.NOT_FOUND, "Jobs are not enabled on this gateway.")
+    return deps.jobs
+
+
+class StreamsController(Controller):
+    path = "/v1"
+    tags = ["chat"]
+
+    @get(
+        "/streams/{request_id:str}",
+        operation_id="resumeStream",
+        summary="Resume a streamed chat completion",
+    )
+    async def resume_stream(
+        self,
+        request: Request[Any, Any, Any],
+        request_id: FromPath[str],
+        after: FromQuery[int | None] = None,
+    ) -> Response[Any]:
+        """Replays the SSE events of a streamed completion that came after the client's
+        last event, then follows the live tail. The resume point is ``Last-Event-ID``
+        (``<request_id>:<sequence>``, as EventSource sends it) or ``?after=<sequence>``;
+        neither replays from the start. A finished stream replays to its final chunk and
+        ``[DONE]`` (or its error event). Only keys of the team that made the request can
+        resume it; anyone else, an unknown id or an expired stream gets 404."""
+        deps = _deps(request)
+        ctx = request_context(request.scope)
+        key = await _authenticate(request, deps)
+        point = parse_resume_point(request.headers.get("last-event-id"), after, request_id)
+        result = await StreamResumer(deps.chat).resume(
+            key, request_id, point, trace_id=ctx.trace_id, instance=ctx.instance
+        )
+        assert result.stream is not None
+        return Stream(result.stream, media_type="text/event-stream", headers=result.headers)
 
 
 class ModelsController(Controller):
@@ -262,7 +502,14 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
 
 def create_app(deps: GatewayDeps) -> Litestar:
     return Litestar(
-        route_handlers=[ChatController, ModelsController, OpsController],
+        route_handlers=[
+            ChatController,
+            StreamsController,
+            JobsController,
+            WebhooksController,
+            ModelsController,
+            OpsController,
+        ],
         exception_handlers={Exception: handle_exception},
         request_max_body_size=deps.settings.max_body_bytes,
         state=State({"deps": deps}),

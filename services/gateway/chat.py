@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from google.protobuf.message import DecodeError
 from nats.aio.subscription import Subscription
@@ -37,12 +38,19 @@ from services.gateway.render import (
     SseRelay,
     completion_body,
     final_sluice,
+    sse_retry,
 )
 from services.gateway.settings import CacheMode, GatewaySettings
 
 log = logging.getLogger(__name__)
 
 SERVICE = "gateway"
+# The work item's class, as the proto enum (the subject carries it as text).
+_PRIORITY_PROTO = {
+    PriorityClass.INTERACTIVE: chat_pb2.PRIORITY_INTERACTIVE,
+    PriorityClass.BATCH: chat_pb2.PRIORITY_BATCH,
+    PriorityClass.SYSTEM: chat_pb2.PRIORITY_SYSTEM,
+}
 
 
 @dataclass
@@ -64,10 +72,43 @@ class DeadlineExceeded(Exception):
     pass
 
 
+class DisconnectPolicy(StrEnum):
+    """What happens to a generation whose client goes away (``x-sluice-on-disconnect``).
+
+    ``continue``: it completes, is billed, and stays resumable from ``SLUICE_STREAMS``.
+    ``cancel``: the gateway publishes on ``Subjects.cancel(request_id)``; the worker stops
+    the upstream call and bills only what was produced.
+    """
+
+    CONTINUE = "continue"
+    CANCEL = "cancel"
+
+
+DISCONNECT_HEADER = "x-sluice-on-disconnect"
+
+
+def disconnect_policy(value: str | None) -> DisconnectPolicy:
+    if not value:
+        return DisconnectPolicy.CONTINUE
+    try:
+        return DisconnectPolicy(value.strip().lower())
+    except ValueError:
+        raise SluiceError(
+            ErrorCode.INVALID_REQUEST,
+            f"{DISCONNECT_HEADER} must be 'continue' or 'cancel'.",
+            param=DISCONNECT_HEADER,
+        ) from None
+
+
+def _mergeable(delta: inference_pb2.Delta) -> bool:
+    return bool(delta.content) and not (delta.tool_calls or delta.refusal or delta.finish_reason)
+
+
 @dataclass
 class EventReader:
-    """Reads one request's stream events: drops duplicate and stale deltas, accepts the
-    first terminal event whatever its sequence (a redelivered worker restarts at 1)."""
+    """Reads one request's stream events: skips the opening record, drops duplicate and
+    stale deltas (sequence at or below the last one relayed), accepts the first terminal
+    event whatever its sequence."""
 
     inbox: Inbox
     deadline: float
@@ -90,11 +131,13 @@ class EventReader:
             except DecodeError:
                 log.warning("undecodable stream event dropped")
                 continue
-            if event.HasField("delta"):
+            kind = event.WhichOneof("body")
+            if kind == "delta":
                 if event.sequence <= self.last_sequence:
                     continue
                 self.last_sequence = event.sequence
-            elif self._seen_terminal:
+            elif kind not in ("final", "failure") or self._seen_terminal:
+                # The opening record (sequence 0) or a second terminal event.
                 continue
             else:
                 self._seen_terminal = True
@@ -114,6 +157,42 @@ def cache_policy(
             return CachePolicy(False, False)
     directives = {d.strip().lower() for d in cache_control.split(",")} if cache_control else set()
     return CachePolicy(lookup="no-cache" not in directives, store="no-store" not in directives)
+
+
+def reserve_request(
+    key: keys_pb2.ApiKeyRecord,
+    request: chat_pb2.ChatRequest,
+    request_id: str,
+    prompt_tokens: int,
+    reserve_tokens: int,
+) -> limiter_pb2.ReserveRequest:
+    """What the limiter must hold before any upstream cost: the prompt as counted and
+    the most the answer may use, under the key's own quotas."""
+    return limiter_pb2.ReserveRequest(
+        request_id=request_id,
+        key_id=key.key_id,
+        team_id=key.team_id,
+        model=request.model,
+        input_tokens=prompt_tokens,
+        max_output_tokens=reserve_tokens,
+        tokens_per_minute=key.tokens_per_minute,
+        requests_per_minute=key.requests_per_minute,
+    )
+
+
+def admitted_headers(reservation: limiter_pb2.ReserveResponse) -> dict[str, str]:
+    """The RateLimit headers of an admitted request; a refusal raises ``rate_limited``."""
+    headers = rate_limit_headers(reservation.policies, reservation.denied_by)
+    if not reservation.allowed:
+        retry_ms = max(reservation.retry_after_ms, 1)
+        raise GatewayError(
+            ErrorCode.RATE_LIMITED,
+            f"The '{reservation.denied_by or 'quota'}' limit of this key is used up.",
+            details={"policy": reservation.denied_by, "retry_after_ms": retry_ms},
+            retry_after_ms=retry_ms,
+            headers=headers,
+        )
+    return headers
 
 
 def failure_error(failure: inference_pb2.Failure, headers: dict[str, str]) -> GatewayError:
@@ -209,16 +288,7 @@ class ChatService:
         cache_key: str,
         lookup: bool,
     ) -> tuple[limiter_pb2.ReserveResponse, inference_pb2.Final | None]:
-        reserve = limiter_pb2.ReserveRequest(
-            request_id=meta.request_id,
-            key_id=key.key_id,
-            team_id=key.team_id,
-            model=request.model,
-            input_tokens=prompt_tokens,
-            max_output_tokens=reserve_tokens,
-            tokens_per_minute=key.tokens_per_minute,
-            requests_per_minute=key.requests_per_minute,
-        )
+        reserve = reserve_request(key, request, meta.request_id, prompt_tokens, reserve_tokens)
         if not lookup:
             return await self.limiter.reserve(reserve), None
         lookup_task = asyncio.create_task(self.cache.lookup(cache_key, meta.request_id))
@@ -241,6 +311,9 @@ class ChatService:
         *,
         cache_control: str = "",
         instance: str = "",
+        on_disconnect: DisconnectPolicy = DisconnectPolicy.CONTINUE,
+        priority: PriorityClass = PriorityClass.INTERACTIVE,
+        lifecycle_events: bool = False,
     ) -> ChatResult:
         request = to_chat_request(body)
         meta.model_requested = request.model
@@ -260,16 +333,7 @@ class ChatService:
             cache_key=cache_key,
             lookup=policy.lookup,
         )
-        headers = rate_limit_headers(reservation.policies, reservation.denied_by)
-        if not reservation.allowed:
-            retry_ms = max(reservation.retry_after_ms, 1)
-            raise GatewayError(
-                ErrorCode.RATE_LIMITED,
-                f"The '{reservation.denied_by or 'quota'}' limit of this key is used up.",
-                details={"policy": reservation.denied_by, "retry_after_ms": retry_ms},
-                retry_after_ms=retry_ms,
-                headers=headers,
-            )
+        headers = admitted_headers(reservation)
         headers["x-sluice-cache"] = meta.cache
 
         if cached is not None:
@@ -290,6 +354,9 @@ class ChatService:
             store_key=cache_key if policy.store else "",
             headers=headers,
             instance=instance,
+            on_disconnect=on_disconnect,
+            priority=priority,
+            lifecycle_events=lifecycle_events,
         )
 
     async def _answer_from_cache(
@@ -341,6 +408,9 @@ class ChatService:
         store_key: str,
         headers: dict[str, str],
         instance: str,
+        on_disconnect: DisconnectPolicy = DisconnectPolicy.CONTINUE,
+        priority: PriorityClass = PriorityClass.INTERACTIVE,
+        lifecycle_events: bool = False,
     ) -> ChatResult:
         settings = self.settings
         subject = Subjects.stream(meta.request_id)
@@ -352,11 +422,12 @@ class ChatService:
             key_id=key.key_id,
             team_id=key.team_id,
             request=request,
-            priority=chat_pb2.PRIORITY_INTERACTIVE,
+            priority=_PRIORITY_PROTO[priority],
             stream_subject=subject,
             reservation_id=reservation_id,
             enqueued_unix_nanos=now_ns,
             deadline_unix_nanos=now_ns + int(settings.request_timeout_seconds * 1e9),
+            lifecycle_events=lifecycle_events,
         )
         if store_key:
             work.cache_key = store_key
@@ -372,8 +443,33 @@ class ChatService:
                 "The message bus is not connected.",
                 retry_after_ms=1000,
             ) from None
+        # Sequence 0, stored before the work exists: who may resume this stream, and what
+        # a replay needs to render it (ownership lives only in JetStream).
+        opened = inference_pb2.StreamEvent(
+            request_id=meta.request_id,
+            sequence=0,
+            opened=inference_pb2.StreamOpened(
+                key_id=key.key_id,
+                team_id=key.team_id,
+                model_requested=request.model,
+                created_unix=meta.created,
+                stream=request.stream,
+                include_usage=request.include_usage,
+            ),
+        )
+        # Both publishes in flight at once: one round trip to JetStream, not two. The
+        # opened event may land after the worker's first events; readers order by
+        # sequence, and nothing reads it before the request is answered.
         try:
-            await self.publisher.enqueue(work, str(PriorityClass.INTERACTIVE))
+            await asyncio.gather(
+                self.publisher.publish(
+                    subject,
+                    opened.SerializeToString(),
+                    f"{meta.request_id}:opened",
+                    destination=Subjects.stream("{request_id}"),
+                ),
+                self.publisher.enqueue(work, str(priority)),
+            )
         except BaseException:
             await _unsubscribe(sub)
             self.limiter.release(reservation_id, key.key_id, meta.request_id)
@@ -383,6 +479,11 @@ class ChatService:
         if not request.stream:
             try:
                 return ChatResult(headers, body=await self._wait_final(reader, meta, headers))
+            except asyncio.CancelledError:
+                # The client went away while waiting for the whole answer.
+                if on_disconnect is DisconnectPolicy.CANCEL:
+                    await self.cancel(meta.request_id)
+                raise
             finally:
                 await _unsubscribe(sub)
 
@@ -395,6 +496,8 @@ class ChatService:
             raise _timeout_error(headers) from None
         except BaseException:
             await _unsubscribe(sub)
+            if on_disconnect is DisconnectPolicy.CANCEL:
+                await self.cancel(meta.request_id)
             raise
         if first is not None and first.HasField("failure"):
             await _unsubscribe(sub)
@@ -402,8 +505,14 @@ class ChatService:
         relay = SseRelay(meta, include_usage=request.include_usage)
         return ChatResult(
             _sse_headers(headers),
-            stream=self._relay(
-                sub=sub, reader=reader, relay=relay, meta=meta, first=first, instance=instance
+            stream=self.relay(
+                sub=sub,
+                reader=reader,
+                relay=relay,
+                meta=meta,
+                first=first,
+                instance=instance,
+                on_disconnect=on_disconnect,
             ),
         )
 
@@ -422,7 +531,7 @@ class ChatService:
             if event.HasField("failure"):
                 raise failure_error(event.failure, headers)
 
-    async def _relay(
+    async def relay(
         self,
         *,
         sub: Subscription,
@@ -431,40 +540,107 @@ class ChatService:
         meta: RequestMeta,
         first: inference_pb2.StreamEvent | None,
         instance: str,
+        prelude: bytes = b"",
+        on_disconnect: DisconnectPolicy = DisconnectPolicy.CONTINUE,
+        wait_first: bool = False,
     ) -> AsyncIterator[bytes]:
+        """The SSE body: the ``retry:`` hint, ``prelude`` (events replayed to a resuming
+        client), then the live events until the terminal one, with heartbeats while idle.
+        A client that leaves early under the ``cancel`` policy cancels the generation."""
         self.open_streams += 1
         self.instruments.open_streams.add(1)
         heartbeat = self.settings.sse_heartbeat_seconds
+        ended = False
         try:
+            # The retry hint rides on the first event that carries data.
+            hint = sse_retry(self.settings.sse_retry_ms)
+            if prelude:
+                yield hint + prelude
+                hint = b""
             event = first
+            # With wait_first (a resumed stream) the first wait is for an event, and a
+            # heartbeat only follows if none comes.
+            read = first is None and wait_first
             while True:
+                if read:
+                    try:
+                        event = await reader.next(heartbeat)
+                    except DeadlineExceeded:
+                        ended = True
+                        err = _timeout_error({})
+                        problem = self.stream_problem(err, meta, instance)
+                        yield hint + relay.failure(reader.last_sequence + 1, problem)
+                        return
+                read = True
+                pending: inference_pb2.StreamEvent | None = None
                 if event is None:
                     yield SSE_HEARTBEAT
                 elif event.HasField("delta"):
                     if meta.ttft_ms is None:
                         meta.ttft_ms = (time.perf_counter() - meta.started) * 1000
-                    yield relay.delta(event.sequence, event.delta)
+                    event, pending = await self._batch(reader, event)
+                    yield hint + relay.delta(event.sequence, event.delta)
+                    hint = b""
                 elif event.HasField("final"):
+                    ended = True
                     sluice = final_sluice(meta, event.final, cache_hit=False)
-                    yield relay.final(event.sequence, event.final, sluice)
+                    yield hint + relay.final(event.sequence, event.final, sluice)
                     return
                 elif event.HasField("failure"):
+                    ended = True
                     err = failure_error(event.failure, {})
-                    yield relay.failure(event.sequence, self._stream_problem(err, meta, instance))
+                    problem = self.stream_problem(err, meta, instance)
+                    yield hint + relay.failure(event.sequence, problem)
                     return
-                try:
-                    event = await reader.next(heartbeat)
-                except DeadlineExceeded:
-                    err = _timeout_error({})
-                    problem = self._stream_problem(err, meta, instance)
-                    yield relay.failure(reader.last_sequence + 1, problem)
-                    return
+                if pending is not None:
+                    event = pending
+                    read = False
         finally:
             self.open_streams -= 1
             self.instruments.open_streams.add(-1)
             await _unsubscribe(sub)
+            if not ended and on_disconnect is DisconnectPolicy.CANCEL:
+                await self.cancel(meta.request_id)
 
-    def _stream_problem(self, err: SluiceError, meta: RequestMeta, instance: str) -> bytes:
+    async def _batch(
+        self, reader: EventReader, event: inference_pb2.StreamEvent
+    ) -> tuple[inference_pb2.StreamEvent, inference_pb2.StreamEvent | None]:
+        """Token batching: merges the text deltas that follow ``event`` (same choice) up
+        to ``sse_batch_max_deltas`` or ``sse_batch_max_ms``. Returns the event to send
+        and the first event read that could not be merged."""
+        limit = self.settings.sse_batch_max_deltas
+        if limit <= 1 or not _mergeable(event.delta):
+            return event, None
+        until = time.monotonic() + self.settings.sse_batch_max_ms / 1000
+        merged: inference_pb2.StreamEvent | None = None
+        count = 1
+        while count < limit:
+            try:
+                nxt = await reader.next(max(0.0, until - time.monotonic()))
+            except DeadlineExceeded:
+                break
+            if nxt is None:
+                break
+            if not (
+                nxt.HasField("delta")
+                and _mergeable(nxt.delta)
+                and nxt.delta.choice_index == event.delta.choice_index
+            ):
+                return merged or event, nxt
+            if merged is None:
+                merged = inference_pb2.StreamEvent()
+                merged.CopyFrom(event)
+            merged.delta.content += nxt.delta.content
+            merged.sequence = nxt.sequence
+            count += 1
+        return merged or event, None
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask the worker running ``request_id`` (or the next to pick it up) to stop."""
+        with contextlib.suppress(*NATS_FAILURES):
+            await self.bus.nc.publish(Subjects.cancel(request_id), b"client_disconnected")
+
+    def stream_problem(self, err: SluiceError, meta: RequestMeta, instance: str) -> bytes:
         self.instruments.errors.add(1, {"code": str(err.code), "service": SERVICE})
         return render_problem(
             err, instance=instance, request_id=meta.request_id, trace_id=meta.trace_id
@@ -479,9 +655,11 @@ def _timeout_error(headers: dict[str, str]) -> GatewayError:
     )
 
 
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
 def _sse_headers(headers: dict[str, str]) -> dict[str, str]:
-    headers["cache-control"] = "no-cache"
-    headers["x-accel-buffering"] = "no"
+    headers.update(SSE_HEADERS)
     return headers
 
 

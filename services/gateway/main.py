@@ -18,6 +18,7 @@ from services.gateway.app import GatewayDeps, create_app, models_list_body
 from services.gateway.auth import KeyStore, bootstrap_dev_key
 from services.gateway.chat import ChatService
 from services.gateway.edge import Edge
+from services.gateway.jobs_runtime import start_jobs
 from services.gateway.server import create_server
 from services.gateway.settings import GatewaySettings
 
@@ -54,7 +55,10 @@ async def main() -> None:
         publisher=JetStreamPublisher(bus, settings.publish_timeout_seconds),
         instruments=inst,
     )
+    jobs = await start_jobs(settings, bus, chat)
     deps = GatewayDeps(
+        jobs=jobs.jobs,
+        idempotency=jobs.idempotency,
         settings=settings,
         keys=KeyStore(kv, ttl=settings.key_cache_seconds),
         chat=chat,
@@ -79,6 +83,7 @@ async def main() -> None:
         await chat.limiter.drain()
 
     runtime.on_stop(stop_http)
+    runtime.on_stop(jobs.stop)
     await runtime.mark_ready()
     log.info(
         "gateway listening on http://%s:%d (%s)",

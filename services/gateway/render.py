@@ -16,6 +16,13 @@ SSE_DONE = b"data: [DONE]\n\n"
 SSE_HEARTBEAT = b": keep-alive\n\n"
 
 
+def sse_retry(ms: int) -> bytes:
+    """The reconnect hint (WHATWG ``retry:`` field) as a line to put in front of the
+    stream's first event: an event of its own, without data, would reach the OpenAI
+    SDK as an empty ``data`` that it fails to parse as JSON."""
+    return b"retry: %d\n" % max(0, ms)
+
+
 @dataclass
 class RequestMeta:
     """What the gateway knows about one request, for the response and its ``sluice``."""

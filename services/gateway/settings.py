@@ -46,9 +46,39 @@ class GatewaySettings(BaseSettings):
     cache_ttl_seconds: int = 3600
     key_cache_seconds: float = 30.0
     readiness_cache_seconds: float = 1.0
+    # An idle stream gets a ": keep-alive" comment this often (proxies close idle ones).
     sse_heartbeat_seconds: float = 15.0
+    # Every stream opens with "retry: <ms>", the reconnect delay clients should use.
+    sse_retry_ms: int = 2000
+    # Token batching at the relay (off by default: each delta is relayed at once). With
+    # max_deltas > 1, consecutive text deltas of one choice already waiting are merged
+    # into one SSE event (id = the last merged sequence); with max_ms > 0 the relay also
+    # waits up to that long for more, whichever limit comes first.
+    sse_batch_max_deltas: int = 1
+    sse_batch_max_ms: float = 0.0
+    # Bound on reading a stream's history from JetStream when a client resumes.
+    resume_read_timeout_seconds: float = 5.0
     # "granian" (embedded, Rust HTTP stack) or "uvicorn".
     http_server: str = "granian"
+
+    # Jobs: how long a job record is kept after submission (the sluice_jobs bucket TTL
+    # follows it), and how long Prefer: wait may hold a request.
+    job_retention_seconds: float = 24 * 3600.0
+    # Deadline of a job's work (the worker gives up after it, queue time included).
+    job_timeout_seconds: float = 6 * 3600.0
+    max_prefer_wait_seconds: float = 60.0
+    # Idempotency-Key: how long a key is remembered; an in-flight record older than
+    # request_timeout_seconds plus this slack, with no outcome, is taken over.
+    idempotency_ttl_seconds: float = 24 * 3600.0
+    idempotency_stale_slack_seconds: float = 30.0
+    # Webhooks: seconds before each attempt (Standard Webhooks' example schedule, about
+    # 27 h in all), per-attempt timeout, and hosts or networks (CIDR) exempt from the
+    # SSRF refusal of loopback, private, link-local and metadata addresses.
+    webhook_retry_schedule: list[float] = Field(
+        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+    )
+    webhook_timeout_seconds: float = 10.0
+    webhook_allow_hosts: list[str] = Field(default_factory=list)
 
     common: CommonSettings = Field(default_factory=CommonSettings)
 
