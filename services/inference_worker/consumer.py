@@ -81,6 +81,7 @@ class WorkConsumer:
             },
             long_poll_seconds=settings.long_poll_seconds,
             short_poll_seconds=settings.short_poll_seconds,
+            max_batch=settings.pull_batch,
         )
         self.tasks: set[asyncio.Task[None]] = set()
         self.pending: dict[str, int] = {}
@@ -171,7 +172,7 @@ class WorkConsumer:
                 if poll.probe:
                     request = {"batch": 1, "no_wait": True}
                 else:
-                    request = {"batch": 1, "expires": int(poll.expires * 1e9)}
+                    request = {"batch": poll.batch, "expires": int(poll.expires * 1e9)}
                 subject = f"{_API_PREFIX}.CONSUMER.MSG.NEXT.{pull.spec.stream}.{pull.spec.durable}"
                 pull.opened_at = now
                 try:

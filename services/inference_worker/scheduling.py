@@ -7,7 +7,11 @@ pull requests and reports back what each pull brought and when a slot frees.
 Rules, with ``credits`` = free slots not already held by an open pull:
 
 1. **Slack** (free slots for every class twice over): every class without an open pull
-   long-polls. Pickup latency is one server delivery.
+   long-polls, for a batch of up to ``max_batch`` messages (half the free slots, split
+   between the classes; each message the pull may still bring holds a slot). Pickup
+   latency is one server delivery, and a burst of arrivals is taken in one round trip
+   per class rather than one per message, which matters when the worker's event loop
+   is busy relaying tokens.
 2. **Near saturation**, a free slot walks the classes in priority order (system,
    interactive, batch) with *probes*: pulls that the server answers at once (``no_wait``:
    a message, or "no messages"). A class that answered empty is not asked again until
@@ -64,10 +68,11 @@ _EPSILON = 1e-9
 
 class Poll(NamedTuple):
     """One pull request to open: ``expires`` is how long the server may hold it (0: a
-    probe, answered at once)."""
+    probe, answered at once); ``batch`` how many messages it may bring."""
 
     cls: PriorityClass
     expires: float
+    batch: int = 1
 
     @property
     def probe(self) -> bool:
@@ -83,6 +88,8 @@ class _ClassState:
     expired_at: float = -1e9
     # Turns owed under the class's minimum share (0..1).
     owed: float = 0.0
+    # Messages the open poll may still bring (each holds a slot until it arrives).
+    outstanding: int = 0
 
 
 class ClassScheduler:
@@ -93,6 +100,7 @@ class ClassScheduler:
         long_poll_seconds: float,
         short_poll_seconds: float,
         order: Sequence[PriorityClass] = PRIORITY_ORDER,
+        max_batch: int = 1,
     ) -> None:
         for cls, share in shares.items():
             if not 0.0 <= share <= 0.5:
@@ -101,6 +109,7 @@ class ClassScheduler:
         # The top class needs no share: nothing is above it.
         self.shares = {cls: shares.get(cls, 0.0) for cls in self.order[1:]}
         self.long_poll_seconds = long_poll_seconds
+        self.max_batch = max(1, max_batch)
         self.short_poll_seconds = short_poll_seconds
         self.epoch = 0
         self._state = {cls: _ClassState() for cls in self.order}
@@ -111,7 +120,8 @@ class ClassScheduler:
         return self._state[cls].open is not None
 
     def open_count(self) -> int:
-        return sum(s.open is not None for s in self._state.values())
+        """Slots held by open polls: one per message each may still bring."""
+        return sum(s.outstanding for s in self._state.values() if s.open is not None)
 
     def owed(self, cls: PriorityClass) -> float:
         return self._state[cls].owed
@@ -128,11 +138,15 @@ class ClassScheduler:
         if credits <= 0 or not idle:
             return []
         if credits - len(idle) >= len(self.order):
-            polls = [Poll(cls, self.long_poll_seconds) for cls in idle]
+            # Half the free slots, split between the idle classes: a burst is taken
+            # in one round trip per class instead of one per message.
+            batch = max(1, min(self.max_batch, credits // (2 * len(self.order))))
+            polls = [Poll(cls, self.long_poll_seconds, batch) for cls in idle]
         else:
             polls = self._near_saturation(credits, now)
         for poll in polls:
-            self._state[poll.cls].open = poll
+            state = self._state[poll.cls]
+            state.open, state.outstanding = poll, poll.batch
         return polls
 
     def _near_saturation(self, credits: int, now: float) -> list[Poll]:
@@ -165,11 +179,15 @@ class ClassScheduler:
     def answered(self, cls: PriorityClass, *, message: bool, now: float) -> None:
         """The open pull of ``cls`` ended: with a message (taken: a grant) or without."""
         state = self._state[cls]
-        poll, state.open = state.open, None
+        poll = state.open
         if message:
+            state.outstanding -= 1
+            if state.outstanding <= 0:
+                state.open = None  # the server ends a pull whose batch is full
             state.empty_epoch = -1
             self._granted(cls)
             return
+        state.open, state.outstanding = None, 0
         state.empty_epoch = self.epoch
         state.owed = 0.0
         if poll is not None and not poll.probe:
@@ -177,7 +195,8 @@ class ClassScheduler:
 
     def lost(self, cls: PriorityClass) -> None:
         """The open pull of ``cls`` will never be answered (not sent, or forgotten)."""
-        self._state[cls].open = None
+        state = self._state[cls]
+        state.open, state.outstanding = None, 0
 
     def slot_freed(self) -> None:
         """A work item finished: every class is worth asking again."""

@@ -32,6 +32,10 @@ class WorkerSettings(BaseSettings):
     concurrency: int = 64
     # How long one pull request waits at the server for a message.
     long_poll_seconds: float = 5.0
+    # With free slots to spare, the most messages one pull may bring (see scheduling.py).
+    # 1 by default: larger batches take bursts faster, but under overload they let in
+    # more work than the gateways can relay (see the streams bench).
+    pull_batch: int = Field(default=1, ge=1, le=256)
     # Near saturation, with every queue empty, free slots rotate between classes with
     # polls this short.
     short_poll_seconds: float = 0.1

@@ -38,6 +38,7 @@ class Model:
         self.running: deque[PriorityClass] = deque()
         self.grants: list[PriorityClass] = []
         self.probes: Counter[PriorityClass] = Counter()
+        self.pulls: Counter[PriorityClass] = Counter()
         self.waiting: dict[PriorityClass, Poll] = {}
         self.now = 0.0
         self.settle()
@@ -51,13 +52,19 @@ class Model:
                 self._answer(poll)
 
     def _answer(self, poll: Poll) -> None:
+        self.pulls[poll.cls] += 1
         if poll.probe:
             self.probes[poll.cls] += 1
         if self.backlog[poll.cls] > 0:
-            self.backlog[poll.cls] -= 1
-            self.scheduler.answered(poll.cls, message=True, now=self.now)
-            self.running.append(poll.cls)
-            self.grants.append(poll.cls)
+            # A pull brings up to its batch at once; a poll not filled keeps waiting.
+            brought = min(poll.batch, self.backlog[poll.cls])
+            for _ in range(brought):
+                self.backlog[poll.cls] -= 1
+                self.scheduler.answered(poll.cls, message=True, now=self.now)
+                self.running.append(poll.cls)
+                self.grants.append(poll.cls)
+            if brought < poll.batch and not poll.probe:
+                self.waiting[poll.cls] = poll._replace(batch=poll.batch - brought)
         elif poll.probe:
             self.scheduler.answered(poll.cls, message=False, now=self.now)
         else:
@@ -224,3 +231,34 @@ def test_a_freed_slot_asks_every_class_again() -> None:
 def test_shares_are_bounded(share: float) -> None:
     with pytest.raises(ValueError, match="share"):
         scheduler({BATCH: share})
+
+
+def test_with_slack_a_pull_brings_a_batch_and_holds_its_slots() -> None:
+    s = ClassScheduler(shares=SHARES, long_poll_seconds=5.0, short_poll_seconds=1.0, max_batch=16)
+    # 64 free slots: half of them split between the three classes, at most 16 each.
+    assert s.plan(credits=64, now=0) == [Poll(c, 5.0, 10) for c in (SYSTEM, INTERACTIVE, BATCH)]
+    assert s.open_count() == 30
+    s.answered(BATCH, message=True, now=0)
+    assert s.open_count() == 29 and s.is_open(BATCH)
+    for _ in range(9):
+        s.answered(BATCH, message=True, now=0)
+    assert not s.is_open(BATCH)  # a full batch ends the pull
+    s.answered(SYSTEM, message=False, now=1)  # expired: its slots come back
+    assert s.open_count() == 10
+
+
+def test_a_burst_is_taken_in_few_round_trips() -> None:
+    def burst(max_batch: int) -> Model:
+        model = Model(slots=64, backlog={})
+        model.scheduler = ClassScheduler(
+            shares=SHARES, long_poll_seconds=5.0, short_poll_seconds=1.0, max_batch=max_batch
+        )
+        model.settle()
+        model.publish(INTERACTIVE, 40)
+        return model
+
+    one_by_one, batched = burst(1), burst(16)
+    for model in (one_by_one, batched):
+        assert model.grants.count(INTERACTIVE) == 40 and model.backlog[INTERACTIVE] == 0
+    assert one_by_one.pulls[INTERACTIVE] >= 40
+    assert batched.pulls[INTERACTIVE] * 2 < one_by_one.pulls[INTERACTIVE]
