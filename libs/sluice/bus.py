@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import nats
+import nats.errors
 from google.protobuf.message import Message as ProtoMessage
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -237,3 +238,26 @@ class Bus:
         except Exception:
             log.debug("drain failed; closing", exc_info=True)
             await self.nc.close()
+
+
+async def pull_batches(
+    sub: JetStreamContext.PullSubscription,
+    *,
+    batch: int,
+    running: Callable[[], bool],
+    what: str,
+) -> AsyncIterator[list[Msg]]:
+    """Batches from a durable pull subscription for as long as ``running()``: an empty
+    fetch asks again, a failed one (NATS reconnecting) after a pause."""
+    while running():
+        try:
+            msgs = await sub.fetch(batch=batch, timeout=2.0)
+        except (TimeoutError, nats.errors.TimeoutError):
+            continue
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("%s fetch failed", what, exc_info=True)
+            await asyncio.sleep(1.0)
+            continue
+        yield msgs

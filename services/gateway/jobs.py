@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sluice.bus import Bus
+from sluice.bus import Bus, pull_batches
 from sluice.common.v1 import chat_pb2
 from sluice.errors import ErrorCode, SluiceError
 from sluice.inference.v1 import inference_pb2, lifecycle_pb2
@@ -787,17 +787,8 @@ class JobTracker:
                 await self._task
 
     async def _run(self) -> None:
-        while not self._stopping:
-            try:
-                msgs = await self._sub.fetch(batch=128, timeout=2.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("lifecycle fetch failed", exc_info=True)
-                await asyncio.sleep(1.0)
-                continue
+        running = lambda: not self._stopping  # noqa: E731
+        async for msgs in pull_batches(self._sub, batch=128, running=running, what="lifecycle"):
             for msg in msgs:
                 await self._handle(msg)
 

@@ -25,14 +25,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import nats.errors
 import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
-from sluice.bus import Bus
+from sluice.bus import Bus, pull_batches
 from sluice.errors import ErrorCode, SluiceError
 from sluice.jobs.v1 import jobs_pb2
 from sluice.topology import Consumers, Subjects
@@ -288,17 +287,8 @@ class WebhookSender:
             await self._session.close()
 
     async def _run(self) -> None:
-        while not self._stopping:
-            try:
-                msgs = await self._sub.fetch(batch=16, timeout=2.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("webhook fetch failed", exc_info=True)
-                await asyncio.sleep(1.0)
-                continue
+        running = lambda: not self._stopping  # noqa: E731
+        async for msgs in pull_batches(self._sub, batch=16, running=running, what="webhook"):
             for msg in msgs:
                 task = asyncio.create_task(self._handle(msg))
                 self._inflight.add(task)
