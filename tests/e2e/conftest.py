@@ -3,18 +3,17 @@ services, started once for the e2e suite."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from sluice.embedded import EmbeddedNats, free_port, wait_for_port
+from sluice.embedded import EmbeddedNats
 from sluice.topology import ALL_SERVICES, ServiceName
 
-from tests.support.stack import REPO, Stack
+from tests.support.stack import Stack
+from tests.support.stack import simulator as running_simulator
 
 DEV_KEY = "sk-sluice-e2e-test-key-0123456789"
 
@@ -36,18 +35,8 @@ class RunningStack:
 
 @pytest.fixture(scope="session")
 def simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("sim") / "simulator.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sluice.cli", "simulator", "--port", str(port)],
-        cwd=REPO,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    wait_for_port("127.0.0.1", port, 20, proc)
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    proc.wait(10)
+    with running_simulator(tmp_path_factory.mktemp("sim") / "simulator.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

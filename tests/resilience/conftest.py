@@ -6,8 +6,6 @@ one kind at a time."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -19,13 +17,14 @@ import pytest
 from nats.js.api import DeliverPolicy
 from sluice.bus import Bus
 from sluice.cost.v1 import cost_pb2
-from sluice.embedded import EmbeddedNats, free_port, wait_for_port
+from sluice.embedded import EmbeddedNats
 from sluice.inference.v1 import inference_pb2
 from sluice.keys.v1 import keys_pb2
 from sluice.topology import Buckets, ServiceName, Streams, Subjects
 
 from services.gateway.auth import hash_secret
-from tests.support.stack import REPO, ServiceProcess, Stack
+from tests.support.stack import ServiceProcess, Stack
+from tests.support.stack import simulator as running_simulator
 
 DEV_KEY = "sk-sluice-resilience-key-0123456789"
 OTHER_TEAM_KEY = "sk-sluice-resilience-other-team-42"
@@ -131,18 +130,8 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def resilience_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("sim-resilience") / "simulator.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sluice.cli", "simulator", "--port", str(port)],
-        cwd=REPO,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    wait_for_port("127.0.0.1", port, 20, proc)
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    proc.wait(10)
+    with running_simulator(tmp_path_factory.mktemp("sim-resilience") / "simulator.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

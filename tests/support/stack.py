@@ -11,32 +11,36 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
-from sluice.embedded import free_port
+from sluice.embedded import free_port, wait_for_port
+from sluice.launcher import SERVICE_ENV_PREFIX, SERVICE_MODULES
 from sluice.topology import ServiceName, Subjects
 
 REPO = Path(__file__).resolve().parents[2]
 
-SERVICE_MODULES: dict[ServiceName, str] = {
-    ServiceName.GATEWAY: "services.gateway",
-    ServiceName.LIMITER: "services.limiter",
-    ServiceName.CACHE: "services.cache",
-    ServiceName.INFERENCE_WORKER: "services.inference_worker",
-    ServiceName.COST_TRACKER: "services.cost_tracker",
-}
 
-# Env var prefix of each service's own settings.
-SERVICE_ENV_PREFIX: dict[ServiceName, str] = {
-    ServiceName.GATEWAY: "SLUICE_GATEWAY_",
-    ServiceName.LIMITER: "SLUICE_LIMITER_",
-    ServiceName.CACHE: "SLUICE_CACHE_",
-    ServiceName.INFERENCE_WORKER: "SLUICE_WORKER_",
-    ServiceName.COST_TRACKER: "SLUICE_COST_",
-}
+@contextmanager
+def simulator(log_file: Path) -> Iterator[str]:
+    """The simulated provider as its own process on a free port; yields its /v1 URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sluice.cli", "simulator", "--port", str(port)],
+        cwd=REPO,
+        stdout=log_file.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port("127.0.0.1", port, 20, proc)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @dataclass
