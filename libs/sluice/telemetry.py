@@ -10,7 +10,6 @@ same propagator.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.propagate import set_global_textmap
@@ -53,9 +53,9 @@ class JsonLinesSpanExporter(SpanExporter):
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = [json.dumps(span_to_dict(s), separators=(",", ":")) for s in spans]
-        with self._lock, self._path.open("a", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
+        payload = b"".join(orjson.dumps(span_to_dict(s)) + b"\n" for s in spans)
+        with self._lock, self._path.open("ab") as fh:
+            fh.write(payload)
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
