@@ -82,6 +82,11 @@ class WorkConsumer:
             long_poll_seconds=settings.long_poll_seconds,
             short_poll_seconds=settings.short_poll_seconds,
             max_batch=settings.pull_batch,
+            reserved=(
+                settings.reserved_slots
+                if settings.reserved_slots is not None
+                else self.concurrency // 16
+            ),
         )
         self.tasks: set[asyncio.Task[None]] = set()
         self.pending: dict[str, int] = {}

@@ -42,11 +42,13 @@ Rules, with ``credits`` = free slots not already held by an open pull:
    the remaining slots short-poll, rotating: a class whose short poll just expired
    yields its turn, so few free slots are not parked on one idle class.
 
-Known limit: the worker never holds more messages than it can start (an open pull
-counts as a taken slot), so when every slot is busy a new interactive request waits for
-the next slot to free (at concurrency C and generation time T, about T/C on average).
-Slots reserved for the higher classes would remove that wait at the price of idle
-capacity; they are not implemented.
+5. **Reserved slots**: the worker never holds more messages than it can start (an open
+   pull counts as a taken slot), so with every slot busy a new interactive request
+   would wait for the next slot to free (at concurrency C and generation time T, about
+   T/C). The lowest class may not take the last ``reserved`` free slots
+   (``WorkerSettings.reserved_slots``; default C/16) unless its share is due, so the
+   higher classes find a slot at once, at the price of that much idle capacity while
+   only batch work waits.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class ClassScheduler:
         short_poll_seconds: float,
         order: Sequence[PriorityClass] = PRIORITY_ORDER,
         max_batch: int = 1,
+        reserved: int = 0,
     ) -> None:
         for cls, share in shares.items():
             if not 0.0 <= share <= 0.5:
@@ -110,6 +113,8 @@ class ClassScheduler:
         self.shares = {cls: shares.get(cls, 0.0) for cls in self.order[1:]}
         self.long_poll_seconds = long_poll_seconds
         self.max_batch = max(1, max_batch)
+        # Free slots the lowest class may not take (unless its share is due).
+        self.reserved = max(0, reserved)
         self.short_poll_seconds = short_poll_seconds
         self.epoch = 0
         self._state = {cls: _ClassState() for cls in self.order}
@@ -144,10 +149,38 @@ class ClassScheduler:
             polls = [Poll(cls, self.long_poll_seconds, batch) for cls in idle]
         else:
             polls = self._near_saturation(credits, now)
+        polls = self._within_reserve(polls, credits)
         for poll in polls:
             state = self._state[poll.cls]
             state.open, state.outstanding = poll, poll.batch
         return polls
+
+    def _reserved_from(self, cls: PriorityClass, free: int) -> bool:
+        """Whether ``free`` slots are all kept from ``cls`` by the reserve."""
+        return (
+            self.reserved > 0
+            and cls == self.order[-1]
+            and not self.due(cls)
+            and free <= self.reserved
+        )
+
+    def _within_reserve(self, polls: list[Poll], credits: int) -> list[Poll]:
+        """Drop (or shrink) the lowest class's poll where it would take one of the last
+        ``reserved`` free slots, counting the slots the polls before it hold."""
+        if not self.reserved:
+            return polls
+        lowest = self.order[-1]
+        kept: list[Poll] = []
+        left = credits
+        for poll in polls:
+            allowed = poll
+            if poll.cls == lowest and not self.due(lowest):
+                if self._reserved_from(lowest, left):
+                    continue
+                allowed = poll._replace(batch=min(poll.batch, left - self.reserved))
+            kept.append(allowed)
+            left -= allowed.batch
+        return kept
 
     def _near_saturation(self, credits: int, now: float) -> list[Poll]:
         polls: list[Poll] = []
@@ -161,7 +194,7 @@ class ClassScheduler:
                 if state.open.probe and cls not in due:
                     return polls  # the classes below wait for its answer
                 continue  # a poll is already waiting for this class
-            if state.empty_epoch == self.epoch:
+            if state.empty_epoch == self.epoch or self._reserved_from(cls, credits - len(polls)):
                 continue
             polls.append(Poll(cls, 0.0))
             if cls not in due:
@@ -169,7 +202,14 @@ class ClassScheduler:
         # Every class is open or answered empty since the last slot freed: short polls.
         window = 2 * self.short_poll_seconds
         asked = {p.cls for p in polls}
-        rest = [cls for cls in self.order if self._state[cls].open is None and cls not in asked]
+        left = credits - len(polls)
+        rest = [
+            cls
+            for cls in self.order
+            if self._state[cls].open is None
+            and cls not in asked
+            and not self._reserved_from(cls, left)
+        ]
         ranked = sorted(rest, key=lambda c: now - self._state[c].expired_at < window)
         polls += [Poll(cls, self.short_poll_seconds) for cls in ranked[: credits - len(polls)]]
         return polls

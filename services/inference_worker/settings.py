@@ -44,6 +44,9 @@ class WorkerSettings(BaseSettings):
     # Batch against system and interactive; interactive against system. See scheduling.py.
     batch_share: float = Field(default=0.1, ge=0.0, le=0.5)
     interactive_share: float = Field(default=0.1, ge=0.0, le=0.5)
+    # Free slots batch work may not take (unless its share is due), kept for interactive
+    # and system arrivals; None: concurrency // 16 (0 below 16 slots). See scheduling.py.
+    reserved_slots: int | None = Field(default=None, ge=0)
     # Progress acks keep the JetStream claim on long generations (well below ack_wait,
     # which is short so that a dead worker's request moves on quickly).
     in_progress_interval_seconds: float = 3.0

@@ -262,3 +262,39 @@ def test_a_burst_is_taken_in_few_round_trips() -> None:
         assert model.grants.count(INTERACTIVE) == 40 and model.backlog[INTERACTIVE] == 0
     assert one_by_one.pulls[INTERACTIVE] >= 40
     assert batched.pulls[INTERACTIVE] * 2 < one_by_one.pulls[INTERACTIVE]
+
+
+def test_batch_leaves_the_reserved_slots_to_higher_classes() -> None:
+    def saturated(reserved: int) -> Model:
+        model = Model(slots=16, backlog={})
+        model.scheduler = ClassScheduler(
+            shares=SHARES, long_poll_seconds=5.0, short_poll_seconds=1.0, reserved=reserved
+        )
+        model.settle()
+        model.publish(BATCH, 1000)
+        # The higher classes' long polls expire with nothing to bring.
+        model.expire(SYSTEM)
+        model.expire(INTERACTIVE)
+        return model
+
+    plain, reserving = saturated(0), saturated(2)
+    # Without a reserve batch takes the slots the expired polls held ...
+    assert plain.running.count(BATCH) == 16
+    # ... with one, at least two slots stay for the higher classes' polls (batch owes
+    # nothing yet: no higher class has taken work).
+    assert reserving.running.count(BATCH) <= 14
+    # ... so an interactive arrival starts at once instead of after a batch item ends.
+    reserving.publish(INTERACTIVE, 1)
+    assert reserving.running[-1] == INTERACTIVE
+    plain.publish(INTERACTIVE, 1)
+    assert INTERACTIVE not in plain.running
+
+
+def test_a_due_batch_turn_may_use_a_reserved_slot() -> None:
+    model = Model(slots=4, backlog={INTERACTIVE: 10_000, BATCH: 10_000})
+    model.scheduler = ClassScheduler(
+        shares=SHARES, long_poll_seconds=5.0, short_poll_seconds=1.0, reserved=4
+    )
+    model.settle()
+    model.finish(times=200)
+    assert 15 <= model.grants.count(BATCH) <= 25  # its share, reserve or not
