@@ -181,9 +181,23 @@ class JobStore:
         return f"job.{job_id}"
 
     async def create(self, record: jobs_pb2.JobRecord) -> int:
-        revision = await self.kv.create(self._key(record.job_id), record.SerializeToString())
-        await self.kv.put(f"team.{team_token(record.team_id)}.{record.job_id}", b"")
-        return revision
+        # Both writes in flight at once; an index entry whose record failed to be created
+        # is skipped by listing.
+        revision, _ = await asyncio.gather(
+            self.kv.create(self._key(record.job_id), record.SerializeToString()),
+            self.kv.put(f"team.{team_token(record.team_id)}.{record.job_id}", b""),
+        )
+        return int(revision)
+
+    async def update_if(self, record: jobs_pb2.JobRecord, revision: int) -> bool:
+        """Write ``record`` if nobody changed it since ``revision``."""
+        try:
+            await self.kv.update(
+                self._key(record.job_id), record.SerializeToString(), last=revision
+            )
+        except KeyWrongLastSequenceError:
+            return False
+        return True
 
     async def get(self, job_id: str) -> tuple[jobs_pb2.JobRecord, int] | None:
         try:
@@ -396,6 +410,7 @@ class JobService:
         self.webhook_secrets = webhook_secrets
         self.allow = AllowList(settings.webhook_allow_hosts)
         self.timeout = settings.publish_timeout_seconds
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- reading --------------------------------------------------------------------
 
@@ -518,7 +533,7 @@ class JobService:
             lifecycle_events=True,
         )
         try:
-            await self.store.create(record)
+            revision = await self.store.create(record)
         except NATS_FAILURES:
             self.chat.limiter.release(reservation.reservation_id, key.key_id, job_id)
             raise unavailable("The job store did not answer.") from None
@@ -543,13 +558,14 @@ class JobService:
                 self.chat.limiter.release(reservation.reservation_id, key.key_id, job_id)
                 raise unavailable("The work queue did not accept the job.") from None
 
-            def remember_sequence(r: jobs_pb2.JobRecord) -> bool:
-                r.work_sequence = ack.seq
-                return True
-
-            record = await self.store.mutate(job_id, remember_sequence) or record
             if waiter is None or wait is None:
+                # The sequence only speeds up cancelling a queued job (a cancel also
+                # reaches every worker), so it is written after the 202, not before.
+                task = asyncio.create_task(self._remember_sequence(record, revision, ack.seq))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
                 return Submitted(record)
+            await self._remember_sequence(record, revision, ack.seq)
             try:
                 event = await asyncio.wait_for(
                     waiter, timeout=min(wait, settings.max_prefer_wait_seconds)
@@ -562,6 +578,25 @@ class JobService:
             if sub is not None:
                 with contextlib.suppress(*NATS_FAILURES):
                     await sub.unsubscribe()
+
+    async def _remember_sequence(
+        self, record: jobs_pb2.JobRecord, revision: int, sequence: int
+    ) -> None:
+        """Note the work message's stream sequence on the record (to delete it from the
+        queue on cancel): one write when no lifecycle event got there first."""
+
+        def remember(r: jobs_pb2.JobRecord) -> bool:
+            r.work_sequence = sequence
+            return True
+
+        written = jobs_pb2.JobRecord()
+        written.CopyFrom(record)
+        remember(written)
+        try:
+            if not await self.store.update_if(written, revision):
+                await self.store.mutate(record.job_id, remember)
+        except NATS_FAILURES:
+            log.warning("work sequence of %s not recorded", record.job_id)
 
     async def apply(
         self, job_id: str, event: lifecycle_pb2.LifecycleEvent
