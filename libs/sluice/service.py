@@ -125,6 +125,9 @@ class ServiceRuntime:
     async def run_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
+            # Not available off the main thread (RuntimeError: in-process tests) or on
+            # loops without signal support (NotImplementedError); stop is then requested
+            # by the caller instead.
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
         await self._stopping.wait()
