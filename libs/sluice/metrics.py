@@ -6,6 +6,8 @@ reader turns dots into underscores and appends units (``gen_ai_client_token_usag
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -33,6 +35,24 @@ LATENCY_BUCKETS_S = (
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 
+class LiveCount:
+    """An up-down count kept in plain integers and read by an observable instrument
+    when metrics are collected. Same ``add`` as an ``UpDownCounter``, but an integer
+    increment instead of the SDK's measurement pipeline on every request."""
+
+    def __init__(self, meter: metrics.Meter, name: str, unit: str, description: str) -> None:
+        self._values: Counter[tuple[tuple[str, str], ...]] = Counter()
+        meter.create_observable_up_down_counter(
+            name, callbacks=[self._observe], unit=unit, description=description
+        )
+
+    def add(self, amount: int, attributes: Mapping[str, str] | None = None) -> None:
+        self._values[tuple(sorted(attributes.items())) if attributes else ()] += amount
+
+    def _observe(self, _options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        return [metrics.Observation(v, dict(k)) for k, v in list(self._values.items())]
+
+
 @dataclass(frozen=True)
 class Instruments:
     requests: metrics.Counter
@@ -42,9 +62,10 @@ class Instruments:
     time_to_first_token: metrics.Histogram
     operation_duration: metrics.Histogram
     token_usage: metrics.Histogram
-    in_flight: metrics.UpDownCounter
-    open_streams: metrics.UpDownCounter
+    in_flight: LiveCount
+    open_streams: LiveCount
     cost_usd: metrics.Counter
+    stream_backfilled: metrics.Counter
 
 
 @lru_cache(maxsize=1)
@@ -88,13 +109,18 @@ def instruments() -> Instruments:
             description="Tokens per request by gen_ai.token.type",
             explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
         ),
-        in_flight=meter.create_up_down_counter(
-            "sluice.in_flight", unit="{request}", description="Requests being processed"
+        in_flight=LiveCount(
+            meter, "sluice.in_flight", unit="{request}", description="Requests being processed"
         ),
-        open_streams=meter.create_up_down_counter(
-            "sluice.streams.open", unit="{stream}", description="Open SSE streams"
+        open_streams=LiveCount(
+            meter, "sluice.streams.open", unit="{stream}", description="Open SSE streams"
         ),
         cost_usd=meter.create_counter(
             "sluice.cost", unit="USD", description="Priced cost by model and key"
+        ),
+        stream_backfilled=meter.create_counter(
+            "sluice.stream.backfilled",
+            unit="{event}",
+            description="Stream events the live relay missed and read back from the store",
         ),
     )

@@ -22,7 +22,13 @@ import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.propagate import set_global_textmap
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import (
+    AlwaysOffExemplarFilter,
+    AlwaysOnExemplarFilter,
+    ExemplarFilter,
+    MeterProvider,
+    TraceBasedExemplarFilter,
+)
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -76,6 +82,10 @@ def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
         "end_ns": span.end_time,
         "status": span.status.status_code.name,
         "attributes": {k: _jsonable(v) for k, v in (span.attributes or {}).items()},
+        "links": [
+            {"trace_id": f"{link.context.trace_id:032x}", "span_id": f"{link.context.span_id:016x}"}
+            for link in span.links
+        ],
     }
 
 
@@ -150,11 +160,24 @@ def setup_telemetry(
         readers.append(PrometheusMetricReader())
     if otlp_endpoint:
         readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter()))
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    meter_provider = MeterProvider(
+        resource=resource, metric_readers=readers, exemplar_filter=_exemplar_filter()
+    )
     metrics.set_meter_provider(meter_provider)
     set_global_textmap(PROPAGATOR)
     _CURRENT = Telemetry(service, tracer_provider, meter_provider)
     return _CURRENT
+
+
+def _exemplar_filter() -> ExemplarFilter:
+    """Exemplars only when asked for (``OTEL_METRICS_EXEMPLAR_FILTER``): the Prometheus
+    text endpoint does not carry them, and sampling one costs every measurement."""
+    chosen = os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER", "always_off").strip().lower()
+    if chosen == "trace_based":
+        return TraceBasedExemplarFilter()
+    if chosen == "always_on":
+        return AlwaysOnExemplarFilter()
+    return AlwaysOffExemplarFilter()
 
 
 def _otlp_protocol() -> str:

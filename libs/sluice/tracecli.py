@@ -285,6 +285,9 @@ def render(tree: TraceTree, trace_id: str) -> str:
         seen.add(id(span))
         marker = "⤷ orphan " if span.orphan else ""
         attrs = " ".join(f"{k}={v}" for k, v in key_attributes(span.attributes))
+        # A link names another trace to read (a lease admission: the lease's grant).
+        for link in span.raw.get("links") or ():
+            attrs += f" link={link.get('trace_id', '')}"
         rows.append(
             (
                 span.service or "?",

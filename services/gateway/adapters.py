@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Protocol
 
 import nats.errors
 from opentelemetry import trace
@@ -24,6 +25,17 @@ log = logging.getLogger(__name__)
 
 # What "the other side did not answer" looks like from nats-py.
 NATS_FAILURES = (TimeoutError, nats.errors.Error)
+
+
+class Admission(Protocol):
+    """What the request path needs of the limiter (``Limiter``, or ``LeasingLimiter``
+    in front of it)."""
+
+    async def reserve(self, request: limiter_pb2.ReserveRequest) -> limiter_pb2.ReserveResponse: ...
+
+    def release(self, reservation_id: str, key_id: str, request_id: str) -> None: ...
+
+    async def drain(self) -> None: ...
 
 
 class Limiter:
@@ -53,6 +65,21 @@ class Limiter:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def close_lease(
+        self, lease_id: str, key_id: str, unused_tokens: int, unused_requests: int
+    ) -> None:
+        """Hand back what an admission lease never admitted, off the response path."""
+        commit = limiter_pb2.CommitRequest(
+            reservation_id=lease_id,
+            key_id=key_id,
+            close_lease=True,
+            unused_tokens=unused_tokens,
+            unused_requests=unused_requests,
+        )
+        task = asyncio.create_task(self._commit(commit, "closing a lease"))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _release(self, reservation_id: str, key_id: str, request_id: str) -> None:
         commit = limiter_pb2.CommitRequest(
             reservation_id=reservation_id,
@@ -60,12 +87,15 @@ class Limiter:
             actual=chat_pb2.Usage(),
             request_id=request_id,
         )
+        await self._commit(commit, "releasing reservation")
+
+    async def _commit(self, commit: limiter_pb2.CommitRequest, what: str) -> None:
         try:
             await self._bus.request(
                 Subjects.LIMITER_COMMIT, commit, limiter_pb2.CommitResponse, timeout=self._timeout
             )
         except NATS_FAILURES as exc:
-            log.warning("releasing reservation failed: %s", type(exc).__name__)
+            log.warning("%s failed: %s", what, type(exc).__name__)
 
     async def drain(self) -> None:
         if self._background:

@@ -8,7 +8,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -24,9 +25,10 @@ from sluice.inference.v1 import inference_pb2
 from sluice.keys.v1 import keys_pb2
 from sluice.limiter.v1 import limiter_pb2
 from sluice.metrics import Instruments
+from sluice.replay import read_events
 from sluice.topology import PriorityClass, Subjects
 
-from services.gateway.adapters import NATS_FAILURES, CacheLookup, JetStreamPublisher, Limiter
+from services.gateway.adapters import NATS_FAILURES, Admission, CacheLookup, JetStreamPublisher
 from services.gateway.inbox import Inbox
 from services.gateway.models import ChatCompletionRequest
 from services.gateway.normalize import to_chat_request
@@ -104,19 +106,47 @@ def _mergeable(delta: inference_pb2.Delta) -> bool:
     return bool(delta.content) and not (delta.tool_calls or delta.refusal or delta.finish_reason)
 
 
+# Reads what ``SLUICE_STREAMS`` holds for the request after a sequence.
+Backfill = Callable[[int], Awaitable[list[inference_pb2.StreamEvent]]]
+# A gap may be a publish the stream has not stored yet: look again this often.
+_BACKFILL_ATTEMPTS = 3
+_BACKFILL_PAUSE_SECONDS = 0.05
+# At most this many events already waiting are written to the client in one send.
+_COALESCE_MAX_EVENTS = 64
+
+
 @dataclass
 class EventReader:
     """Reads one request's stream events: skips the opening record, drops duplicate and
     stale deltas (sequence at or below the last one relayed), accepts the first terminal
-    event whatever its sequence."""
+    event whatever its sequence.
+
+    The live subscription is a core NATS subscription: a connection that was cut, or
+    one the server dropped as a slow consumer, misses events that ``SLUICE_STREAMS``
+    still holds. With ``backfill`` the reader fills such gaps from the stream before
+    going on (an event numbered past the next one expected), and looks there when the
+    subject has been quiet for a whole wait, so a lost terminal event cannot leave the
+    request hanging until its deadline. Every event then reaches the client once, in
+    order."""
 
     inbox: Inbox
     deadline: float
     last_sequence: int = 0
+    backfill: Backfill | None = None
+    backfilled: int = 0
     _seen_terminal: bool = field(default=False)
+    _ready: deque[inference_pb2.StreamEvent] = field(default_factory=deque)
 
-    async def next(self, max_wait: float) -> inference_pb2.StreamEvent | None:
+    async def next(
+        self, max_wait: float, *, look_in_store: bool = True
+    ) -> inference_pb2.StreamEvent | None:
+        """The next event, or None after ``max_wait`` without one. ``look_in_store``
+        False skips the store after a quiet wait (short waits, such as token batching)."""
         while True:
+            while self._ready:
+                event = self._ready.popleft()
+                if self._accept(event):
+                    return event
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded
@@ -124,6 +154,8 @@ class EventReader:
             if msg is None:
                 if time.monotonic() >= self.deadline:
                     raise DeadlineExceeded
+                if look_in_store and self.backfill is not None and await self._fill_idle():
+                    continue
                 return None
             event = inference_pb2.StreamEvent()
             try:
@@ -131,17 +163,72 @@ class EventReader:
             except DecodeError:
                 log.warning("undecodable stream event dropped")
                 continue
-            kind = event.WhichOneof("body")
-            if kind == "delta":
-                if event.sequence <= self.last_sequence:
-                    continue
-                self.last_sequence = event.sequence
-            elif kind not in ("final", "failure") or self._seen_terminal:
-                # The opening record (sequence 0) or a second terminal event.
+            if self.backfill is not None and self._skips_ahead(event):
+                await self._fill_gap(event)
                 continue
-            else:
-                self._seen_terminal = True
-            return event
+            if self._accept(event):
+                return event
+
+    def has_ready(self) -> bool:
+        """True when an event can be read without waiting."""
+        return bool(self._ready) or self.inbox.ready()
+
+    def _accept(self, event: inference_pb2.StreamEvent) -> bool:
+        kind = event.WhichOneof("body")
+        if kind == "delta":
+            if event.sequence <= self.last_sequence:
+                return False
+            self.last_sequence = event.sequence
+            return True
+        if kind not in ("final", "failure") or self._seen_terminal:
+            # The opening record (sequence 0) or a second terminal event.
+            return False
+        self._seen_terminal = True
+        return True
+
+    def _skips_ahead(self, event: inference_pb2.StreamEvent) -> bool:
+        if self._seen_terminal or event.WhichOneof("body") not in ("delta", "final", "failure"):
+            return False
+        return event.sequence > self.last_sequence + 1
+
+    async def _fill_gap(self, event: inference_pb2.StreamEvent) -> None:
+        """Queue the stored events between the last one relayed and ``event``, then it."""
+        assert self.backfill is not None
+        wanted = event.sequence - self.last_sequence - 1
+        found: dict[int, inference_pb2.StreamEvent] = {}
+        for attempt in range(_BACKFILL_ATTEMPTS):
+            try:
+                stored = await self.backfill(self.last_sequence)
+            except Exception as exc:  # the live event still goes out; the gap is logged
+                log.warning("stream backfill failed: %s", type(exc).__name__)
+                break
+            for e in stored:
+                if self.last_sequence < e.sequence < event.sequence and e.HasField("delta"):
+                    found.setdefault(e.sequence, e)
+            if len(found) >= wanted or attempt == _BACKFILL_ATTEMPTS - 1:
+                break
+            await asyncio.sleep(_BACKFILL_PAUSE_SECONDS)
+        if len(found) < wanted:
+            log.warning("stream gap: %d of %d events not in the store", wanted - len(found), wanted)
+        self.backfilled += len(found)
+        self._ready.extend(found[s] for s in sorted(found))
+        self._ready.append(event)
+
+    async def _fill_idle(self) -> bool:
+        """After a quiet wait: queue whatever the store holds past the last event."""
+        assert self.backfill is not None
+        try:
+            stored = await self.backfill(self.last_sequence)
+        except Exception as exc:
+            log.warning("stream backfill failed: %s", type(exc).__name__)
+            return False
+        fresh = sorted(
+            (e for e in stored if e.WhichOneof("body") in ("delta", "final", "failure")),
+            key=lambda e: e.sequence,
+        )
+        self.backfilled += len(fresh)
+        self._ready.extend(fresh)
+        return bool(fresh)
 
 
 def cache_policy(
@@ -221,7 +308,7 @@ class ChatService:
         settings: GatewaySettings,
         bus: Bus,
         catalog: Catalog,
-        limiter: Limiter,
+        limiter: Admission,
         cache: CacheLookup,
         publisher: JetStreamPublisher,
         instruments: Instruments,
@@ -475,7 +562,7 @@ class ChatService:
             self.limiter.release(reservation_id, key.key_id, meta.request_id)
             raise
 
-        reader = EventReader(inbox, deadline)
+        reader = EventReader(inbox, deadline, backfill=self.backfill(meta.request_id))
         if not request.stream:
             try:
                 return ChatResult(headers, body=await self._wait_final(reader, meta, headers))
@@ -521,9 +608,12 @@ class ChatService:
     ) -> bytes:
         while True:
             try:
-                event = await reader.next(3600.0)
+                # Quiet for a heartbeat's time: the reader looks in the store, then waits on.
+                event = await reader.next(self.settings.sse_heartbeat_seconds)
             except DeadlineExceeded:
                 raise _timeout_error(headers) from None
+            finally:
+                self._count_backfilled(reader)
             if event is None:
                 continue
             if event.HasField("final"):
@@ -572,30 +662,45 @@ class ChatService:
                         yield hint + relay.failure(reader.last_sequence + 1, problem)
                         return
                 read = True
-                pending: inference_pb2.StreamEvent | None = None
                 if event is None:
                     yield SSE_HEARTBEAT
-                elif event.HasField("delta"):
-                    if meta.ttft_ms is None:
-                        meta.ttft_ms = (time.perf_counter() - meta.started) * 1000
-                    event, pending = await self._batch(reader, event)
-                    yield hint + relay.delta(event.sequence, event.delta)
-                    hint = b""
-                elif event.HasField("final"):
-                    ended = True
-                    sluice = final_sluice(meta, event.final, cache_hit=False)
-                    yield hint + relay.final(event.sequence, event.final, sluice)
+                    continue
+                # The events already here go out in one write: nothing waits for them,
+                # and a burst costs one send instead of one per event.
+                out = [hint]
+                hint = b""
+                while True:
+                    pending: inference_pb2.StreamEvent | None = None
+                    if event.HasField("delta"):
+                        if meta.ttft_ms is None:
+                            meta.ttft_ms = (time.perf_counter() - meta.started) * 1000
+                        event, pending = await self._batch(reader, event)
+                        out.append(relay.delta(event.sequence, event.delta))
+                    elif event.HasField("final"):
+                        ended = True
+                        sluice = final_sluice(meta, event.final, cache_hit=False)
+                        out.append(relay.final(event.sequence, event.final, sluice))
+                        break
+                    elif event.HasField("failure"):
+                        ended = True
+                        err = failure_error(event.failure, {})
+                        problem = self.stream_problem(err, meta, instance)
+                        out.append(relay.failure(event.sequence, problem))
+                        break
+                    if pending is not None:
+                        event = pending
+                        continue
+                    if len(out) > _COALESCE_MAX_EVENTS or not reader.has_ready():
+                        break
+                    ready = await reader.next(0.0, look_in_store=False)
+                    if ready is None:
+                        break
+                    event = ready
+                yield b"".join(out)
+                if ended:
                     return
-                elif event.HasField("failure"):
-                    ended = True
-                    err = failure_error(event.failure, {})
-                    problem = self.stream_problem(err, meta, instance)
-                    yield hint + relay.failure(event.sequence, problem)
-                    return
-                if pending is not None:
-                    event = pending
-                    read = False
         finally:
+            self._count_backfilled(reader)
             self.open_streams -= 1
             self.instruments.open_streams.add(-1)
             await _unsubscribe(sub)
@@ -616,7 +721,7 @@ class ChatService:
         count = 1
         while count < limit:
             try:
-                nxt = await reader.next(max(0.0, until - time.monotonic()))
+                nxt = await reader.next(max(0.0, until - time.monotonic()), look_in_store=False)
             except DeadlineExceeded:
                 break
             if nxt is None:
@@ -634,6 +739,22 @@ class ChatService:
             merged.sequence = nxt.sequence
             count += 1
         return merged or event, None
+
+    def backfill(self, request_id: str) -> Backfill:
+        """Reads the events ``SLUICE_STREAMS`` holds for ``request_id`` after a sequence."""
+        js = self.bus.js
+        wait = self.settings.resume_read_timeout_seconds
+
+        async def stored_after(sequence: int) -> list[inference_pb2.StreamEvent]:
+            events = await read_events(js, request_id, wait_seconds=wait)
+            return [e for e in events or () if e.sequence > sequence]
+
+        return stored_after
+
+    def _count_backfilled(self, reader: EventReader) -> None:
+        if reader.backfilled:
+            self.instruments.stream_backfilled.add(reader.backfilled)
+            reader.backfilled = 0
 
     async def cancel(self, request_id: str) -> None:
         """Ask the worker running ``request_id`` (or the next to pick it up) to stop."""

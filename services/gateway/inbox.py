@@ -24,6 +24,9 @@ class Inbox:
         if self._waiter is not None:
             _wake(self._waiter)
 
+    def ready(self) -> bool:
+        return bool(self._items)
+
     async def get(self, wait_seconds: float) -> Msg | None:
         """The next message, or None after ``wait_seconds`` without one."""
         if not self._items:

@@ -19,6 +19,7 @@ from services.gateway.auth import KeyStore, bootstrap_dev_key
 from services.gateway.chat import ChatService
 from services.gateway.edge import Edge
 from services.gateway.jobs_runtime import start_jobs
+from services.gateway.leases import LeasingLimiter
 from services.gateway.server import create_server
 from services.gateway.settings import GatewaySettings
 
@@ -50,7 +51,9 @@ async def main() -> None:
         settings=settings,
         bus=bus,
         catalog=catalog,
-        limiter=Limiter(bus, settings.limiter_timeout_seconds),
+        limiter=LeasingLimiter(
+            Limiter(bus, settings.limiter_timeout_seconds), settings.admission_lease_requests
+        ),
         cache=CacheLookup(bus, settings.cache_timeout_seconds),
         publisher=JetStreamPublisher(bus, settings.publish_timeout_seconds),
         instruments=inst,

@@ -163,7 +163,12 @@ class StreamResumer:
 
             return ChatResult(headers, stream=finished())
         deadline = time.monotonic() + self.settings.request_timeout_seconds
-        reader = EventReader(inbox, deadline, last_sequence=max(after, history.last_sequence))
+        reader = EventReader(
+            inbox,
+            deadline,
+            last_sequence=max(after, history.last_sequence),
+            backfill=self.chat.backfill(request_id),
+        )
         return ChatResult(
             headers,
             stream=self.chat.relay(

@@ -368,6 +368,11 @@ class InferenceEngine:
                     request_id=req.work.request_id, sequence=req.sequence, delta=delta
                 ),
             )
+            if req.sequence == 1:
+                # A publish is written when the loop next runs the client's flusher; a
+                # provider that sends a burst would otherwise hold the first token back
+                # until the whole burst is relayed.
+                await asyncio.sleep(0)
 
         started = time.monotonic()
         with self._tracer.start_as_current_span(

@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from sluice.leases import Share, parse_share
+
 TPM = "tpm"
 RPM = "rpm"
 
@@ -48,6 +50,10 @@ class LimiterConfig:
     # Reservations without usage after this long are forgotten, keeping their full
     # reserved amount (see ``Limiter.expire``).
     reservation_ttl_ms: int = 600_000
+    # Admission leases (see ``Limiter.reserve``): how long a holder may admit from one,
+    # and the share of what a key has left that one lease may take (1/divisor).
+    lease_ttl_ms: int = 2_000
+    lease_divisor: int = 8
 
     def __post_init__(self) -> None:
         if self.sub_bucket_ms <= 0 or self.window_ms <= 0:
@@ -56,6 +62,8 @@ class LimiterConfig:
             raise ValueError("window_ms must be a multiple of sub_bucket_ms")
         if self.default_tokens_per_minute <= 0 or self.default_requests_per_minute <= 0:
             raise ValueError("default quotas must be positive")
+        if self.lease_ttl_ms <= 0 or self.lease_divisor < 1:
+            raise ValueError("lease TTL must be positive and the divisor at least 1")
 
 
 @dataclass(slots=True)
@@ -109,6 +117,11 @@ class Reservation:
     tokens: int
     created_ms: int
     expires_ms: int
+    # A lease holds ``requests`` requests and ``tokens`` tokens for several requests;
+    # ``settled`` are the share numbers whose usage has been applied.
+    requests: int = 1
+    lease: bool = False
+    settled: set[int] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -130,6 +143,9 @@ class Decision:
     reserved_tokens: int = 0
     denied_by: str = ""
     retry_after_ms: int = 0
+    # Granted beyond this request when a lease was asked for and the key has room.
+    lease_tokens: int = 0
+    lease_requests: int = 0
 
 
 @dataclass(slots=True)
@@ -168,6 +184,9 @@ class Limiter:
         self._keys: dict[str, KeyState] = {}
         # Insertion order = creation order; all share one TTL, so expiry pops the front.
         self._reservations: dict[str, Reservation] = {}
+        # Closed leases, kept to their TTL so that late usage of their shares still
+        # lands in the right sub-bucket, once.
+        self._closed_leases: dict[str, Reservation] = {}
         self._last_bucket = 0
         # Unique across restarts (fresh prefix per process) without a uuid per request.
         self._id_prefix = secrets.token_hex(6)
@@ -202,8 +221,19 @@ class Limiter:
         request_id: str = "",
         tokens_per_minute: int = 0,
         requests_per_minute: int = 0,
+        lease_tokens: int = 0,
+        lease_requests: int = 0,
     ) -> Decision:
-        """Admit or refuse one request that may spend ``input + max_output`` tokens."""
+        """Admit or refuse one request that may spend ``input + max_output`` tokens.
+
+        With ``lease_tokens`` and ``lease_requests`` the caller also asks for a lease: a
+        reservation of up to that much more, from which it admits the key's next
+        requests itself (one round trip here per lease instead of per request). The
+        lease counts in the window from the moment it is granted, so the quota holds
+        across every holder; a lease takes at most 1/``lease_divisor`` of what the key
+        has left, and when that is not room for even one more request it is not granted
+        (the caller comes back for each request, as without leases).
+        """
         cfg = self.config
         tpm = tokens_per_minute if tokens_per_minute > 0 else cfg.default_tokens_per_minute
         rpm = requests_per_minute if requests_per_minute > 0 else cfg.default_requests_per_minute
@@ -223,8 +253,16 @@ class Limiter:
                 retry_after_ms=max(retry_tpm, retry_rpm),
             )
 
-        state.tokens.add(current, need)
-        state.requests.add(current, 1)
+        extra_tokens = extra_requests = 0
+        if lease_tokens > 0 and lease_requests > 0:
+            extra_tokens = min(lease_tokens, (tpm - state.tokens.total - need) // cfg.lease_divisor)
+            extra_requests = min(
+                lease_requests, (rpm - state.requests.total - 1) // cfg.lease_divisor
+            )
+            if extra_tokens < max(1, need) or extra_requests <= 0:
+                extra_tokens = extra_requests = 0
+        state.tokens.add(current, need + extra_tokens)
+        state.requests.add(current, 1 + extra_requests)
         state.open_reservations += 1
         reservation_id = f"{self._id_prefix}-{next(self._ids):x}"
         self._reservations[reservation_id] = Reservation(
@@ -232,15 +270,19 @@ class Limiter:
             key_id=key_id,
             request_id=request_id,
             bucket=current,
-            tokens=need,
+            tokens=need + extra_tokens,
             created_ms=now_ms,
             expires_ms=now_ms + cfg.reservation_ttl_ms,
+            requests=1 + extra_requests,
+            lease=extra_tokens > 0,
         )
         return Decision(
             allowed=True,
             policies=self._views(state, now_ms),
             reservation_id=reservation_id,
             reserved_tokens=need,
+            lease_tokens=extra_tokens,
+            lease_requests=extra_requests,
         )
 
     def _retry_after(self, window: Window, need: int, quota: int, now_ms: int) -> int:
@@ -269,9 +311,13 @@ class Limiter:
         aged out, a refund has nothing left to refund, but usage above the reservation
         was spent just now and is charged to the current sub-bucket.
         """
-        reservation = self._reservations.pop(reservation_id, None)
-        if reservation is None:
+        share = parse_share(reservation_id)
+        if share is not None:
+            return self._settle_share(share, actual_tokens, now_ms)
+        reservation = self._reservations.get(reservation_id)
+        if reservation is None or reservation.lease:
             return None
+        del self._reservations[reservation_id]
         actual = max(0, actual_tokens)
         delta = actual - reservation.tokens
         current = self._bucket(now_ms)
@@ -280,6 +326,43 @@ class Limiter:
         if delta and not state.tokens.adjust(reservation.bucket, delta) and delta > 0:
             state.tokens.add(current, delta)
         return Settlement(reservation=reservation, actual_tokens=actual, delta=delta)
+
+    def _settle_share(self, share: Share, actual_tokens: int, now_ms: int) -> Settlement | None:
+        """One request admitted from a lease: its actual usage replaces its share, in the
+        lease's sub-bucket (or, when that has aged out, any excess in the current one).
+        Each share settles once; the lease itself stays open for its other requests."""
+        lease = self._reservations.get(share.lease_id) or self._closed_leases.get(share.lease_id)
+        if lease is None or not lease.lease or share.number in lease.settled:
+            return None
+        lease.settled.add(share.number)
+        actual = max(0, actual_tokens)
+        delta = actual - share.tokens
+        current = self._bucket(now_ms)
+        state = self._state(lease.key_id, current)
+        if delta and not state.tokens.adjust(lease.bucket, delta) and delta > 0:
+            state.tokens.add(current, delta)
+        return Settlement(reservation=lease, actual_tokens=actual, delta=delta)
+
+    def close_lease(
+        self, lease_id: str, unused_tokens: int, unused_requests: int, now_ms: int
+    ) -> bool:
+        """The holder stopped admitting from a lease: what it never handed out goes
+        back (into the lease's sub-bucket, if still counted). False if unknown."""
+        lease = self._reservations.get(lease_id)
+        if lease is None or not lease.lease:
+            return False
+        del self._reservations[lease_id]
+        current = self._bucket(now_ms)
+        state = self._state(lease.key_id, current)
+        state.open_reservations = max(0, state.open_reservations - 1)
+        tokens = min(max(0, unused_tokens), lease.tokens)
+        requests = min(max(0, unused_requests), lease.requests)
+        if tokens:
+            state.tokens.adjust(lease.bucket, -tokens)
+        if requests:
+            state.requests.adjust(lease.bucket, -requests)
+        self._closed_leases[lease_id] = lease
+        return True
 
     def quota(self, key_id: str, now_ms: int) -> QuotaView:
         current = self._bucket(now_ms)
@@ -311,6 +394,8 @@ class Limiter:
             if state is not None:
                 state.open_reservations = max(0, state.open_reservations - 1)
         self.expired_total += expired
+        for lease_id in [i for i, r in self._closed_leases.items() if r.expires_ms <= now_ms]:
+            del self._closed_leases[lease_id]
 
         current = self._bucket(now_ms)
         idle = []
@@ -395,6 +480,9 @@ class Limiter:
                 "tokens": r.tokens,
                 "created_ms": r.created_ms,
                 "expires_ms": r.expires_ms,
+                "requests": r.requests,
+                "lease": r.lease,
+                "settled": sorted(r.settled),
             }
             for r in self._reservations.values()
         ]
@@ -404,6 +492,7 @@ class Limiter:
         """Replace the state by a snapshot, dropping what has aged out since it was taken."""
         self._keys.clear()
         self._reservations.clear()
+        self._closed_leases.clear()
         self._last_bucket = max(self._last_bucket, snapshot.last_bucket)
         for key_id, data in snapshot.keys.items():
             state = KeyState(tpm_quota=int(data["tpm_quota"]), rpm_quota=int(data["rpm_quota"]))
@@ -421,6 +510,9 @@ class Limiter:
                 tokens=int(raw["tokens"]),
                 created_ms=int(raw["created_ms"]),
                 expires_ms=int(raw["expires_ms"]),
+                requests=int(raw.get("requests", 1)),
+                lease=bool(raw.get("lease", False)),
+                settled={int(n) for n in raw.get("settled", ())},
             )
             self._reservations[reservation.reservation_id] = reservation
             owner = self._keys.get(reservation.key_id)

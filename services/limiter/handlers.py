@@ -109,12 +109,17 @@ class LimiterHandlers:
             request_id=request.request_id,
             tokens_per_minute=request.tokens_per_minute,
             requests_per_minute=request.requests_per_minute,
+            lease_tokens=request.lease_tokens,
+            lease_requests=request.lease_requests,
         )
         span = trace.get_current_span()
         span.set_attribute("sluice.key_id", request.key_id)
         span.set_attribute("sluice.limiter.allowed", decision.allowed)
         if decision.allowed:
             span.set_attribute("sluice.limiter.reserved_tokens", decision.reserved_tokens)
+            if decision.lease_tokens:
+                span.set_attribute("sluice.limiter.lease_tokens", decision.lease_tokens)
+                span.set_attribute("sluice.limiter.lease_requests", decision.lease_requests)
             self.metrics.decisions["allowed", ""] += 1
         else:
             span.set_attribute("sluice.limiter.denied_by", decision.denied_by)
@@ -130,11 +135,23 @@ class LimiterHandlers:
             denied_by=decision.denied_by,
             retry_after_ms=decision.retry_after_ms,
             reserved_tokens=decision.reserved_tokens,
+            lease_tokens=decision.lease_tokens,
+            lease_requests=decision.lease_requests,
+            lease_ttl_ms=self.limiter.config.lease_ttl_ms if decision.lease_tokens else 0,
         )
 
     async def commit(
         self, request: limiter_pb2.CommitRequest, _msg: Msg | None = None
     ) -> limiter_pb2.CommitResponse:
+        if request.close_lease:
+            closed = self.limiter.close_lease(
+                request.reservation_id,
+                request.unused_tokens,
+                request.unused_requests,
+                self.clock(),
+            )
+            self.metrics.settlements["lease_close", "settled" if closed else "unknown"] += 1
+            return limiter_pb2.CommitResponse(found=closed)
         actual = request.actual.input_tokens + request.actual.output_tokens
         settlement = self._settle(request.reservation_id, actual, source="commit")
         trace.get_current_span().set_attribute("sluice.key_id", request.key_id)

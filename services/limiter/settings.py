@@ -26,6 +26,10 @@ class LimiterSettings(BaseSettings):
     sub_bucket_ms: int = Field(default=1_000, gt=0)
     # A reservation with no usage after this long is forgotten at its reserved amount.
     reservation_ttl_seconds: float = Field(default=600.0, gt=0)
+    # Admission leases: how long a gateway may admit a key's requests from one, and
+    # the share of what the key has left that one lease may take (1/divisor).
+    lease_ttl_ms: int = Field(default=2_000, gt=0)
+    lease_divisor: int = Field(default=8, ge=1)
     # Spend recorded since the last snapshot is what a crash (not a SIGTERM) forgets.
     snapshot_interval_seconds: float = Field(default=5.0, gt=0)
     # KV key of this instance's snapshot in the limiter snapshots bucket.
@@ -50,4 +54,6 @@ class LimiterSettings(BaseSettings):
             window_ms=self.window_seconds * 1000,
             sub_bucket_ms=self.sub_bucket_ms,
             reservation_ttl_ms=int(self.reservation_ttl_seconds * 1000),
+            lease_ttl_ms=self.lease_ttl_ms,
+            lease_divisor=self.lease_divisor,
         )

@@ -161,6 +161,13 @@ async def test_raw_sse_has_ids_and_done(client: httpx.AsyncClient) -> None:
 async def test_one_request_is_one_trace_across_all_services(e2e: RunningStack) -> None:
     trace_id, parent = new_traceparent()
     async with httpx.AsyncClient(timeout=30) as http:
+        # The key's first request in a while asks the limiter for itself and a lease.
+        warm_up = await http.post(
+            f"{e2e.gateway_url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {DEV_KEY}"},
+            json={"model": "sim-fast", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert warm_up.status_code == 200, warm_up.text
         resp = await http.post(
             f"{e2e.gateway_url}/v1/chat/completions",
             headers={"Authorization": f"Bearer {DEV_KEY}", "traceparent": parent},
@@ -189,7 +196,19 @@ async def test_one_request_is_one_trace_across_all_services(e2e: RunningStack) -
             for s in spans
         )
 
-    assert edge("gateway", "limiter")
+    # Admission from the lease the warm-up request obtained: a span in the gateway whose
+    # link leads to the trace where the limiter, called by the gateway, granted it.
+    (admit,) = [s for s in spans if s["name"] == "limiter.lease admit"]
+    assert not edge("gateway", "limiter")
+    (link,) = admit["links"]
+    grant = await wait_for_trace(e2e.state_dir, link["trace_id"], {"gateway", "limiter"})
+    granted = {s["span_id"]: s for s in grant}
+    assert any(
+        s["service"] == "limiter"
+        and s["attributes"].get("sluice.limiter.lease_tokens", 0) > 0
+        and granted.get(s["parent_span_id"], {}).get("service") == "gateway"
+        for s in grant
+    ), grant
     assert edge("gateway", "cache")
     assert edge("gateway", "inference-worker")
     assert edge("inference-worker", "cost-tracker")

@@ -269,3 +269,82 @@ def test_unknown_snapshot_version_is_rejected() -> None:
 def test_config_rejects_a_window_that_is_not_whole_sub_buckets() -> None:
     with pytest.raises(ValueError):
         LimiterConfig(window_ms=60_000, sub_bucket_ms=7_000)
+
+
+# --- admission leases ---------------------------------------------------------------
+
+
+def lease(lim: Limiter, tokens: int, at: int, lease_requests: int = 10) -> Decision:
+    return lim.reserve(
+        "k",
+        input_tokens=tokens,
+        max_output_tokens=0,
+        now_ms=T0 + at,
+        lease_tokens=tokens * lease_requests,
+        lease_requests=lease_requests,
+    )
+
+
+def test_lease_takes_at_most_a_share_of_what_is_left_and_counts_at_once() -> None:
+    lim = limiter(tpm=10_000, rpm=100)
+    d = lease(lim, 100, 0)
+    # Left after this request: 9,900 tokens and 99 requests; a lease takes 1/8 of each.
+    assert d.allowed and (d.lease_tokens, d.lease_requests) == (1000, 10)
+    assert policy(d, TPM).remaining == 10_000 - 100 - 1000
+    assert policy(d, RPM).remaining == 100 - 1 - 10
+    assert lim.open_reservations == 1
+
+
+def test_no_lease_when_the_key_has_no_room_for_another_request() -> None:
+    lim = limiter(tpm=1000, rpm=100)
+    d = lease(lim, 900, 0)
+    assert d.allowed and d.lease_tokens == 0 and d.lease_requests == 0
+    assert policy(d, TPM).remaining == 100
+    # A plain reservation: usage settles it as before.
+    assert lim.settle(d.reservation_id, 500, T0 + 10) is not None
+    assert lim.open_reservations == 0
+
+
+def test_lease_shares_settle_once_each_and_close_returns_the_unused() -> None:
+    from sluice.leases import share_id
+
+    lim = limiter(tpm=10_000, rpm=100)
+    d = lease(lim, 100, 0)
+    first = share_id(d.reservation_id, 1, 100)
+    second = share_id(d.reservation_id, 2, 100)
+    # The first request used 40 of its 100; the second request (from the lease) 250.
+    assert lim.settle(first, 40, T0 + 10) is not None
+    assert lim.settle(first, 40, T0 + 11) is None, "a redelivered usage event changes nothing"
+    assert lim.settle(second, 250, T0 + 12) is not None
+    # The holder admitted one request of its 10 and 100 of its 1000 tokens.
+    assert lim.close_lease(d.reservation_id, 900, 9, T0 + 20)
+    view = lim.quota("k", T0 + 30)
+    assert policy(view, TPM).remaining == 10_000 - 40 - 250
+    assert policy(view, RPM).remaining == 100 - 2
+    assert view.open_reservations == 0
+    assert not lim.close_lease(d.reservation_id, 900, 9, T0 + 21)
+
+
+def test_late_share_after_close_still_lands_once() -> None:
+    from sluice.leases import share_id
+
+    lim = limiter(tpm=10_000, rpm=100)
+    d = lease(lim, 100, 0)
+    assert lim.close_lease(d.reservation_id, 1000, 10, T0 + 5)
+    late = share_id(d.reservation_id, 1, 100)
+    assert lim.settle(late, 160, T0 + 50) is not None
+    assert lim.settle(late, 160, T0 + 51) is None
+    assert policy(lim.quota("k", T0 + 60), TPM).remaining == 10_000 - 160
+
+
+def test_lease_survives_a_snapshot() -> None:
+    from sluice.leases import share_id
+
+    lim = limiter(tpm=10_000, rpm=100)
+    d = lease(lim, 100, 0)
+    assert lim.settle(share_id(d.reservation_id, 1, 100), 100, T0 + 1) is not None
+    restored = limiter(tpm=10_000, rpm=100)
+    restored.restore(decode_snapshot(encode_snapshot(lim.snapshot(T0 + 2))), T0 + 3)
+    assert restored.settle(share_id(d.reservation_id, 1, 100), 100, T0 + 4) is None
+    assert restored.close_lease(d.reservation_id, 1000, 10, T0 + 5)
+    assert policy(restored.quota("k", T0 + 6), TPM).remaining == 10_000 - 100

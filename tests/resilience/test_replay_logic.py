@@ -161,3 +161,69 @@ def test_cancel_registry_forgets_after_its_window() -> None:
     for rid in ("a", "b", "c"):
         registry.add(rid)
     assert "a" not in registry and "b" in registry and "c" in registry
+
+
+class _Msg:
+    def __init__(self, event: inference_pb2.StreamEvent) -> None:
+        self.data = event.SerializeToString()
+
+
+async def _drain(reader: EventReader, wait: float = 0.05) -> list[int]:
+    got = []
+    while True:
+        event = await reader.next(wait)
+        if event is None:
+            return got
+        got.append(event.sequence)
+        if event.HasField("final"):
+            return got
+
+
+def _store(events: list[inference_pb2.StreamEvent]) -> Any:
+    reads: list[int] = []
+
+    async def stored_after(sequence: int) -> list[inference_pb2.StreamEvent]:
+        reads.append(sequence)
+        return [e for e in events if e.sequence > sequence]
+
+    stored_after.reads = reads  # type: ignore[attr-defined]
+    return stored_after
+
+
+async def test_reader_fills_a_gap_in_the_live_relay_from_the_store() -> None:
+    """Events 2 and 3 never reached the live subscription: they come from the store,
+    before 4, and nothing is sent twice."""
+    stored = [opened(), delta(1, "a"), delta(2, "b"), delta(3, "c"), delta(4, "d"), final(5)]
+    inbox = Inbox()
+    for sent in (delta(1, "a"), delta(4, "d"), delta(3, "c"), final(5)):
+        await inbox.push(_Msg(sent))  # type: ignore[arg-type]
+    backfill = _store(stored)
+    reader = EventReader(inbox, time.monotonic() + 60, backfill=backfill)
+    assert await _drain(reader) == [1, 2, 3, 4, 5]
+    assert reader.backfilled == 2
+    assert backfill.reads == [1]
+
+
+async def test_reader_finds_a_lost_terminal_event_after_a_quiet_wait() -> None:
+    stored = [opened(), delta(1, "a"), delta(2, "b"), final(3)]
+    inbox = Inbox()
+    for sent in (delta(1, "a"), delta(2, "b")):
+        await inbox.push(_Msg(sent))  # type: ignore[arg-type]
+    reader = EventReader(inbox, time.monotonic() + 60, backfill=_store(stored))
+    assert await _drain(reader) == [1, 2, 3]
+
+
+async def test_reader_relays_what_it_has_when_the_store_lacks_the_gap() -> None:
+    inbox = Inbox()
+    for sent in (delta(1, "a"), delta(3, "c"), final(4)):
+        await inbox.push(_Msg(sent))  # type: ignore[arg-type]
+    reader = EventReader(inbox, time.monotonic() + 60, backfill=_store([]))
+    assert await _drain(reader) == [1, 3, 4]
+    assert reader.backfilled == 0
+
+
+async def test_reader_skips_the_store_on_short_waits() -> None:
+    backfill = _store([delta(1, "a")])
+    reader = EventReader(Inbox(), time.monotonic() + 60, backfill=backfill)
+    assert await reader.next(0.01, look_in_store=False) is None
+    assert backfill.reads == []

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sluice.common.v1 import chat_pb2 as sluice_dot_common_dot_v1_dot_chat__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsluice/limiter/v1/limiter.proto\x12\x11sluice.limiter.v1\x1a\x1bsluice/common/v1/chat.proto\"\xbd\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x06 \x01(\x03\x12\x19\n\x11tokens_per_minute\x18\x07 \x01(\x03\x12\x1b\n\x13requests_per_minute\x18\x08 \x01(\x03\"g\n\x0bPolicyState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05quota\x18\x02 \x01(\x03\x12\x11\n\tremaining\x18\x03 \x01(\x03\x12\x16\n\x0ewindow_seconds\x18\x04 \x01(\x03\x12\x10\n\x08reset_ms\x18\x05 \x01(\x03\"\xb0\x01\n\x0fReserveResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x30\n\x08policies\x18\x03 \x03(\x0b\x32\x1e.sluice.limiter.v1.PolicyState\x12\x11\n\tdenied_by\x18\x04 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x05 \x01(\x03\x12\x17\n\x0freserved_tokens\x18\x06 \x01(\x03\"t\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\'\n\x06\x61\x63tual\x18\x03 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x1f\n\x0e\x43ommitResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"!\n\x0fGetQuotaRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"o\n\x10GetQuotaResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x30\n\x08policies\x18\x02 \x03(\x0b\x32\x1e.sluice.limiter.v1.PolicyState\x12\x19\n\x11open_reservations\x18\x03 \x01(\x03\x32\x63\n\x0cQuotaService\x12S\n\x08GetQuota\x12\".sluice.limiter.v1.GetQuotaRequest\x1a#.sluice.limiter.v1.GetQuotaResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsluice/limiter/v1/limiter.proto\x12\x11sluice.limiter.v1\x1a\x1bsluice/common/v1/chat.proto\"\xeb\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x06 \x01(\x03\x12\x19\n\x11tokens_per_minute\x18\x07 \x01(\x03\x12\x1b\n\x13requests_per_minute\x18\x08 \x01(\x03\x12\x14\n\x0clease_tokens\x18\t \x01(\x03\x12\x16\n\x0elease_requests\x18\n \x01(\x03\"g\n\x0bPolicyState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05quota\x18\x02 \x01(\x03\x12\x11\n\tremaining\x18\x03 \x01(\x03\x12\x16\n\x0ewindow_seconds\x18\x04 \x01(\x03\x12\x10\n\x08reset_ms\x18\x05 \x01(\x03\"\xf4\x01\n\x0fReserveResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x30\n\x08policies\x18\x03 \x03(\x0b\x32\x1e.sluice.limiter.v1.PolicyState\x12\x11\n\tdenied_by\x18\x04 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x05 \x01(\x03\x12\x17\n\x0freserved_tokens\x18\x06 \x01(\x03\x12\x14\n\x0clease_tokens\x18\x07 \x01(\x03\x12\x16\n\x0elease_requests\x18\x08 \x01(\x03\x12\x14\n\x0clease_ttl_ms\x18\t \x01(\x03\"\xb9\x01\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\'\n\x06\x61\x63tual\x18\x03 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x13\n\x0b\x63lose_lease\x18\x05 \x01(\x08\x12\x15\n\runused_tokens\x18\x06 \x01(\x03\x12\x17\n\x0funused_requests\x18\x07 \x01(\x03\"\x1f\n\x0e\x43ommitResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"!\n\x0fGetQuotaRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"o\n\x10GetQuotaResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x30\n\x08policies\x18\x02 \x03(\x0b\x32\x1e.sluice.limiter.v1.PolicyState\x12\x19\n\x11open_reservations\x18\x03 \x01(\x03\x32\x63\n\x0cQuotaService\x12S\n\x08GetQuota\x12\".sluice.limiter.v1.GetQuotaRequest\x1a#.sluice.limiter.v1.GetQuotaResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.limiter.v1.limiter_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESERVEREQUEST']._serialized_start=84
-  _globals['_RESERVEREQUEST']._serialized_end=273
-  _globals['_POLICYSTATE']._serialized_start=275
-  _globals['_POLICYSTATE']._serialized_end=378
-  _globals['_RESERVERESPONSE']._serialized_start=381
-  _globals['_RESERVERESPONSE']._serialized_end=557
-  _globals['_COMMITREQUEST']._serialized_start=559
-  _globals['_COMMITREQUEST']._serialized_end=675
-  _globals['_COMMITRESPONSE']._serialized_start=677
-  _globals['_COMMITRESPONSE']._serialized_end=708
-  _globals['_GETQUOTAREQUEST']._serialized_start=710
-  _globals['_GETQUOTAREQUEST']._serialized_end=743
-  _globals['_GETQUOTARESPONSE']._serialized_start=745
-  _globals['_GETQUOTARESPONSE']._serialized_end=856
-  _globals['_QUOTASERVICE']._serialized_start=858
-  _globals['_QUOTASERVICE']._serialized_end=957
+  _globals['_RESERVEREQUEST']._serialized_end=319
+  _globals['_POLICYSTATE']._serialized_start=321
+  _globals['_POLICYSTATE']._serialized_end=424
+  _globals['_RESERVERESPONSE']._serialized_start=427
+  _globals['_RESERVERESPONSE']._serialized_end=671
+  _globals['_COMMITREQUEST']._serialized_start=674
+  _globals['_COMMITREQUEST']._serialized_end=859
+  _globals['_COMMITRESPONSE']._serialized_start=861
+  _globals['_COMMITRESPONSE']._serialized_end=892
+  _globals['_GETQUOTAREQUEST']._serialized_start=894
+  _globals['_GETQUOTAREQUEST']._serialized_end=927
+  _globals['_GETQUOTARESPONSE']._serialized_start=929
+  _globals['_GETQUOTARESPONSE']._serialized_end=1040
+  _globals['_QUOTASERVICE']._serialized_start=1042
+  _globals['_QUOTASERVICE']._serialized_end=1141
 # @@protoc_insertion_point(module_scope)

@@ -31,6 +31,8 @@ class ReserveRequest(_message.Message):
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     TOKENS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    LEASE_TOKENS_FIELD_NUMBER: _builtins.int
+    LEASE_REQUESTS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     key_id: _builtins.str
     team_id: _builtins.str
@@ -42,6 +44,12 @@ class ReserveRequest(_message.Message):
     tokens_per_minute: _builtins.int
     """Per-key overrides from the key record; 0 means the configured default."""
     requests_per_minute: _builtins.int
+    lease_tokens: _builtins.int
+    """Asks for an admission lease: up to this many tokens and requests held beyond this
+    request, from which the caller admits the key's next requests itself (0: none).
+    The limiter grants at most a fraction of what the key has left, or nothing.
+    """
+    lease_requests: _builtins.int
     def __init__(
         self,
         *,
@@ -53,10 +61,12 @@ class ReserveRequest(_message.Message):
         max_output_tokens: _builtins.int = ...,
         tokens_per_minute: _builtins.int = ...,
         requests_per_minute: _builtins.int = ...,
+        lease_tokens: _builtins.int = ...,
+        lease_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "key_id", b"key_id", "max_output_tokens", b"max_output_tokens", "model", b"model", "request_id", b"request_id", "requests_per_minute", b"requests_per_minute", "team_id", b"team_id", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "key_id", b"key_id", "lease_requests", b"lease_requests", "lease_tokens", b"lease_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "request_id", b"request_id", "requests_per_minute", b"requests_per_minute", "team_id", b"team_id", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -107,12 +117,22 @@ class ReserveResponse(_message.Message):
     DENIED_BY_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
     RESERVED_TOKENS_FIELD_NUMBER: _builtins.int
+    LEASE_TOKENS_FIELD_NUMBER: _builtins.int
+    LEASE_REQUESTS_FIELD_NUMBER: _builtins.int
+    LEASE_TTL_MS_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     reservation_id: _builtins.str
     denied_by: _builtins.str
     """Name of the policy that refused, when not allowed."""
     retry_after_ms: _builtins.int
     reserved_tokens: _builtins.int
+    lease_tokens: _builtins.int
+    """A granted lease: reservation_id names it, and these are held beyond this request.
+    The holder admits from it until lease_ttl_ms has passed, names each request it
+    admits by a share id (sluice.leases), and returns what it did not use.
+    """
+    lease_requests: _builtins.int
+    lease_ttl_ms: _builtins.int
     @_builtins.property
     def policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyState]: ...
     def __init__(
@@ -124,10 +144,13 @@ class ReserveResponse(_message.Message):
         denied_by: _builtins.str = ...,
         retry_after_ms: _builtins.int = ...,
         reserved_tokens: _builtins.int = ...,
+        lease_tokens: _builtins.int = ...,
+        lease_requests: _builtins.int = ...,
+        lease_ttl_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "denied_by", b"denied_by", "policies", b"policies", "reservation_id", b"reservation_id", "reserved_tokens", b"reserved_tokens", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "denied_by", b"denied_by", "lease_requests", b"lease_requests", "lease_tokens", b"lease_tokens", "lease_ttl_ms", b"lease_ttl_ms", "policies", b"policies", "reservation_id", b"reservation_id", "reserved_tokens", b"reserved_tokens", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -145,9 +168,16 @@ class CommitRequest(_message.Message):
     KEY_ID_FIELD_NUMBER: _builtins.int
     ACTUAL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CLOSE_LEASE_FIELD_NUMBER: _builtins.int
+    UNUSED_TOKENS_FIELD_NUMBER: _builtins.int
+    UNUSED_REQUESTS_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     key_id: _builtins.str
     request_id: _builtins.str
+    close_lease: _builtins.bool
+    """Closes the lease reservation_id; what of it was never admitted goes back."""
+    unused_tokens: _builtins.int
+    unused_requests: _builtins.int
     @_builtins.property
     def actual(self) -> _chat_pb2.Usage: ...
     def __init__(
@@ -157,10 +187,13 @@ class CommitRequest(_message.Message):
         key_id: _builtins.str = ...,
         actual: _chat_pb2.Usage | None = ...,
         request_id: _builtins.str = ...,
+        close_lease: _builtins.bool = ...,
+        unused_tokens: _builtins.int = ...,
+        unused_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actual", b"actual"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual", b"actual", "key_id", b"key_id", "request_id", b"request_id", "reservation_id", b"reservation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual", b"actual", "close_lease", b"close_lease", "key_id", b"key_id", "request_id", b"request_id", "reservation_id", b"reservation_id", "unused_requests", b"unused_requests", "unused_tokens", b"unused_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
