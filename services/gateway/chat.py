@@ -32,7 +32,7 @@ from services.gateway.adapters import NATS_FAILURES, Admission, CacheLookup, Jet
 from services.gateway.inbox import Inbox
 from services.gateway.models import ChatCompletionRequest
 from services.gateway.normalize import to_chat_request
-from services.gateway.problems import GatewayError, render_problem
+from services.gateway.problems import GatewayError, render_problem, unavailable
 from services.gateway.ratelimit import rate_limit_headers
 from services.gateway.render import (
     SSE_HEARTBEAT,
@@ -544,19 +544,20 @@ class ChatService:
                 include_usage=request.include_usage,
             ),
         )
-        # Both publishes in flight at once: one round trip to JetStream, not two. The
-        # opened event may land after the worker's first events; readers order by
-        # sequence, and nothing reads it before the request is answered.
+        # The opened record is a plain publish that SLUICE_STREAMS captures, like every
+        # other stream event, so only the work waits for a JetStream acknowledgement.
+        # Both leave on this connection in order, so the record is with the server
+        # before the work is.
         try:
-            await asyncio.gather(
-                self.publisher.publish(
+            try:
+                await self.bus.nc.publish(
                     subject,
                     opened.SerializeToString(),
-                    f"{meta.request_id}:opened",
-                    destination=Subjects.stream("{request_id}"),
-                ),
-                self.publisher.enqueue(work, str(priority)),
-            )
+                    headers={"Nats-Msg-Id": f"{meta.request_id}:opened"},
+                )
+            except NATS_FAILURES:
+                raise unavailable("The message bus is not connected.") from None
+            await self.publisher.enqueue(work, str(priority))
         except BaseException:
             await _unsubscribe(sub)
             self.limiter.release(reservation_id, key.key_id, meta.request_id)

@@ -448,6 +448,8 @@ class InferenceEngine:
                 request_id=work.request_id, sequence=req.sequence, final=final
             ),
         )
+        # Let the answer leave before the usage event is built and published.
+        await asyncio.sleep(0)
         await self.sink.usage(
             self._usage_event(req, model.name, model.provider, answer.usage, Outcome.COMPLETED)
         )

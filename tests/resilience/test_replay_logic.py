@@ -169,7 +169,7 @@ class _Msg:
 
 
 async def _drain(reader: EventReader, wait: float = 0.05) -> list[int]:
-    got = []
+    got: list[int] = []
     while True:
         event = await reader.next(wait)
         if event is None:
