@@ -99,19 +99,18 @@ class LeasingLimiter:
         if self.lease_requests == 0:
             return await self.limiter.reserve(request)
         need = request.input_tokens + request.max_output_tokens
-        while True:
-            local = self._from_lease(request, need)
-            if local is not None:
-                return local
-            refill = self._refills.get(request.key_id)
-            if refill is None:
-                return await self._reserve_with_lease(request, need)
+        local = self._from_lease(request, need)
+        if local is not None:
+            return local
+        refill = self._refills.get(request.key_id)
+        if refill is not None:
+            # Another request of this key is asking for a lease: take from it if it
+            # has room, otherwise ask for our own.
             await asyncio.shield(refill)
-            # Take the new lease if it has room; otherwise ask for our own.
             local = self._from_lease(request, need)
             if local is not None:
                 return local
-            return await self._reserve_with_lease(request, need)
+        return await self._reserve_with_lease(request, need)
 
     def release(self, reservation_id: str, key_id: str, request_id: str) -> None:
         self.limiter.release(reservation_id, key_id, request_id)
