@@ -61,9 +61,13 @@ class Limiter:
         """Give back a reservation that will not be used, off the response path."""
         if not reservation_id:
             return
-        task = asyncio.create_task(self._release(reservation_id, key_id, request_id))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        commit = limiter_pb2.CommitRequest(
+            reservation_id=reservation_id,
+            key_id=key_id,
+            actual=chat_pb2.Usage(),
+            request_id=request_id,
+        )
+        self._in_background(commit, "releasing reservation")
 
     def close_lease(
         self, lease_id: str, key_id: str, unused_tokens: int, unused_requests: int
@@ -76,18 +80,12 @@ class Limiter:
             unused_tokens=unused_tokens,
             unused_requests=unused_requests,
         )
-        task = asyncio.create_task(self._commit(commit, "closing a lease"))
+        self._in_background(commit, "closing a lease")
+
+    def _in_background(self, commit: limiter_pb2.CommitRequest, what: str) -> None:
+        task = asyncio.create_task(self._commit(commit, what))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    async def _release(self, reservation_id: str, key_id: str, request_id: str) -> None:
-        commit = limiter_pb2.CommitRequest(
-            reservation_id=reservation_id,
-            key_id=key_id,
-            actual=chat_pb2.Usage(),
-            request_id=request_id,
-        )
-        await self._commit(commit, "releasing reservation")
 
     async def _commit(self, commit: limiter_pb2.CommitRequest, what: str) -> None:
         try:

@@ -193,15 +193,12 @@ class EventReader:
 
     async def _fill_gap(self, event: inference_pb2.StreamEvent) -> None:
         """Queue the stored events between the last one relayed and ``event``, then it."""
-        assert self.backfill is not None
         wanted = event.sequence - self.last_sequence - 1
         found: dict[int, inference_pb2.StreamEvent] = {}
         for attempt in range(_BACKFILL_ATTEMPTS):
-            try:
-                stored = await self.backfill(self.last_sequence)
-            except Exception as exc:  # the live event still goes out; the gap is logged
-                log.warning("stream backfill failed: %s", type(exc).__name__)
-                break
+            stored = await self._read_store()
+            if stored is None:
+                break  # the live event still goes out; the gap is logged below
             for e in stored:
                 if self.last_sequence < e.sequence < event.sequence and e.HasField("delta"):
                     found.setdefault(e.sequence, e)
@@ -214,13 +211,19 @@ class EventReader:
         self._ready.extend(found[s] for s in sorted(found))
         self._ready.append(event)
 
-    async def _fill_idle(self) -> bool:
-        """After a quiet wait: queue whatever the store holds past the last event."""
+    async def _read_store(self) -> list[inference_pb2.StreamEvent] | None:
+        """The stored events after the last one relayed; None when the store failed."""
         assert self.backfill is not None
         try:
-            stored = await self.backfill(self.last_sequence)
+            return await self.backfill(self.last_sequence)
         except Exception as exc:
             log.warning("stream backfill failed: %s", type(exc).__name__)
+            return None
+
+    async def _fill_idle(self) -> bool:
+        """After a quiet wait: queue whatever the store holds past the last event."""
+        stored = await self._read_store()
+        if stored is None:
             return False
         fresh = sorted(
             (e for e in stored if e.WhichOneof("body") in ("delta", "final", "failure")),

@@ -320,12 +320,18 @@ class Limiter:
         del self._reservations[reservation_id]
         actual = max(0, actual_tokens)
         delta = actual - reservation.tokens
+        state = self._apply_delta(reservation, delta, now_ms)
+        state.open_reservations = max(0, state.open_reservations - 1)
+        return Settlement(reservation=reservation, actual_tokens=actual, delta=delta)
+
+    def _apply_delta(self, reservation: Reservation, delta: int, now_ms: int) -> KeyState:
+        """Actual minus reserved tokens, into the reservation's sub-bucket while it is
+        counted; once it has aged out, only an excess is charged, to the current one."""
         current = self._bucket(now_ms)
         state = self._state(reservation.key_id, current)
-        state.open_reservations = max(0, state.open_reservations - 1)
         if delta and not state.tokens.adjust(reservation.bucket, delta) and delta > 0:
             state.tokens.add(current, delta)
-        return Settlement(reservation=reservation, actual_tokens=actual, delta=delta)
+        return state
 
     def _settle_share(self, share: Share, actual_tokens: int, now_ms: int) -> Settlement | None:
         """One request admitted from a lease: its actual usage replaces its share, in the
@@ -337,10 +343,7 @@ class Limiter:
         lease.settled.add(share.number)
         actual = max(0, actual_tokens)
         delta = actual - share.tokens
-        current = self._bucket(now_ms)
-        state = self._state(lease.key_id, current)
-        if delta and not state.tokens.adjust(lease.bucket, delta) and delta > 0:
-            state.tokens.add(current, delta)
+        self._apply_delta(lease, delta, now_ms)
         return Settlement(reservation=lease, actual_tokens=actual, delta=delta)
 
     def close_lease(
