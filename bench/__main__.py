@@ -33,7 +33,7 @@ import aiohttp
 from sluice.embedded import free_port
 
 from bench import jobs, resume, streams
-from bench.load import Sample, closed_loop, one_request, open_loop, percentile
+from bench.load import Sample, Target, closed_loop, one_request, paired_open_loop, percentile
 from bench.report import table
 
 CPU_BREAKDOWN: list[tuple[str, int, dict[str, float]]] = []
@@ -146,6 +146,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+class CpuMeter:
+    """CPU seconds each process spends while inside ``counting()``, summed."""
+
+    def __init__(self, pids: Mapping[str, int]) -> None:
+        self.pids = dict(pids)
+        self.spent = dict.fromkeys(self.pids, 0.0)
+
+    @contextlib.asynccontextmanager
+    async def counting(self) -> AsyncIterator[None]:
+        before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        yield
+        for name, pid in self.pids.items():
+            self.spent[name] += cpu_seconds(pid) - before[name]
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -189,13 +204,20 @@ async def overhead_table(product: RunningProduct, rates: list[int], seconds: flo
     await warm_up(gw_url, gw_headers, True)
     rows: list[list[object]] = []
     pids = product.pids()
+    direct_target = Target(sim_url, sim_headers)
+    via_target = Target(gw_url, gw_headers)
     for stream in (False, True):
         for rate in rates:
-            body = chat_body(stream, 16)
-            direct = await open_loop(sim_url, body, sim_headers, rate, seconds)
-            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            via = await open_loop(gw_url, body, gw_headers, rate, seconds)
-            spent = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+            meter = CpuMeter(pids)
+            direct, via = await paired_open_loop(
+                direct_target,
+                via_target,
+                chat_body(stream, 16),
+                rate,
+                seconds,
+                around_via=meter.counting,
+            )
+            spent = meter.spent
             cpu = sum(spent.values())
             CPU_BREAKDOWN.append(
                 (
@@ -245,12 +267,10 @@ async def chunk_table(product: RunningProduct, rate: int, seconds: float) -> str
     what the gateway adds to the gaps is relay delay."""
     gw_url = f"{product.gateway}/v1/chat/completions"
     sim_url = f"{product.simulator}/v1/chat/completions"
-    body = chat_body(True, 40, tps=200)
-    direct = await open_loop(sim_url, body, {"Content-Type": "application/json"}, rate, seconds)
-    via = await open_loop(
-        gw_url,
-        body,
-        {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    direct, via = await paired_open_loop(
+        Target(sim_url, {"Content-Type": "application/json"}),
+        Target(gw_url, {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}),
+        chat_body(True, 40, tps=200),
         rate,
         seconds,
     )

@@ -1,7 +1,8 @@
-"""Open-loop and closed-loop HTTP load against one endpoint, with per-request timings.
+"""Open-loop and closed-loop HTTP load, with per-request timings.
 
 Open loop sends at a fixed rate whatever the answers do (the honest way to measure
-latency at a given load); closed loop keeps N requests in flight to find throughput.
+latency at a given load), alternating between the provider alone and the gateway in
+front of it; closed loop keeps N requests in flight to find throughput.
 """
 
 from __future__ import annotations
@@ -67,27 +68,69 @@ async def one_request(
         return Sample(False, 0, time.perf_counter() - start)
 
 
-async def open_loop(
-    url: str,
+@dataclass
+class Target:
+    url: str
+    headers: dict[str, str]
+
+
+async def _slice(
+    session: aiohttp.ClientSession,
+    target: Target,
     body_for: Any,
-    headers: dict[str, str],
+    rate: float,
+    count: int,
+    first: int,
+) -> list[Sample]:
+    """``count`` requests at ``rate`` per second, bodies ``body_for(first)`` onwards."""
+    tasks: list[asyncio.Task[Sample]] = []
+    start = time.perf_counter()
+    for i in range(count):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        body = body_for(first + i)
+        tasks.append(asyncio.create_task(one_request(session, target.url, body, target.headers)))
+    return list(await asyncio.gather(*tasks))
+
+
+async def paired_open_loop(
+    direct: Target,
+    via: Target,
+    body_for: Any,
     rate: float,
     duration_s: float,
-) -> list[Sample]:
-    """Send ``rate`` requests per second for ``duration_s``; ``body_for(i)`` builds bodies."""
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    *,
+    slice_s: float = 2.0,
+    around_via: Any = None,
+) -> tuple[list[Sample], list[Sample]]:
+    """Open loop at ``rate`` against both targets for ``duration_s`` each, in alternating
+    slices of ``slice_s`` (ABBA order), each on its own kept-alive session.
+
+    On a shared machine whose speed drifts by tens of percent within a minute, two
+    back-to-back runs compare two different machines; interleaved slices see the same
+    drift, so their difference is the gateway's. ``around_via`` (an async context
+    manager factory) wraps each gateway slice, e.g. to count CPU time."""
+    per_slice = max(1, round(rate * slice_s))
+    slices = max(1, round(duration_s / slice_s))
     timeout = aiohttp.ClientTimeout(total=60)
-    tasks: list[asyncio.Task[Sample]] = []
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        start = time.perf_counter()
-        count = int(rate * duration_s)
-        for i in range(count):
-            target = start + i / rate
-            delay = target - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one_request(session, url, body_for(i), headers)))
-        return list(await asyncio.gather(*tasks))
+    out: tuple[list[Sample], list[Sample]] = ([], [])
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as d,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as v,
+    ):
+        for n in range(slices):
+            order = (0, 1) if n % 4 in (0, 3) else (1, 0)
+            for which in order:
+                first = n * per_slice
+                if which == 0:
+                    out[0].extend(await _slice(d, direct, body_for, rate, per_slice, first))
+                elif around_via is None:
+                    out[1].extend(await _slice(v, via, body_for, rate, per_slice, first))
+                else:
+                    async with around_via():
+                        out[1].extend(await _slice(v, via, body_for, rate, per_slice, first))
+    return out
 
 
 async def closed_loop(

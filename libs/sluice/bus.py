@@ -8,6 +8,7 @@ registered through :meth:`Bus.serve` runs inside a CONSUMER span continued from 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -238,6 +239,15 @@ class Bus:
         except Exception:
             log.debug("drain failed; closing", exc_info=True)
             await self.nc.close()
+
+
+async def linger(stopping: asyncio.Event, seconds: float) -> None:
+    """A batch consumer's pause after a short batch: wait ``seconds`` for the next one
+    to gather at the server (one fetch, one transaction, instead of one per message),
+    or until a stop is asked for."""
+    if seconds > 0 and not stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=seconds)
 
 
 async def pull_batches(

@@ -2,7 +2,10 @@
 
 Spans go to OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, and otherwise to a local
 JSON-lines file per service under ``<state_dir>/spans/`` that ``sluice trace`` reads.
-Either way they are batched and exported off the event loop. Metrics are OpenTelemetry
+Either way no export holds the event loop (or, through the GIL, its thread) for long:
+OTLP batches are encoded and sent by the SDK's batch thread, and a local span is
+serialised as it ends (a few microseconds) and only written to the file in the
+background, so no batch of hundreds of spans ever stalls a token relay. Metrics are OpenTelemetry
 instruments read by a Prometheus reader (``/metrics``) and, with an endpoint, by OTLP.
 W3C trace context travels in HTTP headers, NATS headers and gRPC metadata through the
 same propagator.
@@ -21,6 +24,7 @@ from typing import Any
 import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
+from opentelemetry.context import Context
 from opentelemetry.propagate import set_global_textmap
 from opentelemetry.sdk.metrics import (
     AlwaysOffExemplarFilter,
@@ -31,7 +35,7 @@ from opentelemetry.sdk.metrics import (
 )
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SpanExporter,
@@ -66,6 +70,72 @@ class JsonLinesSpanExporter(SpanExporter):
 
     def shutdown(self) -> None:
         return None
+
+
+class JsonLinesSpanProcessor(SpanProcessor):
+    """Serialises each span as it ends and appends the lines to one file from a
+    background thread.
+
+    The SDK's ``BatchSpanProcessor`` serialises a whole batch on its own thread, which
+    holds the GIL for milliseconds at a time (up to the interpreter's switch interval)
+    while the event loop waits: at a few hundred spans a second that is a pause every
+    flush, right in the inter-token gaps. Here the loop pays the serialisation per span,
+    evenly, and the writer thread only joins bytes and writes them (the write itself
+    releases the GIL).
+    """
+
+    def __init__(self, path: Path, *, flush_interval: float = 0.2, max_pending: int = 2048):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
+        self._flush_interval = flush_interval
+        self._max_pending = max_pending
+        self._pending: list[bytes] = []
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="sluice-span-writer", daemon=True)
+        self._thread.start()
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        return None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._stopped:
+            return
+        line = orjson.dumps(span_to_dict(span)) + b"\n"
+        with self._lock:
+            self._pending.append(line)
+            full = len(self._pending) >= self._max_pending
+        if full:
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._wake.wait(self._flush_interval)
+            self._wake.clear()
+            self._write()
+
+    def _write(self) -> None:
+        with self._lock:
+            lines, self._pending = self._pending, []
+        if not lines:
+            return
+        try:
+            with self._write_lock, self._path.open("ab") as fh:
+                fh.write(b"".join(lines))
+        except OSError as exc:
+            log.warning("%d spans not written to %s: %s", len(lines), self._path, exc)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        self._write()
+        return True
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self._write()
 
 
 def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
@@ -139,14 +209,16 @@ def setup_telemetry(
     )
     tracer_provider = TracerProvider(resource=resource)
     otlp_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    exporter: SpanExporter
     if otlp_endpoint:
-        exporter = _otlp_span_exporter()
+        tracer_provider.add_span_processor(
+            BatchSpanProcessor(
+                _otlp_span_exporter(), schedule_delay_millis=500, max_export_batch_size=512
+            )
+        )
     else:
-        exporter = JsonLinesSpanExporter(spans_dir(state_dir) / f"{service}.jsonl")
-    tracer_provider.add_span_processor(
-        BatchSpanProcessor(exporter, schedule_delay_millis=500, max_export_batch_size=512)
-    )
+        tracer_provider.add_span_processor(
+            JsonLinesSpanProcessor(spans_dir(state_dir) / f"{service}.jsonl")
+        )
     if extra_span_exporter is not None:
         tracer_provider.add_span_processor(
             BatchSpanProcessor(extra_span_exporter, schedule_delay_millis=100)

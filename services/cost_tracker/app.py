@@ -64,6 +64,7 @@ class CostTracker:
             self.pricer,
             spec,
             batch_size=self.settings.batch_size,
+            batch_window=self.settings.batch_window_seconds,
             fetch_timeout=self.settings.fetch_timeout_seconds,
             tracer=self._tracer,
         )

@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from sluice import telemetry
-from sluice.bus import Bus
+from sluice.bus import Bus, linger
 from sluice.cost.v1 import cost_pb2
 from sluice.metrics import instruments
 from sluice.topology import PREFIX, ConsumerSpec, Subjects
@@ -66,6 +66,7 @@ class UsageConsumer:
         *,
         batch_size: int = 256,
         fetch_timeout: float = 1.0,
+        batch_window: float = 0.0,
         tracer: trace.Tracer | None = None,
     ) -> None:
         self.bus = bus
@@ -74,6 +75,7 @@ class UsageConsumer:
         self.spec = spec
         self.batch_size = batch_size
         self.fetch_timeout = fetch_timeout
+        self.batch_window = batch_window
         self.recorded = 0
         self.duplicates = 0
         self._tracer = tracer or trace.get_tracer("sluice.cost_tracker")
@@ -132,6 +134,8 @@ class UsageConsumer:
                 log.exception("usage batch failed")
             finally:
                 self._busy = False
+            if len(msgs) < self.batch_size:
+                await linger(self._stopping, self.batch_window)
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         """Price, commit in one transaction, publish cost events for new rows, ack."""

@@ -22,7 +22,7 @@ from nats.js.kv import KeyValue
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from sluice import telemetry
-from sluice.bus import Bus
+from sluice.bus import Bus, linger
 from sluice.cost.v1 import cost_pb2
 from sluice.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from sluice.service import ServiceRuntime
@@ -116,6 +116,8 @@ class LimiterService:
                 continue
             for msg in msgs:
                 await self._on_usage(msg)
+            if len(msgs) < self.settings.reconcile_batch:
+                await linger(self._stopping, self.settings.reconcile_window_seconds)
 
     async def _on_usage(self, msg: Msg) -> None:
         assert self.handlers is not None

@@ -39,6 +39,11 @@ class LimiterSettings(BaseSettings):
     reconcile_batch: int = Field(default=256, ge=1, le=10_000)
     # How long one fetch waits for usage events; bounds how fast a stop is noticed.
     fetch_timeout_seconds: float = Field(default=1.0, gt=0)
+    # After a batch smaller than reconcile_batch, wait this long before the next fetch,
+    # so usage is reconciled in batches rather than one fetch per event. A reservation
+    # (or lease share) is settled up to this much later; until then it holds what it
+    # reserved, so quotas only err on the safe side. 0 fetches again at once.
+    reconcile_window_seconds: float = Field(default=0.05, ge=0, le=5)
 
     common: CommonSettings = Field(default_factory=CommonSettings)
 
