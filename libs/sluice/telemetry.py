@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,6 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SpanExporter,
-    SpanExportResult,
 )
 from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -52,24 +51,6 @@ SPANS_DIRNAME = "spans"
 
 def spans_dir(state_dir: Path) -> Path:
     return state_dir / SPANS_DIRNAME
-
-
-class JsonLinesSpanExporter(SpanExporter):
-    """Appends finished spans to one JSON-lines file; the local stand-in for a collector."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._path = path
-        self._lock = threading.Lock()
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        payload = b"".join(orjson.dumps(span_to_dict(s)) + b"\n" for s in spans)
-        with self._lock, self._path.open("ab") as fh:
-            fh.write(payload)
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        return None
 
 
 class JsonLinesSpanProcessor(SpanProcessor):

@@ -1,7 +1,7 @@
 """``sluice trace``: one request's spans, read from the local span files, as a tree.
 
 Spans are read from ``<state_dir>/spans/*.jsonl`` (written by
-``sluice.telemetry.JsonLinesSpanExporter`` when no OTLP endpoint is set). Files are
+``sluice.telemetry.JsonLinesSpanProcessor`` when no OTLP endpoint is set). Files are
 streamed line by line, and a line is parsed only when it contains the wanted trace id
 (or prefix) as plain text, so large files cost little more than reading them.
 

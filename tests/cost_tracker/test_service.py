@@ -410,3 +410,31 @@ async def test_failed_rebuild_leaves_the_old_ledger(bus, tmp_path):
     await reopened.open()
     assert await reopened.entries(UsageFilter()) == [keep]
     await reopened.close()
+
+
+async def test_usage_arriving_within_the_window_is_committed_as_one_batch(bus, tmp_path):
+    running = await start_tracker(bus, tmp_path, batch_window_seconds=0.5)
+    ledger = running.tracker.ledger
+    batches: list[int] = []
+    record = ledger.record
+
+    async def counting_record(entries):
+        batches.append(len(entries))
+        return await record(entries)
+
+    ledger.record = counting_record  # type: ignore[method-assign]
+    try:
+        key = unique("key")
+        await publish_usage(bus, usage_event(key))
+        await eventually(lambda: _rows_async(running, key, 1))
+        # The consumer now waits out its window: these gather at the server meanwhile.
+        for _ in range(10):
+            await publish_usage(bus, usage_event(key))
+        await eventually(lambda: _rows_async(running, key, 11))
+        assert batches == [1, 10]
+    finally:
+        await running.stop()
+
+
+async def _rows_async(running, key: str, count: int) -> bool:
+    return len(ledger_rows(running.settings.ledger_file, key)) == count

@@ -1,16 +1,16 @@
-"""``sluice trace`` on spans written by the real exporter: a publisher continuing into the
-real cost-tracker consumer over a real NATS server, each with its own span file."""
+"""``sluice trace`` on spans written by the real span processor: a publisher continuing
+into the real cost-tracker consumer over a real NATS server, each with its own span file."""
 
 from __future__ import annotations
 
 import json
+import time
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind
 from sluice import telemetry, tracecli
-from sluice.telemetry import JsonLinesSpanExporter, spans_dir
+from sluice.telemetry import JsonLinesSpanProcessor, spans_dir
 
 from services.cost_tracker.consumer import PROCESS_SPAN_NAME
 from services.cost_tracker.domain import UsageFilter
@@ -19,9 +19,38 @@ from tests.cost_tracker.harness import eventually, publish_usage, start_tracker,
 
 def provider_for(service: str, state) -> TracerProvider:
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    exporter = JsonLinesSpanExporter(spans_dir(state) / f"{service}.jsonl")
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    provider.add_span_processor(JsonLinesSpanProcessor(spans_dir(state) / f"{service}.jsonl"))
     return provider
+
+
+def test_processor_writes_in_the_background_and_on_flush(tmp_path):
+    path = tmp_path / "spans" / "svc.jsonl"
+    processor = JsonLinesSpanProcessor(path, flush_interval=0.05)
+    provider = TracerProvider(resource=Resource.create({"service.name": "svc"}))
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("t")
+    try:
+        with tracer.start_as_current_span("first", attributes={"n": 1}):
+            pass
+        # Written by the writer thread within a few flush intervals, no flush asked for.
+        deadline = time.monotonic() + 5
+        while not (path.exists() and path.read_bytes()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [s["name"] for s in first] == ["first"]
+        assert first[0]["service"] == "svc"
+        assert first[0]["attributes"] == {"n": 1}
+        with tracer.start_as_current_span("second"):
+            pass
+        assert provider.force_flush()
+        names = [json.loads(line)["name"] for line in path.read_text().splitlines()]
+        assert names == ["first", "second"]
+    finally:
+        provider.shutdown()
+    with tracer.start_as_current_span("after shutdown"):
+        pass
+    names = [json.loads(line)["name"] for line in path.read_text().splitlines()]
+    assert names == ["first", "second"]
 
 
 async def test_trace_of_worker_into_cost_tracker(bus, tmp_path, capsys):
