@@ -29,6 +29,12 @@ class NatsEventSink:
         self._tracer = trace.get_tracer("sluice.inference_worker")
 
     async def stream_event(self, subject: str, event: inference_pb2.StreamEvent) -> None:
+        if event.HasField("delta"):
+            # Token events carry no trace context: nothing reads it per token, and the
+            # headers would be written here and parsed by the gateway hundreds of times
+            # a second. The terminal event carries it, like every other message.
+            await self.bus.nc.publish(subject, event.SerializeToString())
+            return
         await self.bus.publish(subject, event)
 
     async def usage(self, event: cost_pb2.UsageEvent) -> None:
