@@ -2,11 +2,11 @@
 
 Spans go to OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, and otherwise to a local
 JSON-lines file per service under ``<state_dir>/spans/`` that ``sluice trace`` reads.
-Either way no export holds the event loop (or, through the GIL, its thread) for long:
-OTLP batches are encoded and sent by the SDK's batch thread, and a local span is
-serialised as it ends (a few microseconds) and only written to the file in the
-background, so no batch of hundreds of spans ever stalls a token relay. Metrics are OpenTelemetry
-instruments read by a Prometheus reader (``/metrics``) and, with an endpoint, by OTLP.
+With OTLP the SDK's batch thread encodes and sends them. A local span is serialised as
+it ends (a few microseconds, on the caller's thread) and a background thread only writes
+the bytes, so no batch of hundreds of spans holds the GIL, and with it the event loop,
+in the middle of a token relay. Metrics are OpenTelemetry instruments read by a
+Prometheus reader (``/metrics``) and, with an endpoint, by OTLP.
 W3C trace context travels in HTTP headers, NATS headers and gRPC metadata through the
 same propagator.
 """
@@ -98,15 +98,17 @@ class JsonLinesSpanProcessor(SpanProcessor):
             self._write()
 
     def _write(self) -> None:
-        with self._lock:
-            lines, self._pending = self._pending, []
-        if not lines:
-            return
-        try:
-            with self._write_lock, self._path.open("ab") as fh:
-                fh.write(b"".join(lines))
-        except OSError as exc:
-            log.warning("%d spans not written to %s: %s", len(lines), self._path, exc)
+        # One writer at a time (the thread, a flush, shutdown): lines keep their order.
+        with self._write_lock:
+            with self._lock:
+                lines, self._pending = self._pending, []
+            if not lines:
+                return
+            try:
+                with self._path.open("ab") as fh:
+                    fh.write(b"".join(lines))
+            except OSError as exc:
+                log.warning("%d spans not written to %s: %s", len(lines), self._path, exc)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         self._write()
