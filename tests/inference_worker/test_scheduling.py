@@ -247,13 +247,19 @@ def test_with_slack_a_pull_brings_a_batch_and_holds_its_slots() -> None:
     assert s.open_count() == 10
 
 
+def settled_model(slots: int, backlog: dict[PriorityClass, int], **scheduler: int) -> Model:
+    """A model whose scheduler has the test's own batch size or reserve, settled."""
+    model = Model(slots=slots, backlog=backlog)
+    model.scheduler = ClassScheduler(
+        shares=SHARES, long_poll_seconds=5.0, short_poll_seconds=1.0, **scheduler
+    )
+    model.settle()
+    return model
+
+
 def test_a_burst_is_taken_in_few_round_trips() -> None:
     def burst(max_batch: int) -> Model:
-        model = Model(slots=64, backlog={})
-        model.scheduler = ClassScheduler(
-            shares=SHARES, long_poll_seconds=5.0, short_poll_seconds=1.0, max_batch=max_batch
-        )
-        model.settle()
+        model = settled_model(64, {}, max_batch=max_batch)
         model.publish(INTERACTIVE, 40)
         return model
 
@@ -266,11 +272,7 @@ def test_a_burst_is_taken_in_few_round_trips() -> None:
 
 def test_batch_leaves_the_reserved_slots_to_higher_classes() -> None:
     def saturated(reserved: int) -> Model:
-        model = Model(slots=16, backlog={})
-        model.scheduler = ClassScheduler(
-            shares=SHARES, long_poll_seconds=5.0, short_poll_seconds=1.0, reserved=reserved
-        )
-        model.settle()
+        model = settled_model(16, {}, reserved=reserved)
         model.publish(BATCH, 1000)
         # The higher classes' long polls expire with nothing to bring.
         model.expire(SYSTEM)
@@ -291,10 +293,6 @@ def test_batch_leaves_the_reserved_slots_to_higher_classes() -> None:
 
 
 def test_a_due_batch_turn_may_use_a_reserved_slot() -> None:
-    model = Model(slots=4, backlog={INTERACTIVE: 10_000, BATCH: 10_000})
-    model.scheduler = ClassScheduler(
-        shares=SHARES, long_poll_seconds=5.0, short_poll_seconds=1.0, reserved=4
-    )
-    model.settle()
+    model = settled_model(4, {INTERACTIVE: 10_000, BATCH: 10_000}, reserved=4)
     model.finish(times=200)
     assert 15 <= model.grants.count(BATCH) <= 25  # its share, reserve or not
