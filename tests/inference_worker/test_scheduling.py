@@ -247,11 +247,17 @@ def test_with_slack_a_pull_brings_a_batch_and_holds_its_slots() -> None:
     assert s.open_count() == 10
 
 
-def settled_model(slots: int, backlog: dict[PriorityClass, int], **scheduler: int) -> Model:
+def settled_model(
+    slots: int, backlog: dict[PriorityClass, int], *, max_batch: int = 1, reserved: int = 0
+) -> Model:
     """A model whose scheduler has the test's own batch size or reserve, settled."""
     model = Model(slots=slots, backlog=backlog)
     model.scheduler = ClassScheduler(
-        shares=SHARES, long_poll_seconds=5.0, short_poll_seconds=1.0, **scheduler
+        shares=SHARES,
+        long_poll_seconds=5.0,
+        short_poll_seconds=1.0,
+        max_batch=max_batch,
+        reserved=reserved,
     )
     model.settle()
     return model
