@@ -234,11 +234,23 @@ class Bus:
         """Drain (flush pending publishes, finish callbacks) and close."""
         if self.nc.is_closed:
             return
+        await self._drop_unread_subscriptions()
         try:
             await asyncio.wait_for(self.nc.drain(), timeout=10)
         except Exception:
             log.debug("drain failed; closing", exc_info=True)
             await self.nc.close()
+
+    async def _drop_unread_subscriptions(self) -> None:
+        """Unsubscribe, rather than drain, the subscriptions no callback reads (JetStream
+        pull subscriptions). nats-py's ``fetch`` takes stale status messages off such a
+        queue without marking them done, so draining it waits out the whole drain timeout
+        after any fetch that timed out. Whatever such a queue still holds was never
+        acknowledged, so JetStream delivers it again to the next consumer anyway."""
+        for sub in list(self.nc._subs.values()):
+            if sub._cb is None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
 
 async def linger(stopping: asyncio.Event, seconds: float) -> None:
