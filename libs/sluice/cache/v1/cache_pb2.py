@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sluice.inference.v1 import inference_pb2 as sluice_dot_inference_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsluice/cache/v1/cache.proto\x12\x0fsluice.cache.v1\x1a#sluice/inference/v1/inference.proto\"6\n\rLookupRequest\x12\x11\n\tcache_key\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"^\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12*\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1a.sluice.inference.v1.Final\x12\x13\n\x0b\x61ge_seconds\x18\x03 \x01(\x03\"b\n\x0cStoreRequest\x12\x11\n\tcache_key\x18\x01 \x01(\t\x12*\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1a.sluice.inference.v1.Final\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\"\x0e\n\x0cStatsRequest\"O\n\rStatsResponse\x12\x0f\n\x07lookups\x18\x01 \x01(\x03\x12\x0c\n\x04hits\x18\x02 \x01(\x03\x12\x0e\n\x06stores\x18\x03 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\x03\"&\n\x11InvalidateRequest\x12\x11\n\tcache_key\x18\x01 \x01(\t\"%\n\x12InvalidateResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x03\"e\n\nCacheEntry\x12*\n\x06\x61nswer\x18\x01 \x01(\x0b\x32\x1a.sluice.inference.v1.Final\x12\x16\n\x0estored_unix_ms\x18\x02 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\x32\xb2\x01\n\x11\x43\x61\x63heAdminService\x12\x46\n\x05Stats\x12\x1d.sluice.cache.v1.StatsRequest\x1a\x1e.sluice.cache.v1.StatsResponse\x12U\n\nInvalidate\x12\".sluice.cache.v1.InvalidateRequest\x1a#.sluice.cache.v1.InvalidateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsluice/cache/v1/cache.proto\x12\x0fsluice.cache.v1\x1a#sluice/inference/v1/inference.proto\"e\n\rLookupRequest\x12\x11\n\tcache_key\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rsemantic_text\x18\x03 \x01(\t\x12\x16\n\x0esemantic_scope\x18\x04 \x01(\t\"\x84\x01\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12*\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1a.sluice.inference.v1.Final\x12\x13\n\x0b\x61ge_seconds\x18\x03 \x01(\x03\x12\x10\n\x08semantic\x18\x04 \x01(\x08\x12\x12\n\nsimilarity\x18\x05 \x01(\x01\"\x91\x01\n\x0cStoreRequest\x12\x11\n\tcache_key\x18\x01 \x01(\t\x12*\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1a.sluice.inference.v1.Final\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\x12\x15\n\rsemantic_text\x18\x04 \x01(\t\x12\x16\n\x0esemantic_scope\x18\x05 \x01(\t\"\x0e\n\x0cStatsRequest\"\x80\x01\n\rStatsResponse\x12\x0f\n\x07lookups\x18\x01 \x01(\x03\x12\x0c\n\x04hits\x18\x02 \x01(\x03\x12\x0e\n\x06stores\x18\x03 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\x03\x12\x18\n\x10semantic_lookups\x18\x05 \x01(\x03\x12\x15\n\rsemantic_hits\x18\x06 \x01(\x03\"&\n\x11InvalidateRequest\x12\x11\n\tcache_key\x18\x01 \x01(\t\"%\n\x12InvalidateResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x03\"e\n\nCacheEntry\x12*\n\x06\x61nswer\x18\x01 \x01(\x0b\x32\x1a.sluice.inference.v1.Final\x12\x16\n\x0estored_unix_ms\x18\x02 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\x32\xb2\x01\n\x11\x43\x61\x63heAdminService\x12\x46\n\x05Stats\x12\x1d.sluice.cache.v1.StatsRequest\x1a\x1e.sluice.cache.v1.StatsResponse\x12U\n\nInvalidate\x12\".sluice.cache.v1.InvalidateRequest\x1a#.sluice.cache.v1.InvalidateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,21 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.cache.v1.cache_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOOKUPREQUEST']._serialized_start=85
-  _globals['_LOOKUPREQUEST']._serialized_end=139
-  _globals['_LOOKUPRESPONSE']._serialized_start=141
-  _globals['_LOOKUPRESPONSE']._serialized_end=235
-  _globals['_STOREREQUEST']._serialized_start=237
-  _globals['_STOREREQUEST']._serialized_end=335
-  _globals['_STATSREQUEST']._serialized_start=337
-  _globals['_STATSREQUEST']._serialized_end=351
-  _globals['_STATSRESPONSE']._serialized_start=353
-  _globals['_STATSRESPONSE']._serialized_end=432
-  _globals['_INVALIDATEREQUEST']._serialized_start=434
-  _globals['_INVALIDATEREQUEST']._serialized_end=472
-  _globals['_INVALIDATERESPONSE']._serialized_start=474
-  _globals['_INVALIDATERESPONSE']._serialized_end=511
-  _globals['_CACHEENTRY']._serialized_start=513
-  _globals['_CACHEENTRY']._serialized_end=614
-  _globals['_CACHEADMINSERVICE']._serialized_start=617
-  _globals['_CACHEADMINSERVICE']._serialized_end=795
+  _globals['_LOOKUPREQUEST']._serialized_end=186
+  _globals['_LOOKUPRESPONSE']._serialized_start=189
+  _globals['_LOOKUPRESPONSE']._serialized_end=321
+  _globals['_STOREREQUEST']._serialized_start=324
+  _globals['_STOREREQUEST']._serialized_end=469
+  _globals['_STATSREQUEST']._serialized_start=471
+  _globals['_STATSREQUEST']._serialized_end=485
+  _globals['_STATSRESPONSE']._serialized_start=488
+  _globals['_STATSRESPONSE']._serialized_end=616
+  _globals['_INVALIDATEREQUEST']._serialized_start=618
+  _globals['_INVALIDATEREQUEST']._serialized_end=656
+  _globals['_INVALIDATERESPONSE']._serialized_start=658
+  _globals['_INVALIDATERESPONSE']._serialized_end=695
+  _globals['_CACHEENTRY']._serialized_start=697
+  _globals['_CACHEENTRY']._serialized_end=798
+  _globals['_CACHEADMINSERVICE']._serialized_start=801
+  _globals['_CACHEADMINSERVICE']._serialized_end=979
 # @@protoc_insertion_point(module_scope)

@@ -37,6 +37,8 @@ class InferenceWork(_message.Message):
     CACHE_KEY_FIELD_NUMBER: _builtins.int
     CACHE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
     LIFECYCLE_EVENTS_FIELD_NUMBER: _builtins.int
+    SEMANTIC_TEXT_FIELD_NUMBER: _builtins.int
+    SEMANTIC_SCOPE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     key_id: _builtins.str
     team_id: _builtins.str
@@ -55,6 +57,11 @@ class InferenceWork(_message.Message):
     requests with an Idempotency-Key, whose state follows them; plain requests skip
     the two acknowledged publishes.
     """
+    semantic_text: _builtins.str
+    """Set with cache_key when the client asked for the semantic cache: the worker passes
+    them on in the StoreRequest so the answer is indexed by meaning as well.
+    """
+    semantic_scope: _builtins.str
     @_builtins.property
     def request(self) -> _chat_pb2.ChatRequest: ...
     def __init__(
@@ -72,10 +79,12 @@ class InferenceWork(_message.Message):
         cache_key: _builtins.str = ...,
         cache_ttl_seconds: _builtins.int = ...,
         lifecycle_events: _builtins.bool = ...,
+        semantic_text: _builtins.str = ...,
+        semantic_scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cache_ttl_seconds", b"cache_ttl_seconds", "deadline_unix_nanos", b"deadline_unix_nanos", "enqueued_unix_nanos", b"enqueued_unix_nanos", "key_id", b"key_id", "lifecycle_events", b"lifecycle_events", "priority", b"priority", "request", b"request", "request_id", b"request_id", "reservation_id", b"reservation_id", "stream_subject", b"stream_subject", "team_id", b"team_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cache_ttl_seconds", b"cache_ttl_seconds", "deadline_unix_nanos", b"deadline_unix_nanos", "enqueued_unix_nanos", b"enqueued_unix_nanos", "key_id", b"key_id", "lifecycle_events", b"lifecycle_events", "priority", b"priority", "request", b"request", "request_id", b"request_id", "reservation_id", b"reservation_id", "semantic_scope", b"semantic_scope", "semantic_text", b"semantic_text", "stream_subject", b"stream_subject", "team_id", b"team_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
