@@ -134,18 +134,15 @@ def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
         "start_ns": span.start_time,
         "end_ns": span.end_time,
         "status": span.status.status_code.name,
-        "attributes": {k: _jsonable(v) for k, v in (span.attributes or {}).items()},
+        # Attribute values are scalars or tuples of them, which orjson writes as they are.
+        "attributes": dict(span.attributes) if span.attributes else {},
         "links": [
             {"trace_id": f"{link.context.trace_id:032x}", "span_id": f"{link.context.span_id:016x}"}
             for link in span.links
-        ],
+        ]
+        if span.links
+        else [],
     }
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return list(value)
 
 
 @dataclass
