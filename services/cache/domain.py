@@ -59,8 +59,11 @@ class CacheStats:
     """Counters of this instance since it started."""
 
     lookups: int = 0
+    # Exact and semantic.
     hits: int = 0
     stores: int = 0
+    semantic_lookups: int = 0
+    semantic_hits: int = 0
 
 
 class EntryStore(Protocol):

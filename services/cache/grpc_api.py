@@ -45,17 +45,17 @@ class CacheAdminServicer(cache_pb2_grpc.CacheAdminServiceServicer):
                 hits=stats.hits,
                 stores=stats.stores,
                 entries=await handlers.store.count(),
+                semantic_lookups=stats.semantic_lookups,
+                semantic_hits=stats.semantic_hits,
             )
 
     async def Invalidate(
         self, request: cache_pb2.InvalidateRequest, context: Any
     ) -> cache_pb2.InvalidateResponse:
-        """Remove one entry, or every entry when ``cache_key`` is empty."""
+        """Remove one entry, or every entry when ``cache_key`` is empty (with their
+        semantic points)."""
         with trace.use_span(self._span("Invalidate", context), end_on_exit=True) as span:
-            store = (await self._handlers(context)).store
-            if request.cache_key:
-                removed = await store.remove(request.cache_key)
-            else:
-                removed = await store.clear()
+            handlers = await self._handlers(context)
+            removed = await handlers.invalidate(request.cache_key)
             span.set_attribute("sluice.cache.removed", removed)
             return cache_pb2.InvalidateResponse(removed=removed)

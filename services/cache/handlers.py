@@ -1,12 +1,19 @@
-"""NATS handlers of the cache: lookup (request/reply) and store (plain publish)."""
+"""NATS handlers of the cache: lookup (request/reply) and store (plain publish).
+
+A lookup that carries a semantic text and scope goes on to the semantic index after an
+exact miss. That work (an embedding, a Qdrant search) takes milliseconds, and a NATS
+subscription runs its callback one message at a time, so it runs in a task of its own
+that replies when done: exact lookups behind it are not held up.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from nats.aio.msg import Msg
 from opentelemetry import metrics, trace
@@ -21,10 +28,16 @@ from services.cache.domain import (
     encode_entry,
     valid_key,
 )
+from services.cache.semantic import Match, SemanticIndex
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("sluice.cache")
 
 Clock = Callable[[], int]
+
+# Vectors computed by semantic misses, kept for the store of the same key that usually
+# follows (the worker's answer): the store then indexes without embedding again.
+_PENDING_VECTORS = 1024
 
 
 def wall_ms() -> int:
@@ -39,8 +52,12 @@ class CacheHandlers:
         default_ttl_seconds: int,
         max_ttl_seconds: int,
         clock: Clock = wall_ms,
+        semantic: SemanticIndex | None = None,
+        semantic_max_pending: int = 16,
     ) -> None:
         self.store = store
+        self.semantic = semantic
+        self.semantic_max_pending = semantic_max_pending
         self.default_ttl_seconds = default_ttl_seconds
         self.max_ttl_seconds = max_ttl_seconds
         self.clock = clock
@@ -48,20 +65,114 @@ class CacheHandlers:
         # Plain counts on the hot path, read by an observable counter at collection time
         # (an OpenTelemetry Counter.add per lookup costs tens of microseconds of CPU).
         self.results: Counter[str] = Counter()
-        # Deletions of expired entries run beside the reply, not before it.
-        self._cleanups: set[asyncio.Task[None]] = set()
+        # Deletions of expired entries, semantic lookups and indexing run beside the
+        # reply, not before it.
+        self._cleanups: set[asyncio.Task[Any]] = set()
+        self._semantic_running = 0
+        self._vectors: OrderedDict[str, Any] = OrderedDict()
+
+    def wants_semantic(self, request: cache_pb2.LookupRequest | cache_pb2.StoreRequest) -> bool:
+        return self.semantic is not None and bool(request.semantic_text and request.semantic_scope)
+
+    async def serve_lookup(
+        self, request: cache_pb2.LookupRequest, msg: Msg | None = None
+    ) -> cache_pb2.LookupResponse | None:
+        """The bus handler: exact lookups answer inline; semantic ones reply from a task."""
+        if msg is None or not msg.reply or not self.wants_semantic(request):
+            return await self.lookup(request)
+
+        async def reply() -> None:
+            # The bus's span ends when this handler returns; the reply gets its own.
+            with tracer.start_as_current_span("sluice.v1.cache.lookup semantic"):
+                response = await self.lookup(request)
+            await msg.respond(response.SerializeToString())
+
+        self._background(reply())
+        return None
 
     async def lookup(
         self, request: cache_pb2.LookupRequest, _msg: Msg | None = None
     ) -> cache_pb2.LookupResponse:
-        """One KV get; a hit returns the stored answer and its age."""
+        """One KV get; a hit returns the stored answer and its age. After a miss, a
+        request with a semantic text and scope is looked up by meaning."""
         self.stats.lookups += 1
         result, reply = await self._lookup(request.cache_key)
+        if not reply.hit and self.wants_semantic(request):
+            self.stats.semantic_lookups += 1
+            with tracer.start_as_current_span("sluice.cache.semantic_lookup") as span:
+                found = await self._semantic_lookup(request)
+                span.set_attribute("sluice.cache.semantic_hit", found is not None)
+                if found is not None:
+                    span.set_attribute("sluice.cache.similarity", found.similarity)
+            if found is not None:
+                result, reply = "semantic_hit", found
+                self.stats.semantic_hits += 1
         trace.get_current_span().set_attribute("sluice.cache.result", result)
         self.results[result] += 1
         if reply.hit:
             self.stats.hits += 1
         return reply
+
+    async def _semantic_lookup(
+        self, request: cache_pb2.LookupRequest
+    ) -> cache_pb2.LookupResponse | None:
+        """The answer of the most similar live point in the request's scope, if it is at
+        or above the threshold and its KV entry is still there and fresh."""
+        index = self.semantic
+        assert index is not None
+        if self._semantic_running >= self.semantic_max_pending:
+            # Shed load: past this many embeddings in flight a lookup would wait longer
+            # than the gateway's cache timeout anyway.
+            log.debug("semantic lookup skipped: %d in flight", self._semantic_running)
+            return None
+        self._semantic_running += 1
+        try:
+            vector = await index.vector(request.semantic_text)
+            if vector is None:
+                return None
+            if valid_key(request.cache_key):
+                self._remember_vector(request.cache_key, vector)
+            match = await index.nearest(vector, request.semantic_scope, self.clock() / 1000)
+            if match is None:
+                return None
+            return await self._answer_of(index, match)
+        except Exception as exc:
+            # The semantic layer is an optimisation: failing it is a miss, never an error.
+            log.warning("semantic lookup failed: %s: %s", type(exc).__name__, exc)
+            return None
+        finally:
+            self._semantic_running -= 1
+
+    async def _answer_of(
+        self, index: SemanticIndex, match: Match
+    ) -> cache_pb2.LookupResponse | None:
+        found = await self.store.get(match.cache_key) if valid_key(match.cache_key) else None
+        entry = decode_entry(found[0]) if found is not None else None
+        age = age_if_fresh(entry, self.clock()) if entry is not None else None
+        if entry is None or age is None:
+            # The answer is gone (invalidated, expired, replaced by garbage): so is the point.
+            self._background(index.forget(match))
+            if found is not None:
+                self._cleanup(match.cache_key, found[1])
+            return None
+        return cache_pb2.LookupResponse(
+            hit=True,
+            answer=entry.answer,
+            age_seconds=age,
+            semantic=True,
+            similarity=match.similarity,
+        )
+
+    def _remember_vector(self, key: str, vector: Any) -> None:
+        self._vectors[key] = vector
+        self._vectors.move_to_end(key)
+        while len(self._vectors) > _PENDING_VECTORS:
+            self._vectors.popitem(last=False)
+
+    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def _lookup(self, key: str) -> tuple[str, cache_pb2.LookupResponse]:
         if not valid_key(key):
@@ -78,9 +189,7 @@ class CacheHandlers:
         return "hit", cache_pb2.LookupResponse(hit=True, answer=entry.answer, age_seconds=age)
 
     def _cleanup(self, key: str, revision: int) -> None:
-        task = asyncio.create_task(self.store.delete_if_unchanged(key, revision))
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
+        self._background(self.store.delete_if_unchanged(key, revision))
 
     def register_metrics(self, meter: metrics.Meter | None = None) -> None:
         def observe(_options: metrics.CallbackOptions) -> list[metrics.Observation]:
@@ -90,7 +199,7 @@ class CacheHandlers:
             "sluice.cache.lookups",
             callbacks=[observe],
             unit="{lookup}",
-            description="Exact-cache lookups by result (hit, miss, expired)",
+            description="Cache lookups by result (hit, semantic_hit, miss, expired)",
         )
 
     async def store_answer(self, request: cache_pb2.StoreRequest, _msg: Msg | None = None) -> None:
@@ -99,11 +208,56 @@ class CacheHandlers:
             log.warning("cache store ignored: invalid key or no answer")
             return
         ttl = effective_ttl(request.ttl_seconds, self.default_ttl_seconds, self.max_ttl_seconds)
-        await self.store.put(request.cache_key, encode_entry(request.answer, self.clock(), ttl))
+        now_ms = self.clock()
+        await self.store.put(request.cache_key, encode_entry(request.answer, now_ms, ttl))
         self.stats.stores += 1
         trace.get_current_span().set_attribute("sluice.cache.ttl_seconds", ttl)
+        if self.wants_semantic(request):
+            # After the KV put: a point never leads to an answer that is not there yet.
+            expires_at = now_ms / 1000 + ttl
+            self._background(
+                self._index(
+                    request.cache_key, request.semantic_text, request.semantic_scope, expires_at
+                )
+            )
+
+    async def _index(self, key: str, text: str, scope: str, expires_at: float) -> None:
+        index = self.semantic
+        assert index is not None
+        try:
+            vector = self._vectors.pop(key, None)
+            if vector is None:
+                vector = await index.vector(text)
+            if vector is not None:
+                await index.add(key, scope, vector, expires_at)
+        except Exception as exc:
+            log.warning("semantic indexing failed: %s: %s", type(exc).__name__, exc)
+
+    async def invalidate(self, cache_key: str) -> int:
+        """Remove one entry (and its point), or every entry and point when the key is
+        empty; how many entries there were."""
+        if cache_key:
+            removed = await self.store.remove(cache_key)
+            if self.semantic is not None:
+                await self.semantic.forget_key(cache_key)
+            return removed
+        removed = await self.store.clear()
+        if self.semantic is not None:
+            await self.semantic.clear()
+        return removed
+
+    async def purge_expired_points(self, every_seconds: float) -> None:
+        """Deletes expired points now and then: lookups skip them, but they take room."""
+        assert self.semantic is not None
+        while True:
+            await asyncio.sleep(every_seconds)
+            try:
+                await self.semantic.purge_expired(self.clock() / 1000)
+            except Exception as exc:
+                log.warning("semantic purge failed: %s: %s", type(exc).__name__, exc)
 
     async def finish(self) -> None:
-        """Wait for expired-entry deletions still running (part of a graceful stop)."""
+        """Wait for deletions, semantic replies and indexing still running (part of a
+        graceful stop)."""
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
