@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import nats.errors
 from opentelemetry import trace
@@ -100,30 +100,52 @@ class Limiter:
             await asyncio.gather(*self._background, return_exceptions=True)
 
 
+class CacheResult(NamedTuple):
+    """``status``: hit, semantic-hit, miss, or error (a silent cache, treated as a miss)."""
+
+    status: str
+    answer: inference_pb2.Final | None
+    elapsed_ms: float
+    # Of a semantic hit: cosine similarity of the stored text to this request's.
+    similarity: float | None = None
+
+
 class CacheLookup:
     def __init__(self, bus: Bus, timeout: float) -> None:
         self._bus = bus
         self._timeout = timeout
 
     async def lookup(
-        self, cache_key: str, request_id: str
-    ) -> tuple[str, inference_pb2.Final | None, float]:
-        """Returns (status, answer, elapsed ms); a silent cache is a miss marked "error"."""
+        self,
+        cache_key: str,
+        request_id: str,
+        semantic_text: str = "",
+        semantic_scope: str = "",
+    ) -> CacheResult:
+        """Exact lookup; with a semantic text and scope the cache also looks for an
+        answer to a paraphrase after an exact miss."""
         started = time.perf_counter()
         try:
             reply = await self._bus.request(
                 Subjects.CACHE_LOOKUP,
-                cache_pb2.LookupRequest(cache_key=cache_key, request_id=request_id),
+                cache_pb2.LookupRequest(
+                    cache_key=cache_key,
+                    request_id=request_id,
+                    semantic_text=semantic_text,
+                    semantic_scope=semantic_scope,
+                ),
                 cache_pb2.LookupResponse,
                 timeout=self._timeout,
             )
         except NATS_FAILURES as exc:
             log.warning("cache lookup failed: %s", type(exc).__name__)
-            return "error", None, (time.perf_counter() - started) * 1000
+            return CacheResult("error", None, (time.perf_counter() - started) * 1000)
         elapsed = (time.perf_counter() - started) * 1000
         if reply.hit and reply.HasField("answer"):
-            return "hit", reply.answer, elapsed
-        return "miss", None, elapsed
+            if reply.semantic:
+                return CacheResult("semantic-hit", reply.answer, elapsed, reply.similarity)
+            return CacheResult("hit", reply.answer, elapsed)
+        return CacheResult("miss", None, elapsed)
 
 
 class JetStreamPublisher:

@@ -24,7 +24,14 @@ from sluice.metrics import Instruments
 from sluice.topology import PriorityClass
 
 from services.gateway.auth import KeyStore, extract_secret
-from services.gateway.chat import DISCONNECT_HEADER, SERVICE, ChatService, disconnect_policy
+from services.gateway.chat import (
+    DISCONNECT_HEADER,
+    SEMANTIC_HEADER,
+    SERVICE,
+    ChatService,
+    disconnect_policy,
+    semantic_wanted,
+)
 from services.gateway.edge import request_context
 from services.gateway.idempotency import HttpAnswer, Idempotency
 from services.gateway.jobs import JobCreateRequest, JobService, parse_job_body, resolve_priority
@@ -151,7 +158,9 @@ class ChatController(Controller):
         carries a ``sluice`` object: model served, provider, cache status, tokens, cost
         and latency breakdown. Unknown body members pass through to the provider.
         ``Cache-Control: no-cache`` skips the exact cache, ``no-store`` keeps the answer
-        out of it.
+        out of it. ``X-Sluice-Semantic-Cache: on`` (or ``off``) asks a cacheable request to
+        also be answered from a paraphrase of its last user message (``x-sluice-cache:
+        semantic-hit``), as ``SLUICE_GATEWAY_SEMANTIC_CACHE`` allows.
 
         ``Prefer: respond-async`` answers ``202`` with a job (``Location: /v1/jobs/{id}``);
         ``Prefer: wait=N`` answers inline when done within N seconds, else ``202``.
@@ -191,6 +200,9 @@ class ChatController(Controller):
                 cache_control=headers.get("cache-control", ""),
                 instance=ctx.instance,
                 on_disconnect=disconnect_policy(headers.get(DISCONNECT_HEADER)),
+                semantic=semantic_wanted(
+                    deps.settings.semantic_cache, headers.get(SEMANTIC_HEADER)
+                ),
                 priority=priority,
                 # An idempotent request's record follows its lifecycle events.
                 lifecycle_events=IDEMPOTENCY_HEADER in headers,

@@ -42,7 +42,7 @@ from services.gateway.render import (
     final_sluice,
     sse_retry,
 )
-from services.gateway.settings import CacheMode, GatewaySettings
+from services.gateway.settings import CacheMode, GatewaySettings, SemanticCacheMode
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,41 @@ def disconnect_policy(value: str | None) -> DisconnectPolicy:
             f"{DISCONNECT_HEADER} must be 'continue' or 'cancel'.",
             param=DISCONNECT_HEADER,
         ) from None
+
+
+SEMANTIC_HEADER = "x-sluice-semantic-cache"
+
+
+def semantic_wanted(mode: SemanticCacheMode, value: str | None) -> bool:
+    """Whether this request asks the semantic cache (``X-Sluice-Semantic-Cache``)."""
+    if value is None:
+        return mode is SemanticCacheMode.ON
+    choice = value.strip().lower()
+    if choice not in ("on", "off"):
+        raise SluiceError(
+            ErrorCode.INVALID_REQUEST,
+            f"{SEMANTIC_HEADER} must be 'on' or 'off'.",
+            param=SEMANTIC_HEADER,
+        )
+    return choice == "on" and mode is not SemanticCacheMode.OFF
+
+
+@dataclass(frozen=True)
+class SemanticQuery:
+    """The last user message and the hash of the rest of the request (empty: exact only)."""
+
+    text: str = ""
+    scope: str = ""
+
+
+NO_SEMANTIC = SemanticQuery()
+
+
+def semantic_query(request: chat_pb2.ChatRequest, team_id: str) -> SemanticQuery:
+    text = canonical.semantic_text(request)
+    if text is None:
+        return NO_SEMANTIC
+    return SemanticQuery(text, canonical.semantic_scope(request, team_id))
 
 
 def _mergeable(delta: inference_pb2.Delta) -> bool:
@@ -377,19 +412,23 @@ class ChatService:
         reserve_tokens: int,
         cache_key: str,
         lookup: bool,
+        semantic: SemanticQuery = NO_SEMANTIC,
     ) -> tuple[limiter_pb2.ReserveResponse, inference_pb2.Final | None]:
         reserve = reserve_request(key, request, meta.request_id, prompt_tokens, reserve_tokens)
         if not lookup:
             return await self.limiter.reserve(reserve), None
-        lookup_task = asyncio.create_task(self.cache.lookup(cache_key, meta.request_id))
+        lookup_task = asyncio.create_task(
+            self.cache.lookup(cache_key, meta.request_id, semantic.text, semantic.scope)
+        )
         try:
             reservation = await self.limiter.reserve(reserve)
         except BaseException:
             lookup_task.cancel()
             raise
-        status, answer, elapsed_ms = await lookup_task
-        meta.cache, meta.cache_ms = status, elapsed_ms
-        return reservation, answer
+        found = await lookup_task
+        meta.cache, meta.cache_ms = found.status, found.elapsed_ms
+        meta.cache_similarity = found.similarity
+        return reservation, found.answer
 
     # --- the request ----------------------------------------------------------------
 
@@ -404,14 +443,18 @@ class ChatService:
         on_disconnect: DisconnectPolicy = DisconnectPolicy.CONTINUE,
         priority: PriorityClass = PriorityClass.INTERACTIVE,
         lifecycle_events: bool = False,
+        semantic: bool = False,
     ) -> ChatResult:
+        """``semantic``: the request asked for the semantic cache (``semantic_wanted``)."""
         request = to_chat_request(body)
         meta.model_requested = request.model
         prompt_tokens, reserve_tokens = self._check_model(request)
         policy = cache_policy(self.settings.cache_mode, request.sampling, cache_control)
-        cache_key = (
-            canonical.cache_key(request, scope=key.team_id) if policy.lookup or policy.store else ""
-        )
+        cacheable = policy.lookup or policy.store
+        cache_key = canonical.cache_key(request, scope=key.team_id) if cacheable else ""
+        # Only for requests the exact cache takes, and only when asked: otherwise the
+        # messages carry empty fields and nobody embeds anything.
+        query = semantic_query(request, key.team_id) if semantic and cacheable else NO_SEMANTIC
         meta.cache = "miss" if policy.lookup else "bypass"
 
         reservation, cached = await self._admit(
@@ -422,6 +465,7 @@ class ChatService:
             reserve_tokens=reserve_tokens,
             cache_key=cache_key,
             lookup=policy.lookup,
+            semantic=query,
         )
         headers = admitted_headers(reservation)
         headers["x-sluice-cache"] = meta.cache
@@ -447,6 +491,7 @@ class ChatService:
             on_disconnect=on_disconnect,
             priority=priority,
             lifecycle_events=lifecycle_events,
+            semantic=query,
         )
 
     async def _answer_from_cache(
@@ -501,6 +546,7 @@ class ChatService:
         on_disconnect: DisconnectPolicy = DisconnectPolicy.CONTINUE,
         priority: PriorityClass = PriorityClass.INTERACTIVE,
         lifecycle_events: bool = False,
+        semantic: SemanticQuery = NO_SEMANTIC,
     ) -> ChatResult:
         settings = self.settings
         subject = Subjects.stream(meta.request_id)
@@ -522,6 +568,9 @@ class ChatService:
         if store_key:
             work.cache_key = store_key
             work.cache_ttl_seconds = settings.cache_ttl_seconds
+            if semantic.text:
+                work.semantic_text = semantic.text
+                work.semantic_scope = semantic.scope
 
         # Subscribe before publishing: the first event can beat the publish ack.
         try:

@@ -34,6 +34,8 @@ class RequestMeta:
     created: int = field(default_factory=lambda: int(time.time()))
     cache: str = "bypass"
     cache_ms: float = 0.0
+    # Set on a semantic hit: how close the stored question was to this one.
+    cache_similarity: float | None = None
     ttft_ms: float | None = None
 
     @property
@@ -73,7 +75,7 @@ def sluice_object(
         ttft = queue + _ms(timing.upstream_ttft_us)
     else:
         ttft = total
-    return {
+    sluice: dict[str, Any] = {
         "request_id": meta.request_id,
         "trace_id": meta.trace_id,
         "model_requested": meta.model_requested,
@@ -96,6 +98,9 @@ def sluice_object(
             "overhead": round(max(0.0, total - queue - upstream), 3),
         },
     }
+    if meta.cache_similarity is not None:
+        sluice["cache_similarity"] = round(meta.cache_similarity, 4)
+    return sluice
 
 
 def final_sluice(

@@ -465,7 +465,11 @@ class InferenceEngine:
                 stored.choices.extend(answer.choices)
             await self.sink.cache_store(
                 cache_pb2.StoreRequest(
-                    cache_key=work.cache_key, answer=stored, ttl_seconds=work.cache_ttl_seconds
+                    cache_key=work.cache_key,
+                    answer=stored,
+                    ttl_seconds=work.cache_ttl_seconds,
+                    semantic_text=work.semantic_text,
+                    semantic_scope=work.semantic_scope,
                 )
             )
         return Outcome.COMPLETED

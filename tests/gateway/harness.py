@@ -75,6 +75,8 @@ class FakeServices:
         )
     )
     cache_answer: inference_pb2.Final | None = None
+    # Set: the cache answers as a semantic hit of this similarity.
+    cache_similarity: float | None = None
     cache_online: bool = True
     limiter_online: bool = True
     scenario: Scenario = reply_final
@@ -113,6 +115,8 @@ class FakeServices:
             reply = cache_pb2.LookupResponse(hit=self.cache_answer is not None)
             if self.cache_answer is not None:
                 reply.answer.CopyFrom(self.cache_answer)
+                if self.cache_similarity is not None:
+                    reply.semantic, reply.similarity = True, self.cache_similarity
             await msg.respond(reply.SerializeToString())
 
         async def on_work(msg):
