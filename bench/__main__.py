@@ -9,8 +9,9 @@ to the simulator and through the gateway.
 Sections (``--only a,b``; ``--quick`` for a short run of each): ``overhead`` (the tables
 above), ``jobs`` (job submission latency, bench/jobs.py), ``resume`` (reconnect to the
 first replayed event, bench/resume.py), ``priority`` (interactive queue wait behind
-1,000 batch jobs, on a product of its own) and ``streams`` (1,000 streams open at once,
-bench/streams.py, on a product with room for them).
+1,000 batch jobs, on a product of its own), ``streams`` (1,000 streams open at once,
+bench/streams.py, on a product with room for them) and ``semcache`` (the semantic
+cache's similarity threshold on labelled pairs, bench/semcache.py, no product).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import aiohttp
 from sluice.embedded import free_port
 
-from bench import jobs, resume, streams
+from bench import jobs, resume, semcache, streams
 from bench.load import Sample, Target, closed_loop, one_request, paired_open_loop, percentile
 from bench.report import table
 
@@ -409,10 +410,13 @@ async def main_async(args: argparse.Namespace) -> int:
                         open_rate=args.stream_open_rate,
                     )
                 )
+    if "semcache" in only:
+        section("Semantic cache: similarity threshold on the labelled pairs (bench/semcache.py)")
+        semcache.report()
     return 0
 
 
-SECTIONS = ("overhead", "jobs", "resume", "priority", "streams")
+SECTIONS = ("overhead", "jobs", "resume", "priority", "streams", "semcache")
 # Full run, and --quick: (seconds, job seconds, reconnects, batch jobs, interactive
 # seconds, streams, stream tokens/s, stream seconds).
 FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0)

@@ -67,8 +67,9 @@ class Embedder:
             vector: Vector = self.model.query(text)
         return vector
 
-    def embed_many(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        """One row per text, in one call to the engine (faster per text than one by one)."""
+    def embed_many(self, texts: list[str], *, query: bool = True) -> npt.NDArray[np.float32]:
+        """One row per text, in one call to the engine (faster per text than one by one).
+        ``query`` False uses the ``passage:`` prefix, for comparison only."""
         with self._lock:
-            rows: npt.NDArray[np.float32] = self.model.query(texts)
+            rows: npt.NDArray[np.float32] = self.model.encode(texts, query)
         return rows
