@@ -278,6 +278,9 @@ class ServicePorts:
     http: int | None = None
 
 
+# A Qdrant server's REST port (qdrant-client's default), for QDRANT_URL in deployments.
+QDRANT_HTTP_PORT = 6333
+
 DEFAULT_PORTS: dict[ServiceName, ServicePorts] = {
     ServiceName.GATEWAY: ServicePorts(grpc=50051, metrics=8080, http=8080),
     ServiceName.LIMITER: ServicePorts(grpc=50052, metrics=9102),

@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings
 from sluice.embedded import MAX_PAYLOAD_BYTES
 from sluice.launcher import SERVICE_ENV_PREFIX, SERVICE_MODULES
 from sluice.settings import CommonSettings
-from sluice.topology import ALL_SERVICES, DEFAULT_PORTS, ServiceName
+from sluice.topology import ALL_SERVICES, DEFAULT_PORTS, QDRANT_HTTP_PORT, ServiceName
 
 REPO = Path(__file__).resolve().parents[2]
 K8S_BASE = REPO / "deploy" / "k8s" / "base"
@@ -100,7 +100,10 @@ def provider_key_envs() -> set[str]:
 def check_env_names(where: str, names: set[str]) -> None:
     unknown = {n for n in names if n.startswith("SLUICE_") and n not in valid_env_names()}
     assert not unknown, f"{where}: {sorted(unknown)} are not read by any settings class"
-    others = {n for n in names if not n.startswith(("SLUICE_", "OTEL_"))}
+    # Unprefixed names a settings class reads by alias (QDRANT_URL) are settings too.
+    others = {
+        n for n in names if not n.startswith(("SLUICE_", "OTEL_")) and n not in valid_env_names()
+    }
     assert others <= provider_key_envs(), (
         f"{where}: {sorted(others - provider_key_envs())} are neither settings nor a "
         "provider's api_key_env"
@@ -210,6 +213,7 @@ def test_dotenv_ports_match_topology() -> None:
         "WORKER_METRICS_PORT": DEFAULT_PORTS[ServiceName.INFERENCE_WORKER].metrics,
         "COST_GRPC_PORT": DEFAULT_PORTS[ServiceName.COST_TRACKER].grpc,
         "COST_METRICS_PORT": DEFAULT_PORTS[ServiceName.COST_TRACKER].metrics,
+        "QDRANT_PORT": QDRANT_HTTP_PORT,
     }
     for var, port in pairs.items():
         assert env[var] == str(port), f".env {var}={env[var]}, topology says {port}"
@@ -217,7 +221,38 @@ def test_dotenv_ports_match_topology() -> None:
 
 def test_compose_has_every_service_and_the_infrastructure() -> None:
     services = compose()["services"]
-    assert set(services) >= {str(n) for n in ALL_SERVICES} | {"nats", "llama"}
+    assert set(services) >= {str(n) for n in ALL_SERVICES} | {"nats", "llama", "qdrant"}
+
+
+def cache_qdrant_env() -> set[str]:
+    """The names under which the cache's settings read the Qdrant server's URL and key."""
+    settings = settings_class(ServiceName.CACHE)
+    names = set()
+    for field in ("qdrant_url", "qdrant_api_key"):
+        alias = settings.model_fields[field].validation_alias
+        assert isinstance(alias, AliasChoices)
+        names |= {str(c) for c in alias.choices}
+    return names
+
+
+def test_the_cache_reads_qdrant_url_and_key_by_their_usual_names() -> None:
+    assert {"QDRANT_URL", "QDRANT_API_KEY"} <= cache_qdrant_env()
+    assert "QDRANT_URL" in valid_env_names()
+
+
+def test_compose_cache_uses_the_qdrant_container() -> None:
+    services = compose()["services"]
+    env = compose_env(services[str(ServiceName.CACHE)])
+    match = re.fullmatch(r"http://([\w-]+):(\d+)", env["QDRANT_URL"])
+    assert match, env["QDRANT_URL"]
+    assert match.group(1) in services and int(match.group(2)) == QDRANT_HTTP_PORT
+    qdrant = services[match.group(1)]
+    assert qdrant["image"] == dotenv()["QDRANT_IMAGE"]
+    assert str(QDRANT_HTTP_PORT) in {str(p) for p in published_container_ports(qdrant)}
+    assert any(str(v).endswith(":/qdrant/storage") for v in qdrant["volumes"])
+    volume = str(qdrant["volumes"][0]).split(":", 1)[0]
+    assert volume in compose()["volumes"], "Qdrant storage must be a named volume"
+    assert match.group(1) in services[str(ServiceName.CACHE)]["depends_on"]
 
 
 @pytest.mark.parametrize("name", ALL_SERVICES, ids=str)
@@ -468,6 +503,31 @@ def test_k8s_nats_statefulset_has_jetstream_storage() -> None:
     conf = (K8S_BASE / "nats.conf").read_text()
     payload = re.search(r"max_payload:\s*(\d+)", conf)
     assert payload and int(payload.group(1)) == MAX_PAYLOAD_BYTES
+
+
+def test_k8s_cache_reaches_the_qdrant_statefulset() -> None:
+    (container,) = k8s("Deployment", str(ServiceName.CACHE))["spec"]["template"]["spec"][
+        "containers"
+    ]
+    url = container_env(container).get("QDRANT_URL") or ""
+    match = re.fullmatch(r"http://([\w-]+):(\d+)", url)
+    assert match, url
+    service = k8s("Service", match.group(1))
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert int(match.group(2)) == QDRANT_HTTP_PORT == ports["http"]["port"]
+    qdrant = k8s("StatefulSet", match.group(1))
+    labels = qdrant["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    (server,) = qdrant["spec"]["template"]["spec"]["containers"]
+    declared = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert declared[ports["http"]["targetPort"]] == QDRANT_HTTP_PORT
+    # The image of the compose file, in its unprivileged (uid 1000) build.
+    assert server["image"] == dotenv()["QDRANT_IMAGE"] + "-unprivileged"
+    claims = {c["metadata"]["name"] for c in qdrant["spec"]["volumeClaimTemplates"]}
+    mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+    assert mounts["/qdrant/storage"] in claims
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["httpGet"]["port"] in {"http", QDRANT_HTTP_PORT}
 
 
 def test_k8s_worker_reaches_the_model_service() -> None:
