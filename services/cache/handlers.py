@@ -130,12 +130,11 @@ class CacheHandlers:
             vector = await index.vector(request.semantic_text)
             if vector is None:
                 return None
-            if valid_key(request.cache_key):
-                self._remember_vector(request.cache_key, vector)
             match = await index.nearest(vector, request.semantic_scope, self.clock() / 1000)
-            if match is None:
-                return None
-            return await self._answer_of(index, match)
+            found = await self._answer_of(index, match) if match is not None else None
+            if found is None and valid_key(request.cache_key):
+                self._remember_vector(request.cache_key, vector)
+            return found
         except Exception as exc:
             # The semantic layer is an optimisation: failing it is a miss, never an error.
             log.warning("semantic lookup failed: %s: %s", type(exc).__name__, exc)

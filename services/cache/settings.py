@@ -32,8 +32,9 @@ class CacheSettings(BaseSettings):
     # OpenMP threads of the embedder: one uses about half the CPU per text of two, whose
     # spinning threads would also take the core the event loop needs.
     semantic_threads: int = Field(default=1, ge=1)
-    # Semantic lookups in flight past which more are answered as misses at once.
-    semantic_max_pending: int = Field(default=16, ge=1)
+    # Semantic lookups in flight past which more are answered as misses at once: at
+    # about 30 ms each, a longer queue would outlast the gateway's 0.25 s cache timeout.
+    semantic_max_pending: int = Field(default=8, ge=1)
     # How often points past their expiry are deleted from the collection.
     semantic_purge_seconds: float = Field(default=60.0, gt=0)
     # A Qdrant server (required with more than one cache replica); unset: local mode in

@@ -19,9 +19,10 @@ from sluice.cache.v1 import cache_pb2, cache_pb2_grpc
 from sluice.common.v1 import chat_pb2
 from sluice.embedded import EmbeddedNats
 from sluice.inference.v1 import inference_pb2
-from sluice.topology import Collections, ServiceName, Subjects
+from sluice.topology import Buckets, Collections, ServiceName, Subjects
 
 from services.cache.settings import CacheSettings
+from services.cache.store import KvEntryStore
 from tests.support.stack import ServiceProcess, Stack
 
 pytestmark = pytest.mark.integration
@@ -198,6 +199,24 @@ async def test_an_invalidated_answer_is_no_semantic_hit(semcache: SemanticCache)
     await semcache.stored(first, answer("gone"))
     assert await semcache.invalidate(first.key) == 1
     assert not (await semcache.lookup(asked(chat(PARAPHRASE), t))).hit
+
+
+async def test_a_point_whose_answer_is_gone_is_deleted(semcache: SemanticCache) -> None:
+    t = team()
+    first = asked(chat(QUESTION), t)
+    await semcache.stored(first, answer("a"))
+    kv = await semcache.bus.kv(Buckets.EXACT_CACHE)
+    store = KvEntryStore(kv, semcache.bus.js, Buckets.EXACT_CACHE.name)
+    saved = await store.get(first.key)
+    assert saved is not None
+    await store.remove(first.key)
+    paraphrase = asked(chat(PARAPHRASE), t)
+    assert not (await semcache.lookup(paraphrase)).hit
+    # The answer comes back under its key, but its point was deleted by that miss:
+    # exact lookups find it, semantic ones no longer lead to it.
+    await store.put(first.key, saved[0])
+    assert (await semcache.lookup(first, semantic=False)).hit
+    assert not (await semcache.lookup(paraphrase)).hit
 
 
 async def test_without_semantic_fields_only_the_exact_entry_is_looked_up(
