@@ -38,7 +38,7 @@ from types import FrameType
 from typing import IO, TextIO
 
 from sluice.embedded import EmbeddedNats, wait_for_port
-from sluice.topology import DEFAULT_PORTS, ServiceName, Subjects
+from sluice.topology import DEFAULT_PORTS, Collections, ServiceName, Subjects
 
 # Start order; stopping runs in reverse. The gateway comes last so that it finds the
 # services it asks for readiness already up.
@@ -77,6 +77,9 @@ LOG_ROTATE_BYTES = 10 * 1024 * 1024
 # Seconds beyond the services' own shutdown grace before they are killed.
 STOP_MARGIN_SECONDS = 10.0
 PR_SET_PDEATHSIG = 1
+
+# What pydantic reads as False in a boolean setting.
+_FALSE = frozenset({"0", "false", "f", "no", "n", "off"})
 
 
 class LaunchError(RuntimeError):
@@ -494,9 +497,7 @@ class Launcher:
             self._start_nats()
             self._start_model()
             self._start_simulator()
-            self.console.say(
-                "cache: exact cache in JetStream KV; no Qdrant or other store process to start"
-            )
+            self.console.say(self._cache_stores())
             self._start_services()
             self._wait_ready()
             self._print_banner()
@@ -527,6 +528,16 @@ class Launcher:
             self.console.say(f"--- last lines of {child.log_path}")
         self.console.say(tail or "(the log is empty)")
         self.console.say("---")
+
+    def _cache_stores(self) -> str:
+        exact = "cache: exact answers in JetStream KV"
+        if os.environ.get("SLUICE_CACHE_SEMANTIC_ENABLED", "true").strip().lower() in _FALSE:
+            return f"{exact}; semantic cache off"
+        if os.environ.get("QDRANT_URL"):
+            # The URL may carry credentials: say only that a server is used.
+            return f"{exact}; semantic vectors on the Qdrant server in QDRANT_URL"
+        local = self.state_dir / Collections.LOCAL_DIRNAME
+        return f"{exact}; semantic vectors in Qdrant local mode ({local}, inside the cache)"
 
     def _lock_state_dir(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

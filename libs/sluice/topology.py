@@ -267,6 +267,8 @@ class Collections:
     )
 
     ALL: tuple[CollectionSpec, ...] = (SEMANTIC_CACHE,)
+    # Qdrant local mode (no QDRANT_URL): its storage, under the state directory.
+    LOCAL_DIRNAME = "qdrant"
 
 
 @dataclass(frozen=True)

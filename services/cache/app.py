@@ -29,7 +29,7 @@ def open_semantic_index(settings: CacheSettings) -> SemanticIndex:
     embedder = Embedder.load(threads=settings.semantic_threads)
     url = settings.qdrant_url
     key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
-    path = settings.common.state_dir / "qdrant"
+    path = settings.common.state_dir / Collections.LOCAL_DIRNAME
     index = SemanticIndex(
         open_client(path, url, key),
         embedder,

@@ -27,7 +27,7 @@ from sluice.launcher import (
     spawn,
     stop_children,
 )
-from sluice.topology import ALL_SERVICES, DEFAULT_PORTS, ServiceName
+from sluice.topology import ALL_SERVICES, DEFAULT_PORTS, Collections, ServiceName
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -276,7 +276,9 @@ def test_up_serves_and_ctrl_c_stops_everything(state_dir: Path) -> None:
     assert key in text, "the generated dev key is printed"
     assert f'OpenAI(base_url="{gateway}/v1"' in text
     assert "sluice trace --last" in text
-    assert "no Qdrant or other store process" in text
+    qdrant = state_dir / Collections.LOCAL_DIRNAME
+    assert f"semantic vectors in Qdrant local mode ({qdrant}" in text
+    assert qdrant.is_dir(), "the cache keeps its semantic index under the state dir"
     with urllib.request.urlopen(f"{gateway}/healthz", timeout=5) as resp:
         assert resp.status == 200
     for name in ("gateway", "limiter", "cache", "inference-worker", "cost-tracker"):
