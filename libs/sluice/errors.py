@@ -55,7 +55,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
     ErrorCode.INVALID_REQUEST: ErrorSpec(
         400,
         "Invalid request",
-        "Correct the fields named in details and send the request again.",
+        "Correct the field or header named in error.param or details, then send the request again.",
         "invalid_request_error",
         "invalid_request_error",
     ),
