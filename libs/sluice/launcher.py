@@ -37,6 +37,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, TextIO
 
+from pydantic import TypeAdapter, ValidationError
+
 from sluice.embedded import EmbeddedNats, wait_for_port
 from sluice.topology import DEFAULT_PORTS, Collections, ServiceName, Subjects
 
@@ -77,9 +79,6 @@ LOG_ROTATE_BYTES = 10 * 1024 * 1024
 # Seconds beyond the services' own shutdown grace before they are killed.
 STOP_MARGIN_SECONDS = 10.0
 PR_SET_PDEATHSIG = 1
-
-# What pydantic reads as False in a boolean setting.
-_FALSE = frozenset({"0", "false", "f", "no", "n", "off"})
 
 
 class LaunchError(RuntimeError):
@@ -531,8 +530,11 @@ class Launcher:
 
     def _cache_stores(self) -> str:
         exact = "cache: exact answers in JetStream KV"
-        if os.environ.get("SLUICE_CACHE_SEMANTIC_ENABLED", "true").strip().lower() in _FALSE:
-            return f"{exact}; semantic cache off"
+        enabled = os.environ.get("SLUICE_CACHE_SEMANTIC_ENABLED", "true")
+        # Read as the cache's settings read it; a value they reject stops the cache anyway.
+        with contextlib.suppress(ValidationError):
+            if not TypeAdapter(bool).validate_python(enabled):
+                return f"{exact}; semantic cache off"
         if os.environ.get("QDRANT_URL"):
             # The URL may carry credentials: say only that a server is used.
             return f"{exact}; semantic vectors on the Qdrant server in QDRANT_URL"
