@@ -283,6 +283,9 @@ class InferenceEngine:
     ) -> tuple[Outcome | None, UpstreamFailure | None]:
         """Attempts against one model: (outcome, None) when finished (well or after
         output), (None, failure) when the next fallback should be tried."""
+        unusable = self._missing_key(model)
+        if unusable is not None:
+            return None, unusable
         breaker = self.circuits.get(model.provider)
         failure: UpstreamFailure | None = None
         for attempt in range(1, max(1, self.retry.attempts) + 1):
@@ -317,6 +320,22 @@ class InferenceEngine:
             breaker.record_success()
             return await self._complete(req, model, answer), None
         return None, failure
+
+    def _missing_key(self, model: ModelConfig) -> UpstreamFailure | None:
+        """A deployment that needs a key this process was not given fails at once, by
+        name: calling it would only earn a 401 (or a connect error offline), count
+        against its circuit and hide the cause behind retries."""
+        config = self.pool.get(model.provider).config
+        if not config.api_key_env or config.api_key():
+            return None
+        return UpstreamFailure(
+            SluiceError(
+                ErrorCode.UPSTREAM_UNAVAILABLE,
+                f"provider {model.provider} has no API key: {config.api_key_env} is not "
+                "set where the inference worker runs",
+                {"provider": model.provider, "cause": "no_api_key"},
+            )
+        )
 
     def _backoff(self, attempt: int, failure: UpstreamFailure) -> float | None:
         """Seconds before the next attempt, or None when retrying this provider is moot."""

@@ -53,6 +53,10 @@ providers:
     kind: openai
     base_url: http://127.0.0.1:{dead_port}/v1
     connect_timeout_seconds: 0.5
+  keyless:
+    kind: openai
+    base_url: {sim}
+    api_key_env: SLUICE_TEST_KEY_NEVER_SET
 models:
   sim-fast:
     provider: sim
@@ -68,6 +72,13 @@ models:
     provider: dead
     upstream_model: nothing
     fallbacks: [sim-fast]
+  keyless-chain:
+    provider: keyless
+    upstream_model: sim-fast
+    fallbacks: [sim-fast]
+  keyless:
+    provider: keyless
+    upstream_model: sim-fast
 """
 
 

@@ -203,6 +203,22 @@ async def test_unknown_model_fails_without_calling(bus: Bus, make_worker: Worker
     assert usage.outcome == "failed"
 
 
+async def test_provider_without_its_key_fails_by_name_and_falls_back(
+    bus: Bus, make_worker: WorkerFactory, simulator: Simulator
+) -> None:
+    worker = await make_worker()
+    sim_id = uuid.uuid4().hex
+    result = await run(bus, new_work(model="keyless", sim={"id": sim_id}))
+    problem = result.failure.problem
+    assert problem.code == "upstream_unavailable"
+    assert "SLUICE_TEST_KEY_NEVER_SET" in problem.message
+    assert simulator.stats.by_id[sim_id] == 0, "no call without the key"
+    assert worker.circuits.get("keyless").requests_total == 0, "not a provider failure"
+    result = await run(bus, new_work(model="keyless-chain", sim={"id": sim_id}))
+    assert result.final.model_served == "sim-fast"
+    assert simulator.stats.by_id[sim_id] == 1
+
+
 async def test_cut_stream_bills_partial_usage(
     bus: Bus, make_worker: WorkerFactory, simulator: Simulator
 ) -> None:
