@@ -19,12 +19,18 @@ class GatewayError(SluiceError):
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def _sentence(text: str) -> str:
+    # Details written on the bus (the worker's) are often bare clauses; the fix that
+    # follows must not run on from them.
+    return text if not text or text[-1] in ".!?" else text + "."
+
+
 def problem_body(
     err: SluiceError, *, instance: str, request_id: str, trace_id: str
 ) -> dict[str, Any]:
     spec = err.spec
     code = str(err.code)
-    detail = err.detail if spec.fix in err.detail else f"{err.detail} {spec.fix}"
+    detail = err.detail if spec.fix in err.detail else f"{_sentence(err.detail)} {spec.fix}"
     return {
         "type": PROBLEM_TYPE_BASE + code,
         "title": spec.title,

@@ -581,3 +581,13 @@ async def test_event_reader_deadline():
     with pytest.raises(DeadlineExceeded):
         for _ in range(20):
             await reader.next(0.02)
+
+
+def test_problem_detail_ends_its_sentence_before_the_fix() -> None:
+    spec_fix = SluiceError(ErrorCode.UPSTREAM_UNAVAILABLE, "x").spec.fix
+    bare = SluiceError(ErrorCode.UPSTREAM_UNAVAILABLE, "cannot reach provider openai")
+    body = orjson.loads(render_problem(bare, instance="/i", request_id="r", trace_id="t"))
+    assert body["detail"] == f"cannot reach provider openai. {spec_fix}"
+    ended = SluiceError(ErrorCode.UPSTREAM_UNAVAILABLE, "The provider is down.")
+    body = orjson.loads(render_problem(ended, instance="/i", request_id="r", trace_id="t"))
+    assert body["detail"] == f"The provider is down. {spec_fix}"
