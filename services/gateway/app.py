@@ -1,5 +1,6 @@
 """The Litestar application: thin controllers over the chat service, the key store and
-the readiness check, and one exception handler that renders every error as problem+json."""
+the readiness check, and one exception handler that renders every error as problem+json
+(in the Anthropic error shape under ``/v1/messages``)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ from sluice.keys.v1 import keys_pb2
 from sluice.metrics import Instruments
 from sluice.topology import PriorityClass
 
+from services.gateway.anthropic import (
+    ANTHROPIC,
+    VERSION_HEADER,
+    anthropic_to_chat_request,
+    check_version,
+    parse_messages_body,
+    render_error,
+)
 from services.gateway.auth import KeyStore, extract_secret
 from services.gateway.chat import (
     DISCONNECT_HEADER,
@@ -32,7 +41,7 @@ from services.gateway.chat import (
     disconnect_policy,
     semantic_wanted,
 )
-from services.gateway.edge import request_context
+from services.gateway.edge import MESSAGES_ROUTE, RequestContext, request_context
 from services.gateway.idempotency import HttpAnswer, Idempotency
 from services.gateway.jobs import JobCreateRequest, JobService, parse_job_body, resolve_priority
 from services.gateway.jobs_http import (
@@ -222,6 +231,67 @@ class ChatController(Controller):
             job=as_job,
         )
         return to_response(answer)
+
+
+class MessagesController(Controller):
+    path = "/v1"
+    tags = ["messages"]
+
+    @post(
+        "/messages",
+        operation_id="createMessage",
+        summary="Create a message (Anthropic Messages API)",
+        status_code=200,
+    )
+    async def create_message(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        """Anthropic Messages API on the same data path as chat completions (limits,
+        cache, queue, cost, trace), for the official ``anthropic`` SDK: ``x-api-key``
+        (or ``Authorization: Bearer``), a body with ``model``, ``max_tokens``,
+        ``messages`` (text, image, tool_use and tool_result blocks), ``system``,
+        ``tools``, ``tool_choice``, ``stop_sequences``, ``temperature``, ``top_p``,
+        ``top_k``, ``metadata.user_id``; JSON ``message`` or, with ``stream: true``,
+        Server-Sent Events (``message_start`` ... ``message_stop``, ``ping`` while idle).
+        The message (or the stream's ``message_delta``) carries the ``sluice`` object.
+
+        ``anthropic-version`` is optional (missing means ``2023-06-01``; any dated
+        version is accepted). Rate limits come as ``anthropic-ratelimit-*`` and the IETF
+        ``RateLimit`` fields, ``retry-after`` on 429. Errors are Anthropic error bodies
+        (``{"type": "error", "error": {...}}``) with Sluice's ``code`` and ``trace_id``.
+        ``Cache-Control``, ``X-Sluice-Semantic-Cache``, ``x-sluice-priority`` and
+        ``x-sluice-on-disconnect`` work as on chat completions. ``Idempotency-Key`` is
+        refused (400): its stored replays are chat completions. ``Prefer:
+        respond-async`` is not applied here (a job answers as a chat completion)."""
+        deps = _deps(request)
+        ctx = request_context(request.scope)
+        key = await _authenticate(request, deps)
+        headers = request.headers
+        check_version(headers.get(VERSION_HEADER))
+        _check_content_type(headers.get("content-type"))
+        if IDEMPOTENCY_HEADER in headers:
+            raise SluiceError(
+                ErrorCode.INVALID_REQUEST,
+                "Idempotency-Key is supported on /v1/chat/completions only.",
+                param="Idempotency-Key",
+            )
+        raw = await read_body(request, deps.settings.max_body_bytes)
+        body = parse_messages_body(raw)
+        meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model)
+        result = await deps.chat.complete_request(
+            key,
+            anthropic_to_chat_request(body),
+            meta,
+            dialect=ANTHROPIC,
+            cache_control=headers.get("cache-control", ""),
+            instance=ctx.instance,
+            on_disconnect=disconnect_policy(headers.get(DISCONNECT_HEADER)),
+            semantic=semantic_wanted(deps.settings.semantic_cache, headers.get(SEMANTIC_HEADER)),
+            priority=resolve_priority(key, headers.get(PRIORITY_HEADER), PriorityClass.INTERACTIVE),
+        )
+        # Where the SDK looks for the request id (``message._request_id``).
+        result.headers["request-id"] = ctx.request_id
+        if result.stream is not None:
+            return Stream(result.stream, media_type="text/event-stream", headers=result.headers)
+        return Response(result.body or b"", media_type=JSON, headers=result.headers)
 
 
 class JobsController(Controller):
@@ -489,6 +559,23 @@ def _problem_response(
     )
 
 
+def _anthropic_error_response(err: SluiceError, ctx: RequestContext) -> Response[bytes]:
+    headers = problem_headers(err)
+    headers["request-id"] = ctx.request_id
+    return Response(
+        render_error(err, instance=ctx.instance, request_id=ctx.request_id, trace_id=ctx.trace_id),
+        status_code=err.status,
+        media_type=JSON,
+        headers=headers,
+    )
+
+
+def _is_messages_path(path: str) -> bool:
+    # Anthropic clients parse only their own error shape, on the route and beneath it
+    # (an SDK calling /v1/messages/count_tokens gets its 404 in that shape too).
+    return path == MESSAGES_ROUTE or path.startswith(MESSAGES_ROUTE + "/")
+
+
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     ctx = request_context(request.scope)
     if isinstance(exc, SluiceError):
@@ -504,7 +591,10 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         instruments = deps.instruments
     if instruments is not None:
         instruments.errors.add(1, {"code": str(err.code), "service": SERVICE})
-    response = _problem_response(err, ctx.instance, ctx.request_id, ctx.trace_id)
+    if _is_messages_path(ctx.path):
+        response = _anthropic_error_response(err, ctx)
+    else:
+        response = _problem_response(err, ctx.instance, ctx.request_id, ctx.trace_id)
     if err.code is ErrorCode.METHOD_NOT_ALLOWED and isinstance(exc, HTTPException) and exc.headers:
         allow = exc.headers.get("Allow") or exc.headers.get("allow")
         if allow:
@@ -516,6 +606,7 @@ def create_app(deps: GatewayDeps) -> Litestar:
     return Litestar(
         route_handlers=[
             ChatController,
+            MessagesController,
             StreamsController,
             JobsController,
             WebhooksController,
@@ -528,8 +619,9 @@ def create_app(deps: GatewayDeps) -> Litestar:
         openapi_config=OpenAPIConfig(
             title="Sluice gateway",
             version=__version__,
-            description="OpenAI-compatible chat completions with limits, caching, cost "
-            "and one trace per request. Errors are RFC 9457 problem+json.",
+            description="OpenAI-compatible chat completions and the Anthropic Messages "
+            "API with limits, caching, cost and one trace per request. Errors are RFC 9457 "
+            "problem+json (Anthropic error bodies on /v1/messages).",
             path="/docs",
             use_handler_docstrings=True,
             render_plugins=[ScalarRenderPlugin(path="/"), JsonRenderPlugin()],

@@ -35,10 +35,12 @@ from services.gateway.normalize import to_chat_request
 from services.gateway.problems import GatewayError, render_problem, unavailable
 from services.gateway.ratelimit import rate_limit_headers
 from services.gateway.render import (
-    SSE_HEARTBEAT,
+    OPENAI,
+    Dialect,
+    ErrorRenderer,
+    LimitHeaders,
     RequestMeta,
-    SseRelay,
-    completion_body,
+    StreamRenderer,
     final_sluice,
     sse_retry,
 )
@@ -305,9 +307,11 @@ def reserve_request(
     )
 
 
-def admitted_headers(reservation: limiter_pb2.ReserveResponse) -> dict[str, str]:
-    """The RateLimit headers of an admitted request; a refusal raises ``rate_limited``."""
-    headers = rate_limit_headers(reservation.policies, reservation.denied_by)
+def admitted_headers(
+    reservation: limiter_pb2.ReserveResponse, limit_headers: LimitHeaders = rate_limit_headers
+) -> dict[str, str]:
+    """The rate-limit headers of an admitted request; a refusal raises ``rate_limited``."""
+    headers = limit_headers(reservation.policies, reservation.denied_by)
     if not reservation.allowed:
         retry_ms = max(reservation.retry_after_ms, 1)
         raise GatewayError(
@@ -445,10 +449,38 @@ class ChatService:
         lifecycle_events: bool = False,
         semantic: bool = False,
     ) -> ChatResult:
-        """``semantic``: the request asked for the semantic cache (``semantic_wanted``)."""
-        request = to_chat_request(body)
+        """An OpenAI chat completion. ``semantic``: the request asked for the semantic
+        cache (``semantic_wanted``)."""
+        return await self.complete_request(
+            key,
+            to_chat_request(body),
+            meta,
+            cache_control=cache_control,
+            instance=instance,
+            on_disconnect=on_disconnect,
+            priority=priority,
+            lifecycle_events=lifecycle_events,
+            semantic=semantic,
+        )
+
+    async def complete_request(
+        self,
+        key: keys_pb2.ApiKeyRecord,
+        request: chat_pb2.ChatRequest,
+        meta: RequestMeta,
+        *,
+        dialect: Dialect = OPENAI,
+        cache_control: str = "",
+        instance: str = "",
+        on_disconnect: DisconnectPolicy = DisconnectPolicy.CONTINUE,
+        priority: PriorityClass = PriorityClass.INTERACTIVE,
+        lifecycle_events: bool = False,
+        semantic: bool = False,
+    ) -> ChatResult:
+        """A request already normalised by its front door, answered in ``dialect``."""
         meta.model_requested = request.model
         prompt_tokens, reserve_tokens = self._check_model(request)
+        meta.prompt_tokens = prompt_tokens
         policy = cache_policy(self.settings.cache_mode, request.sampling, cache_control)
         cacheable = policy.lookup or policy.store
         cache_key = canonical.cache_key(request, scope=key.team_id) if cacheable else ""
@@ -467,7 +499,7 @@ class ChatService:
             lookup=policy.lookup,
             semantic=query,
         )
-        headers = admitted_headers(reservation)
+        headers = admitted_headers(reservation, dialect.limit_headers)
         headers["x-sluice-cache"] = meta.cache
 
         if cached is not None:
@@ -478,6 +510,7 @@ class ChatService:
                 reservation=reservation,
                 cached=cached,
                 headers=headers,
+                dialect=dialect,
             )
 
         return await self._run(
@@ -492,6 +525,7 @@ class ChatService:
             priority=priority,
             lifecycle_events=lifecycle_events,
             semantic=query,
+            dialect=dialect,
         )
 
     async def _answer_from_cache(
@@ -503,6 +537,7 @@ class ChatService:
         reservation: limiter_pb2.ReserveResponse,
         cached: inference_pb2.Final,
         headers: dict[str, str],
+        dialect: Dialect,
     ) -> ChatResult:
         event = cost_pb2.UsageEvent(
             request_id=meta.request_id,
@@ -524,8 +559,8 @@ class ChatService:
             # The answer is already paid for; only the reservation must not leak.
             self.limiter.release(reservation.reservation_id, key.key_id, meta.request_id)
         if not request.stream:
-            return ChatResult(headers, body=completion_body(meta, cached, cache_hit=True))
-        relay = SseRelay(meta, include_usage=request.include_usage)
+            return ChatResult(headers, body=dialect.body(meta, cached, cache_hit=True))
+        relay = dialect.stream(meta, include_usage=request.include_usage)
         payload = relay.replay(cached, final_sluice(meta, cached, cache_hit=True))
 
         async def replay() -> AsyncIterator[bytes]:
@@ -547,6 +582,7 @@ class ChatService:
         priority: PriorityClass = PriorityClass.INTERACTIVE,
         lifecycle_events: bool = False,
         semantic: SemanticQuery = NO_SEMANTIC,
+        dialect: Dialect = OPENAI,
     ) -> ChatResult:
         settings = self.settings
         subject = Subjects.stream(meta.request_id)
@@ -618,7 +654,8 @@ class ChatService:
         reader = EventReader(inbox, deadline, backfill=self.backfill(meta.request_id))
         if not request.stream:
             try:
-                return ChatResult(headers, body=await self._wait_final(reader, meta, headers))
+                body = await self._wait_final(reader, meta, headers, dialect)
+                return ChatResult(headers, body=body)
             except asyncio.CancelledError:
                 # The client went away while waiting for the whole answer.
                 if on_disconnect is DisconnectPolicy.CANCEL:
@@ -642,7 +679,7 @@ class ChatService:
         if first is not None and first.HasField("failure"):
             await _unsubscribe(sub)
             raise failure_error(first.failure, headers)
-        relay = SseRelay(meta, include_usage=request.include_usage)
+        relay = dialect.stream(meta, include_usage=request.include_usage)
         return ChatResult(
             _sse_headers(headers),
             stream=self.relay(
@@ -653,11 +690,12 @@ class ChatService:
                 first=first,
                 instance=instance,
                 on_disconnect=on_disconnect,
+                render_error=dialect.error,
             ),
         )
 
     async def _wait_final(
-        self, reader: EventReader, meta: RequestMeta, headers: dict[str, str]
+        self, reader: EventReader, meta: RequestMeta, headers: dict[str, str], dialect: Dialect
     ) -> bytes:
         while True:
             try:
@@ -670,7 +708,7 @@ class ChatService:
             if event is None:
                 continue
             if event.HasField("final"):
-                return completion_body(meta, event.final, cache_hit=False)
+                return dialect.body(meta, event.final, cache_hit=False)
             if event.HasField("failure"):
                 raise failure_error(event.failure, headers)
 
@@ -679,17 +717,19 @@ class ChatService:
         *,
         sub: Subscription,
         reader: EventReader,
-        relay: SseRelay,
+        relay: StreamRenderer,
         meta: RequestMeta,
         first: inference_pb2.StreamEvent | None,
         instance: str,
         prelude: bytes = b"",
         on_disconnect: DisconnectPolicy = DisconnectPolicy.CONTINUE,
         wait_first: bool = False,
+        render_error: ErrorRenderer = render_problem,
     ) -> AsyncIterator[bytes]:
         """The SSE body: the ``retry:`` hint, ``prelude`` (events replayed to a resuming
         client), then the live events until the terminal one, with heartbeats while idle.
-        A client that leaves early under the ``cancel`` policy cancels the generation."""
+        A client that leaves early under the ``cancel`` policy cancels the generation.
+        ``render_error`` writes the body of a mid-stream ``error`` event."""
         self.open_streams += 1
         self.instruments.open_streams.add(1)
         heartbeat = self.settings.sse_heartbeat_seconds
@@ -711,12 +751,12 @@ class ChatService:
                     except DeadlineExceeded:
                         ended = True
                         err = _timeout_error({})
-                        problem = self.stream_problem(err, meta, instance)
+                        problem = self.stream_problem(err, meta, instance, render_error)
                         yield hint + relay.failure(reader.last_sequence + 1, problem)
                         return
                 read = True
                 if event is None:
-                    yield SSE_HEARTBEAT
+                    yield relay.heartbeat()
                     continue
                 # The events already here go out in one write: nothing waits for them,
                 # and a burst costs one send instead of one per event.
@@ -737,7 +777,7 @@ class ChatService:
                     elif event.HasField("failure"):
                         ended = True
                         err = failure_error(event.failure, {})
-                        problem = self.stream_problem(err, meta, instance)
+                        problem = self.stream_problem(err, meta, instance, render_error)
                         out.append(relay.failure(event.sequence, problem))
                         break
                     if pending is not None:
@@ -814,9 +854,15 @@ class ChatService:
         with contextlib.suppress(*NATS_FAILURES):
             await self.bus.nc.publish(Subjects.cancel(request_id), b"client_disconnected")
 
-    def stream_problem(self, err: SluiceError, meta: RequestMeta, instance: str) -> bytes:
+    def stream_problem(
+        self,
+        err: SluiceError,
+        meta: RequestMeta,
+        instance: str,
+        render_error: ErrorRenderer = render_problem,
+    ) -> bytes:
         self.instruments.errors.add(1, {"code": str(err.code), "service": SERVICE})
-        return render_problem(
+        return render_error(
             err, instance=instance, request_id=meta.request_id, trace_id=meta.trace_id
         )
 

@@ -27,8 +27,11 @@ ASGIApp = Callable[..., Awaitable[None]]
 CTX_KEY = "sluice.ctx"
 _TRACE_HEADERS = (b"traceparent", b"tracestate")
 CHAT_ROUTE = "/v1/chat/completions"
+MESSAGES_ROUTE = "/v1/messages"
+# The routes that answer from the data path, so always say what the cache did.
+ANSWER_ROUTES = frozenset({CHAT_ROUTE, MESSAGES_ROUTE})
 # Route labels are fixed strings: raw paths would explode metric cardinality.
-ROUTES = frozenset({CHAT_ROUTE, "/v1/models", "/healthz", "/readyz", "/metrics"})
+ROUTES = frozenset({*ANSWER_ROUTES, "/v1/models", "/healthz", "/readyz", "/metrics"})
 # Probes and scrapes are not traced: they would bury the request traces.
 UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -120,7 +123,7 @@ class Edge:
                     f"00-{trace_id}-{sc.span_id:016x}-{sc.trace_flags & 0x01:02x}".encode(),
                 ),
             ]
-            is_chat = route == CHAT_ROUTE
+            is_answer = route in ANSWER_ROUTES
             scope[CTX_KEY] = RequestContext(request_id, trace_id, path)
 
             async def send_with_headers(message: Message) -> None:
@@ -129,7 +132,7 @@ class Edge:
                     status = message["status"]
                     headers = list(message.get("headers") or ())
                     headers.extend(extra)
-                    if is_chat and not any(k == b"x-sluice-cache" for k, _ in headers):
+                    if is_answer and not any(k == b"x-sluice-cache" for k, _ in headers):
                         headers.append((b"x-sluice-cache", b"bypass"))
                     message["headers"] = headers
                 await send(message)

@@ -19,8 +19,8 @@ def dumps_sorted(value: Any) -> str:
     return orjson.dumps(value, option=_DUMP_OPTS).decode()
 
 
-def parse_body(raw: bytes) -> ChatCompletionRequest:
-    """Decode and validate a body; errors name fields, never echo their values."""
+def decode_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object; errors never echo it."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -30,16 +30,25 @@ def parse_body(raw: bytes) -> ChatCompletionRequest:
         ) from None
     if not isinstance(data, dict):
         raise SluiceError(ErrorCode.INVALID_REQUEST, "The body must be a JSON object.")
+    return data
+
+
+def parse_body(raw: bytes) -> ChatCompletionRequest:
+    """Decode and validate a body; errors name fields, never echo their values."""
+    data = decode_object(raw)
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
         raise validation_problem(exc) from None
 
 
-def validation_problem(exc: ValidationError) -> SluiceError:
+def validation_problem(exc: ValidationError, prefix: str = "") -> SluiceError:
+    """``prefix``: where the validated value sits in the body, for parts validated on
+    their own (``messages.0.content.2``)."""
+    head = [prefix] if prefix else []
     errors = [
         {
-            "loc": ".".join(str(p) for p in err["loc"]),
+            "loc": ".".join([*head, *(str(p) for p in err["loc"])]),
             "type": err["type"],
             # pydantic messages describe the expectation; the input stays out.
             "msg": err["msg"],
@@ -56,7 +65,7 @@ def validation_problem(exc: ValidationError) -> SluiceError:
     )
 
 
-def _invalid(param: str, detail: str) -> SluiceError:
+def invalid_field(param: str, detail: str) -> SluiceError:
     return SluiceError(
         ErrorCode.INVALID_REQUEST,
         detail,
@@ -73,13 +82,13 @@ def _parts(index: int, parts: list[dict[str, Any]]) -> list[chat_pb2.ContentPart
         if kind == "text":
             text = part.get("text")
             if not isinstance(text, str):
-                raise _invalid(f"{loc}.text", f"{loc}.text must be a string.")
+                raise invalid_field(f"{loc}.text", f"{loc}.text must be a string.")
             out.append(chat_pb2.ContentPart(type="text", text=text))
         elif kind == "image_url":
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str):
-                raise _invalid(f"{loc}.image_url", f"{loc}.image_url.url must be a string.")
+                raise invalid_field(f"{loc}.image_url", f"{loc}.image_url.url must be a string.")
             detail = image.get("detail") if isinstance(image, dict) else None
             out.append(
                 chat_pb2.ContentPart(type="image_url", image_url=url, image_detail=detail or "")
@@ -88,7 +97,7 @@ def _parts(index: int, parts: list[dict[str, Any]]) -> list[chat_pb2.ContentPart
             raw = orjson.dumps(part, option=_DUMP_OPTS)
             out.append(chat_pb2.ContentPart(type=kind, raw_json=raw))
         else:
-            raise _invalid(f"{loc}.type", f"{loc}.type must name the part type.")
+            raise invalid_field(f"{loc}.type", f"{loc}.type must name the part type.")
     return out
 
 
@@ -169,7 +178,7 @@ def to_chat_request(body: ChatCompletionRequest) -> chat_pb2.ChatRequest:
         req.response_format.type = rf.type
         if rf.type == "json_schema":
             if rf.json_schema is None:
-                raise _invalid(
+                raise invalid_field(
                     "response_format.json_schema",
                     "response_format.json_schema is required when type is json_schema.",
                 )

@@ -1,16 +1,23 @@
 """OpenAI response shapes: ``chat.completion`` bodies, ``chat.completion.chunk`` SSE
-events, and the ``sluice`` object that rides on both."""
+events, and the ``sluice`` object that rides on both; and ``Dialect``, the renderers a
+public API plugs into the chat data path (``OPENAI`` here, Anthropic's in
+``anthropic.py``)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from sluice.common.v1 import chat_pb2
+from sluice.errors import SluiceError
 from sluice.inference.v1 import inference_pb2
+from sluice.limiter.v1 import limiter_pb2
+
+from services.gateway.problems import render_problem
+from services.gateway.ratelimit import rate_limit_headers
 
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_HEARTBEAT = b": keep-alive\n\n"
@@ -37,6 +44,9 @@ class RequestMeta:
     # Set on a semantic hit: how close the stored question was to this one.
     cache_similarity: float | None = None
     ttft_ms: float | None = None
+    # The prompt as the gateway counted it: Anthropic's message_start reports it before
+    # the provider's own count arrives with the answer.
+    prompt_tokens: int = 0
 
     @property
     def completion_id(self) -> str:
@@ -290,3 +300,66 @@ class SseRelay:
 
     def failure(self, sequence: int, problem_json: bytes) -> bytes:
         return b"%s%d\nevent: error\ndata: %s\n\n" % (self._prefix, sequence, problem_json)
+
+    def heartbeat(self) -> bytes:
+        return SSE_HEARTBEAT
+
+
+# --- dialects -------------------------------------------------------------------------
+
+
+class StreamRenderer(Protocol):
+    """Renders one request's stream events as the SSE events of a public API."""
+
+    def delta(self, sequence: int, d: inference_pb2.Delta) -> bytes: ...
+
+    def final(self, sequence: int, final: inference_pb2.Final, sluice: dict[str, Any]) -> bytes: ...
+
+    def failure(self, sequence: int, problem_json: bytes) -> bytes: ...
+
+    def replay(self, final: inference_pb2.Final, sluice: dict[str, Any]) -> bytes:
+        """A whole stream synthesised from a finished answer (a cache hit)."""
+        ...
+
+    def heartbeat(self) -> bytes:
+        """What an idle stream sends to keep proxies from closing it."""
+        ...
+
+
+class StreamRendererFactory(Protocol):
+    def __call__(self, meta: RequestMeta, *, include_usage: bool) -> StreamRenderer: ...
+
+
+class BodyRenderer(Protocol):
+    def __call__(
+        self, meta: RequestMeta, final: inference_pb2.Final, *, cache_hit: bool
+    ) -> bytes: ...
+
+
+class ErrorRenderer(Protocol):
+    def __call__(
+        self, err: SluiceError, *, instance: str, request_id: str, trace_id: str
+    ) -> bytes: ...
+
+
+LimitHeaders = Callable[[Sequence[limiter_pb2.PolicyState], str], dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one public API answers on the shared chat data path: the whole body, the
+    stream, the error body of a stream that fails mid-way, and the rate-limit headers.
+    Everything else (admission, cache, work, relay, cost, tracing) is the same."""
+
+    body: BodyRenderer
+    stream: StreamRendererFactory
+    error: ErrorRenderer
+    limit_headers: LimitHeaders
+
+
+OPENAI = Dialect(
+    body=completion_body,
+    stream=SseRelay,
+    error=render_problem,
+    limit_headers=rate_limit_headers,
+)
