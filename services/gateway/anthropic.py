@@ -67,9 +67,9 @@ from sluice.errors import ErrorCode, SluiceError
 from sluice.inference.v1 import inference_pb2
 
 from services.gateway.normalize import (
-    decode_object,
     dumps_sorted,
     invalid_field,
+    parse_model,
     validation_problem,
 )
 from services.gateway.problems import problem_body
@@ -214,12 +214,7 @@ class MessagesRequest(BaseModel):
 
 
 def parse_messages_body(raw: bytes) -> MessagesRequest:
-    """Decode and validate a body; errors name fields, never echo their values."""
-    data = decode_object(raw)
-    try:
-        return MessagesRequest.model_validate(data)
-    except ValidationError as exc:
-        raise validation_problem(exc) from None
+    return parse_model(raw, MessagesRequest)
 
 
 def _block(raw: dict[str, Any], loc: str, allowed: dict[str, type[Block]], turn: str) -> Block:

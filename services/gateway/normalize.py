@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sluice.common.v1 import chat_pb2
 from sluice.errors import ErrorCode, SluiceError
 
 from services.gateway.models import ChatCompletionRequest, ChatMessageIn
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 # Sorted keys: equal requests serialise equally, so the exact-cache key is stable.
 _DUMP_OPTS = orjson.OPT_SORT_KEYS
@@ -33,13 +35,18 @@ def decode_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def parse_body(raw: bytes) -> ChatCompletionRequest:
-    """Decode and validate a body; errors name fields, never echo their values."""
+def parse_model(raw: bytes, model: type[BodyT]) -> BodyT:
+    """Decode and validate a body as ``model``; errors name fields, never echo their
+    values."""
     data = decode_object(raw)
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise validation_problem(exc) from None
+
+
+def parse_body(raw: bytes) -> ChatCompletionRequest:
+    return parse_model(raw, ChatCompletionRequest)
 
 
 def validation_problem(exc: ValidationError, prefix: str = "") -> SluiceError:
