@@ -49,20 +49,36 @@ def parse_body(raw: bytes) -> ChatCompletionRequest:
     return parse_model(raw, ChatCompletionRequest)
 
 
+_SCALAR_TAGS = frozenset({"str", "int", "float", "bool", "bytes", "none", "dict", "list"})
+
+
+def _is_union_tag(part: int | str) -> bool:
+    """pydantic names the union member it tried inside ``loc`` (``str``,
+    ``list[dict[str,any]]``, ``TextBlock``); body fields are snake_case words."""
+    if not isinstance(part, str):
+        return False
+    return part in _SCALAR_TAGS or "[" in part or "-" in part or part[:1].isupper()
+
+
+def _loc(head: list[str], loc: tuple[int | str, ...]) -> str:
+    return ".".join([*head, *(str(p) for p in loc if not _is_union_tag(p))])
+
+
 def validation_problem(exc: ValidationError, prefix: str = "") -> SluiceError:
     """``prefix``: where the validated value sits in the body, for parts validated on
     their own (``messages.0.content.2``)."""
     head = [prefix] if prefix else []
     errors = [
         {
-            "loc": ".".join([*head, *(str(p) for p in err["loc"])]),
+            "loc": _loc(head, err["loc"]),
             "type": err["type"],
             # pydantic messages describe the expectation; the input stays out.
             "msg": err["msg"],
         }
         for err in exc.errors(include_url=False, include_input=False, include_context=False)
     ]
-    fields = ", ".join(e["loc"] or "<body>" for e in errors[:5])
+    # A union's members each report the same field: name it once.
+    fields = ", ".join(dict.fromkeys(e["loc"] or "<body>" for e in errors[:5]))
     first = errors[0]["loc"] if errors else None
     return SluiceError(
         ErrorCode.INVALID_REQUEST,

@@ -591,3 +591,12 @@ def test_problem_detail_ends_its_sentence_before_the_fix() -> None:
     ended = SluiceError(ErrorCode.UPSTREAM_UNAVAILABLE, "The provider is down.")
     body = orjson.loads(render_problem(ended, instance="/i", request_id="r", trace_id="t"))
     assert body["detail"] == f"The provider is down. {spec_fix}"
+
+
+def test_validation_errors_name_fields_not_union_members() -> None:
+    with pytest.raises(SluiceError) as caught:
+        parse_body(b'{"model": "m", "messages": [{"role": "user", "content": 5}]}')
+    err = caught.value
+    assert err.param == "messages.0.content"
+    assert err.detail == "Invalid field(s): messages.0.content."
+    assert {e["loc"] for e in err.details["errors"]} == {"messages.0.content"}
