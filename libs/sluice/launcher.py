@@ -807,6 +807,12 @@ class Launcher:
             f'    client.chat.completions.create(model="{model}", '
             'messages=[{"role": "user", "content": "hi"}])',
             "",
+            "  Python (anthropic SDK, POST /v1/messages):",
+            "    from anthropic import Anthropic",
+            f'    client = Anthropic(base_url="{url}", api_key="{key or "<key>"}")',
+            f'    client.messages.create(model="{model}", max_tokens=256, '
+            'messages=[{"role": "user", "content": "hi"}])',
+            "",
             "  The last request as a trace:  .venv/bin/sluice trace --last",
             "",
             "Ctrl-C stops everything.",

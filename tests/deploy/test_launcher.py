@@ -275,6 +275,7 @@ def test_up_serves_and_ctrl_c_stops_everything(state_dir: Path) -> None:
     key = (state_dir / "dev-key").read_text().strip()
     assert key in text, "the generated dev key is printed"
     assert f'OpenAI(base_url="{gateway}/v1"' in text
+    assert f'Anthropic(base_url="{gateway}"' in text, "the Anthropic SDK's base has no /v1"
     assert "sluice trace --last" in text
     qdrant = state_dir / Collections.LOCAL_DIRNAME
     assert f"semantic vectors in Qdrant local mode ({qdrant}" in text
