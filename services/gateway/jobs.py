@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sluice import canonical
 from sluice.bus import Bus, pull_batches
 from sluice.common.v1 import chat_pb2
 from sluice.errors import ErrorCode, SluiceError
@@ -36,7 +37,7 @@ from sluice.pricing import PriceTable
 from sluice.topology import Consumers, PriorityClass, Streams, Subjects
 
 from services.gateway.adapters import NATS_FAILURES
-from services.gateway.chat import ChatService, admitted_headers, reserve_request
+from services.gateway.chat import ChatService, admitted_headers, cache_policy, reserve_request
 from services.gateway.models import ChatCompletionRequest
 from services.gateway.normalize import to_chat_request, validation_problem
 from services.gateway.problems import problem_body, unavailable
@@ -532,6 +533,12 @@ class JobService:
             deadline_unix_nanos=now_ns + int(settings.job_timeout_seconds * 1e9),
             lifecycle_events=True,
         )
+        # A job's answer fills the exact cache as a chat completion's would, so the same
+        # request later is answered from it. Jobs do not read the cache: a hit would
+        # need a job that finishes without a worker, which the lifecycle does not have.
+        if cache_policy(settings.cache_mode, request.sampling, "").store:
+            work.cache_key = canonical.cache_key(request, scope=key.team_id)
+            work.cache_ttl_seconds = settings.cache_ttl_seconds
         try:
             revision = await self.store.create(record)
         except NATS_FAILURES:

@@ -99,6 +99,29 @@ async def test_job_runs_from_202_to_completed_with_result(jobs_stack: FullStack)
     assert done["error"] is None
 
 
+async def test_a_jobs_answer_fills_the_cache_for_the_same_chat_request(
+    jobs_stack: FullStack,
+) -> None:
+    request = {**chat(f"Cache me {uuid.uuid4().hex}", max_tokens=8), "temperature": 0}
+    async with jobs_stack.client() as client:
+        job = await submit(client, request)
+        done = await finished(client, job["id"])
+        assert done["status"] == "completed", done
+
+        async def hit() -> dict[str, Any] | None:
+            # no-store: a miss here must not fill the cache itself, so only the job can.
+            resp = await client.post(
+                "/v1/chat/completions", json=request, headers={"cache-control": "no-store"}
+            )
+            assert resp.status_code == 200, resp.text
+            return resp.json() if resp.headers["x-sluice-cache"] == "hit" else None
+
+        # The store lands just after the job's end: a chat request before it misses.
+        cached = await wait_for(hit, timeout=10, interval=0.1, what="the job's answer cached")
+    answer = done["result"]["choices"][0]["message"]["content"]
+    assert cached["choices"][0]["message"]["content"] == answer
+
+
 async def test_prefer_wait_answers_inline_or_202(jobs_stack: FullStack) -> None:
     async with jobs_stack.client() as client:
         fast = await client.post(
