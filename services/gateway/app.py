@@ -56,7 +56,7 @@ from services.gateway.jobs_http import (
     submit_job,
     to_response,
 )
-from services.gateway.normalize import parse_body
+from services.gateway.normalize import parse_body, to_chat_request
 from services.gateway.problems import PROBLEM_CONTENT_TYPE, problem_headers, render_problem
 from services.gateway.render import RequestMeta
 from services.gateway.settings import GatewaySettings
@@ -204,7 +204,7 @@ class ChatController(Controller):
             meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model)
             result = await deps.chat.complete(
                 key,
-                body,
+                to_chat_request(body),
                 meta,
                 cache_control=headers.get("cache-control", ""),
                 instance=ctx.instance,
@@ -276,7 +276,7 @@ class MessagesController(Controller):
         raw = await read_body(request, deps.settings.max_body_bytes)
         body = parse_messages_body(raw)
         meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model)
-        result = await deps.chat.complete_request(
+        result = await deps.chat.complete(
             key,
             anthropic_to_chat_request(body),
             meta,

@@ -30,8 +30,6 @@ from sluice.topology import PriorityClass, Subjects
 
 from services.gateway.adapters import NATS_FAILURES, Admission, CacheLookup, JetStreamPublisher
 from services.gateway.inbox import Inbox
-from services.gateway.models import ChatCompletionRequest
-from services.gateway.normalize import to_chat_request
 from services.gateway.problems import GatewayError, render_problem, unavailable
 from services.gateway.ratelimit import rate_limit_headers
 from services.gateway.render import (
@@ -439,33 +437,6 @@ class ChatService:
     async def complete(
         self,
         key: keys_pb2.ApiKeyRecord,
-        body: ChatCompletionRequest,
-        meta: RequestMeta,
-        *,
-        cache_control: str = "",
-        instance: str = "",
-        on_disconnect: DisconnectPolicy = DisconnectPolicy.CONTINUE,
-        priority: PriorityClass = PriorityClass.INTERACTIVE,
-        lifecycle_events: bool = False,
-        semantic: bool = False,
-    ) -> ChatResult:
-        """An OpenAI chat completion. ``semantic``: the request asked for the semantic
-        cache (``semantic_wanted``)."""
-        return await self.complete_request(
-            key,
-            to_chat_request(body),
-            meta,
-            cache_control=cache_control,
-            instance=instance,
-            on_disconnect=on_disconnect,
-            priority=priority,
-            lifecycle_events=lifecycle_events,
-            semantic=semantic,
-        )
-
-    async def complete_request(
-        self,
-        key: keys_pb2.ApiKeyRecord,
         request: chat_pb2.ChatRequest,
         meta: RequestMeta,
         *,
@@ -477,7 +448,9 @@ class ChatService:
         lifecycle_events: bool = False,
         semantic: bool = False,
     ) -> ChatResult:
-        """A request already normalised by its front door, answered in ``dialect``."""
+        """A request already normalised by its front door (``to_chat_request``,
+        ``anthropic_to_chat_request``), answered in ``dialect``. ``semantic``: the
+        request asked for the semantic cache (``semantic_wanted``)."""
         meta.model_requested = request.model
         prompt_tokens, reserve_tokens = self._check_model(request)
         meta.prompt_tokens = prompt_tokens
