@@ -13,12 +13,12 @@ import grpc
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from sluice import telemetry
 from sluice.cost.v1 import cost_pb2
+from sluice.localtrace import LocalTracerProvider
 from sluice.pricing import PriceTable
 from sluice.topology import Consumers, Streams, Subjects
 
@@ -40,7 +40,8 @@ from tests.cost_tracker.harness import (
 @pytest.fixture
 def spans():
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": "cost-tracker"}))
+    # The tracer the service runs with when spans stay local.
+    provider = LocalTracerProvider(Resource.create({"service.name": "cost-tracker"}))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield provider, exporter
     provider.shutdown()

@@ -23,6 +23,7 @@ from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
 from sluice.embedded import free_port
 from sluice.inference.v1 import inference_pb2
+from sluice.localtrace import LocalTracerProvider
 from sluice.metrics import instruments
 from sluice.pricing import PriceTable
 from sluice.settings import CommonSettings
@@ -86,11 +87,12 @@ models:
 def spans(tmp_path_factory: pytest.TempPathFactory) -> InMemorySpanExporter:
     """Finished spans of this process (the SDK provider is process-wide: reuse it)."""
     provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
+    if not isinstance(provider, TracerProvider | LocalTracerProvider):
         # prometheus=True: other suites in this process read the metrics registry.
         setup_telemetry("inference-worker", tmp_path_factory.mktemp("state"))
         provider = trace.get_tracer_provider()
-    assert isinstance(provider, TracerProvider)
+    # The lean local tracer hands its spans to the SDK's processors as they are.
+    assert isinstance(provider, TracerProvider | LocalTracerProvider)
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return exporter

@@ -7,9 +7,9 @@ import json
 import time
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
 from sluice import telemetry, tracecli
+from sluice.localtrace import LocalTracerProvider
 from sluice.telemetry import JsonLinesSpanProcessor, spans_dir
 
 from services.cost_tracker.consumer import PROCESS_SPAN_NAME
@@ -17,8 +17,8 @@ from services.cost_tracker.domain import UsageFilter
 from tests.cost_tracker.harness import eventually, publish_usage, start_tracker, unique, usage_event
 
 
-def provider_for(service: str, state) -> TracerProvider:
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+def provider_for(service: str, state) -> LocalTracerProvider:
+    provider = LocalTracerProvider(Resource.create({"service.name": service}))
     provider.add_span_processor(JsonLinesSpanProcessor(spans_dir(state) / f"{service}.jsonl"))
     return provider
 
@@ -26,7 +26,7 @@ def provider_for(service: str, state) -> TracerProvider:
 def test_processor_writes_in_the_background_and_on_flush(tmp_path):
     path = tmp_path / "spans" / "svc.jsonl"
     processor = JsonLinesSpanProcessor(path, flush_interval=0.05)
-    provider = TracerProvider(resource=Resource.create({"service.name": "svc"}))
+    provider = LocalTracerProvider(Resource.create({"service.name": "svc"}))
     provider.add_span_processor(processor)
     tracer = provider.get_tracer("t")
     try:
