@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 from sluice.embedded import free_port
 
-from bench import jobs, resume, semcache, streams
+from bench import jobs, resume, semcache, spans, streams
 from bench.load import Sample, Target, closed_loop, one_request, paired_open_loop, percentile
 from bench.report import table
 
@@ -410,13 +410,16 @@ async def main_async(args: argparse.Namespace) -> int:
                         open_rate=args.stream_open_rate,
                     )
                 )
+    if "spans" in only:
+        section("Tracing: one span, started, ended and serialised (bench/spans.py)")
+        print(spans.spans_table())
     if "semcache" in only:
         section("Semantic cache: similarity threshold on the labelled pairs (bench/semcache.py)")
         semcache.report()
     return 0
 
 
-SECTIONS = ("overhead", "jobs", "resume", "priority", "streams", "semcache")
+SECTIONS = ("overhead", "jobs", "resume", "priority", "streams", "spans", "semcache")
 # Full run, and --quick: (seconds, job seconds, reconnects, batch jobs, interactive
 # seconds, streams, stream tokens/s, stream seconds).
 FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0)

@@ -24,3 +24,12 @@ def test_only_picks_sections_and_quick_shortens_what_is_not_given() -> None:
 def test_unknown_sections_are_refused(value: str) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--only", value])
+
+
+def test_span_table_times_both_tracers_and_writes_their_spans() -> None:
+    from bench import spans
+
+    text = spans.spans_table(rounds=1, spans=50)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()[2:4]}
+    assert set(rows) == {"sdk", "local"}
+    assert "local / sdk:" in text
