@@ -38,6 +38,8 @@ from bench.load import Sample, Target, closed_loop, one_request, paired_open_loo
 from bench.report import table
 
 CPU_BREAKDOWN: list[tuple[str, int, dict[str, float]]] = []
+# (mode, rate, {connection: (messages sent to NATS, received from it) per request})
+MESSAGE_BREAKDOWN: list[tuple[str, int, dict[str, tuple[float, float]]]] = []
 API_KEY = "sk-sluice-bench-" + secrets.token_hex(8)
 SERVICE_MODULES = (
     "services.gateway",
@@ -54,6 +56,7 @@ class RunningProduct:
         self.state_dir = state_dir
         self.gateway_port = free_port()
         self.sim_port = free_port()
+        self.nats_monitor_port = free_port()
         env = dict(os.environ)
         env.update(
             {
@@ -62,6 +65,7 @@ class RunningProduct:
                 "SLUICE_GATEWAY_GRPC_PORT": str(free_port()),
                 "SLUICE_SIM_PORT": str(self.sim_port),
                 "SLUICE_NATS_PORT": str(free_port()),
+                "SLUICE_NATS_MONITOR_PORT": str(self.nats_monitor_port),
                 "SLUICE_DEV_API_KEY": API_KEY,
                 "SLUICE_LOG_LEVEL": "WARNING",
                 # The bench measures overhead, not admission: lift the default quotas.
@@ -86,6 +90,10 @@ class RunningProduct:
     @property
     def gateway(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def nats_monitor(self) -> str:
+        return f"http://127.0.0.1:{self.nats_monitor_port}"
 
     @property
     def simulator(self) -> str:
@@ -162,6 +170,38 @@ class CpuMeter:
             self.spent[name] += cpu_seconds(pid) - before[name]
 
 
+class MessageMeter:
+    """NATS messages each connection (one per service, named ``sluice-<service>``) sends
+    and receives while inside ``counting()``, from the embedded server's ``/connz``."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.moved: dict[str, list[int]] = {}
+
+    async def snapshot(self) -> dict[str, tuple[int, int]]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{self.monitor}/connz", params={"limit": "1024"}) as resp,
+        ):
+            body = await resp.json()
+        counts: dict[str, tuple[int, int]] = {}
+        for conn in body.get("connections", []):
+            name = str(conn.get("name") or "unnamed").removeprefix("sluice-")
+            sent, received = counts.get(name, (0, 0))
+            counts[name] = (sent + int(conn["in_msgs"]), received + int(conn["out_msgs"]))
+        return counts
+
+    @contextlib.asynccontextmanager
+    async def counting(self) -> AsyncIterator[None]:
+        before = await self.snapshot()
+        yield
+        for name, (sent, received) in (await self.snapshot()).items():
+            was = before.get(name, (0, 0))
+            moved = self.moved.setdefault(name, [0, 0])
+            moved[0] += sent - was[0]
+            moved[1] += received - was[1]
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -210,13 +250,32 @@ async def overhead_table(product: RunningProduct, rates: list[int], seconds: flo
     for stream in (False, True):
         for rate in rates:
             meter = CpuMeter(pids)
+            messages = MessageMeter(product.nats_monitor)
+
+            @contextlib.asynccontextmanager
+            async def counting(
+                meter: CpuMeter = meter, messages: MessageMeter = messages
+            ) -> AsyncIterator[None]:
+                async with meter.counting(), messages.counting():
+                    yield
+
             direct, via = await paired_open_loop(
                 direct_target,
                 via_target,
                 chat_body(stream, 16),
                 rate,
                 seconds,
-                around_via=meter.counting,
+                around_via=counting,
+            )
+            MESSAGE_BREAKDOWN.append(
+                (
+                    "stream" if stream else "non-stream",
+                    rate,
+                    {
+                        name: (sent / max(1, len(via)), received / max(1, len(via)))
+                        for name, (sent, received) in messages.moved.items()
+                    },
+                )
             )
             spent = meter.spent
             cpu = sum(spent.values())
@@ -319,6 +378,22 @@ async def overhead_report(product: RunningProduct, args: argparse.Namespace) -> 
         table(
             ["mode", "req/s", *names],
             [[mode, rate, *[per[n] for n in names]] for mode, rate, per in CPU_BREAKDOWN],
+        )
+    )
+    conns = sorted({name for _, _, per in MESSAGE_BREAKDOWN for name in per})
+    print("\nNATS messages per request, by connection (sent to NATS / received from it)")
+    print(
+        table(
+            ["mode", "req/s", *conns, "all sent"],
+            [
+                [
+                    mode,
+                    rate,
+                    *["{:.2f} / {:.2f}".format(*per.get(name, (0.0, 0.0))) for name in conns],
+                    sum(sent for sent, _ in per.values()),
+                ]
+                for mode, rate, per in MESSAGE_BREAKDOWN
+            ],
         )
     )
     print("\nStream relay: inter-chunk gaps, provider paced at 200 tokens/s")

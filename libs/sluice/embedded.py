@@ -59,8 +59,14 @@ class EmbeddedNats:
 
     @classmethod
     def start(
-        cls, store_dir: Path, port: int | None = None, log_file: Path | None = None
+        cls,
+        store_dir: Path,
+        port: int | None = None,
+        log_file: Path | None = None,
+        monitor_port: int | None = None,
     ) -> EmbeddedNats:
+        """``monitor_port``: serve nats-server's HTTP monitoring (``/varz``, ``/connz``:
+        messages and bytes per connection) on 127.0.0.1 at that port."""
         port = port or free_port()
         store_dir.mkdir(parents=True, exist_ok=True)
         # A request body may be up to the gateway's 10 MB limit: raise the 1 MB default.
@@ -78,6 +84,9 @@ class EmbeddedNats:
             "-c",
             str(config),
         ]
+        if monitor_port:
+            # On the client listener's address (-a), so loopback only.
+            args += ["-m", str(monitor_port)]
         out = log_file.open("ab") if log_file else subprocess.DEVNULL
         proc = subprocess.Popen(args, stdout=out, stderr=out)
         try:

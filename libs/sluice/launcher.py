@@ -572,6 +572,15 @@ class Launcher:
                     "SLUICE_NATS_PORT",
                 )
             )
+        if not self.env.get("SLUICE_NATS_URL") and self.env.get("SLUICE_NATS_MONITOR_PORT"):
+            uses.append(
+                PortUse(
+                    _env_int(self.env, "SLUICE_NATS_MONITOR_PORT", 0),
+                    "127.0.0.1",
+                    "NATS monitoring",
+                    "SLUICE_NATS_MONITOR_PORT",
+                )
+            )
         if self._wants_model():
             uses.append(
                 PortUse(self._llama_port(), "127.0.0.1", "llama-server", "SLUICE_LLAMA_PORT")
@@ -598,16 +607,24 @@ class Launcher:
             self.console.say(f"nats: using {external} (SLUICE_NATS_URL)")
             return
         port = _env_int(self.env, "SLUICE_NATS_PORT", 0) or None
+        monitor_port = _env_int(self.env, "SLUICE_NATS_MONITOR_PORT", 0) or None
         log_path = self.logs_dir / "nats.log"
         offset = prepare_log(log_path)
         with self._signals_deferred():
             try:
-                nats = EmbeddedNats.start(self.state_dir / "nats", port=port, log_file=log_path)
+                nats = EmbeddedNats.start(
+                    self.state_dir / "nats",
+                    port=port,
+                    log_file=log_path,
+                    monitor_port=monitor_port,
+                )
             except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
                 raise LaunchError(f"the embedded NATS server did not start: {exc}") from exc
             self.children.append(Child("nats", nats.process, log_path, offset, stopper=nats.stop))
         self.nats_url = nats.url
         self.console.say(f"nats: {nats.url} with JetStream, store {self.state_dir / 'nats'}")
+        if monitor_port:
+            self.console.say(f"nats: monitoring at http://127.0.0.1:{monitor_port}/connz")
 
     def _start_model(self) -> None:
         external = self.env.get("SLUICE_LLAMA_URL")

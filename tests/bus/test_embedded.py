@@ -1,0 +1,37 @@
+"""The embedded NATS server's optional monitoring endpoint, which ``make bench`` reads
+to count messages per service."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import nats
+from sluice.embedded import EmbeddedNats, free_port
+
+
+async def test_monitoring_counts_messages_per_named_connection(tmp_path: Path) -> None:
+    monitor = free_port()
+    server = EmbeddedNats.start(tmp_path / "nats", monitor_port=monitor)
+    try:
+        nc = await nats.connect(server.url, name="sluice-probe")
+        for _ in range(3):
+            await nc.publish("probe.subject", b"x")
+        await nc.flush()
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/connz") as resp:
+            connz = json.load(resp)
+        await nc.close()
+    finally:
+        server.stop()
+    [probe] = [c for c in connz["connections"] if c.get("name") == "sluice-probe"]
+    assert probe["in_msgs"] == 3
+
+
+def test_monitoring_is_off_unless_asked(tmp_path: Path) -> None:
+    server = EmbeddedNats.start(tmp_path / "nats")
+    try:
+        args = server.process.args
+        assert "-m" not in args
+    finally:
+        server.stop()
