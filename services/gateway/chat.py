@@ -20,6 +20,7 @@ from sluice.bus import Bus
 from sluice.catalog import Catalog
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
+from sluice.deltas import can_join, mergeable
 from sluice.errors import ErrorCode, SluiceError
 from sluice.inference.v1 import inference_pb2
 from sluice.keys.v1 import keys_pb2
@@ -30,7 +31,7 @@ from sluice.topology import PriorityClass, Subjects
 
 from services.gateway.adapters import NATS_FAILURES, Admission, CacheLookup, JetStreamPublisher
 from services.gateway.inbox import Inbox
-from services.gateway.problems import GatewayError, render_problem, unavailable
+from services.gateway.problems import GatewayError, render_problem
 from services.gateway.ratelimit import rate_limit_headers
 from services.gateway.render import (
     OPENAI,
@@ -135,10 +136,6 @@ def semantic_query(request: chat_pb2.ChatRequest, team_id: str) -> SemanticQuery
     if text is None:
         return NO_SEMANTIC
     return SemanticQuery(text, canonical.semantic_scope(request, team_id))
-
-
-def _mergeable(delta: inference_pb2.Delta) -> bool:
-    return bool(delta.content) and not (delta.tool_calls or delta.refusal or delta.finish_reason)
 
 
 # Reads what ``SLUICE_STREAMS`` holds for the request after a sequence.
@@ -581,16 +578,6 @@ class ChatService:
                 work.semantic_text = semantic.text
                 work.semantic_scope = semantic.scope
 
-        # Subscribe before publishing: the first event can beat the publish ack.
-        try:
-            sub = await self.bus.nc.subscribe(subject, cb=inbox.push)
-        except NATS_FAILURES:
-            self.limiter.release(reservation_id, key.key_id, meta.request_id)
-            raise GatewayError(
-                ErrorCode.SERVICE_UNAVAILABLE,
-                "The message bus is not connected.",
-                retry_after_ms=1000,
-            ) from None
         # Sequence 0, stored before the work exists: who may resume this stream, and what
         # a replay needs to render it (ownership lives only in JetStream).
         opened = inference_pb2.StreamEvent(
@@ -607,17 +594,25 @@ class ChatService:
         )
         # The opened record is a plain publish that SLUICE_STREAMS captures, like every
         # other stream event, so only the work waits for a JetStream acknowledgement.
-        # Both leave on this connection in order, so the record is with the server
-        # before the work is.
+        # The record, the subscription and the work leave on this connection in that
+        # order: the record is with the server before the work is, and published before
+        # the subscription exists it is not echoed back (one message fewer per request).
+        # The subscription precedes the work, since the first event can beat its ack.
         try:
-            try:
-                await self.bus.nc.publish(
-                    subject,
-                    opened.SerializeToString(),
-                    headers={"Nats-Msg-Id": f"{meta.request_id}:opened"},
-                )
-            except NATS_FAILURES:
-                raise unavailable("The message bus is not connected.") from None
+            await self.bus.nc.publish(
+                subject,
+                opened.SerializeToString(),
+                headers={"Nats-Msg-Id": f"{meta.request_id}:opened"},
+            )
+            sub = await self.bus.nc.subscribe(subject, cb=inbox.push)
+        except NATS_FAILURES:
+            self.limiter.release(reservation_id, key.key_id, meta.request_id)
+            raise GatewayError(
+                ErrorCode.SERVICE_UNAVAILABLE,
+                "The message bus is not connected.",
+                retry_after_ms=1000,
+            ) from None
+        try:
             await self.publisher.enqueue(work, str(priority))
         except BaseException:
             await _unsubscribe(sub)
@@ -780,7 +775,7 @@ class ChatService:
         to ``sse_batch_max_deltas`` or ``sse_batch_max_ms``. Returns the event to send
         and the first event read that could not be merged."""
         limit = self.settings.sse_batch_max_deltas
-        if limit <= 1 or not _mergeable(event.delta):
+        if limit <= 1 or not mergeable(event.delta):
             return event, None
         until = time.monotonic() + self.settings.sse_batch_max_ms / 1000
         merged: inference_pb2.StreamEvent | None = None
@@ -792,11 +787,7 @@ class ChatService:
                 break
             if nxt is None:
                 break
-            if not (
-                nxt.HasField("delta")
-                and _mergeable(nxt.delta)
-                and nxt.delta.choice_index == event.delta.choice_index
-            ):
+            if not (nxt.HasField("delta") and can_join(event.delta, nxt.delta)):
                 return merged or event, nxt
             if merged is None:
                 merged = inference_pb2.StreamEvent()

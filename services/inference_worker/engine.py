@@ -25,6 +25,7 @@ from sluice.cache.v1 import cache_pb2
 from sluice.catalog import Catalog, ModelConfig
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
+from sluice.deltas import can_join, mergeable
 from sluice.errors import ErrorCode, SluiceError
 from sluice.inference.v1 import inference_pb2, lifecycle_pb2
 from sluice.metrics import Instruments
@@ -89,6 +90,69 @@ class _Request:
     # Cancel requested (and honoured); finishing: the terminal event is being published.
     cancelled: bool = False
     finishing: bool = False
+
+
+class _DeltaRelay:
+    """Publishes one request's deltas as stream events, joining those that arrive
+    together.
+
+    A provider that sends several tokens in one network read (a fast model, a burst after
+    a pause) hands them over one after another without the event loop running in
+    between. Text deltas behind a held one are appended to it, and the held delta leaves
+    when the loop next runs (``call_soon``: no timer, so no token waits for one). That is
+    one NATS message, one record in ``SLUICE_STREAMS`` and one parse in the gateway per
+    read instead of per token; tokens that arrive apart still leave one by one. The
+    first delta is never held, so the time to first token does not change, and
+    ``flush`` publishes what is held before any terminal event."""
+
+    def __init__(self, req: _Request, sink: EventSink) -> None:
+        self._req = req
+        self._sink = sink
+        self._held: inference_pb2.Delta | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, delta: inference_pb2.Delta) -> None:
+        held = self._held
+        if held is not None:
+            if can_join(held, delta):
+                held.content += delta.content
+                return
+            await self.flush()
+        if self._req.sequence > 0 and mergeable(delta):
+            # A copy: the provider keeps the delta it handed over.
+            self._held = inference_pb2.Delta()
+            self._held.CopyFrom(delta)
+            asyncio.get_running_loop().call_soon(self._flush_soon)
+            return
+        await self._publish(delta)
+        if self._req.sequence == 1:
+            # A publish is written when the loop next runs the client's flusher; a
+            # provider that sends a burst would otherwise hold the first token back
+            # until the whole burst is relayed.
+            await asyncio.sleep(0)
+
+    def _flush_soon(self) -> None:
+        if self._held is None:
+            return
+        task = asyncio.create_task(self.flush())
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            await self._publish(held)
+
+    async def _publish(self, delta: inference_pb2.Delta) -> None:
+        req = self._req
+        req.relayed.add(delta)
+        req.sequence += 1
+        await self._sink.stream_event(
+            req.subject,
+            inference_pb2.StreamEvent(
+                request_id=req.work.request_id, sequence=req.sequence, delta=delta
+            ),
+        )
 
 
 class InferenceEngine:
@@ -378,32 +442,22 @@ class InferenceEngine:
             "gen_ai.request.model": model.upstream_model,
         }
 
-        async def relay(delta: inference_pb2.Delta) -> None:
-            req.relayed.add(delta)
-            req.sequence += 1
-            await self.sink.stream_event(
-                req.subject,
-                inference_pb2.StreamEvent(
-                    request_id=req.work.request_id, sequence=req.sequence, delta=delta
-                ),
-            )
-            if req.sequence == 1:
-                # A publish is written when the loop next runs the client's flusher; a
-                # provider that sends a burst would otherwise hold the first token back
-                # until the whole burst is relayed.
-                await asyncio.sleep(0)
-
+        relay = _DeltaRelay(req, self.sink)
         started = time.monotonic()
         with self._tracer.start_as_current_span(
             f"chat {model.upstream_model}", kind=SpanKind.CLIENT, attributes=attrs
         ) as span:
             try:
-                answer = await provider.chat(
-                    request,
-                    model.upstream_model,
-                    on_delta=relay if request.stream else None,
-                    deadline=req.deadline,
-                )
+                try:
+                    answer = await provider.chat(
+                        request,
+                        model.upstream_model,
+                        on_delta=relay if request.stream else None,
+                        deadline=req.deadline,
+                    )
+                finally:
+                    # What was relayed goes out before whatever ends the request.
+                    await relay.flush()
             except UpstreamFailure as exc:
                 span.set_attribute("error.type", str(exc.code))
                 span.set_status(Status(StatusCode.ERROR, str(exc.code)))

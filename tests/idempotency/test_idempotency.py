@@ -176,7 +176,9 @@ async def test_a_stream_is_replayed_byte_for_byte(idem_stack: FullStack) -> None
         assert REPLAYED not in first.headers
         events = sse_events(raw)
         assert events[-1] == ("", "[DONE]")
-        assert len(events) > 12
+        # Opening chunk, text (tokens that reach the worker together leave as one
+        # event), final chunk, [DONE].
+        assert len(events) >= 4
 
         again, replay = await sse(client, body, keyed(key))
         assert again.status_code == 200

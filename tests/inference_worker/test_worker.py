@@ -228,7 +228,9 @@ async def test_cut_stream_bills_partial_usage(
         stream=True, sim={"fault": "cut", "cut_after": 3, "output_tokens": 10, "id": sim_id}
     )
     result = await run(bus, work)
-    assert [e.WhichOneof("body") for e in result.events] == ["delta"] * 3 + ["failure"]
+    kinds = [e.WhichOneof("body") for e in result.events]
+    assert kinds[-1] == "failure" and set(kinds[:-1]) == {"delta"}
+    assert [e.sequence for e in result.events] == list(range(1, len(kinds) + 1))
     failure = result.failure
     assert failure.problem.code == "upstream_stream_interrupted"
     assert failure.partial_usage.output_tokens == tokens.count_text(
@@ -249,7 +251,9 @@ async def test_retry_before_first_token_is_invisible(
         stream=True, sim={"fault": "503", "fail_times": 1, "id": sim_id, "output_tokens": 4}
     )
     result = await run(bus, work)
-    assert [e.sequence for e in result.events] == list(range(1, 7))
+    # One sequence, no gap or restart: the failed attempt relayed nothing.
+    assert [e.sequence for e in result.events] == list(range(1, len(result.events) + 1))
+    assert result.events[0].delta.role == "assistant"
     assert result.final.usage.output_tokens == 4
     assert simulator.stats.by_id[sim_id] == 2
 
@@ -407,3 +411,18 @@ async def test_pickup_latency(bus: Bus, make_worker: WorkerFactory) -> None:
     p95 = sorted(waits)[int(len(waits) * 0.95) - 1]
     print(f"pickup latency: p50 {p50:.2f} ms, p95 {p95:.2f} ms")
     assert p50 < 20, waits
+
+
+async def test_a_burst_of_tokens_is_relayed_in_few_events(
+    bus: Bus, make_worker: WorkerFactory
+) -> None:
+    await make_worker()
+    # No pacing: the simulator writes the tokens back to back, so most reach the
+    # worker in the same reads and leave joined.
+    work = new_work(stream=True, sim={"output_tokens": 40})
+    result = await run(bus, work)
+    assert result.final.usage.output_tokens == 40
+    assert len(result.deltas) < 40
+    # The simulator's tokens are words, each with its leading space: none lost or doubled.
+    assert len("".join(d.content for d in result.deltas).split()) == 40
+    assert [e.sequence for e in result.events] == list(range(1, len(result.events) + 1))

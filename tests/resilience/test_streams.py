@@ -210,20 +210,25 @@ async def test_disconnect_with_continue_completes_and_replays(cluster: Cluster) 
 
 async def test_finished_stream_replays_whole_and_after_n(cluster: Cluster) -> None:
     seed, total = 5005, 12
-    request = body({"output_tokens": total}, seed)
+    # Paced, so that tokens reach the worker apart and leave as several events.
+    request = body({"output_tokens": total, "tokens_per_second": 100}, seed)
     async with httpx.AsyncClient(base_url=cluster.gateway_url, headers=AUTH, timeout=60) as http:
         response, live = await consume(http, "POST", "/v1/chat/completions", json=request)
         request_id = response.headers["x-request-id"]
         assert ended_with_done(live)
+        live_sequences = sequences(live.events)
+        assert len(live_sequences) >= 3
+        # Resume from the middle of what the live stream saw.
+        cut = live_sequences[len(live_sequences) // 2 - 1]
         response, replay = await consume(http, "GET", f"/v1/streams/{request_id}")
         assert response.status_code == 200
         assert replay.events[0].retry is not None, "the stream opens with a retry hint"
-        response, tail = await consume(http, "GET", f"/v1/streams/{request_id}?after=5")
+        response, tail = await consume(http, "GET", f"/v1/streams/{request_id}?after={cut}")
         response, by_header = await consume(
             http,
             "GET",
             f"/v1/streams/{request_id}?after=1",
-            headers={"Last-Event-ID": f"{request_id}:5"},
+            headers={"Last-Event-ID": f"{request_id}:{cut}"},
         )
     strip = [e.data for e in live.events if e.data != "[DONE]"]
     assert [e.id for e in replay.events] == [e.id for e in live.events]
@@ -231,8 +236,8 @@ async def test_finished_stream_replays_whole_and_after_n(cluster: Cluster) -> No
     # The final chunk (usage) is the same; only latency figures in `sluice` may differ.
     assert replay.events[-2].json()["usage"] == live.events[-2].json()["usage"]
     assert len(strip) == len(replay.events) - 1
-    assert sequences(tail.events)[0] == 6 and ended_with_done(tail)
-    missed = [e for e in live.events if e.id and e.sequence > 5]
+    assert sequences(tail.events)[0] == cut + 1 and ended_with_done(tail)
+    missed = [e for e in live.events if e.id and e.sequence > cut]
     assert content_of(tail.events) == content_of(missed)
     assert sequences(by_header.events) == sequences(tail.events), "Last-Event-ID wins"
 
