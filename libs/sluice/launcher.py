@@ -563,24 +563,15 @@ class Launcher:
     def _preflight(self) -> None:
         self.plans = plan_services(self.env)
         uses = [use for plan in self.plans for use in plan.ports()]
-        if not self.env.get("SLUICE_NATS_URL") and self.env.get("SLUICE_NATS_PORT"):
-            uses.append(
-                PortUse(
-                    _env_int(self.env, "SLUICE_NATS_PORT", 0),
-                    "127.0.0.1",
-                    "NATS",
-                    "SLUICE_NATS_PORT",
-                )
-            )
-        if not self.env.get("SLUICE_NATS_URL") and self.env.get("SLUICE_NATS_MONITOR_PORT"):
-            uses.append(
-                PortUse(
-                    _env_int(self.env, "SLUICE_NATS_MONITOR_PORT", 0),
-                    "127.0.0.1",
-                    "NATS monitoring",
-                    "SLUICE_NATS_MONITOR_PORT",
-                )
-            )
+        if not self.env.get("SLUICE_NATS_URL"):
+            for variable, what in (
+                ("SLUICE_NATS_PORT", "NATS"),
+                ("SLUICE_NATS_MONITOR_PORT", "NATS monitoring"),
+            ):
+                if self.env.get(variable):
+                    uses.append(
+                        PortUse(_env_int(self.env, variable, 0), "127.0.0.1", what, variable)
+                    )
         if self._wants_model():
             uses.append(
                 PortUse(self._llama_port(), "127.0.0.1", "llama-server", "SLUICE_LLAMA_PORT")
