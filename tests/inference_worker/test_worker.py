@@ -75,8 +75,11 @@ async def test_stream_deltas_in_order_then_final(bus: Bus, make_worker: WorkerFa
         cache_key=f"ck-{uuid.uuid4().hex}",
     )
     result = await run(bus, work)
-    assert [e.sequence for e in result.events] == list(range(1, 9))
-    assert [e.WhichOneof("body") for e in result.events] == ["delta"] * 7 + ["final"]
+    # Paced tokens mostly leave one by one; any that reach the worker together (a busy
+    # machine) leave joined, so the count is not fixed, the order and the text are.
+    assert [e.sequence for e in result.events] == list(range(1, len(result.events) + 1))
+    kinds = [e.WhichOneof("body") for e in result.events]
+    assert kinds[-1] == "final" and set(kinds[:-1]) == {"delta"}
     text = "".join(d.content for d in result.deltas)
     assert len(text.split()) == 6
     assert result.deltas[-1].finish_reason == "stop"

@@ -186,7 +186,8 @@ async def test_events_stream_status_and_tokens(jobs_stack: FullStack) -> None:
                     events.append((name, json.loads(line[6:])))
     kinds = [k for k, _ in events]
     assert kinds[0] == "status"
-    assert kinds.count("token") == 10
+    # One event per delta: ten paced tokens, fewer if some reached the worker together.
+    assert 1 <= kinds.count("token") <= 10
     assert "".join(d["content"] for k, d in events if k == "token").strip()
     last = events[-1]
     assert last[0] == "status" and last[1]["status"] == "completed"
