@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import nats
 import nats.errors
+import orjson
 from google.protobuf.message import Message as ProtoMessage
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -115,6 +116,26 @@ class Bus:
             **overrides,
         )
         await self.js.add_consumer(spec.stream, config)
+
+    async def stream_subjects(
+        self, stream: str, subjects_filter: str, *, timeout: float = 5.0
+    ) -> list[str]:
+        """The subjects holding messages in ``stream`` that match ``subjects_filter``, from
+        the server's own per-subject index (``STREAM.INFO``, paged), in one round trip
+        per page and without creating a consumer."""
+        found: list[str] = []
+        while True:
+            request = {"subjects_filter": subjects_filter, "offset": len(found)}
+            reply = await self.nc.request(
+                f"$JS.API.STREAM.INFO.{stream}", orjson.dumps(request), timeout=timeout
+            )
+            body = orjson.loads(reply.data)
+            if "error" in body:
+                raise nats.errors.Error(f"stream info for {stream}: {body['error']}")
+            page = (body.get("state") or {}).get("subjects") or {}
+            found.extend(page)
+            if not page or len(found) >= int(body.get("total") or 0):
+                return found
 
     async def kv(self, bucket: BucketSpec) -> KeyValue:
         handle = self._kv.get(bucket.name)

@@ -205,6 +205,14 @@ class BucketSpec:
     history: int = 1
     description: str = ""
 
+    # JetStream keeps a bucket as a stream of its own, a key as a subject of it.
+    @property
+    def stream_name(self) -> str:
+        return f"KV_{self.name}"
+
+    def key_subject(self, key: str) -> str:
+        return f"$KV.{self.name}.{key}"
+
 
 class Buckets:
     API_KEYS = BucketSpec("sluice_api_keys", description="ApiKeyRecord by key id")

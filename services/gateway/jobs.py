@@ -34,7 +34,7 @@ from sluice.inference.v1 import inference_pb2, lifecycle_pb2
 from sluice.jobs.v1 import jobs_pb2
 from sluice.keys.v1 import keys_pb2
 from sluice.pricing import PriceTable
-from sluice.topology import Consumers, PriorityClass, Streams, Subjects
+from sluice.topology import Buckets, Consumers, PriorityClass, Streams, Subjects
 
 from services.gateway.adapters import NATS_FAILURES
 from services.gateway.chat import ChatService, admitted_headers, cache_policy, reserve_request
@@ -174,8 +174,9 @@ def resolve_priority(
 class JobStore:
     """Job records by id, and a per-team index (``team.<token>.<job id>``) for listing."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, bus: Bus) -> None:
         self.kv = kv
+        self.bus = bus
 
     @staticmethod
     def _key(job_id: str) -> str:
@@ -235,19 +236,12 @@ class JobStore:
         raise unavailable("The job record is changing too fast; retry.")
 
     async def team_job_ids(self, team_id: str) -> list[str]:
-        prefix = f"team.{team_token(team_id)}."
-        # A watcher filtered at the server on the team's subjects (kv.keys() would
-        # read every key of the bucket and filter them here).
-        watcher = await self.kv.watch(prefix + ">", meta_only=True, ignore_deletes=True)
-        keys: list[str] = []
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                keys.append(entry.key)
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        return sorted((k[len(prefix) :] for k in keys if k.startswith(prefix)), reverse=True)
+        """The team's job ids, newest first, from the server's subject index of the
+        bucket. Not from a KV watcher: nats-py's can end its initial replay before every
+        key arrived (nats-io/nats.py#842) and list a team's jobs short."""
+        prefix = Buckets.JOBS.key_subject(f"team.{team_token(team_id)}.")
+        subjects = await self.bus.stream_subjects(Buckets.JOBS.stream_name, prefix + ">")
+        return sorted((s[len(prefix) :] for s in subjects if s.startswith(prefix)), reverse=True)
 
 
 # --- applying lifecycle events --------------------------------------------------------------

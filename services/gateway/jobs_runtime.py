@@ -53,7 +53,7 @@ async def start_jobs(settings: GatewaySettings, bus: Bus, chat: ChatService) -> 
         settings=settings,
         bus=bus,
         chat=chat,
-        store=JobStore(jobs_kv),
+        store=JobStore(jobs_kv, bus),
         renderer=JobRenderer(_prices(settings)),
         webhook_secrets=webhook_secrets,
     )
