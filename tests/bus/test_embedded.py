@@ -44,3 +44,13 @@ def test_monitoring_is_off_unless_asked(tmp_path: Path) -> None:
         assert "-m" not in list(server.process.args)  # type: ignore[arg-type]
     finally:
         server.stop()
+
+
+def test_free_ports_are_distinct_and_outside_the_ephemeral_range() -> None:
+    from sluice.embedded import _ephemeral_floor
+
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports), "never the same port twice in a process"
+    floor = _ephemeral_floor()
+    if floor - 15_000 >= 1_000:
+        assert all(15_000 <= p < floor for p in ports), "no outgoing connection takes them"
