@@ -11,18 +11,17 @@ import logging
 from dataclasses import replace
 
 import grpc
-from nats.aio.msg import Msg
 from opentelemetry import trace
 from sluice.bus import Bus
-from sluice.cost.v1 import cost_pb2, cost_pb2_grpc
+from sluice.cost.v1 import cost_pb2_grpc
 from sluice.logging import configure_logging
 from sluice.pricing import PriceTable
 from sluice.service import ServiceRuntime
-from sluice.topology import Consumers, ConsumerSpec, ServiceName, Subjects
+from sluice.topology import Consumers, ConsumerSpec, ServiceName
 
 from services.cost_tracker.consumer import UsageConsumer
 from services.cost_tracker.domain import Pricer
-from services.cost_tracker.feed import CostFeed
+from services.cost_tracker.feed import CostFeed, NatsListener
 from services.cost_tracker.grpc_api import UsageServicer
 from services.cost_tracker.ledger import Ledger
 from services.cost_tracker.rebuild import rebuild_ledger
@@ -50,11 +49,8 @@ class CostTracker:
 
     async def start(self, bus: Bus, *, consumer_spec: ConsumerSpec | None = None) -> None:
         await self.ledger.open()
-        # The feed listens to every instance's cost events, not only its own, so that a
-        # watcher sees all spend whichever replica its gRPC call landed on.
-        await bus.serve(
-            Subjects.COST_RECORDED_ALL, cost_pb2.CostEvent, self._on_cost_event, traced=False
-        )
+        # Subscribed to every instance's cost events only while someone watches.
+        self.feed.attach(NatsListener(bus, self.feed.publish))
         spec = consumer_spec or replace(
             Consumers.COST_USAGE, durable=self.settings.consumer_durable
         )
@@ -75,9 +71,6 @@ class CostTracker:
             self.settings.prices_file,
             self.pricer.table.version,
         )
-
-    async def _on_cost_event(self, event: cost_pb2.CostEvent, _msg: Msg) -> None:
-        self.feed.publish(event)
 
     async def stop(self) -> None:
         """Finish the batch in hand, end the watch streams, close the ledger."""

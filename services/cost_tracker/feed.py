@@ -1,19 +1,27 @@
 """Fan-out of cost events to live watchers (the ``WatchCostEvents`` streams).
 
-The service subscribes to every recorded cost event once and hands each to every
-watcher's own bounded queue. A slow watcher loses its oldest events (counted) rather
-than holding up the others or the usage consumer: the live feed is a convenience, the
-ledger is the record.
+While anyone watches, the service subscribes to every recorded cost event once and
+hands each to every watcher's own bounded queue; with nobody watching it is not
+subscribed, so the events it publishes are not delivered back to it (one NATS message
+per request fewer on the common path). A slow watcher loses its oldest events
+(counted) rather than holding up the others or the usage consumer: the live feed is a
+convenience, the ledger is the record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from opentelemetry import metrics
+from sluice.bus import Bus
 from sluice.cost.v1 import cost_pb2
+from sluice.topology import Subjects
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +58,26 @@ class Watcher:
         self._feed.remove(self)
 
 
+class Listener(Protocol):
+    """The subscription that feeds ``CostFeed.publish``: started for the first watcher,
+    stopped after the last one leaves."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class CostFeed:
     def __init__(self, queue_size: int = 1024) -> None:
         self.queue_size = queue_size
         self.dropped = 0
         self._watchers: set[Watcher] = set()
         self._closed = False
+        self._listener: Listener | None = None
+        self.listening = False
+        # Start and stop one at a time, each deciding on the watchers it finds then.
+        self._switch = asyncio.Lock()
+        self._stopping: set[asyncio.Task[None]] = set()
         self._dropped_counter = metrics.get_meter("sluice.cost_tracker").create_counter(
             "sluice.cost.watch.dropped",
             unit="{event}",
@@ -76,8 +98,42 @@ class CostFeed:
             self._watchers.add(watcher)
         return watcher
 
+    def attach(self, listener: Listener) -> None:
+        """The subscription to start for the first watcher (before any watcher)."""
+        self._listener = listener
+
+    async def open(self, key_id: str = "") -> Watcher:
+        """``watch``, once the subscription behind the feed is in place: the watcher
+        receives every event recorded after this returns."""
+        watcher = self.watch(key_id)
+        try:
+            await self._switch_listener()
+        except BaseException:
+            self.remove(watcher)
+            raise
+        return watcher
+
     def remove(self, watcher: Watcher) -> None:
         self._watchers.discard(watcher)
+        if not self._watchers and self.listening:
+            task = asyncio.create_task(self._switch_listener())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    async def _switch_listener(self) -> None:
+        if self._listener is None:
+            return
+        async with self._switch:
+            wanted = bool(self._watchers) and not self._closed
+            if wanted and not self.listening:
+                await self._listener.start()
+                self.listening = True
+            elif not wanted and self.listening:
+                self.listening = False
+                try:
+                    await self._listener.stop()
+                except Exception:
+                    log.warning("cost feed subscription not stopped", exc_info=True)
 
     def publish(self, event: cost_pb2.CostEvent) -> None:
         """Hand ``event`` to every matching watcher; never waits."""
@@ -91,8 +147,37 @@ class CostFeed:
                     log.warning("cost watcher too slow; dropping its oldest events")
 
     def close(self) -> None:
-        """End every watcher's stream (shutdown)."""
+        """End every watcher's stream (shutdown); the bus closing ends the subscription."""
         self._closed = True
         for watcher in list(self._watchers):
             watcher.offer(None)
         self._watchers.clear()
+
+
+class NatsListener:
+    """Every instance's cost events (``Subjects.COST_RECORDED_ALL``), parsed, to
+    ``deliver``: a watcher sees all spend whichever replica its gRPC call landed on."""
+
+    def __init__(self, bus: Bus, deliver: Callable[[cost_pb2.CostEvent], None]) -> None:
+        self._bus = bus
+        self._deliver = deliver
+        self._sub: Subscription | None = None
+
+    async def _on_message(self, msg: Msg) -> None:
+        event = cost_pb2.CostEvent()
+        try:
+            event.ParseFromString(msg.data)
+        except DecodeError:
+            log.warning("undecodable cost event dropped from the feed")
+            return
+        self._deliver(event)
+
+    async def start(self) -> None:
+        self._sub = await self._bus.nc.subscribe(Subjects.COST_RECORDED_ALL, cb=self._on_message)
+        # The server knows of the interest before a watcher is told it is watching.
+        await self._bus.nc.flush()
+
+    async def stop(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            await sub.unsubscribe()

@@ -87,7 +87,7 @@ class UsageServicer(cost_pb2_grpc.UsageServiceServicer):
                 "sluice.key_id": request.key_id,
             },
         )
-        watcher = self.feed.watch(request.key_id)
+        watcher = await self.feed.open(request.key_id)
         sent = 0
         try:
             await context.send_initial_metadata(((WATCHING_METADATA_KEY, "1"),))

@@ -443,3 +443,22 @@ async def test_usage_arriving_within_the_window_is_committed_as_one_batch(bus, t
 
 async def _rows_async(running, key: str, count: int) -> bool:
     return len(ledger_rows(running.settings.ledger_file, key)) == count
+
+
+async def test_the_feed_subscribes_only_while_someone_watches(running, bus):
+    feed = running.tracker.feed
+    assert not feed.listening, "nobody watches: the tracker's own cost events are not sent back"
+    key = unique("key")
+    call = await watch(running.stub, key)
+    assert feed.listening
+    event = usage_event(key)
+    await publish_usage(bus, event)
+    assert [e.request_id for e in await read_events(call, 1)] == [event.request_id]
+    call.cancel()
+    await eventually(lambda: _async(not feed.listening or None))
+    # A watcher after the last one left gets a subscription again.
+    again = await watch(running.stub, key)
+    later = usage_event(key)
+    await publish_usage(bus, later)
+    assert [e.request_id for e in await read_events(again, 1)] == [later.request_id]
+    again.cancel()
