@@ -242,6 +242,12 @@ class Bus:
         self._subs.append(sub)
         return sub
 
+    async def unserve(self, sub: Subscription) -> None:
+        """Stop one subscription that ``serve`` started."""
+        if sub in self._subs:
+            self._subs.remove(sub)
+        await sub.unsubscribe()
+
     async def stop_serving(self) -> None:
         """Stop taking new requests (first step of a graceful shutdown)."""
         for sub in self._subs:

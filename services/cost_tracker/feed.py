@@ -15,7 +15,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from opentelemetry import metrics
@@ -155,29 +154,25 @@ class CostFeed:
 
 
 class NatsListener:
-    """Every instance's cost events (``Subjects.COST_RECORDED_ALL``), parsed, to
-    ``deliver``: a watcher sees all spend whichever replica its gRPC call landed on."""
+    """Every instance's cost events (``Subjects.COST_RECORDED_ALL``) to ``deliver``: a
+    watcher sees all spend whichever replica its gRPC call landed on."""
 
     def __init__(self, bus: Bus, deliver: Callable[[cost_pb2.CostEvent], None]) -> None:
         self._bus = bus
         self._deliver = deliver
         self._sub: Subscription | None = None
 
-    async def _on_message(self, msg: Msg) -> None:
-        event = cost_pb2.CostEvent()
-        try:
-            event.ParseFromString(msg.data)
-        except DecodeError:
-            log.warning("undecodable cost event dropped from the feed")
-            return
+    async def _on_event(self, event: cost_pb2.CostEvent, _msg: Msg) -> None:
         self._deliver(event)
 
     async def start(self) -> None:
-        self._sub = await self._bus.nc.subscribe(Subjects.COST_RECORDED_ALL, cb=self._on_message)
+        self._sub = await self._bus.serve(
+            Subjects.COST_RECORDED_ALL, cost_pb2.CostEvent, self._on_event, traced=False
+        )
         # The server knows of the interest before a watcher is told it is watching.
         await self._bus.nc.flush()
 
     async def stop(self) -> None:
         sub, self._sub = self._sub, None
         if sub is not None:
-            await sub.unsubscribe()
+            await self._bus.unserve(sub)
