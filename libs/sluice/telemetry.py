@@ -3,7 +3,7 @@
 Spans go to OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, and otherwise to a local
 JSON-lines file per service under ``<state_dir>/spans/`` that ``sluice trace`` reads.
 With OTLP the SDK's batch thread encodes and sends them. Local spans come from a lean
-tracer of the same API (``sluice.localtrace``, about a third of the SDK's cost per span);
+tracer of the same API (``sluice.localtrace``, 40% of the SDK's cost per span);
 each is serialised as it ends (a few microseconds, on the caller's thread) and a
 background thread only writes the bytes, so no batch of hundreds of spans holds the
 GIL, and with it the event loop, in the middle of a token relay. Metrics are
