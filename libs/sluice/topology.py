@@ -23,6 +23,15 @@ class ServiceName(StrEnum):
 
 ALL_SERVICES: tuple[ServiceName, ...] = tuple(ServiceName)
 
+# The Python package of each service under ``services/`` (``python -m services.<package>``).
+SERVICE_PACKAGES: dict[ServiceName, str] = {
+    ServiceName.GATEWAY: "gateway",
+    ServiceName.LIMITER: "limiter",
+    ServiceName.CACHE: "cache",
+    ServiceName.INFERENCE_WORKER: "inference_worker",
+    ServiceName.COST_TRACKER: "cost_tracker",
+}
+
 
 class PriorityClass(StrEnum):
     INTERACTIVE = "interactive"
