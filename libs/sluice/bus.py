@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 
 P = TypeVar("P", bound=ProtoMessage)
 
+# What "the other side did not answer" looks like from nats-py: a timeout, no responders,
+# a closed or reconnecting connection, a JetStream API error.
+NATS_FAILURES = (TimeoutError, nats.errors.Error)
+MessageCallback = Callable[[Msg], Awaitable[None]]
+
 
 class Bus:
     """The process's NATS connection with JetStream, KV handles and traced helpers."""
@@ -156,7 +161,72 @@ class Bus:
         self._kv[bucket.name] = handle
         return handle
 
+    async def set_bucket_ttl(self, bucket: BucketSpec, seconds: float) -> None:
+        """Make a bucket's TTL follow a setting (the bucket may predate it)."""
+        try:
+            info = await self.js.stream_info(bucket.stream_name)
+        except NATS_FAILURES:
+            return
+        wanted = float(seconds)
+        if info.config.max_age is not None and abs(float(info.config.max_age) - wanted) < 1e-3:
+            return
+        info.config.max_age = wanted
+        # JetStream refuses a duplicate window longer than max_age (the KV default: 2 min).
+        window = info.config.duplicate_window
+        if wanted > 0 and (window is None or window > wanted):
+            info.config.duplicate_window = wanted
+        try:
+            await self.js.update_stream(info.config)
+        except NATS_FAILURES:
+            log.warning("could not set the TTL of bucket %s", bucket.name, exc_info=True)
+
+    # --- stored messages ------------------------------------------------------------
+
+    async def last_message(self, stream: str, subject: str) -> bytes | None:
+        """The payload of the last message ``stream`` holds on ``subject``; None when it
+        holds none (or the stream does not answer)."""
+        try:
+            raw = await self.js.get_last_msg(stream, subject)
+        except (NotFoundError, *NATS_FAILURES):
+            return None
+        return raw.data or b""
+
+    async def last_sequence(self, stream: str, subject: str) -> int | None:
+        """The stream sequence of the last message on ``subject``; None when there is
+        none. Other failures raise: a reader must not take "no answer" for "empty"."""
+        try:
+            raw = await self.js.get_last_msg(stream, subject)
+        except NotFoundError:
+            return None
+        return int(raw.seq or 0)
+
+    async def delete_message(self, stream: str, sequence: int) -> bool:
+        """Remove one stored message by its stream sequence; False when it is gone."""
+        try:
+            return bool(await self.js.delete_msg(stream, sequence))
+        except NATS_FAILURES:
+            return False
+
+    async def follow(self, subject: str, stream: str, cb: MessageCallback) -> Subscription:
+        """Every message ``stream`` holds on ``subject``, from the first, then each new one
+        as it is stored: an ephemeral ordered consumer (no acks, nothing left behind)."""
+        sub = await self.js.subscribe(
+            subject, stream=stream, cb=cb, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        return sub
+
     # --- messaging ------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    def new_inbox(self) -> str:
+        return str(self.nc.new_inbox())
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        """Returns once the server has processed everything sent so far."""
+        await self.nc.flush(timeout=int(max(1, timeout)))
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         headers = dict(extra) if extra else {}
@@ -164,11 +234,69 @@ class Bus:
         return headers
 
     async def publish(
-        self, subject: str, message: ProtoMessage | bytes, headers: dict[str, str] | None = None
+        self,
+        subject: str,
+        message: ProtoMessage | bytes,
+        headers: dict[str, str] | None = None,
+        *,
+        traced: bool = True,
     ) -> None:
-        """Core NATS publish with trace context; no span (hot path for token events)."""
+        """Core NATS publish, with trace context unless ``traced`` is False; no span (hot
+        path for token events)."""
         payload = message if isinstance(message, bytes) else message.SerializeToString()
-        await self.nc.publish(subject, payload, headers=self._headers(headers))
+        await self.nc.publish(
+            subject, payload, headers=self._headers(headers) if traced else headers
+        )
+
+    async def publish_durable(
+        self,
+        subject: str,
+        message: ProtoMessage | bytes,
+        *,
+        msg_id: str,
+        timeout: float = 2.0,
+        span_name: str | None = None,
+    ) -> int:
+        """JetStream publish in a PRODUCER span with trace context, deduplicated by
+        ``msg_id`` (``Nats-Msg-Id``); returns the stream sequence. ``span_name`` names
+        the span when the subject holds an id (span names stay low-cardinality, as the
+        messaging conventions ask). Raises one of ``NATS_FAILURES`` when not stored."""
+        payload = message if isinstance(message, bytes) else message.SerializeToString()
+        with self._tracer.start_as_current_span(
+            f"{span_name or subject} publish",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                **telemetry.messaging_attributes(subject, "publish"),
+                "messaging.message.id": msg_id,
+                "messaging.message.body.size": len(payload),
+            },
+        ) as span:
+            headers = {"Nats-Msg-Id": msg_id}
+            telemetry.inject(headers)
+            try:
+                ack = await self.js.publish(subject, payload, timeout=timeout, headers=headers)
+            except NATS_FAILURES as exc:
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                raise
+            return int(ack.seq)
+
+    async def subscribe(
+        self, subject: str, cb: MessageCallback, *, queue: str = ""
+    ) -> Subscription:
+        """A plain core subscription whose callback gets each raw message (a request's
+        own stream subject, a reply inbox); ``serve`` is for handlers of a subject."""
+        return await self.nc.subscribe(subject, queue=queue, cb=cb)
+
+    @staticmethod
+    async def unsubscribe(sub: Subscription) -> None:
+        """End a subscription; one whose connection is already gone ends quietly."""
+        with contextlib.suppress(*NATS_FAILURES):
+            await sub.unsubscribe()
+
+    async def request_raw(self, subject: str, payload: bytes, *, timeout: float) -> bytes:
+        """Request/reply without span or trace context (probes would bury the traces)."""
+        reply = await self.nc.request(subject, payload, timeout=timeout)
+        return bytes(reply.data)
 
     async def request(
         self,

@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError
 
+from sluice.bus import Bus
 from sluice.inference.v1 import inference_pb2
 from sluice.topology import Streams, Subjects
 
@@ -106,17 +104,15 @@ def decode_event(data: bytes) -> inference_pb2.StreamEvent | None:
 
 
 async def read_events(
-    js: JetStreamContext, request_id: str, *, wait_seconds: float = 5.0
+    bus: Bus, request_id: str, *, wait_seconds: float = 5.0
 ) -> list[inference_pb2.StreamEvent] | None:
     """Every stored event of ``request_id`` in stream order; None when the stream holds
     nothing for it (an unknown request, or one older than the stream's retention)."""
     subject = Subjects.stream(request_id)
     stream = Streams.STREAMS.name
-    try:
-        last = await js.get_last_msg(stream, subject)
-    except NotFoundError:
+    last_seq = await bus.last_sequence(stream, subject)
+    if last_seq is None:
         return None
-    last_seq = int(last.seq or 0)
     events: list[inference_pb2.StreamEvent] = []
     done = asyncio.Event()
 
@@ -128,22 +124,14 @@ async def read_events(
         if msg.metadata.sequence.stream >= last_seq:
             done.set()
 
-    sub = await js.subscribe(
-        subject,
-        stream=stream,
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.ALL,
-        cb=collect,
-    )
+    sub = await bus.follow(subject, stream, collect)
     try:
         await asyncio.wait_for(done.wait(), wait_seconds)
     finally:
-        await sub.unsubscribe()
+        await bus.unsubscribe(sub)
     return events
 
 
-async def read_history(
-    js: JetStreamContext, request_id: str, *, wait_seconds: float = 5.0
-) -> History | None:
-    events = await read_events(js, request_id, wait_seconds=wait_seconds)
+async def read_history(bus: Bus, request_id: str, *, wait_seconds: float = 5.0) -> History | None:
+    events = await read_events(bus, request_id, wait_seconds=wait_seconds)
     return None if events is None else History.build(events)

@@ -799,11 +799,11 @@ class ChatService:
 
     def backfill(self, request_id: str) -> Backfill:
         """Reads the events ``SLUICE_STREAMS`` holds for ``request_id`` after a sequence."""
-        js = self.bus.js
+        bus = self.bus
         wait = self.settings.resume_read_timeout_seconds
 
         async def stored_after(sequence: int) -> list[inference_pb2.StreamEvent]:
-            events = await read_events(js, request_id, wait_seconds=wait)
+            events = await read_events(bus, request_id, wait_seconds=wait)
             return [e for e in events or () if e.sequence > sequence]
 
         return stored_after

@@ -134,7 +134,7 @@ class StreamResumer:
             raise unavailable("The message bus is not connected.") from None
         try:
             history = await read_history(
-                self.chat.bus.js, request_id, wait_seconds=self.settings.resume_read_timeout_seconds
+                self.chat.bus, request_id, wait_seconds=self.settings.resume_read_timeout_seconds
             )
         except BaseException as exc:
             await _unsubscribe(sub)

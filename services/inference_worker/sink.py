@@ -53,7 +53,7 @@ class NatsEventSink:
         await self.bus.publish(Subjects.CACHE_STORE, store)
 
     async def history(self, request_id: str) -> History | None:
-        return await read_history(self.bus.js, request_id)
+        return await read_history(self.bus, request_id)
 
     async def lifecycle(self, event: lifecycle_pb2.LifecycleEvent) -> None:
         """Durably record a lifecycle event; ``finished`` is deduplicated per request."""

@@ -165,7 +165,8 @@ def _forbidden(layer: str, transport: str | None, own: str) -> list[tuple[str, s
             rules.append(("nats", "only NATS handlers and adapters touch nats-py"))
             rules.append(("sluice.bus", "only NATS handlers and adapters hold the bus"))
         for other in sorted(TRANSPORTS - {transport}):
-            rules.append((f"{own_handlers}.{other}", "one transport's handlers never call another's"))
+            why = "one transport's handlers never call another's"
+            rules.append((f"{own_handlers}.{other}", why))
         rules.append((own_app, "handlers do not know their wiring"))
     elif layer in ("app", "__main__", "settings"):
         for lib in sorted(ALL_TRANSPORT_LIBS | NATS_CLIENT):

@@ -123,7 +123,7 @@ class Cluster:
 
         bus = await Bus.connect(self.nats.url, "tests-history")
         try:
-            return await read_events(bus.js, request_id) or []
+            return await read_events(bus, request_id) or []
         finally:
             await bus.close()
 
