@@ -17,7 +17,7 @@ UP_ARGS ?=
 # cores). One job per core, and only what Sluice runs (llama-server; no tests or examples).
 LLAMA_CPP_BUILD_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export LLAMA_CPP_BUILD_JOBS
-CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 export CMAKE_ARGS
 
 .PHONY: help venv install run test lint proto proto-check bench clean clean-state distclean

@@ -1,6 +1,6 @@
 from sluice.service import run_service
 
-from services.gateway.main import main
+from services.gateway.app import main
 
 if __name__ == "__main__":
     run_service(main)

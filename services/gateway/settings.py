@@ -51,7 +51,7 @@ class GatewaySettings(BaseSettings):
     # Bound on the whole request; the worker gets the same absolute deadline.
     request_timeout_seconds: float = 300.0
     limiter_timeout_seconds: float = 1.0
-    # Admission leases (services/gateway/leases.py): how many requests of a key one
+    # Admission leases (services/gateway/domain/leases.py): how many requests of a key one
     # lease asks room for; 0 asks the limiter on every request.
     admission_lease_requests: int = Field(default=32, ge=0)
     cache_timeout_seconds: float = 0.25

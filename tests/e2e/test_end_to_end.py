@@ -238,6 +238,73 @@ async def test_one_request_is_one_trace_across_all_services(e2e: RunningStack) -
         assert service in tree
 
 
+async def test_a_job_is_one_trace_from_submission_to_its_cost(e2e: RunningStack) -> None:
+    """A job crosses the work queue and comes back through the lifecycle stream; its
+    trace runs on across both, as a chat completion's does."""
+    trace_id, parent = new_traceparent()
+    async with httpx.AsyncClient(timeout=30) as http:
+        submitted = await http.post(
+            f"{e2e.gateway_url}/v1/jobs",
+            headers={"Authorization": f"Bearer {DEV_KEY}", "traceparent": parent},
+            json={
+                "request": {
+                    "model": "sim-fast",
+                    "messages": [{"role": "user", "content": "a job to trace"}],
+                    "max_tokens": 8,
+                }
+            },
+        )
+        assert submitted.status_code == 202, submitted.text
+        job = submitted.json()
+        assert job["trace_id"] == trace_id
+        deadline = time.monotonic() + 30
+        while job["status"] not in ("completed", "failed") and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            job = (
+                await http.get(
+                    f"{e2e.gateway_url}/v1/jobs/{job['id']}",
+                    headers={"Authorization": f"Bearer {DEV_KEY}"},
+                )
+            ).json()
+    assert job["status"] == "completed", job
+
+    all_services = {str(s) for s in ServiceName} - {"cache"}
+    spans = await wait_for_trace(e2e.state_dir, trace_id, all_services)
+    by_id = {s["span_id"]: s for s in spans}
+    assert all_services <= {s["service"] for s in spans}, sorted({s["service"] for s in spans})
+
+    def child_of(child: dict[str, Any], parent_service: str, parent_kind: str) -> bool:
+        up = by_id.get(child["parent_span_id"])
+        return up is not None and up["service"] == parent_service and up["kind"] == parent_kind
+
+    # gateway (SERVER, then PRODUCER into the work queue) -> worker (CONSUMER) -> provider.
+    (server,) = [s for s in spans if s["service"] == "gateway" and s["kind"] == "SERVER"]
+    assert server["parent_span_id"] not in by_id  # the client's span, outside the trace
+    (queued,) = [s for s in spans if s["name"] == "sluice.v1.infer.batch publish"]
+    assert child_of(queued, "gateway", "SERVER")
+    (took,) = [s for s in spans if s["name"] == "sluice.v1.infer.batch process"]
+    assert took["service"] == "inference-worker" and child_of(took, "gateway", "PRODUCER")
+    assert any(
+        s["service"] == "inference-worker" and s["kind"] == "CLIENT" and s["name"].startswith("chat ")
+        for s in spans
+    )
+    # The worker's usage event into the cost-tracker, its lifecycle events into the
+    # gateway's job tracker.
+    assert any(
+        s["service"] == "cost-tracker" and child_of(s, "inference-worker", "PRODUCER")
+        for s in spans
+    )
+    tracked = [
+        s
+        for s in spans
+        if s["service"] == "gateway" and s["kind"] == "CONSUMER" and "lifecycle" in s["name"]
+    ]
+    assert tracked and all(child_of(s, "inference-worker", "PRODUCER") for s in tracked), [
+        (s["service"], s["kind"], s["name"]) for s in spans
+    ]
+    assert not any("a job to trace" in json.dumps(s["attributes"]) for s in spans)
+
+
 async def test_metrics_move_after_one_streamed_request(e2e: RunningStack) -> None:
     before = await scrape_all(e2e)
     client = sdk(e2e)

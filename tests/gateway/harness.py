@@ -16,8 +16,8 @@ import httpx2
 import openai
 from sluice.bus import Bus
 from sluice.cache.v1 import cache_pb2
-from sluice.catalog import Catalog
 from sluice.common.v1 import chat_pb2
+from sluice.consumers import ConsumerBroker
 from sluice.cost.v1 import cost_pb2
 from sluice.inference.v1 import inference_pb2
 from sluice.keys.v1 import keys_pb2
@@ -27,11 +27,13 @@ from sluice.settings import CommonSettings
 from sluice.telemetry import setup_telemetry
 from sluice.topology import Buckets, Streams, Subjects
 
-from services.gateway.adapters import CacheLookup, JetStreamPublisher, Limiter, Readiness
-from services.gateway.app import GatewayDeps, create_app, models_list_body
-from services.gateway.auth import KeyStore, hash_secret
-from services.gateway.chat import ChatService
-from services.gateway.edge import Edge
+from services.gateway.adapters.readiness import Readiness
+from services.gateway.app import Gateway as Assembled
+from services.gateway.app import assemble
+from services.gateway.domain.keys import hash_secret
+from services.gateway.handlers.http.application import create_app
+from services.gateway.handlers.http.deps import ApiDeps
+from services.gateway.handlers.http.middleware import Edge
 from services.gateway.settings import GatewaySettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,7 +171,8 @@ class FakeServices:
 @dataclass
 class Gateway:
     edge: Edge
-    deps: GatewayDeps
+    deps: ApiDeps
+    parts: Assembled
     fake: FakeServices
     secret: str
     record: keys_pb2.ApiKeyRecord
@@ -198,12 +201,12 @@ async def build_gateway(bus: Bus, tmp: Path, **overrides) -> Gateway:
     setup_telemetry("gateway", tmp)
     settings = GatewaySettings(
         common=CommonSettings(state_dir=tmp, config_dir=REPO / "config"),
+        admission_lease_requests=overrides.pop("admission_lease_requests", 0),
         request_timeout_seconds=overrides.pop("request_timeout_seconds", 5.0),
         cache_timeout_seconds=0.2,
         limiter_timeout_seconds=0.3,
         **overrides,
     )
-    catalog = Catalog.load(settings.providers_path)
     kv = await bus.kv(Buckets.API_KEYS)
     secret = "sk-test-" + secrets.token_hex(8)
     record = keys_pb2.ApiKeyRecord(
@@ -215,23 +218,10 @@ async def build_gateway(bus: Bus, tmp: Path, **overrides) -> Gateway:
     )
     await kv.put(record.secret_sha256, record.SerializeToString())
     inst = instruments()
-    chat = ChatService(
-        settings=settings,
-        bus=bus,
-        catalog=catalog,
-        limiter=Limiter(bus, settings.limiter_timeout_seconds),
-        cache=CacheLookup(bus, settings.cache_timeout_seconds),
-        publisher=JetStreamPublisher(bus, settings.publish_timeout_seconds),
-        instruments=inst,
-    )
-    deps = GatewayDeps(
-        settings=settings,
-        keys=KeyStore(kv, ttl=settings.key_cache_seconds),
-        chat=chat,
-        readiness=Readiness(bus, settings.readiness_cache_seconds, timeout=0.2),
-        instruments=inst,
-        models_body=models_list_body(catalog),
-    )
+    # Leases off: the scripted limiter answers each reserve itself. The job tracker and
+    # webhook sender are not started: no worker here reports lifecycle events.
+    parts = await assemble(settings, bus, ConsumerBroker(bus), inst)
+    parts.api.readiness = Readiness(bus, settings.readiness_cache_seconds, timeout=0.2)
     fake = FakeServices(bus)
     await fake.start()
-    return Gateway(Edge(create_app(deps), inst), deps, fake, secret, record)
+    return Gateway(Edge(create_app(parts.api), inst), parts.api, parts, fake, secret, record)

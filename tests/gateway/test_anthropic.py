@@ -19,17 +19,19 @@ from sluice.errors import ErrorCode, SluiceError
 from sluice.inference.v1 import inference_pb2
 from sluice.limiter.v1 import limiter_pb2
 
-from services.gateway.anthropic import (
+from services.gateway.domain.dialects.anthropic.request import (
     DEFAULT_VERSION,
-    MessageStreamRelay,
     anthropic_to_chat_request,
     check_version,
-    message_body,
     parse_messages_body,
+)
+from services.gateway.domain.dialects.anthropic.response import (
+    MessageStreamRelay,
+    message_body,
     render_error,
 )
-from services.gateway.ratelimit import anthropic_rate_limit_headers, rfc3339_after
-from services.gateway.render import RequestMeta, final_sluice
+from services.gateway.domain.dialects.common import RequestMeta, final_sluice
+from services.gateway.domain.dialects.ratelimit import anthropic_rate_limit_headers, rfc3339_after
 from tests.gateway.harness import BASE_URL, POLICIES, Gateway, answer, build_gateway
 
 SECRET = "zebra-violet-prompt-marker"

@@ -464,7 +464,7 @@ async def test_x_api_key_and_disabled_keys(gw: Gateway, bus):
         assert (await http.post(CHAT, json=chat_body())).status_code == 200
     kv = await bus.kv(Buckets.API_KEYS)
     secret = "sk-disabled-" + secrets.token_hex(4)
-    from services.gateway.auth import hash_secret
+    from services.gateway.domain.keys import hash_secret
 
     await kv.put(
         hash_secret(secret),

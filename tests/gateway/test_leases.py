@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from sluice.leases import parse_share
 from sluice.limiter.v1 import limiter_pb2
 
-from services.gateway.leases import LeasingLimiter
+from services.gateway.domain.leases import LeasingLimiter
 from services.limiter.domain import Limiter, LimiterConfig
 from services.limiter.handlers import LimiterHandlers, LimiterMetrics
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sluice import canonical
 
-from services.gateway.chat import SEMANTIC_HEADER, semantic_wanted
+from services.gateway.handlers.http.headers import SEMANTIC_HEADER, semantic_wanted
 from services.gateway.settings import SemanticCacheMode
 from tests.gateway.harness import Gateway, answer
 from tests.gateway.test_http import CHAT, assert_problem

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -16,12 +15,14 @@ from sluice.errors import PROBLEM_TYPE_BASE, ErrorCode, SluiceError
 from sluice.inference.v1 import inference_pb2
 from sluice.limiter.v1 import limiter_pb2
 
-from services.gateway.chat import DeadlineExceeded, EventReader, cache_policy
-from services.gateway.inbox import Inbox
-from services.gateway.normalize import parse_body, to_chat_request
-from services.gateway.problems import GatewayError, problem_headers, render_problem
-from services.gateway.ratelimit import go_duration, rate_limit_headers
-from services.gateway.render import RequestMeta, SseRelay, completion_body, final_sluice
+from services.gateway.domain.admission import cache_policy
+from services.gateway.domain.dialects.common import RequestMeta, final_sluice
+from services.gateway.domain.dialects.openai.request import parse_body, to_chat_request
+from services.gateway.domain.dialects.openai.response import SseRelay, completion_body
+from services.gateway.domain.dialects.ratelimit import go_duration, rate_limit_headers
+from services.gateway.domain.problems import GatewayError, problem_headers, render_problem
+from services.gateway.domain.relay.inbox import Inbox
+from services.gateway.domain.relay.reader import DeadlineExceeded, EventReader
 from services.gateway.settings import CacheMode
 
 
@@ -551,18 +552,18 @@ def test_sse_failure_event_has_no_done():
 # --- event reader ----------------------------------------------------------------------
 
 
-def msg(event: inference_pb2.StreamEvent):
-    return SimpleNamespace(data=event.SerializeToString())
+def msg(event: inference_pb2.StreamEvent) -> bytes:
+    return event.SerializeToString()
 
 
 async def test_event_reader_drops_duplicates_and_stale_deltas():
     inbox = Inbox()
     for seq, text in [(1, "a"), (2, "b"), (2, "b"), (1, "a"), (3, "c")]:
-        await inbox.push(
+        inbox.put(
             msg(inference_pb2.StreamEvent(sequence=seq, delta=inference_pb2.Delta(content=text)))
         )
-    await inbox.push(msg(inference_pb2.StreamEvent(sequence=1, final=final_answer())))
-    await inbox.push(msg(inference_pb2.StreamEvent(sequence=5, final=final_answer())))
+    inbox.put(msg(inference_pb2.StreamEvent(sequence=1, final=final_answer())))
+    inbox.put(msg(inference_pb2.StreamEvent(sequence=5, final=final_answer())))
     reader = EventReader(inbox, time.monotonic() + 5)
     got = []
     while True:

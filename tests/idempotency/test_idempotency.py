@@ -5,7 +5,7 @@ body, team scoping, expiry, 50 concurrent duplicates on one and on two gateway r
 (one upstream call at the simulator, one row in the cost ledger), what a failed first
 request leaves behind, and 400 for a malformed key.
 
-Semantics of a first request that fails (see ``services/gateway/idempotency.py``):
+Semantics of a first request that fails (see ``services/gateway/domain/idempotency/policy.py``):
 an answer that came from work the worker ran (an upstream 4xx/5xx) is stored and
 replayed; a request refused before any work ran (invalid body, unknown model, rate
 limit) releases the key, so a corrected retry with the same key runs. A client that

@@ -22,7 +22,7 @@ from sluice.inference.v1 import inference_pb2
 from sluice.keys.v1 import keys_pb2
 from sluice.topology import Buckets, ServiceName, Streams, Subjects
 
-from services.gateway.auth import hash_secret
+from services.gateway.domain.keys import hash_secret
 from tests.support.stack import ServiceProcess, Stack
 from tests.support.stack import simulator as running_simulator
 

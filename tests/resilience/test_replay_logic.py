@@ -13,10 +13,12 @@ from sluice.errors import SluiceError
 from sluice.inference.v1 import inference_pb2
 from sluice.replay import History
 
-from services.gateway.chat import EventReader, disconnect_policy
-from services.gateway.inbox import Inbox
-from services.gateway.render import RequestMeta, SseRelay
-from services.gateway.streams import parse_resume_point, render_replay
+from services.gateway.domain.dialects.common import RequestMeta
+from services.gateway.domain.dialects.openai.response import SseRelay
+from services.gateway.domain.relay.inbox import Inbox
+from services.gateway.domain.relay.reader import EventReader
+from services.gateway.domain.relay.resume import parse_resume_point, render_replay
+from services.gateway.handlers.http.headers import disconnect_policy
 from services.inference_worker.resume import (
     CancelRegistry,
     can_continue,
@@ -103,13 +105,9 @@ async def test_live_reader_after_replay_drops_what_was_replayed() -> None:
     replayed sequence are dropped, the rest pass once, in order."""
     inbox = Inbox()
 
-    class Msg:
-        def __init__(self, event: inference_pb2.StreamEvent) -> None:
-            self.data = event.SerializeToString()
-
     live = (opened(), delta(3, " c"), delta(4, " d"), delta(4, " d"), delta(5, " e"), final(6))
     for sent in live:
-        await inbox.push(Msg(sent))  # type: ignore[arg-type]
+        inbox.put(sent.SerializeToString())
     reader = EventReader(inbox, time.monotonic() + 60, last_sequence=4)
     got = []
     while True:
@@ -163,11 +161,6 @@ def test_cancel_registry_forgets_after_its_window() -> None:
     assert "a" not in registry and "b" in registry and "c" in registry
 
 
-class _Msg:
-    def __init__(self, event: inference_pb2.StreamEvent) -> None:
-        self.data = event.SerializeToString()
-
-
 async def _drain(reader: EventReader, wait: float = 0.05) -> list[int]:
     got: list[int] = []
     while True:
@@ -196,7 +189,7 @@ async def test_reader_fills_a_gap_in_the_live_relay_from_the_store() -> None:
     stored = [opened(), delta(1, "a"), delta(2, "b"), delta(3, "c"), delta(4, "d"), final(5)]
     inbox = Inbox()
     for sent in (delta(1, "a"), delta(4, "d"), delta(3, "c"), final(5)):
-        await inbox.push(_Msg(sent))  # type: ignore[arg-type]
+        inbox.put(sent.SerializeToString())
     backfill = _store(stored)
     reader = EventReader(inbox, time.monotonic() + 60, backfill=backfill)
     assert await _drain(reader) == [1, 2, 3, 4, 5]
@@ -208,7 +201,7 @@ async def test_reader_finds_a_lost_terminal_event_after_a_quiet_wait() -> None:
     stored = [opened(), delta(1, "a"), delta(2, "b"), final(3)]
     inbox = Inbox()
     for sent in (delta(1, "a"), delta(2, "b")):
-        await inbox.push(_Msg(sent))  # type: ignore[arg-type]
+        inbox.put(sent.SerializeToString())
     reader = EventReader(inbox, time.monotonic() + 60, backfill=_store(stored))
     assert await _drain(reader) == [1, 2, 3]
 
@@ -216,7 +209,7 @@ async def test_reader_finds_a_lost_terminal_event_after_a_quiet_wait() -> None:
 async def test_reader_relays_what_it_has_when_the_store_lacks_the_gap() -> None:
     inbox = Inbox()
     for sent in (delta(1, "a"), delta(3, "c"), final(4)):
-        await inbox.push(_Msg(sent))  # type: ignore[arg-type]
+        inbox.put(sent.SerializeToString())
     reader = EventReader(inbox, time.monotonic() + 60, backfill=_store([]))
     assert await _drain(reader) == [1, 3, 4]
     assert reader.backfilled == 0

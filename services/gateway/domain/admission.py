@@ -1,0 +1,159 @@
+"""Admission of one request before any upstream cost: the model and its token budget,
+the cache policy, the reservation the limiter must grant, and what a refusal says."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sluice import canonical, tokens
+from sluice.catalog import Catalog
+from sluice.common.v1 import chat_pb2
+from sluice.errors import ErrorCode, SluiceError
+from sluice.keys.v1 import keys_pb2
+from sluice.limiter.v1 import limiter_pb2
+
+from services.gateway.domain.dialects.common import LimitHeaders
+from services.gateway.domain.dialects.ratelimit import rate_limit_headers
+from services.gateway.domain.problems import GatewayError
+from services.gateway.settings import CacheMode
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """The prompt as counted, and the most output the request may produce (what the
+    limiter reserves)."""
+
+    prompt_tokens: int
+    reserve_tokens: int
+
+
+def check_model(
+    catalog: Catalog, request: chat_pb2.ChatRequest, default_max_output_tokens: int
+) -> TokenBudget:
+    """The request's token budget on its model, or the error a client must fix."""
+    model = catalog.model(request.model)
+    if model is None:
+        raise SluiceError(
+            ErrorCode.MODEL_NOT_FOUND,
+            f"The model '{request.model[:100]}' is not served here.",
+            param="model",
+        )
+    prompt = tokens.count_chat(request)
+    asked = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else 0
+    limits = {
+        "prompt_tokens": prompt,
+        "max_tokens": asked,
+        "max_output_tokens": model.max_output_tokens,
+        "context_window": model.context_window,
+    }
+    if asked > model.max_output_tokens:
+        raise SluiceError(
+            ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+            f"max_tokens {asked} is above this model's limit of "
+            f"{model.max_output_tokens} output tokens.",
+            param="max_tokens",
+            details=limits,
+        )
+    if prompt + asked > model.context_window or prompt >= model.context_window:
+        raise SluiceError(
+            ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+            f"The prompt ({prompt} tokens) plus max_tokens ({asked}) exceeds the "
+            f"context window of {model.context_window} tokens.",
+            param="messages",
+            details=limits,
+        )
+    reserve = asked or min(
+        default_max_output_tokens, model.max_output_tokens, model.context_window - prompt
+    )
+    return TokenBudget(prompt, reserve)
+
+
+@dataclass
+class CachePolicy:
+    lookup: bool
+    store: bool
+
+
+def cache_policy(
+    mode: CacheMode, sampling: chat_pb2.SamplingParams, cache_control: str
+) -> CachePolicy:
+    if mode is CacheMode.OFF:
+        return CachePolicy(False, False)
+    if mode is CacheMode.DETERMINISTIC:
+        deterministic = (
+            sampling.HasField("temperature") and sampling.temperature == 0
+        ) or sampling.HasField("seed")
+        if not deterministic:
+            return CachePolicy(False, False)
+    directives = {d.strip().lower() for d in cache_control.split(",")} if cache_control else set()
+    return CachePolicy(lookup="no-cache" not in directives, store="no-store" not in directives)
+
+
+def reserve_request(
+    key: keys_pb2.ApiKeyRecord,
+    request: chat_pb2.ChatRequest,
+    request_id: str,
+    budget: TokenBudget,
+) -> limiter_pb2.ReserveRequest:
+    """What the limiter must hold before any upstream cost: the prompt as counted and
+    the most the answer may use, under the key's own quotas."""
+    return limiter_pb2.ReserveRequest(
+        request_id=request_id,
+        key_id=key.key_id,
+        team_id=key.team_id,
+        model=request.model,
+        input_tokens=budget.prompt_tokens,
+        max_output_tokens=budget.reserve_tokens,
+        tokens_per_minute=key.tokens_per_minute,
+        requests_per_minute=key.requests_per_minute,
+    )
+
+
+def admitted_headers(
+    reservation: limiter_pb2.ReserveResponse, limit_headers: LimitHeaders = rate_limit_headers
+) -> dict[str, str]:
+    """The rate-limit headers of an admitted request; a refusal raises ``rate_limited``."""
+    headers = limit_headers(reservation.policies, reservation.denied_by)
+    if not reservation.allowed:
+        retry_ms = max(reservation.retry_after_ms, 1)
+        raise GatewayError(
+            ErrorCode.RATE_LIMITED,
+            f"The '{reservation.denied_by or 'quota'}' limit of this key is used up.",
+            details={"policy": reservation.denied_by, "retry_after_ms": retry_ms},
+            retry_after_ms=retry_ms,
+            headers=headers,
+        )
+    return headers
+
+
+class DisconnectPolicy(StrEnum):
+    """What happens to a generation whose client goes away (``x-sluice-on-disconnect``).
+
+    ``continue``: it completes, is billed, and stays resumable from ``SLUICE_STREAMS``.
+    ``cancel``: the gateway publishes on ``Subjects.cancel(request_id)``; the worker stops
+    the upstream call and bills only what was produced.
+    """
+
+    CONTINUE = "continue"
+    CANCEL = "cancel"
+
+
+@dataclass(frozen=True)
+class SemanticQuery:
+    """The last user message and the hash of the rest of the request (empty: exact only)."""
+
+    text: str = ""
+    scope: str = ""
+
+
+NO_SEMANTIC = SemanticQuery()
+
+
+def semantic_query(request: chat_pb2.ChatRequest, team_id: str) -> SemanticQuery:
+    """The semantic-cache query of a request; empty when its last turn is not plain user
+    text (such a request uses the exact cache alone)."""
+    text = canonical.semantic_text(request)
+    if text is None:
+        return NO_SEMANTIC
+    return SemanticQuery(text, canonical.semantic_scope(request, team_id))

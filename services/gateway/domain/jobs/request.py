@@ -1,0 +1,46 @@
+"""``POST /v1/jobs``: the body, and the caller's ``Prefer`` preferences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.gateway.domain.dialects.openai.request import ChatCompletionRequest
+from services.gateway.domain.dialects.parsing import parse_model
+
+
+class JobCreateRequest(BaseModel):
+    """``POST /v1/jobs`` body: the chat completion request, and where to report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request: ChatCompletionRequest
+    webhook_url: str | None = Field(default=None, max_length=2048)
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+
+def parse_job_body(raw: bytes) -> JobCreateRequest:
+    return parse_model(raw, JobCreateRequest)
+
+
+@dataclass(frozen=True)
+class Prefer:
+    """RFC 7240 ``Prefer``: ``respond-async`` (answer 202 with the job at once) and
+    ``wait=N`` (answer inline if done within N seconds)."""
+
+    respond_async: bool = False
+    wait: float | None = None
+
+    @property
+    def as_job(self) -> bool:
+        return self.respond_async or self.wait is not None
+
+    def applied(self) -> str:
+        """The ``Preference-Applied`` value."""
+        applied = []
+        if self.respond_async:
+            applied.append("respond-async")
+        if self.wait is not None:
+            applied.append(f"wait={self.wait:g}")
+        return ", ".join(applied)

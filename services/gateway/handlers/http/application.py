@@ -1,0 +1,48 @@
+"""The Litestar application: the controllers over the gateway's domain, one exception
+handler for every error, and the OpenAPI document at ``/docs``."""
+
+from __future__ import annotations
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin
+from sluice import __version__
+
+from services.gateway.handlers.http.controllers.chat import ChatController
+from services.gateway.handlers.http.controllers.jobs import JobsController, WebhooksController
+from services.gateway.handlers.http.controllers.messages import MessagesController
+from services.gateway.handlers.http.controllers.models import ModelsController
+from services.gateway.handlers.http.controllers.ops import OpsController
+from services.gateway.handlers.http.controllers.streams import StreamsController
+from services.gateway.handlers.http.deps import ApiDeps
+from services.gateway.handlers.http.problems import exception_handler
+
+
+def create_app(deps: ApiDeps) -> Litestar:
+    return Litestar(
+        route_handlers=[
+            ChatController,
+            MessagesController,
+            StreamsController,
+            JobsController,
+            WebhooksController,
+            ModelsController,
+            OpsController,
+        ],
+        exception_handlers={Exception: exception_handler(deps.instruments)},
+        request_max_body_size=deps.settings.max_body_bytes,
+        state=State({"deps": deps}),
+        openapi_config=OpenAPIConfig(
+            title="Sluice gateway",
+            version=__version__,
+            description="OpenAI-compatible chat completions and the Anthropic Messages "
+            "API with limits, caching, cost and one trace per request. Errors are RFC 9457 "
+            "problem+json (Anthropic error bodies on /v1/messages).",
+            path="/docs",
+            use_handler_docstrings=True,
+            render_plugins=[ScalarRenderPlugin(path="/"), JsonRenderPlugin()],
+        ),
+        logging_config=None,
+        debug=False,
+    )

@@ -1,0 +1,92 @@
+"""``POST /v1/chat/completions``: the OpenAI dialect's door to the chat data path, and
+to jobs (``Prefer``) and idempotent retries (``Idempotency-Key``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, Response, post
+from sluice.topology import PriorityClass
+
+from services.gateway.domain.chat import ChatOptions
+from services.gateway.domain.dialects.common import RequestMeta
+from services.gateway.domain.dialects.openai.request import parse_body, to_chat_request
+from services.gateway.domain.exchange import Answer
+from services.gateway.domain.jobs.request import JobCreateRequest
+from services.gateway.handlers.http import headers as h
+from services.gateway.handlers.http.deps import deps_of
+from services.gateway.handlers.http.idempotency import idempotent
+from services.gateway.handlers.http.middleware import request_context
+from services.gateway.handlers.http.requests import authenticate, check_content_type, read_body
+from services.gateway.handlers.http.responses import to_response
+from services.gateway.handlers.http.routes import CHAT_ROUTE
+
+
+class ChatController(Controller):
+    path = "/v1"
+    tags = ["chat"]
+
+    @post(
+        "/chat/completions",
+        operation_id="createChatCompletion",
+        summary="Create a chat completion",
+        status_code=200,
+    )
+    async def create_chat_completion(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        """OpenAI-compatible chat completion, as JSON or, with ``stream: true``, as
+        Server-Sent Events of ``chat.completion.chunk``. The response (or its last chunk)
+        carries a ``sluice`` object: model served, provider, cache status, tokens, cost
+        and latency breakdown. Unknown body members pass through to the provider.
+        ``Cache-Control: no-cache`` skips the exact cache, ``no-store`` keeps the answer
+        out of it. ``X-Sluice-Semantic-Cache: on`` (or ``off``) asks a cacheable request to
+        also be answered from a paraphrase of its last user message (``x-sluice-cache:
+        semantic-hit``), as ``SLUICE_GATEWAY_SEMANTIC_CACHE`` allows.
+
+        ``Prefer: respond-async`` answers ``202`` with a job (``Location: /v1/jobs/{id}``);
+        ``Prefer: wait=N`` answers inline when done within N seconds, else ``202``.
+        ``Idempotency-Key`` makes retries safe: one run, the same response replayed
+        (``Idempotent-Replayed: true``), 409 while the first runs, 422 for another body.
+        ``x-sluice-priority`` (interactive, batch, system) picks the scheduling class."""
+        deps = deps_of(request)
+        ctx = request_context(request.scope)
+        key = await authenticate(request, deps.keys)
+        check_content_type(request.headers.get("content-type"))
+        raw = await read_body(request, deps.settings.max_body_bytes)
+        headers = request.headers
+        prefer = h.prefer_of(headers)
+
+        async def run() -> Answer:
+            body = parse_body(raw)
+            if prefer.as_job:
+                return await deps.jobs.respond(
+                    key,
+                    JobCreateRequest(request=body),
+                    prefer=prefer,
+                    priority=h.job_priority(key, headers, prefer),
+                    trace_id=ctx.trace_id,
+                )
+            options = ChatOptions(
+                cache_control=headers.get("cache-control", ""),
+                instance=ctx.instance,
+                on_disconnect=h.disconnect_policy(headers.get(h.DISCONNECT_HEADER)),
+                semantic=h.semantic_wanted(
+                    deps.settings.semantic_cache, headers.get(h.SEMANTIC_HEADER)
+                ),
+                priority=h.priority(key, headers, PriorityClass.INTERACTIVE),
+                # An idempotent request's record follows its lifecycle events.
+                lifecycle_events=h.IDEMPOTENCY_HEADER in headers,
+            )
+            meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model)
+            return await deps.chat.complete(key, to_chat_request(body), meta, options)
+
+        answer = await idempotent(
+            deps.idempotency,
+            headers,
+            key=key,
+            ctx=ctx,
+            raw=raw,
+            route=CHAT_ROUTE,
+            run=run,
+            job=prefer.as_job,
+        )
+        return to_response(answer)

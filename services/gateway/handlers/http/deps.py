@@ -1,0 +1,56 @@
+"""What the controllers call, handed to the app once at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+from litestar import Request
+from sluice.catalog import Catalog
+from sluice.metrics import Instruments
+
+from services.gateway.domain.chat import ChatService
+from services.gateway.domain.idempotency.service import Idempotency
+from services.gateway.domain.jobs.service import JobService
+from services.gateway.domain.ports import KeyLookup
+from services.gateway.domain.relay.resume import StreamResumer
+from services.gateway.settings import GatewaySettings
+
+
+class ReadinessCheck(Protocol):
+    async def check(self) -> dict[str, bool]:
+        """Each service's readiness, by name."""
+        ...
+
+
+@dataclass
+class ApiDeps:
+    """What the controllers call."""
+
+    settings: GatewaySettings
+    keys: KeyLookup
+    chat: ChatService
+    resumer: StreamResumer
+    jobs: JobService
+    idempotency: Idempotency
+    readiness: ReadinessCheck
+    instruments: Instruments
+    models_body: bytes
+
+
+def deps_of(request: Request[Any, Any, Any]) -> ApiDeps:
+    deps: ApiDeps = request.app.state["deps"]
+    return deps
+
+
+def models_list_body(catalog: Catalog) -> bytes:
+    return orjson.dumps(
+        {
+            "object": "list",
+            "data": [
+                {"id": m.name, "object": "model", "created": 0, "owned_by": m.owned_by}
+                for m in catalog.models.values()
+            ],
+        }
+    )

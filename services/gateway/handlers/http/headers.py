@@ -1,0 +1,94 @@
+"""Request headers into the domain's options; a bad value is a 400 naming the header."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+from sluice.errors import ErrorCode, SluiceError
+from sluice.keys.v1 import keys_pb2
+from sluice.topology import PriorityClass
+
+from services.gateway.domain.admission import DisconnectPolicy
+from services.gateway.domain.jobs.request import Prefer
+from services.gateway.domain.work import resolve_priority
+from services.gateway.settings import SemanticCacheMode
+
+PRIORITY_HEADER = "x-sluice-priority"
+IDEMPOTENCY_HEADER = "idempotency-key"
+DISCONNECT_HEADER = "x-sluice-on-disconnect"
+SEMANTIC_HEADER = "x-sluice-semantic-cache"
+
+
+def _invalid(header: str, detail: str) -> SluiceError:
+    return SluiceError(ErrorCode.INVALID_REQUEST, detail, param=header)
+
+
+def disconnect_policy(value: str | None) -> DisconnectPolicy:
+    """``x-sluice-on-disconnect``: ``continue`` (the default) or ``cancel``."""
+    if not value:
+        return DisconnectPolicy.CONTINUE
+    try:
+        return DisconnectPolicy(value.strip().lower())
+    except ValueError:
+        raise _invalid(
+            DISCONNECT_HEADER, f"{DISCONNECT_HEADER} must be 'continue' or 'cancel'."
+        ) from None
+
+
+def semantic_wanted(mode: SemanticCacheMode, value: str | None) -> bool:
+    """Whether this request asks the semantic cache (``X-Sluice-Semantic-Cache``)."""
+    if value is None:
+        return mode is SemanticCacheMode.ON
+    choice = value.strip().lower()
+    if choice not in ("on", "off"):
+        raise _invalid(SEMANTIC_HEADER, f"{SEMANTIC_HEADER} must be 'on' or 'off'.")
+    return choice == "on" and mode is not SemanticCacheMode.OFF
+
+
+def parse_prefer(values: list[str]) -> Prefer:
+    """RFC 7240 ``Prefer``: ``respond-async`` and ``wait=N`` (others are ignored)."""
+    respond_async = False
+    wait: float | None = None
+    for value in values:
+        for item in value.split(","):
+            token = item.split(";", 1)[0].strip()
+            name, _, arg = token.partition("=")
+            name = name.strip().lower()
+            arg = arg.strip().strip('"')
+            if name == "respond-async":
+                respond_async = True
+            elif name == "wait" and arg:
+                with contextlib.suppress(ValueError):
+                    wait = max(0.0, float(arg))
+    return Prefer(respond_async, wait)
+
+
+def prefer_of(headers: Any) -> Prefer:
+    values: list[str] = headers.getall("prefer", [])
+    return parse_prefer(values)
+
+
+def priority(
+    key: keys_pb2.ApiKeyRecord, headers: Mapping[str, str], default: PriorityClass
+) -> PriorityClass:
+    """The request's class from ``x-sluice-priority``, the key's tier or ``default``."""
+    value = headers.get(PRIORITY_HEADER)
+    asked = None
+    if value is not None:
+        try:
+            asked = PriorityClass(value.strip().lower())
+        except ValueError:
+            raise _invalid(
+                PRIORITY_HEADER, f"{PRIORITY_HEADER} must be one of interactive, batch, system."
+            ) from None
+    return resolve_priority(key, asked, default)
+
+
+def job_priority(
+    key: keys_pb2.ApiKeyRecord, headers: Mapping[str, str], prefer: Prefer
+) -> PriorityClass:
+    """Jobs run as ``batch`` unless the caller waits for them (``Prefer: wait``)."""
+    default = PriorityClass.INTERACTIVE if prefer.wait is not None else PriorityClass.BATCH
+    return priority(key, headers, default)

@@ -1,0 +1,18 @@
+"""The gateway's paths, named once (metric labels, error shapes and idempotency
+fingerprints depend on them)."""
+
+CHAT_ROUTE = "/v1/chat/completions"
+MESSAGES_ROUTE = "/v1/messages"
+JOBS_ROUTE = "/v1/jobs"
+# The routes that answer from the data path, so always say what the cache did.
+ANSWER_ROUTES = frozenset({CHAT_ROUTE, MESSAGES_ROUTE})
+# Route labels are fixed strings: raw paths would explode metric cardinality.
+LABELLED_ROUTES = frozenset({*ANSWER_ROUTES, "/v1/models", "/healthz", "/readyz", "/metrics"})
+# Probes and scrapes are not traced: they would bury the request traces.
+UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def is_messages_path(path: str) -> bool:
+    """Anthropic clients parse only their own error shape, on the route and beneath it
+    (an SDK calling /v1/messages/count_tokens gets its 404 in that shape too)."""
+    return path == MESSAGES_ROUTE or path.startswith(MESSAGES_ROUTE + "/")

@@ -1,0 +1,38 @@
+"""The webhook sender: drains ``SLUICE_WEBHOOKS`` (one durable consumer for all gateway
+replicas), several deliveries at once; a failed attempt comes back after the retry
+schedule's next delay, so retries survive restarts."""
+
+from __future__ import annotations
+
+from sluice.consumers import ConsumerBroker, Delivery, DurableConsumer
+from sluice.delivery import Poison, Transient
+from sluice.jobs.v1 import jobs_pb2
+from sluice.topology import Consumers
+
+from services.gateway.domain.jobs.delivery import WebhookDeliverer
+
+# Deliveries in flight per gateway: each waits on a receiver for up to its timeout.
+CONCURRENT_DELIVERIES = 16
+
+
+def webhook_sender(
+    broker: ConsumerBroker, deliverer: WebhookDeliverer
+) -> DurableConsumer[jobs_pb2.WebhookDelivery]:
+    async def handle(delivery: jobs_pb2.WebhookDelivery, meta: Delivery) -> None:
+        status = await deliverer.attempt(delivery, meta.attempt)
+        if status == "pending":
+            raise Transient(
+                f"webhook attempt {meta.attempt} failed", delay=deliverer.delay_after(meta.attempt)
+            )
+        if status != "delivered":
+            raise Poison(f"webhook {status}")
+
+    return DurableConsumer(
+        broker,
+        Consumers.WEBHOOK_SENDER,
+        jobs_pb2.WebhookDelivery,
+        handle,
+        batch=CONCURRENT_DELIVERIES,
+        concurrency=CONCURRENT_DELIVERIES,
+        description="Signed job webhooks, retried on the schedule until delivered.",
+    )
