@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from sluice import canonical
+from sluice import canonical, grpc_edge
 from sluice.bus import Bus
 from sluice.cache.v1 import cache_pb2, cache_pb2_grpc
 from sluice.common.v1 import chat_pb2
@@ -96,13 +96,17 @@ class SemanticCache:
             assert time.monotonic() < deadline, "entry was never indexed"
             await asyncio.sleep(0.05)
 
+    def channel(self) -> grpc.aio.Channel:
+        token = grpc_edge.read_or_create_token(self.state_dir)
+        return grpc_edge.channel(f"127.0.0.1:{self.process.grpc_port}", token)
+
     async def stats(self) -> cache_pb2.StatsResponse:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.process.grpc_port}") as channel:
+        async with self.channel() as channel:
             admin = cache_pb2_grpc.CacheAdminServiceStub(channel)
             return await admin.Stats(cache_pb2.StatsRequest(), timeout=5)  # type: ignore[no-any-return]
 
     async def invalidate(self, key: str) -> int:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.process.grpc_port}") as channel:
+        async with self.channel() as channel:
             admin = cache_pb2_grpc.CacheAdminServiceStub(channel)
             reply = await admin.Invalidate(cache_pb2.InvalidateRequest(cache_key=key), timeout=5)
             return int(reply.removed)

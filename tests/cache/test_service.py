@@ -41,6 +41,7 @@ def answer(text: str) -> inference_pb2.Final:
 @dataclass
 class CacheUnderTest:
     bus: Bus
+    stack: Stack
     process: ServiceProcess
 
     async def lookup(self, key: str) -> cache_pb2.LookupResponse:
@@ -66,7 +67,7 @@ class CacheUnderTest:
         return cache_pb2_grpc.CacheAdminServiceStub(channel)  # type: ignore[return-value]
 
     def channel(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(f"127.0.0.1:{self.process.grpc_port}")
+        return self.stack.grpc_channel(ServiceName.CACHE)
 
 
 def new_key() -> str:
@@ -81,7 +82,7 @@ async def cache(
     try:
         process = stack.start(ServiceName.CACHE)
         await stack.wait_ready([ServiceName.CACHE])
-        yield CacheUnderTest(bus, process)
+        yield CacheUnderTest(bus, stack, process)
     finally:
         stack.stop_all()
 

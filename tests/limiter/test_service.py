@@ -63,7 +63,7 @@ class LimiterUnderTest:
 
     async def quota(self, key: str) -> limiter_pb2.GetQuotaResponse:
         assert self.process is not None
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.process.grpc_port}") as channel:
+        async with self.stack.grpc_channel(ServiceName.LIMITER) as channel:
             stub = limiter_pb2_grpc.QuotaServiceStub(channel)
             reply: limiter_pb2.GetQuotaResponse = await stub.GetQuota(
                 limiter_pb2.GetQuotaRequest(key_id=key), timeout=5
