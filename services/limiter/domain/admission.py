@@ -1,4 +1,9 @@
-"""NATS handlers of the limiter: proto in, domain call, proto out. No logic of their own."""
+"""Admission as the contracts state it: a ``ReserveRequest`` in, a ``ReserveResponse``
+out, and the same for commits, usage events and quota queries, over one in-memory
+``Limiter``. Both transports call it: the NATS handlers (reserve, commit, the usage
+consumer) and the gRPC ``QuotaService``. The decisions' attributes go on the caller's
+current span, and plain counters feed the metrics.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from nats.aio.msg import Msg
 from opentelemetry import metrics, trace
 from sluice.cost.v1 import cost_pb2
-from sluice.errors import ErrorCode
+from sluice.errors import ErrorCode, SluiceError
 from sluice.limiter.v1 import limiter_pb2
 from sluice.metrics import instruments
 from sluice.topology import ServiceName
 
-from services.limiter.domain import Limiter, PolicyView, Settlement
+from services.limiter.domain.windows import Limiter, PolicyView, Settlement
 
 Clock = Callable[[], int]
 
@@ -90,17 +94,16 @@ class LimiterMetrics:
         return self
 
 
-class LimiterHandlers:
-    """The limiter's bus-facing operations over one in-memory ``Limiter``."""
+class Admission:
+    """Reserve, commit, usage and quota of one in-memory ``Limiter``, in proto terms.
+    Synchronous: nothing here waits, so the NATS handlers answer on the event loop."""
 
     def __init__(self, limiter: Limiter, metrics_: LimiterMetrics, clock: Clock = wall_ms) -> None:
         self.limiter = limiter
         self.metrics = metrics_
         self.clock = clock
 
-    async def reserve(
-        self, request: limiter_pb2.ReserveRequest, _msg: Msg | None = None
-    ) -> limiter_pb2.ReserveResponse:
+    def reserve(self, request: limiter_pb2.ReserveRequest) -> limiter_pb2.ReserveResponse:
         decision = self.limiter.reserve(
             request.key_id,
             input_tokens=request.input_tokens,
@@ -140,9 +143,7 @@ class LimiterHandlers:
             lease_ttl_ms=self.limiter.config.lease_ttl_ms if decision.lease_tokens else 0,
         )
 
-    async def commit(
-        self, request: limiter_pb2.CommitRequest, _msg: Msg | None = None
-    ) -> limiter_pb2.CommitResponse:
+    def commit(self, request: limiter_pb2.CommitRequest) -> limiter_pb2.CommitResponse:
         if request.close_lease:
             closed = self.limiter.close_lease(
                 request.reservation_id,
@@ -156,6 +157,18 @@ class LimiterHandlers:
         settlement = self._settle(request.reservation_id, actual, source="commit")
         trace.get_current_span().set_attribute("sluice.key_id", request.key_id)
         return limiter_pb2.CommitResponse(found=settlement is not None)
+
+    def quota(self, request: limiter_pb2.GetQuotaRequest) -> limiter_pb2.GetQuotaResponse:
+        """Current TPM and RPM state of one key and its open reservations."""
+        if not request.key_id:
+            raise SluiceError(ErrorCode.INVALID_REQUEST, "key_id is required", param="key_id")
+        trace.get_current_span().set_attribute("sluice.key_id", request.key_id)
+        view = self.limiter.quota(request.key_id, self.clock())
+        return limiter_pb2.GetQuotaResponse(
+            key_id=view.key_id,
+            policies=policy_states(view.policies),
+            open_reservations=view.open_reservations,
+        )
 
     def apply_usage(self, event: cost_pb2.UsageEvent) -> Settlement | None:
         """Reconcile one usage event; a cache hit spent no upstream tokens."""
