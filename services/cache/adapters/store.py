@@ -1,22 +1,26 @@
-"""The JetStream KV adapter behind ``EntryStore``."""
+"""``EntryStore`` on the exact-cache KV bucket."""
 
 from __future__ import annotations
 
 import logging
 
-from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyDeletedError, KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
+from sluice.bus import Bus
+from sluice.topology import Buckets, BucketSpec
 
 log = logging.getLogger(__name__)
 
 
 class KvEntryStore:
-    def __init__(self, kv: KeyValue, js: JetStreamContext, bucket: str) -> None:
+    def __init__(self, kv: KeyValue, bus: Bus, bucket: BucketSpec = Buckets.EXACT_CACHE) -> None:
         self._kv = kv
-        self._js = js
-        # A KV bucket is the stream KV_<bucket>.
-        self._stream = f"KV_{bucket}"
+        self._bus = bus
+        self._bucket = bucket
+
+    @classmethod
+    async def open(cls, bus: Bus, bucket: BucketSpec = Buckets.EXACT_CACHE) -> KvEntryStore:
+        return cls(await bus.kv(bucket), bus, bucket)
 
     async def get(self, key: str) -> tuple[bytes, int] | None:
         try:
@@ -46,7 +50,7 @@ class KvEntryStore:
     async def clear(self) -> int:
         removed = await self.count()
         # One stream purge drops entries and delete markers alike.
-        await self._js.purge_stream(self._stream)
+        await self._bus.purge_bucket(self._bucket)
         return removed
 
     async def count(self) -> int:
