@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -474,7 +474,7 @@ class Bus:
 
     async def replay(
         self, stream: str, subject: str, *, idle_timeout: float = 10.0
-    ) -> AsyncIterator[Msg]:
+    ) -> AsyncGenerator[Msg, None]:
         """Every message ``stream`` holds on ``subject`` (wildcards allowed), in order, up
         to the last one stored when the replay starts; later ones are left to the live
         consumers. An ephemeral ordered consumer reads them: no acks, no durable state

@@ -2,7 +2,7 @@
 
 Exactly-once comes from the primary key: an insert that does nothing on a conflicting
 ``request_id`` makes a redelivered (or republished) usage event a no-op, and the caller
-learns which rows were new. Amounts are integer nano-dollars (see ``domain``).
+learns which rows were new. Amounts are integer nano-dollars (see ``domain.usage``).
 
 SQLite calls block, so none runs on the event loop: all writes go through one dedicated
 thread that owns the write connection (one writer is all SQLite allows anyway, and a
@@ -20,7 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from services.cost_tracker.domain import LedgerEntry, UsageFilter, UsageTotals
+from services.cost_tracker.domain.usage import (
+    LedgerEntry,
+    LedgerUnavailable,
+    UsageFilter,
+    UsageTotals,
+)
 
 T = TypeVar("T")
 
@@ -67,7 +72,7 @@ _INSERT = (
 )
 
 
-class LedgerClosedError(RuntimeError):
+class LedgerClosedError(LedgerUnavailable):
     """The ledger was closed (the service is stopping)."""
 
 

@@ -1,15 +1,13 @@
-"""The SLUICE_USAGE pull consumer: fetch a batch, price it, commit it, then ack it.
+"""The cost-tracker on NATS: the SLUICE_USAGE consumer, and the subscription to every
+instance's cost events behind the live feed.
 
-Per message a CONSUMER span ``sluice.v1.usage process`` continues the trace carried in
-the message headers (the worker's, or the gateway's for a cache hit), so a request's
-trace runs on into the cost-tracker. Cost events are published inside that span, so
-their subscribers continue the same trace.
-
-Delivery guarantees: a message is acked only after the transaction holding its entry
-commits, so a crash before then redelivers it; the ledger ignores a request id it has
-already recorded and only new rows publish a ``CostEvent``. A crash between commit and
-publish therefore loses that one live cost event (core NATS is at-most-once anyway),
-never a ledger row. Poison messages (undecodable, no request id) are terminated.
+**Usage consumer.** Fetch a batch, price it, commit it, then ack it
+(``domain.recording`` states the guarantee). Per message a CONSUMER span
+``sluice.v1.usage process`` continues the trace carried in the message headers (the
+worker's, or the gateway's for a cache hit), so a request's trace runs on into the
+cost-tracker; cost events are published inside that span, so their subscribers continue
+the same trace. Poison messages (undecodable, no request id) are terminated; a batch
+whose commit fails is naked with a delay and redelivered.
 """
 
 from __future__ import annotations
@@ -17,26 +15,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from sluice import telemetry
 from sluice.bus import Bus, linger
 from sluice.cost.v1 import cost_pb2
-from sluice.metrics import instruments
 from sluice.topology import PREFIX, ConsumerSpec, Subjects
 
-from services.cost_tracker.domain import (
-    InvalidUsageEvent,
-    LedgerEntry,
-    Pricer,
-    nanos_to_float,
-)
-from services.cost_tracker.ledger import Ledger
+from services.cost_tracker.domain.recording import UsageRecorder
+from services.cost_tracker.domain.usage import InvalidUsageEvent, LedgerEntry, nanos_to_float
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +54,7 @@ class UsageConsumer:
     def __init__(
         self,
         bus: Bus,
-        ledger: Ledger,
-        pricer: Pricer,
+        recorder: UsageRecorder,
         spec: ConsumerSpec,
         *,
         batch_size: int = 256,
@@ -70,32 +63,21 @@ class UsageConsumer:
         tracer: trace.Tracer | None = None,
     ) -> None:
         self.bus = bus
-        self.ledger = ledger
-        self.pricer = pricer
+        self.recorder = recorder
         self.spec = spec
         self.batch_size = batch_size
         self.fetch_timeout = fetch_timeout
         self.batch_window = batch_window
-        self.recorded = 0
-        self.duplicates = 0
         self._tracer = tracer or trace.get_tracer("sluice.cost_tracker")
         self._sub: JetStreamContext.PullSubscription | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         # True while a fetched batch is being processed: stop() lets it finish.
         self._busy = False
-        self._cost_counter = instruments().cost_usd
-        self._unpriced_counter = metrics.get_meter("sluice.cost_tracker").create_counter(
-            "sluice.cost.unpriced",
-            unit="{event}",
-            description="Usage events of models without a price, recorded at zero cost",
-        )
 
     async def start(self) -> None:
         await self.bus.ensure_consumer(self.spec)
-        self._sub = await self.bus.js.pull_subscribe_bind(
-            durable=self.spec.durable, stream=self.spec.stream
-        )
+        self._sub = await self.bus.pull_subscription(self.spec)
         self._task = asyncio.create_task(self._run(), name=f"usage-consumer-{self.spec.durable}")
 
     async def stop(self) -> None:
@@ -147,7 +129,7 @@ class UsageConsumer:
         if not pending:
             return
         try:
-            inserted = await self.ledger.record([p.entry for p in pending])
+            inserted = await self.recorder.record([p.entry for p in pending])
         except Exception as exc:
             log.exception("ledger commit failed; %d messages will be redelivered", len(pending))
             for p in pending:
@@ -159,22 +141,24 @@ class UsageConsumer:
             return
         for p, new in zip(pending, inserted, strict=True):
             try:
-                await self._finish(p, new)
+                p.span.set_attribute("sluice.ledger.inserted", new)
+                with trace.use_span(p.span, end_on_exit=False):
+                    await self.recorder.announce(p.entry, new)
+                await self.ack(p.msg)
             finally:
                 p.span.end()
 
     async def _prepare(self, msg: Msg) -> _Pending | None:
-        parent = telemetry.extract(msg.headers)
         span = self._tracer.start_span(
             PROCESS_SPAN_NAME,
-            context=parent,
+            context=telemetry.extract(msg.headers),
             kind=SpanKind.CONSUMER,
             attributes=telemetry.messaging_attributes(msg.subject, "process"),
         )
         try:
             event = cost_pb2.UsageEvent()
             event.ParseFromString(msg.data)
-            entry = price_message(self.pricer, event, msg)
+            entry = self.recorder.price(event, headers=msg.headers, stream_seq=_stream_seq(msg))
         except (DecodeError, InvalidUsageEvent) as exc:
             log.error("terminating poison usage message on %s: %s", msg.subject, exc)
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
@@ -193,36 +177,7 @@ class UsageConsumer:
                 "gen_ai.response.model": entry.model,
             }
         )
-        if not entry.priced:
-            self._unpriced_counter.add(1, {"model": entry.model})
-            if self.pricer.first_time_unpriced(entry.model):
-                log.warning(
-                    "model %r has no price in the price table (version %s); "
-                    "its usage is recorded at zero cost",
-                    entry.model,
-                    entry.price_version,
-                )
         return _Pending(msg, span, entry)
-
-    async def _finish(self, p: _Pending, new: bool) -> None:
-        p.span.set_attribute("sluice.ledger.inserted", new)
-        if new:
-            self.recorded += 1
-            self._cost_counter.add(
-                nanos_to_float(p.entry.total_cost_nanos),
-                {"model": p.entry.model, "key_id": p.entry.key_id},
-            )
-            with trace.use_span(p.span, end_on_exit=False):
-                try:
-                    await self.bus.publish(
-                        Subjects.cost_recorded(p.entry.key_id), p.entry.to_cost_event()
-                    )
-                except Exception:
-                    # The row is committed; the live event is best effort (see module doc).
-                    log.warning("cost event publish failed for %s", p.entry.request_id)
-        else:
-            self.duplicates += 1
-        await self.ack(p.msg)
 
     async def ack(self, msg: Msg) -> None:
         """Ack after commit. An ack lost in transit only causes a harmless redelivery."""
@@ -232,23 +187,33 @@ class UsageConsumer:
             log.warning("ack failed; the message will be redelivered", exc_info=True)
 
 
-def price_message(pricer: Pricer, event: cost_pb2.UsageEvent, msg: Msg) -> LedgerEntry:
-    """The ledger entry of a usage message, as the live consumer and a rebuild make it.
-
-    An event without a trace id keeps the trace it travelled in (the ``traceparent``
-    header), so its row still leads to a trace; taken from the message, not from a new
-    span, a rebuild reproduces it.
-    """
-    entry = pricer.price(event, stream_seq=_stream_seq(msg))
-    if not entry.trace_id:
-        ctx = trace.get_current_span(telemetry.extract(msg.headers)).get_span_context()
-        if ctx.is_valid:
-            entry = replace(entry, trace_id=f"{ctx.trace_id:032x}")
-    return entry
-
-
 def _stream_seq(msg: Msg) -> int:
     try:
         return int(msg.metadata.sequence.stream)
     except Exception:  # not a JetStream message (no ack metadata in the reply subject)
         return 0
+
+
+class CostEventListener:
+    """Every instance's cost events (``Subjects.COST_RECORDED_ALL``) to ``deliver`` (the
+    feed): a watcher sees all spend whichever replica its gRPC call landed on."""
+
+    def __init__(self, bus: Bus, deliver: Callable[[cost_pb2.CostEvent], None]) -> None:
+        self._bus = bus
+        self._deliver = deliver
+        self._sub: Subscription | None = None
+
+    async def _on_event(self, event: cost_pb2.CostEvent, _msg: Msg) -> None:
+        self._deliver(event)
+
+    async def start(self) -> None:
+        self._sub = await self._bus.serve(
+            Subjects.COST_RECORDED_ALL, cost_pb2.CostEvent, self._on_event, traced=False
+        )
+        # The server knows of the interest before a watcher is told it is watching.
+        await self._bus.flush()
+
+    async def stop(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            await self._bus.unserve(sub)

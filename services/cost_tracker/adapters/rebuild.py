@@ -18,21 +18,19 @@ rename, then exits. A failed rebuild leaves the old ledger untouched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
-from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError
 from sluice.bus import Bus
 from sluice.cost.v1 import cost_pb2
 from sluice.topology import Streams, Subjects
 
-from services.cost_tracker.consumer import price_message
-from services.cost_tracker.domain import InvalidUsageEvent, LedgerEntry, Pricer
-from services.cost_tracker.ledger import Ledger
+from services.cost_tracker.adapters.ledger import Ledger
+from services.cost_tracker.domain.usage import InvalidUsageEvent, LedgerEntry, Pricer
 
 log = logging.getLogger(__name__)
 
@@ -82,48 +80,34 @@ async def rebuild_ledger(
 async def _replay(
     bus: Bus, ledger: Ledger, pricer: Pricer, batch_size: int, idle_timeout: float
 ) -> RebuildReport:
-    try:
-        info = await bus.js.stream_info(Streams.USAGE.name)
-    except NotFoundError:
-        return RebuildReport(0, 0, 0, 0)
-    # Replay up to the tail as it is now; later events belong to the live consumer.
-    last_seq = int(info.state.last_seq) if info.state.messages else 0
-    if last_seq == 0:
-        return RebuildReport(0, 0, 0, 0)
-    sub = await bus.js.subscribe(
-        Subjects.USAGE_ALL,
-        stream=Streams.USAGE.name,
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.ALL,
-    )
-    messages = recorded = skipped = 0
+    # Up to the tail as it is now (Bus.replay); later events belong to the live consumer.
+    messages = recorded = skipped = last_seq = 0
     batch: list[LedgerEntry] = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=idle_timeout)
-            except TimeoutError as exc:
-                raise RuntimeError(
-                    f"usage stream replay stalled after {messages} messages "
-                    f"(waiting for stream seq {last_seq})"
-                ) from exc
-            messages += 1
-            try:
-                event = cost_pb2.UsageEvent()
-                event.ParseFromString(msg.data)
-                batch.append(price_message(pricer, event, msg))
-            except (DecodeError, InvalidUsageEvent) as exc:
-                # The live consumer terminates these too: they never had a row.
-                log.warning("skipping poison usage message on %s: %s", msg.subject, exc)
-                skipped += 1
-            if len(batch) >= batch_size:
-                recorded += sum(await ledger.record(batch))
-                batch.clear()
-            if msg.metadata.sequence.stream >= last_seq:
-                break
-        recorded += sum(await ledger.record(batch))
-    finally:
-        await sub.unsubscribe()
+    replay = bus.replay(Streams.USAGE.name, Subjects.USAGE_ALL, idle_timeout=idle_timeout)
+    async with contextlib.aclosing(replay) as msgs:
+        try:
+            async for msg in msgs:
+                messages += 1
+                last_seq = int(msg.metadata.sequence.stream)
+                try:
+                    event = cost_pb2.UsageEvent()
+                    event.ParseFromString(msg.data)
+                    batch.append(
+                        pricer.price_delivered(event, headers=msg.headers, stream_seq=last_seq)
+                    )
+                except (DecodeError, InvalidUsageEvent) as exc:
+                    # The live consumer terminates these too: they never had a row.
+                    log.warning("skipping poison usage message on %s: %s", msg.subject, exc)
+                    skipped += 1
+                if len(batch) >= batch_size:
+                    recorded += sum(await ledger.record(batch))
+                    batch.clear()
+        except TimeoutError as exc:
+            raise RuntimeError(
+                f"usage stream replay stalled after {messages} messages "
+                f"(the last at stream seq {last_seq})"
+            ) from exc
+    recorded += sum(await ledger.record(batch))
     return RebuildReport(messages, recorded, skipped, last_seq)
 
 

@@ -7,14 +7,19 @@ the sum of its two stored components, so sums over the ledger are exact integer 
 an int64 holds 9.2 billion USD. Floats appear only at the edge, in the proto ``double``
 fields of ``CostEvent``/``UsageSummary``, converted from the exact integers.
 
-This module imports neither NATS nor gRPC.
+A usage event's entry keeps the trace it travelled in (``price_delivered``), and the
+ledger is read through the ``UsageReader`` protocol.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Protocol
 
+from opentelemetry import trace
+from sluice import telemetry
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
 from sluice.pricing import PriceTable
@@ -106,6 +111,10 @@ class InvalidQuery(ValueError):
     """A usage query that cannot be answered as asked."""
 
 
+class LedgerUnavailable(RuntimeError):
+    """The ledger can no longer be used (it was closed: the service is stopping)."""
+
+
 class Pricer:
     """Prices usage events with one price table and remembers which models it lacks."""
 
@@ -158,6 +167,22 @@ class Pricer:
             stream_seq=stream_seq,
         )
 
+    def price_delivered(
+        self, event: cost_pb2.UsageEvent, *, headers: Mapping[str, str] | None, stream_seq: int
+    ) -> LedgerEntry:
+        """The entry of a usage event as it arrived from the stream, as the live
+        consumer and a rebuild both make it.
+
+        An event without a trace id keeps the trace it travelled in (the ``traceparent``
+        header), so its row still leads to a trace; taken from the message, not from a
+        new span, a rebuild reproduces it."""
+        entry = self.price(event, stream_seq=stream_seq)
+        if not entry.trace_id:
+            ctx = trace.get_current_span(telemetry.extract(headers)).get_span_context()
+            if ctx.is_valid:
+                entry = replace(entry, trace_id=f"{ctx.trace_id:032x}")
+        return entry
+
     def first_time_unpriced(self, model: str) -> bool:
         """True the first time ``model`` is reported unpriced (warn once per model)."""
         if model in self._unpriced_models:
@@ -204,6 +229,14 @@ class UsageTotals:
     cached_input_tokens: int
     reasoning_tokens: int
     total_cost_nanos: int
+
+
+class UsageReader(Protocol):
+    """The ledger as queries read it."""
+
+    async def totals(self, f: UsageFilter) -> list[UsageTotals]:
+        """Usage and cost grouped by key and model, ordered by key then model; raises
+        ``LedgerUnavailable`` once the ledger is closed."""
 
 
 def summarize(rows: list[UsageTotals]) -> cost_pb2.UsageSummary:

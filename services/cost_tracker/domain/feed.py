@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Protocol
 
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from opentelemetry import metrics
-from sluice.bus import Bus
 from sluice.cost.v1 import cost_pb2
-from sluice.topology import Subjects
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +54,9 @@ class Watcher:
 
 
 class Listener(Protocol):
-    """The subscription that feeds ``CostFeed.publish``: started for the first watcher,
-    stopped after the last one leaves."""
+    """The subscription that feeds ``CostFeed.publish`` (every instance's cost events, in
+    ``handlers/nats.py``): started for the first watcher, stopped after the last one
+    leaves."""
 
     async def start(self) -> None: ...
 
@@ -151,28 +148,3 @@ class CostFeed:
         for watcher in list(self._watchers):
             watcher.offer(None)
         self._watchers.clear()
-
-
-class NatsListener:
-    """Every instance's cost events (``Subjects.COST_RECORDED_ALL``) to ``deliver``: a
-    watcher sees all spend whichever replica its gRPC call landed on."""
-
-    def __init__(self, bus: Bus, deliver: Callable[[cost_pb2.CostEvent], None]) -> None:
-        self._bus = bus
-        self._deliver = deliver
-        self._sub: Subscription | None = None
-
-    async def _on_event(self, event: cost_pb2.CostEvent, _msg: Msg) -> None:
-        self._deliver(event)
-
-    async def start(self) -> None:
-        self._sub = await self._bus.serve(
-            Subjects.COST_RECORDED_ALL, cost_pb2.CostEvent, self._on_event, traced=False
-        )
-        # The server knows of the interest before a watcher is told it is watching.
-        await self._bus.nc.flush()
-
-    async def stop(self) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            await self._bus.unserve(sub)
