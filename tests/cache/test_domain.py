@@ -81,9 +81,7 @@ def test_envelope_round_trip_and_freshness_edge() -> None:
 
 async def test_lookup_store_hit_and_counters() -> None:
     now = [T0]
-    h = Cache(
-        DictStore(), default_ttl_seconds=60, max_ttl_seconds=3600, clock=lambda: now[0]
-    )
+    h = Cache(DictStore(), default_ttl_seconds=60, max_ttl_seconds=3600, clock=lambda: now[0])
     miss = await h.lookup(cache_pb2.LookupRequest(cache_key="abc123"))
     assert not miss.hit
     await h.store_answer(cache_pb2.StoreRequest(cache_key="abc123", answer=answer()))
