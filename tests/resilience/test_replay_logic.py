@@ -17,7 +17,7 @@ from services.gateway.chat import EventReader, disconnect_policy
 from services.gateway.inbox import Inbox
 from services.gateway.render import RequestMeta, SseRelay
 from services.gateway.streams import parse_resume_point, render_replay
-from services.inference_worker.resume import (
+from services.inference_worker.domain.resume import (
     CancelRegistry,
     can_continue,
     continuation,

@@ -1,12 +1,15 @@
-"""gRPC ``ProviderHealthService``: circuit state and counters of each provider."""
+"""gRPC ``ProviderHealthService``: circuit state and counters of each provider, behind
+the shared edge (``sluice.grpc_edge``) like every RPC."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import grpc
 from sluice.catalog import Catalog
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 
-from .circuit import CircuitRegistry
+from services.inference_worker.domain.circuit import CircuitRegistry
 
 
 class ProviderHealthServicer(inference_pb2_grpc.ProviderHealthServiceServicer):
@@ -37,3 +40,16 @@ class ProviderHealthServicer(inference_pb2_grpc.ProviderHealthServiceServicer):
                 )
             )
         return inference_pb2.ProviderHealthResponse(providers=states)
+
+
+def provider_health_service(
+    catalog: Catalog, circuits: CircuitRegistry
+) -> Callable[[grpc.aio.Server], None]:
+    """Registers ``ProviderHealthService`` on the runtime's gRPC server."""
+
+    def register(server: grpc.aio.Server) -> None:
+        inference_pb2_grpc.add_ProviderHealthServiceServicer_to_server(
+            ProviderHealthServicer(catalog, circuits), server
+        )
+
+    return register

@@ -1,6 +1,6 @@
 """Pulling work from SLUICE_INFER: one durable pull consumer per priority class, bounded
-concurrency, and a scheduling policy (scheduling.py) that decides which class a free
-slot asks next.
+concurrency, and a scheduling policy (``domain/scheduling.py``) that decides which class
+a free slot asks next. Also the cancel subscription (``sluice.v1.cancel.>``).
 
 Each class keeps at most one pull request (batch 1) open at the server, and a pull only
 opens on a free slot (open pulls count as taken), so the worker never holds more
@@ -11,7 +11,9 @@ with a backlog (found with probes the server answers at once), except that inter
 and batch each get a minimum share of the slots while they have a backlog
 (``WorkerSettings.interactive_share``, ``batch_share``), so a saturated worker prefers
 system over interactive over batch without starving any of them. scheduling.py explains
-the rules and the trade-off.
+the rules and the trade-off. The pulls are raw requests (``Bus.request_next``) answered
+on an inbox subscription per class: nats-py's ``fetch`` waits for its answer, and here a
+pull stays open while the worker does other things.
 
 Queue depth per class is the observable gauge ``sluice.jetstream.pending``
 (``sluice_jetstream_pending`` in Prometheus) with attributes ``consumer``
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -39,21 +40,15 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from sluice import telemetry
-from sluice.bus import Bus
+from sluice.bus import Bus, PullStatus
 from sluice.inference.v1 import inference_pb2
 from sluice.topology import Consumers, ConsumerSpec, PriorityClass, Subjects
 
-from .engine import InferenceEngine
-from .scheduling import PRIORITY_ORDER, ClassScheduler
-from .settings import WorkerSettings
+from services.inference_worker.domain.engine import InferenceEngine
+from services.inference_worker.domain.scheduling import PRIORITY_ORDER, ClassScheduler
+from services.inference_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-
-_STATUS = "Status"
-_HEARTBEAT = "100"
-# No messages (a probe), request expired (a poll): the class's queue was empty.
-_EMPTY = frozenset({"404", "408"})
-_API_PREFIX = "$JS.API"
 
 
 class _Pull:
@@ -111,14 +106,14 @@ class WorkConsumer:
     async def start(self) -> None:
         for cls, pull in self.pulls.items():
             await self.bus.ensure_consumer(pull.spec)
-            pull.inbox = self.bus.nc.new_inbox()
-            pull.sub = await self.bus.nc.subscribe(pull.inbox, cb=self._callback(cls))
+            pull.inbox = self.bus.new_inbox()
+            pull.sub = await self.bus.subscribe(pull.inbox, self._callback(cls))
         await self._refresh_pending()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="worker-dispatch")
         self._poller = asyncio.create_task(self._poll_pending(), name="worker-pending")
         # Every worker hears every cancel (no queue group): the one running the request
         # stops it, the others remember it in case the work is still queued.
-        self._cancel_sub = await self.bus.nc.subscribe(Subjects.CANCEL_ALL, cb=self._on_cancel)
+        self._cancel_sub = await self.bus.subscribe(Subjects.CANCEL_ALL, self._on_cancel)
 
     async def _on_cancel(self, msg: Msg) -> None:
         request_id = msg.subject.rsplit(".", 1)[-1]
@@ -152,11 +147,9 @@ class WorkConsumer:
                 await asyncio.wait_for(self._pulls_closed.wait(), timeout=max(0.0, limit))
         for pull in self.pulls.values():
             if pull.sub is not None:
-                with contextlib.suppress(Exception):
-                    await pull.sub.unsubscribe()
+                await self.bus.unsubscribe(pull.sub)
         if self._cancel_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._cancel_sub.unsubscribe()
+            await self.bus.unsubscribe(self._cancel_sub)
 
     # --- pulling --------------------------------------------------------------------
 
@@ -174,15 +167,14 @@ class WorkConsumer:
                     self.scheduler.lost(cls)
             for poll in self.scheduler.plan(self._credits(), now):
                 pull = self.pulls[poll.cls]
-                if poll.probe:
-                    request = {"batch": 1, "no_wait": True}
-                else:
-                    request = {"batch": poll.batch, "expires": int(poll.expires * 1e9)}
-                subject = f"{_API_PREFIX}.CONSUMER.MSG.NEXT.{pull.spec.stream}.{pull.spec.durable}"
                 pull.opened_at = now
                 try:
-                    await self.bus.nc.publish(
-                        subject, json.dumps(request).encode(), reply=pull.inbox
+                    # A probe is answered at once; a poll is held open up to its expiry.
+                    await self.bus.request_next(
+                        pull.spec,
+                        pull.inbox,
+                        batch=1 if poll.probe else poll.batch,
+                        expires=None if poll.probe else poll.expires,
                     )
                 except Exception:
                     self.scheduler.lost(poll.cls)
@@ -194,11 +186,11 @@ class WorkConsumer:
         durable = self.pulls[cls].spec.durable
 
         async def on_message(msg: Msg) -> None:
-            status = msg.headers.get(_STATUS) if msg.headers and not msg.data else None
+            status = Bus.pull_status(msg)
             if status is not None:
-                if status != _HEARTBEAT:
-                    # 404 no messages, 408 expired, 409 limits: this pull is over.
-                    if status in _EMPTY:
+                if status is not PullStatus.HEARTBEAT:
+                    # No messages, expired, or limits: this pull is over.
+                    if status is PullStatus.EMPTY:
                         self.pending[durable] = 0
                     self.scheduler.answered(cls, message=False, now=time.monotonic())
                     self._closed()
@@ -287,11 +279,9 @@ class WorkConsumer:
     async def _refresh_pending(self) -> None:
         for pull in self.pulls.values():
             try:
-                info = await self.bus.js.consumer_info(pull.spec.stream, pull.spec.durable)
+                self.pending[pull.spec.durable] = await self.bus.consumer_pending(pull.spec)
             except Exception:
-                log.debug("consumer_info %s failed", pull.spec.durable, exc_info=True)
-                continue
-            self.pending[pull.spec.durable] = int(info.num_pending or 0)
+                log.debug("consumer info of %s failed", pull.spec.durable, exc_info=True)
 
     async def _poll_pending(self) -> None:
         while True:

@@ -4,7 +4,8 @@ Resolve the model, walk its chain (the model, then its fallbacks), retry each pr
 on retryable errors that happen before any output reached the client, relay deltas,
 then report exactly one ``Final`` or ``Failure``, the usage event (billing and the
 limiter's reconciliation) and, for a cacheable answer, a cache store. Messaging is
-behind ``EventSink``; this module imports neither NATS nor gRPC.
+behind ``EventSink`` and providers behind ``Providers``: this module imports neither
+NATS, gRPC nor an HTTP client.
 """
 
 from __future__ import annotations
@@ -33,10 +34,20 @@ from sluice.pricing import PriceTable
 from sluice.replay import History
 from sluice.topology import ServiceName, Subjects
 
-from .circuit import CircuitRegistry
-from .providers import ProviderPool, UpstreamAnswer, UpstreamFailure, wire
-from .resume import CancelRegistry, Takeover, can_continue, continuation, whole_usage
-from .settings import RetrySettings
+from services.inference_worker.domain.circuit import CircuitRegistry
+from services.inference_worker.domain.resume import (
+    CancelRegistry,
+    Takeover,
+    can_continue,
+    continuation,
+    whole_usage,
+)
+from services.inference_worker.domain.upstream import (
+    ChoiceAssembler,
+    Providers,
+    UpstreamAnswer,
+    UpstreamFailure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +81,24 @@ class EventSink(Protocol):
         ...
 
 
+class RetryPolicy(Protocol):
+    """Retries of one provider before its fallbacks (``WorkerSettings.retry``)."""
+
+    @property
+    def attempts(self) -> int:
+        """Calls per model, the first included."""
+
+    @property
+    def base_delay_ms(self) -> int: ...
+
+    @property
+    def max_delay_ms(self) -> int: ...
+
+    @property
+    def retry_after_cap_ms(self) -> int:
+        """A provider's Retry-After is honoured up to this; longer waits go to the fallback."""
+
+
 @dataclass
 class _Request:
     """Per-work-item state shared by the attempts."""
@@ -84,7 +113,7 @@ class _Request:
     # Set when this delivery continues a partial answer published by a dead worker.
     takeover: Takeover | None = None
     # What this delivery relayed (partial usage of a cancel) and where it got to.
-    relayed: wire.ChoiceAssembler = field(default_factory=wire.ChoiceAssembler)
+    relayed: ChoiceAssembler = field(default_factory=ChoiceAssembler)
     model: ModelConfig | None = None
     called: bool = False
     # Cancel requested (and honoured); finishing: the terminal event is being published.
@@ -161,9 +190,9 @@ class InferenceEngine:
         *,
         catalog: Catalog,
         prices: PriceTable,
-        pool: ProviderPool,
+        pool: Providers,
         circuits: CircuitRegistry,
-        retry: RetrySettings,
+        retry: RetryPolicy,
         max_deliveries: int,
         sink: EventSink,
         instruments: Instruments,

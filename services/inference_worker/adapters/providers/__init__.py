@@ -1,15 +1,17 @@
-"""Provider adapters of the inference worker, one pooled client per configured provider."""
+"""Provider adapters of the inference worker (``ChatProvider``s), one pooled client per
+configured provider: ``openai_compat`` over the wire format of ``wire``."""
 
 from __future__ import annotations
 
 from sluice.catalog import Catalog
 
-from .base import ChatProvider, DeltaSink, UpstreamAnswer, UpstreamFailure
-from .openai_compat import OpenAICompatProvider, build_provider
+from services.inference_worker.adapters.providers.openai_compat import build_provider
+from services.inference_worker.domain.upstream import ChatProvider
 
 
 class ProviderPool:
-    """One adapter (and so one HTTP connection pool) per provider of the catalogue."""
+    """``Providers``: one adapter (and so one HTTP connection pool) per provider of the
+    catalogue."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.providers: dict[str, ChatProvider] = {
@@ -22,14 +24,3 @@ class ProviderPool:
     async def close(self) -> None:
         for provider in self.providers.values():
             await provider.close()
-
-
-__all__ = [
-    "ChatProvider",
-    "DeltaSink",
-    "OpenAICompatProvider",
-    "ProviderPool",
-    "UpstreamAnswer",
-    "UpstreamFailure",
-    "build_provider",
-]

@@ -1,4 +1,8 @@
-"""What every provider adapter returns or raises, independent of the wire protocol."""
+"""What the engine asks of a provider and gets back, independent of the wire protocol:
+``ChatProvider`` (one deployment, an adapter in ``adapters/providers``), ``Providers``
+(one per configured provider), the ``UpstreamAnswer`` of a finished call, the
+``UpstreamFailure`` of a failed one and which failures are worth a retry, a fallback or
+a circuit's count, and ``ChoiceAssembler``, which rebuilds choices from deltas."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from sluice import tokens
 from sluice.catalog import ProviderConfig
 from sluice.common.v1 import chat_pb2
 from sluice.errors import ErrorCode, SluiceError
@@ -115,3 +120,72 @@ class ChatProvider(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class Providers(Protocol):
+    """One adapter (and so one connection pool) per provider of the catalogue."""
+
+    def get(self, name: str) -> ChatProvider: ...
+
+
+class ChoiceAssembler:
+    """Rebuilds whole choices from stream deltas (for the cache and the span)."""
+
+    def __init__(self) -> None:
+        self._content: dict[int, list[str]] = {}
+        self._refusal: dict[int, list[str]] = {}
+        self._finish: dict[int, str] = {}
+        self._calls: dict[int, dict[int, chat_pb2.ToolCall]] = {}
+
+    def add(self, delta: inference_pb2.Delta) -> None:
+        i = delta.choice_index
+        if delta.content:
+            self._content.setdefault(i, []).append(delta.content)
+        if delta.refusal:
+            self._refusal.setdefault(i, []).append(delta.refusal)
+        if delta.finish_reason:
+            self._finish[i] = delta.finish_reason
+        for call in delta.tool_calls:
+            calls = self._calls.setdefault(i, {})
+            known = calls.get(call.index)
+            if known is None:
+                calls[call.index] = chat_pb2.ToolCall(
+                    index=call.index,
+                    id=call.id,
+                    type=call.type or "function",
+                    name=call.name,
+                    arguments=call.arguments,
+                )
+            else:
+                known.id = known.id or call.id
+                known.name = known.name or call.name
+                known.arguments += call.arguments
+
+    def indices(self) -> set[int]:
+        return {*self._content, *self._refusal, *self._finish, *self._calls}
+
+    def finished(self) -> bool:
+        """Every choice that started has a finish reason."""
+        return bool(self._finish) and self.indices() <= set(self._finish)
+
+    def choices(self) -> list[chat_pb2.Choice]:
+        return [
+            chat_pb2.Choice(
+                index=i,
+                content="".join(self._content.get(i, ())),
+                refusal="".join(self._refusal.get(i, ())),
+                finish_reason=self._finish.get(i, ""),
+                tool_calls=[c for _, c in sorted(self._calls.get(i, {}).items())],
+            )
+            for i in sorted(self.indices())
+        ]
+
+    def output_text_tokens(self) -> int:
+        """Output tokens counted locally, for when the provider reports no usage."""
+        total = 0
+        for parts in (*self._content.values(), *self._refusal.values()):
+            total += tokens.count_text("".join(parts))
+        for calls in self._calls.values():
+            for call in calls.values():
+                total += tokens.count_text(call.name) + tokens.count_text(call.arguments)
+        return total

@@ -1,8 +1,8 @@
 """Which priority class a free worker slot asks for work next.
 
 A pure policy, no I/O and no clock of its own, so that it can be driven step by step in
-tests: ``WorkConsumer`` (consumer.py) asks it for a plan, turns the plan into JetStream
-pull requests and reports back what each pull brought and when a slot frees.
+tests: ``WorkConsumer`` (``handlers/nats.py``) asks it for a plan, turns the plan into
+JetStream pull requests and reports back what each pull brought and when a slot frees.
 
 Rules, with ``credits`` = free slots not already held by an open pull:
 

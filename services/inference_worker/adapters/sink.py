@@ -1,5 +1,7 @@
-"""Where the engine's results go on NATS: stream events as core publishes, usage to
-JetStream (acknowledged, deduplicated by request id), cache stores as publishes."""
+"""``EventSink`` on NATS: where the engine's results go. Stream events as core publishes,
+usage and lifecycle records to JetStream (acknowledged, deduplicated by message id, each
+attempt in a PRODUCER span), cache stores as publishes; and a request's stored history
+read back for a takeover."""
 
 from __future__ import annotations
 
@@ -8,15 +10,12 @@ import logging
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind
-from sluice import telemetry
 from sluice.bus import Bus
 from sluice.cache.v1 import cache_pb2
 from sluice.cost.v1 import cost_pb2
 from sluice.inference.v1 import inference_pb2, lifecycle_pb2
 from sluice.replay import History, read_history
-from sluice.topology import Subjects
+from sluice.topology import PREFIX, Subjects
 
 log = logging.getLogger(__name__)
 
@@ -26,28 +25,24 @@ class NatsEventSink:
         self.bus = bus
         self.usage_timeout = usage_timeout
         self.usage_attempts = max(1, usage_attempts)
-        self._tracer = trace.get_tracer("sluice.inference_worker")
 
     async def stream_event(self, subject: str, event: inference_pb2.StreamEvent) -> None:
         if event.HasField("delta"):
             # Token events carry no trace context: nothing reads it per token, and the
             # headers would be written here and parsed by the gateway hundreds of times
             # a second. The terminal event carries it, like every other message.
-            await self.bus.nc.publish(subject, event.SerializeToString())
+            await self.bus.publish(subject, event, traced=False)
             return
         await self.bus.publish(subject, event)
 
     async def usage(self, event: cost_pb2.UsageEvent) -> None:
-        subject = Subjects.usage(event.key_id or "unknown")
-        with self._tracer.start_as_current_span(
-            f"{subject} publish",
-            kind=SpanKind.PRODUCER,
-            attributes=telemetry.messaging_attributes(subject, "publish"),
-        ):
-            # The consumers (limiter, cost-tracker) continue the trace from these headers.
-            await self._publish_durably(
-                subject, event.SerializeToString(), event.request_id, what="usage"
-            )
+        # The consumers (limiter, cost-tracker) continue the trace from its headers.
+        await self._publish_durably(
+            Subjects.usage(event.key_id or "unknown"),
+            event.SerializeToString(),
+            event.request_id,
+            what="usage",
+        )
 
     async def cache_store(self, store: cache_pb2.StoreRequest) -> None:
         await self.bus.publish(Subjects.CACHE_STORE, store)
@@ -66,17 +61,23 @@ class NatsEventSink:
             event.SerializeToString(),
             msg_id,
             what="lifecycle",
+            # The subject holds the request id; the span name does not.
+            span_name=f"{PREFIX}.lifecycle",
         )
 
-    async def _publish_durably(self, subject: str, payload: bytes, msg_id: str, what: str) -> None:
+    async def _publish_durably(
+        self, subject: str, payload: bytes, msg_id: str, *, what: str, span_name: str | None = None
+    ) -> None:
         """An acknowledged JetStream publish, retried with backoff: safe to repeat, since
         the stream deduplicates on ``Nats-Msg-Id``."""
-        headers = {"Nats-Msg-Id": msg_id}
-        telemetry.inject(headers)
         for attempt in range(1, self.usage_attempts + 1):
             try:
-                await self.bus.js.publish(
-                    subject, payload, timeout=self.usage_timeout, headers=headers
+                await self.bus.publish_durable(
+                    subject,
+                    payload,
+                    msg_id=msg_id,
+                    timeout=self.usage_timeout,
+                    span_name=span_name,
                 )
                 return
             except (TimeoutError, NatsTimeoutError, NoRespondersError):

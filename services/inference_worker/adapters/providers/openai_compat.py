@@ -22,8 +22,13 @@ from sluice.common.v1 import chat_pb2
 from sluice.errors import ErrorCode, SluiceError
 from sluice.inference.v1 import inference_pb2
 
-from . import wire
-from .base import DeltaSink, UpstreamAnswer, UpstreamFailure
+from services.inference_worker.adapters.providers import wire
+from services.inference_worker.domain.upstream import (
+    ChoiceAssembler,
+    DeltaSink,
+    UpstreamAnswer,
+    UpstreamFailure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +41,7 @@ class _StreamState:
     """What a stream produced so far: for the answer, and for partial usage on failure."""
 
     def __init__(self) -> None:
-        self.assembler = wire.ChoiceAssembler()
+        self.assembler = ChoiceAssembler()
         self.relayed = False
         self.first_at: float | None = None
         self.usage: chat_pb2.Usage | None = None
