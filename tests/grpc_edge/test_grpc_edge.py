@@ -327,3 +327,15 @@ def test_processes_starting_together_agree_on_one_token(tmp_path: Path) -> None:
     assert tokens == {(tmp_path / grpc_edge.TOKEN_FILENAME).read_text().strip()}
     # No draft is left behind.
     assert os.listdir(tmp_path) == [grpc_edge.TOKEN_FILENAME]
+
+
+def test_an_empty_token_variable_counts_as_unset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docker compose passes ``SLUICE_SERVICE_TOKEN: ${SLUICE_SERVICE_TOKEN:-}``."""
+    monkeypatch.setenv("SLUICE_SERVICE_TOKEN", "")
+    monkeypatch.setenv("SLUICE_STATE_DIR", str(tmp_path))
+    token = grpc_edge.service_token(CommonSettings())
+    assert token and (tmp_path / grpc_edge.TOKEN_FILENAME).read_text().strip() == token
+    monkeypatch.setenv("SLUICE_SERVICE_TOKEN", "from-the-environment")
+    assert grpc_edge.service_token(CommonSettings()) == "from-the-environment"
