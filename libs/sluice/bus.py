@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from enum import Enum
 from typing import Any, TypeVar
 
 import nats
@@ -46,6 +47,17 @@ P = TypeVar("P", bound=ProtoMessage)
 # a closed or reconnecting connection, a JetStream API error.
 NATS_FAILURES = (TimeoutError, nats.errors.Error)
 MessageCallback = Callable[[Msg], Awaitable[None]]
+
+
+class PullStatus(Enum):
+    """A status message the server sends to a pull's reply subject instead of a message."""
+
+    # An idle heartbeat: the pull is still open.
+    HEARTBEAT = "heartbeat"
+    # The pull is over and found the queue empty (no messages, or the long poll expired).
+    EMPTY = "empty"
+    # The pull is over for another reason (409: limits reached, consumer deleted, ...).
+    ENDED = "ended"
 
 
 class Bus:
@@ -406,6 +418,87 @@ class Bus:
             if sub._cb is None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+    # --- operations particular services need ------------------------------------------
+    # The limiter's and cost-tracker's batch consumers, the worker's pull dispatcher and
+    # queue gauge, the cost-tracker's ledger rebuild, the cache's invalidation.
+
+    async def pull_subscription(self, spec: ConsumerSpec) -> JetStreamContext.PullSubscription:
+        """A subscription bound to the durable pull consumer ``spec`` (made with
+        ``ensure_consumer``), to ``fetch`` batches from. ``close`` unsubscribes it rather
+        than draining it (see ``_drop_unread_subscriptions``)."""
+        return await self.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+
+    async def request_next(
+        self, spec: ConsumerSpec, reply: str, *, batch: int = 1, expires: float | None = None
+    ) -> None:
+        """Ask the durable pull consumer ``spec`` for up to ``batch`` messages, delivered
+        to ``reply`` (a subscription of the caller's): the raw
+        ``$JS.API.CONSUMER.MSG.NEXT`` request under nats-py's ``fetch``, for a caller
+        that keeps its own pulls open. ``expires``: seconds the server may hold the pull
+        open (a long poll); None: it answers at once, with "no messages" when the queue
+        is empty. Besides messages, ``reply`` receives status messages
+        (``pull_status``). No span and no trace context: a worker sends one per free
+        slot, and each message it brings carries its own."""
+        if expires is None:
+            request: dict[str, int | bool] = {"batch": batch, "no_wait": True}
+        else:
+            request = {"batch": batch, "expires": int(expires * 1e9)}
+        await self.nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}",
+            orjson.dumps(request),
+            reply=reply,
+        )
+
+    @staticmethod
+    def pull_status(msg: Msg) -> PullStatus | None:
+        """What a message on a ``request_next`` reply subject is: None for a stream
+        message, else the status the server sent in its place."""
+        if msg.data or not msg.headers:
+            return None
+        status = msg.headers.get("Status")
+        if status is None:
+            return None
+        if status == "100":
+            return PullStatus.HEARTBEAT
+        # 404: no messages (an answer at once); 408: the long poll expired.
+        if status in ("404", "408"):
+            return PullStatus.EMPTY
+        return PullStatus.ENDED
+
+    async def consumer_pending(self, spec: ConsumerSpec) -> int:
+        """Messages of the consumer's stream not yet delivered to it: its backlog. Raises
+        one of ``NATS_FAILURES`` when the server does not answer."""
+        info = await self.js.consumer_info(spec.stream, spec.durable)
+        return int(info.num_pending or 0)
+
+    async def replay(
+        self, stream: str, subject: str, *, idle_timeout: float = 10.0
+    ) -> AsyncGenerator[Msg, None]:
+        """Every message ``stream`` holds on ``subject`` (wildcards allowed), in order, up
+        to the last one stored when the replay starts; later ones are left to the live
+        consumers. An ephemeral ordered consumer reads them: no acks, no durable state
+        touched. Raises ``TimeoutError`` when nothing arrives for ``idle_timeout``
+        seconds before that last message, so a stall is never taken for the end. Use it
+        in ``contextlib.aclosing`` so the consumer goes when the reader stops early."""
+        last = await self.last_sequence(stream, subject)
+        if last is None:
+            return
+        sub = await self.js.subscribe(
+            subject, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=idle_timeout)
+                yield msg
+                if msg.metadata.sequence.stream >= last:
+                    return
+        finally:
+            await self.unsubscribe(sub)
+
+    async def purge_bucket(self, bucket: BucketSpec) -> None:
+        """Remove every key of ``bucket``, delete markers included, in one stream purge."""
+        await self.js.purge_stream(bucket.stream_name)
 
 
 async def linger(stopping: asyncio.Event, seconds: float) -> None:

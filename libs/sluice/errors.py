@@ -1,9 +1,10 @@
 """The error catalogue: one stable code per failure a client can see.
 
-Each code knows its HTTP status, the OpenAI and Anthropic error types the official SDKs
-expect, a title, and a sentence that tells the caller how to fix it. Transports map
-``SluiceError`` to their wire shape in one place each (problem+json at the gateway,
-``chat_pb2.Problem`` on the bus).
+Each code knows its HTTP status, its gRPC status (``google.rpc.Code``), the OpenAI and
+Anthropic error types the official SDKs expect, a title, and a sentence that tells the
+caller how to fix it. Transports map ``SluiceError`` to their wire shape in one place
+each (problem+json at the gateway, ``chat_pb2.Problem`` on the bus, a gRPC status at
+``sluice.grpc_edge``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from google.rpc import code_pb2
 
 from sluice.common.v1 import chat_pb2
 
@@ -25,12 +28,15 @@ class ErrorSpec:
     openai_type: str
     anthropic_type: str
     retryable: bool = False
+    # The gRPC status (a google.rpc.Code) a servicer's SluiceError becomes (sluice.grpc_edge).
+    rpc_code: int = field(kw_only=True)
 
 
 class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"
     INVALID_JSON = "invalid_json"
     UNAUTHORIZED = "unauthorized"
+    INVALID_SERVICE_TOKEN = "invalid_service_token"
     FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
@@ -58,6 +64,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "Correct the field or header named in error.param or details, then send the request again.",
         "invalid_request_error",
         "invalid_request_error",
+        rpc_code=code_pb2.INVALID_ARGUMENT,
     ),
     ErrorCode.INVALID_JSON: ErrorSpec(
         400,
@@ -65,6 +72,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "Send a valid JSON object with Content-Type: application/json.",
         "invalid_request_error",
         "invalid_request_error",
+        rpc_code=code_pb2.INVALID_ARGUMENT,
     ),
     ErrorCode.UNAUTHORIZED: ErrorSpec(
         401,
@@ -72,6 +80,17 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "Send 'Authorization: Bearer <key>' (or 'x-api-key: <key>') with a valid Sluice key.",
         "authentication_error",
         "authentication_error",
+        rpc_code=code_pb2.UNAUTHENTICATED,
+    ),
+    ErrorCode.INVALID_SERVICE_TOKEN: ErrorSpec(
+        401,
+        "Missing or invalid service token",
+        "Send 'authorization: Bearer <token>' metadata with the service token: "
+        "SLUICE_SERVICE_TOKEN, or in a local environment the file service-token in the "
+        "state directory.",
+        "authentication_error",
+        "authentication_error",
+        rpc_code=code_pb2.UNAUTHENTICATED,
     ),
     ErrorCode.FORBIDDEN: ErrorSpec(
         403,
@@ -79,6 +98,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "Use a key whose scopes allow this operation.",
         "permission_error",
         "permission_error",
+        rpc_code=code_pb2.PERMISSION_DENIED,
     ),
     ErrorCode.NOT_FOUND: ErrorSpec(
         404,
@@ -86,6 +106,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "Check the path; GET /docs lists every route.",
         "invalid_request_error",
         "not_found_error",
+        rpc_code=code_pb2.NOT_FOUND,
     ),
     ErrorCode.METHOD_NOT_ALLOWED: ErrorSpec(
         405,
@@ -93,6 +114,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "Use a method the route accepts; GET /docs lists them.",
         "invalid_request_error",
         "invalid_request_error",
+        rpc_code=code_pb2.UNIMPLEMENTED,
     ),
     ErrorCode.MODEL_NOT_FOUND: ErrorSpec(
         404,
@@ -100,6 +122,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "Use one of the models listed by GET /v1/models.",
         "invalid_request_error",
         "not_found_error",
+        rpc_code=code_pb2.NOT_FOUND,
     ),
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: ErrorSpec(
         415,
@@ -107,6 +130,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "Send the body as JSON with Content-Type: application/json.",
         "invalid_request_error",
         "invalid_request_error",
+        rpc_code=code_pb2.INVALID_ARGUMENT,
     ),
     ErrorCode.PAYLOAD_TOO_LARGE: ErrorSpec(
         413,
@@ -114,6 +138,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "Send a smaller body, or upload large context separately.",
         "invalid_request_error",
         "request_too_large",
+        rpc_code=code_pb2.RESOURCE_EXHAUSTED,
     ),
     ErrorCode.CONTEXT_LENGTH_EXCEEDED: ErrorSpec(
         400,
@@ -121,6 +146,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "Shorten the messages or lower max_tokens to fit the model's context window.",
         "invalid_request_error",
         "invalid_request_error",
+        rpc_code=code_pb2.INVALID_ARGUMENT,
     ),
     ErrorCode.RATE_LIMITED: ErrorSpec(
         429,
@@ -129,6 +155,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "rate_limit_error",
         "rate_limit_error",
         retryable=True,
+        rpc_code=code_pb2.RESOURCE_EXHAUSTED,
     ),
     ErrorCode.UPSTREAM_RATE_LIMITED: ErrorSpec(
         429,
@@ -137,6 +164,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "rate_limit_error",
         "rate_limit_error",
         retryable=True,
+        rpc_code=code_pb2.RESOURCE_EXHAUSTED,
     ),
     ErrorCode.UPSTREAM_ERROR: ErrorSpec(
         502,
@@ -145,6 +173,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "api_error",
         "api_error",
         retryable=True,
+        rpc_code=code_pb2.UNAVAILABLE,
     ),
     ErrorCode.UPSTREAM_UNAVAILABLE: ErrorSpec(
         503,
@@ -153,6 +182,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "api_error",
         "overloaded_error",
         retryable=True,
+        rpc_code=code_pb2.UNAVAILABLE,
     ),
     ErrorCode.UPSTREAM_TIMEOUT: ErrorSpec(
         504,
@@ -161,6 +191,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "api_error",
         "api_error",
         retryable=True,
+        rpc_code=code_pb2.DEADLINE_EXCEEDED,
     ),
     ErrorCode.UPSTREAM_STREAM_INTERRUPTED: ErrorSpec(
         502,
@@ -169,6 +200,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "api_error",
         "api_error",
         retryable=True,
+        rpc_code=code_pb2.ABORTED,
     ),
     ErrorCode.SERVICE_UNAVAILABLE: ErrorSpec(
         503,
@@ -177,6 +209,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "api_error",
         "overloaded_error",
         retryable=True,
+        rpc_code=code_pb2.UNAVAILABLE,
     ),
     ErrorCode.INTERNAL_ERROR: ErrorSpec(
         500,
@@ -185,6 +218,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "api_error",
         "api_error",
         retryable=True,
+        rpc_code=code_pb2.INTERNAL,
     ),
     ErrorCode.IDEMPOTENCY_KEY_IN_USE: ErrorSpec(
         409,
@@ -194,6 +228,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "invalid_request_error",
         "invalid_request_error",
         retryable=True,
+        rpc_code=code_pb2.ABORTED,
     ),
     ErrorCode.IDEMPOTENCY_KEY_REUSED: ErrorSpec(
         422,
@@ -201,6 +236,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "Use a new Idempotency-Key for a different request body.",
         "invalid_request_error",
         "invalid_request_error",
+        rpc_code=code_pb2.FAILED_PRECONDITION,
     ),
     ErrorCode.CANCELLED: ErrorSpec(
         409,
@@ -208,6 +244,7 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "The request was cancelled before it finished; submit it again to run it.",
         "invalid_request_error",
         "invalid_request_error",
+        rpc_code=code_pb2.CANCELLED,
     ),
 }
 

@@ -1,11 +1,12 @@
 """The lifecycle every service shares.
 
 ``ServiceRuntime`` owns, in order of start: telemetry, the NATS connection (with the
-JetStream topology ensured), a grpc.aio server with the standard health service, a
-Prometheus ``/metrics`` endpoint, and a NATS health responder. ``run`` waits for
-SIGTERM/SIGINT, then shuts down in the order that loses nothing: mark NOT_SERVING, stop
-taking work, let the service finish or hand back in-flight work, drain NATS, stop gRPC
-with grace, flush telemetry.
+JetStream topology ensured), a grpc.aio server behind the shared edge
+(``sluice.grpc_edge``: service token, SERVER spans, the error catalogue) with the
+standard health service, a Prometheus ``/metrics`` endpoint, and a NATS health
+responder. ``run`` waits for SIGTERM/SIGINT, then shuts down in the order that loses
+nothing: mark NOT_SERVING, stop taking work, let the service finish or hand back
+in-flight work, drain NATS, stop gRPC with grace, flush telemetry.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nats.aio.msg import Msg
 
-from sluice import __version__
+from sluice import __version__, grpc_edge
 from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
 from sluice.logging import configure_logging
@@ -67,11 +68,13 @@ class ServiceRuntime:
     async def start(self, registrars: list[GrpcRegistrar] | None = None) -> Bus:
         configure_logging(str(self.name), self.common.log_level)
         self.common.state_dir.mkdir(parents=True, exist_ok=True)
+        # First: outside a local environment a missing token fails the start here.
+        token = grpc_edge.service_token(self.common)
         self.telemetry = setup_telemetry(str(self.name), self.common.state_dir)
         self.bus = await Bus.connect(self.common.nats_url, f"sluice-{self.name}")
         await self.bus.ensure_topology()
 
-        self.grpc_server = grpc.aio.server()
+        self.grpc_server = grpc_edge.server(token)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         for register in registrars or []:
             register(self.grpc_server)

@@ -7,7 +7,7 @@ import os
 import uuid
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -27,6 +27,10 @@ class CommonSettings(BaseSettings):
     shutdown_grace_seconds: float = 20.0
     # Config files (providers, prices). Relative paths resolve from the working directory.
     config_dir: Path = Path("config")
+    # Bearer token every gRPC caller must send (sluice.grpc_edge). Unset (or empty) in a
+    # local environment: generated once into <state_dir>/service-token and shared by
+    # every process there; unset elsewhere: the service refuses to start.
+    service_token: SecretStr | None = Field(default=None, repr=False)
 
     @property
     def is_local(self) -> bool:

@@ -1,7 +1,8 @@
-"""Wiring of the cost-tracker: price table, ledger, usage consumer, cost feed, gRPC.
+"""Wiring of the cost-tracker: settings -> price table, ledger and cost-event publisher
+-> recorder and feed -> usage consumer, cost-event listener and ``UsageService``.
 
 ``python -m services.cost_tracker`` runs the service; with ``--rebuild`` it recreates
-the ledger from the usage stream and exits (see ``services.cost_tracker.rebuild``).
+the ledger from the usage stream and exits (see ``services.cost_tracker.adapters.rebuild``).
 """
 
 from __future__ import annotations
@@ -10,21 +11,21 @@ import argparse
 import logging
 from dataclasses import replace
 
-import grpc
 from opentelemetry import trace
 from sluice.bus import Bus
-from sluice.cost.v1 import cost_pb2_grpc
 from sluice.logging import configure_logging
 from sluice.pricing import PriceTable
 from sluice.service import ServiceRuntime
 from sluice.topology import Consumers, ConsumerSpec, ServiceName
 
-from services.cost_tracker.consumer import UsageConsumer
-from services.cost_tracker.domain import Pricer
-from services.cost_tracker.feed import CostFeed, NatsListener
-from services.cost_tracker.grpc_api import UsageServicer
-from services.cost_tracker.ledger import Ledger
-from services.cost_tracker.rebuild import rebuild_ledger
+from services.cost_tracker.adapters.events import NatsCostEvents
+from services.cost_tracker.adapters.ledger import Ledger
+from services.cost_tracker.adapters.rebuild import rebuild_ledger
+from services.cost_tracker.domain.feed import CostFeed
+from services.cost_tracker.domain.recording import UsageRecorder
+from services.cost_tracker.domain.usage import Pricer
+from services.cost_tracker.handlers.grpc import usage_service
+from services.cost_tracker.handlers.nats import CostEventListener, UsageConsumer
 from services.cost_tracker.settings import CostTrackerSettings
 
 log = logging.getLogger(__name__)
@@ -40,24 +41,21 @@ class CostTracker:
         self.pricer = Pricer(PriceTable.load(settings.prices_file))
         self.ledger = Ledger(settings.ledger_file)
         self.feed = CostFeed(settings.watch_queue_size)
-        self.servicer = UsageServicer(self.ledger, self.feed, tracer)
+        # UsageService, for the runtime's gRPC server (behind the edge).
+        self.register = usage_service(self.ledger, self.feed)
         self.consumer: UsageConsumer | None = None
         self._tracer = tracer
-
-    def register(self, server: grpc.aio.Server) -> None:
-        cost_pb2_grpc.add_UsageServiceServicer_to_server(self.servicer, server)
 
     async def start(self, bus: Bus, *, consumer_spec: ConsumerSpec | None = None) -> None:
         await self.ledger.open()
         # Subscribed to every instance's cost events only while someone watches.
-        self.feed.attach(NatsListener(bus, self.feed.publish))
+        self.feed.attach(CostEventListener(bus, self.feed.publish))
         spec = consumer_spec or replace(
             Consumers.COST_USAGE, durable=self.settings.consumer_durable
         )
         self.consumer = UsageConsumer(
             bus,
-            self.ledger,
-            self.pricer,
+            UsageRecorder(self.ledger, self.pricer, NatsCostEvents(bus)),
             spec,
             batch_size=self.settings.batch_size,
             batch_window=self.settings.batch_window_seconds,

@@ -1,5 +1,5 @@
-"""Wiring of the inference worker: runtime, catalogue, prices, providers, the pull
-consumer and the ProviderHealthService.
+"""Wiring of the inference worker: settings -> catalogue, prices, provider pool and NATS
+event sink -> engine and circuits -> the pull dispatcher and ``ProviderHealthService``.
 
 Stop order (after the runtime marks itself not ready): stop pulling, let in-flight work
 finish within the grace period, nak the rest, close the provider pools; the runtime then
@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import logging
 
-import grpc
 from sluice.catalog import Catalog
-from sluice.inference.v1 import inference_pb2_grpc
 from sluice.metrics import instruments
 from sluice.pricing import PriceTable
 from sluice.service import ServiceRuntime
 from sluice.topology import ServiceName
 
-from .circuit import CircuitRegistry
-from .consumer import WorkConsumer
-from .engine import InferenceEngine
-from .grpc_api import ProviderHealthServicer
-from .providers import ProviderPool
-from .settings import WorkerSettings
-from .sink import NatsEventSink
+from services.inference_worker.adapters.providers import ProviderPool
+from services.inference_worker.adapters.sink import NatsEventSink
+from services.inference_worker.domain.circuit import CircuitRegistry
+from services.inference_worker.domain.engine import InferenceEngine
+from services.inference_worker.handlers.grpc import provider_health_service
+from services.inference_worker.handlers.nats import WorkConsumer
+from services.inference_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +47,7 @@ class WorkerService:
         self.engine: InferenceEngine | None = None
 
     async def start(self) -> None:
-        def register(server: grpc.aio.Server) -> None:
-            inference_pb2_grpc.add_ProviderHealthServiceServicer_to_server(
-                ProviderHealthServicer(self.catalog, self.circuits), server
-            )
-
-        bus = await self.runtime.start([register])
+        bus = await self.runtime.start([provider_health_service(self.catalog, self.circuits)])
         sink = NatsEventSink(
             bus,
             usage_timeout=self.settings.usage_publish_timeout_seconds,

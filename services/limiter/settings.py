@@ -7,7 +7,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sluice.settings import CommonSettings
 from sluice.topology import DEFAULT_PORTS, Consumers, ServiceName
 
-from services.limiter.domain import LimiterConfig
+from services.limiter.domain.windows import LimiterConfig
 
 _PORTS = DEFAULT_PORTS[ServiceName.LIMITER]
 

@@ -1,4 +1,4 @@
-"""Exact-cache rules and handlers in memory: envelope, freshness, TTL, counters."""
+"""Exact-cache rules and the cache in memory: envelope, freshness, TTL, counters."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from sluice.common.v1 import chat_pb2
 from sluice.inference.v1 import inference_pb2
 
 from services.cache.domain import (
+    Cache,
     age_if_fresh,
     decode_entry,
     effective_ttl,
     encode_entry,
     valid_key,
 )
-from services.cache.handlers import CacheHandlers
 
 T0 = 1_700_000_000_000
 
@@ -81,9 +81,7 @@ def test_envelope_round_trip_and_freshness_edge() -> None:
 
 async def test_lookup_store_hit_and_counters() -> None:
     now = [T0]
-    h = CacheHandlers(
-        DictStore(), default_ttl_seconds=60, max_ttl_seconds=3600, clock=lambda: now[0]
-    )
+    h = Cache(DictStore(), default_ttl_seconds=60, max_ttl_seconds=3600, clock=lambda: now[0])
     miss = await h.lookup(cache_pb2.LookupRequest(cache_key="abc123"))
     assert not miss.hit
     await h.store_answer(cache_pb2.StoreRequest(cache_key="abc123", answer=answer()))
@@ -97,7 +95,7 @@ async def test_lookup_store_hit_and_counters() -> None:
 async def test_expired_entry_is_a_miss_and_is_deleted() -> None:
     now = [T0]
     store = DictStore()
-    h = CacheHandlers(store, default_ttl_seconds=60, max_ttl_seconds=3600, clock=lambda: now[0])
+    h = Cache(store, default_ttl_seconds=60, max_ttl_seconds=3600, clock=lambda: now[0])
     await h.store_answer(cache_pb2.StoreRequest(cache_key="k1", answer=answer(), ttl_seconds=5))
     now[0] += 5_000
     assert not (await h.lookup(cache_pb2.LookupRequest(cache_key="k1"))).hit
@@ -108,7 +106,7 @@ async def test_expired_entry_is_a_miss_and_is_deleted() -> None:
 
 async def test_invalid_requests_are_misses_and_not_stored() -> None:
     store = DictStore()
-    h = CacheHandlers(store, default_ttl_seconds=60, max_ttl_seconds=3600)
+    h = Cache(store, default_ttl_seconds=60, max_ttl_seconds=3600)
     assert not (await h.lookup(cache_pb2.LookupRequest(cache_key="a.>"))).hit
     await h.store_answer(cache_pb2.StoreRequest(cache_key="a.>", answer=answer()))
     await h.store_answer(cache_pb2.StoreRequest(cache_key="ok"))

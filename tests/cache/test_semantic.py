@@ -13,16 +13,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from sluice import canonical
+from sluice import canonical, grpc_edge
 from sluice.bus import Bus
 from sluice.cache.v1 import cache_pb2, cache_pb2_grpc
 from sluice.common.v1 import chat_pb2
 from sluice.embedded import EmbeddedNats
 from sluice.inference.v1 import inference_pb2
-from sluice.topology import Buckets, Collections, ServiceName, Subjects
+from sluice.topology import Collections, ServiceName, Subjects
 
+from services.cache.adapters.store import KvEntryStore
 from services.cache.settings import CacheSettings
-from services.cache.store import KvEntryStore
 from tests.cache.test_service import answer
 from tests.support.stack import ServiceProcess, Stack
 
@@ -96,13 +96,17 @@ class SemanticCache:
             assert time.monotonic() < deadline, "entry was never indexed"
             await asyncio.sleep(0.05)
 
+    def channel(self) -> grpc.aio.Channel:
+        token = grpc_edge.read_or_create_token(self.state_dir)
+        return grpc_edge.channel(f"127.0.0.1:{self.process.grpc_port}", token)
+
     async def stats(self) -> cache_pb2.StatsResponse:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.process.grpc_port}") as channel:
+        async with self.channel() as channel:
             admin = cache_pb2_grpc.CacheAdminServiceStub(channel)
             return await admin.Stats(cache_pb2.StatsRequest(), timeout=5)  # type: ignore[no-any-return]
 
     async def invalidate(self, key: str) -> int:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.process.grpc_port}") as channel:
+        async with self.channel() as channel:
             admin = cache_pb2_grpc.CacheAdminServiceStub(channel)
             reply = await admin.Invalidate(cache_pb2.InvalidateRequest(cache_key=key), timeout=5)
             return int(reply.removed)
@@ -196,8 +200,7 @@ async def test_a_point_whose_answer_is_gone_is_deleted(semcache: SemanticCache) 
     t = team()
     first = asked(chat(QUESTION), t)
     await semcache.stored(first, answer("a"))
-    kv = await semcache.bus.kv(Buckets.EXACT_CACHE)
-    store = KvEntryStore(kv, semcache.bus.js, Buckets.EXACT_CACHE.name)
+    store = await KvEntryStore.open(semcache.bus)
     saved = await store.get(first.key)
     assert saved is not None
     await store.remove(first.key)

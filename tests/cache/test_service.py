@@ -19,10 +19,10 @@ from sluice.cache.v1 import cache_pb2, cache_pb2_grpc
 from sluice.common.v1 import chat_pb2
 from sluice.embedded import EmbeddedNats
 from sluice.inference.v1 import inference_pb2
-from sluice.topology import Buckets, ServiceName, Subjects
+from sluice.topology import ServiceName, Subjects
 
+from services.cache.adapters.store import KvEntryStore
 from services.cache.domain import encode_entry
-from services.cache.store import KvEntryStore
 from tests.support.stack import ServiceProcess, Stack
 
 pytestmark = pytest.mark.integration
@@ -41,6 +41,7 @@ def answer(text: str) -> inference_pb2.Final:
 @dataclass
 class CacheUnderTest:
     bus: Bus
+    stack: Stack
     process: ServiceProcess
 
     async def lookup(self, key: str) -> cache_pb2.LookupResponse:
@@ -66,7 +67,7 @@ class CacheUnderTest:
         return cache_pb2_grpc.CacheAdminServiceStub(channel)  # type: ignore[return-value]
 
     def channel(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(f"127.0.0.1:{self.process.grpc_port}")
+        return self.stack.grpc_channel(ServiceName.CACHE)
 
 
 def new_key() -> str:
@@ -81,7 +82,7 @@ async def cache(
     try:
         process = stack.start(ServiceName.CACHE)
         await stack.wait_ready([ServiceName.CACHE])
-        yield CacheUnderTest(bus, process)
+        yield CacheUnderTest(bus, stack, process)
     finally:
         stack.stop_all()
 
@@ -106,8 +107,7 @@ async def test_entry_expires_by_its_own_ttl_and_is_deleted(cache: CacheUnderTest
     assert (await cache.wait_hit(key)).hit
     await asyncio.sleep(1.1)
     assert not (await cache.lookup(key)).hit
-    kv = await bus.kv(Buckets.EXACT_CACHE)
-    store = KvEntryStore(kv, bus.js, Buckets.EXACT_CACHE.name)
+    store = await KvEntryStore.open(bus)
     deadline = time.monotonic() + 5
     while await store.get(key) is not None:
         assert time.monotonic() < deadline, "expired entry was not deleted"
@@ -153,8 +153,7 @@ async def test_stats_and_invalidate_over_grpc(cache: CacheUnderTest) -> None:
 
 
 async def test_kv_store_deletes_only_the_revision_it_saw(bus: Bus) -> None:
-    kv = await bus.kv(Buckets.EXACT_CACHE)
-    store = KvEntryStore(kv, bus.js, Buckets.EXACT_CACHE.name)
+    store = await KvEntryStore.open(bus)
     key = new_key()
     await store.put(key, encode_entry(answer("old"), 0, 1))
     stale = await store.get(key)

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from nats.js.api import PubAck
 from opentelemetry import trace
+from sluice import grpc_edge
 from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2, cost_pb2_grpc
@@ -29,6 +30,7 @@ from services.cost_tracker.app import CostTracker
 from services.cost_tracker.settings import CostTrackerSettings
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "config"
+SERVICE_TOKEN = "cost-tracker-test-token"
 
 PRICES_YAML = """\
 models:
@@ -158,11 +160,12 @@ async def start_tracker(
 ) -> RunningTracker:
     settings = tracker_settings(tmp_path, **overrides)
     tracker = CostTracker(settings, tracer=tracer)
-    server = grpc.aio.server()
+    # Behind the edge, as the runtime serves it: spans, errors and the token.
+    server = grpc_edge.server(SERVICE_TOKEN, tracer=tracer)
     tracker.register(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     await tracker.start(bus, consumer_spec=consumer_spec)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = grpc_edge.channel(f"127.0.0.1:{port}", SERVICE_TOKEN)
     stub = cost_pb2_grpc.UsageServiceStub(channel)
     return RunningTracker(tracker, bus, server, channel, stub, settings)

@@ -4,7 +4,7 @@ import pytest
 from sluice.cost.v1 import cost_pb2
 from sluice.pricing import PriceTable
 
-from services.cost_tracker.domain import (
+from services.cost_tracker.domain.usage import (
     InvalidQuery,
     InvalidUsageEvent,
     Pricer,

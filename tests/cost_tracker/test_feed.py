@@ -2,7 +2,7 @@ import asyncio
 
 from sluice.cost.v1 import cost_pb2
 
-from services.cost_tracker.feed import CostFeed
+from services.cost_tracker.domain.feed import CostFeed
 
 
 def ev(key: str, n: int) -> cost_pb2.CostEvent:

@@ -5,8 +5,8 @@ from dataclasses import replace
 import pytest
 from sluice.pricing import PriceTable
 
-from services.cost_tracker.domain import LedgerEntry, Pricer, UsageFilter
-from services.cost_tracker.ledger import Ledger, LedgerClosedError
+from services.cost_tracker.adapters.ledger import Ledger, LedgerClosedError
+from services.cost_tracker.domain.usage import LedgerEntry, Pricer, UsageFilter
 from tests.cost_tracker.harness import usage_event, write_prices
 
 

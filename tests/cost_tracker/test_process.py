@@ -51,11 +51,16 @@ async def test_process_serves_health_queries_and_stops_cleanly(nats_server, bus,
             await publish_usage(bus, event)
 
         async with grpc.aio.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as channel:
+            # Health answers without a token (probes send none); every team's cost does not.
             health = health_pb2_grpc.HealthStub(channel)
             status = await health.Check(
                 health_pb2.HealthCheckRequest(service="sluice.cost.v1.UsageService")
             )
             assert status.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await cost_pb2_grpc.UsageServiceStub(channel).QueryUsage(cost_pb2.UsageQuery())
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        async with stack.grpc_channel(ServiceName.COST_TRACKER) as channel:
             stub = cost_pb2_grpc.UsageServiceStub(channel)
 
             async def both_recorded():

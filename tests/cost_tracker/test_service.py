@@ -22,11 +22,13 @@ from sluice.localtrace import LocalTracerProvider
 from sluice.pricing import PriceTable
 from sluice.topology import Consumers, Streams, Subjects
 
-from services.cost_tracker.consumer import PROCESS_SPAN_NAME, UsageConsumer
-from services.cost_tracker.domain import Pricer, UsageFilter
-from services.cost_tracker.grpc_api import WATCHING_METADATA_KEY
-from services.cost_tracker.ledger import Ledger
-from services.cost_tracker.rebuild import rebuild_ledger
+from services.cost_tracker.adapters.events import NatsCostEvents
+from services.cost_tracker.adapters.ledger import Ledger
+from services.cost_tracker.adapters.rebuild import rebuild_ledger
+from services.cost_tracker.domain.recording import UsageRecorder
+from services.cost_tracker.domain.usage import Pricer, UsageFilter
+from services.cost_tracker.handlers.grpc import WATCHING_METADATA_KEY
+from services.cost_tracker.handlers.nats import PROCESS_SPAN_NAME, UsageConsumer
 from tests.cost_tracker.harness import (
     eventually,
     publish_usage,
@@ -233,7 +235,7 @@ async def test_same_request_republished_is_recorded_and_announced_once(running, 
     assert [e.request_id for e in received] == [event.request_id, marker.request_id]
     assert len(ledger_rows(running.settings.ledger_file, key)) == 2
     consumer = running.tracker.consumer
-    assert consumer is not None and consumer.duplicates >= 1
+    assert consumer is not None and consumer.recorder.duplicates >= 1
     call.cancel()
 
 
@@ -263,7 +265,8 @@ async def test_redelivery_after_commit_is_exactly_once(bus, tmp_path):
         filter_subject=Subjects.usage(key),
         ack_wait_seconds=1.0,
     )
-    consumer = AckLosingConsumer(bus, ledger, pricer, spec, fetch_timeout=0.2)
+    recorder = UsageRecorder(ledger, pricer, NatsCostEvents(bus))
+    consumer = AckLosingConsumer(bus, recorder, spec, fetch_timeout=0.2)
     announced: list[bytes] = []
 
     async def on_cost(msg):
@@ -282,7 +285,7 @@ async def test_redelivery_after_commit_is_exactly_once(bus, tmp_path):
         await bus.nc.flush()
         rows = await ledger.entries(UsageFilter(key_id=key))
         assert [r.request_id for r in rows] == [event.request_id]
-        assert consumer.recorded == 1 and consumer.duplicates == 1
+        assert recorder.recorded == 1 and recorder.duplicates == 1
         assert len(announced) == 1
         info = await bus.js.consumer_info(Streams.USAGE.name, spec.durable)
         assert info.num_ack_pending == 0
@@ -313,7 +316,7 @@ async def test_poison_message_is_terminated_and_the_stream_goes_on(running, bus)
 
 async def test_unknown_model_recorded_at_zero_and_warned_once(running, bus, caplog):
     key = unique("key")
-    caplog.set_level(logging.WARNING, logger="services.cost_tracker.consumer")
+    caplog.set_level(logging.WARNING, logger="services.cost_tracker.domain.recording")
     model = unique("mystery-model")
     events = [usage_event(key, model=model) for _ in range(3)]
     for event in events:

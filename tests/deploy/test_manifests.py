@@ -560,3 +560,42 @@ def test_k8s_ingress_streams_unbuffered_past_the_request_deadline() -> None:
     assert backend["name"] == "gateway"
     service_ports = {p["name"] for p in k8s("Service", "gateway")["spec"]["ports"]}
     assert backend["port"]["name"] in service_ports
+
+
+# --- the service token ------------------------------------------------------------------------
+
+TOKEN_ENV = "SLUICE_SERVICE_TOKEN"
+
+
+def test_the_service_token_is_a_common_setting() -> None:
+    assert TOKEN_ENV in env_names(CommonSettings)
+
+
+@pytest.mark.parametrize("name", ALL_SERVICES, ids=str)
+def test_k8s_service_gets_the_service_token_from_the_secret(name: ServiceName) -> None:
+    """Outside a local environment a service without the token refuses to start, so every
+    Deployment takes it from the secret the kustomization tells the operator to create."""
+    assert common_configmap()["SLUICE_ENVIRONMENT"] != "local"
+    (container,) = k8s("Deployment", str(name))["spec"]["template"]["spec"]["containers"]
+    [item] = [e for e in container["env"] if e["name"] == TOKEN_ENV]
+    ref = item["valueFrom"]["secretKeyRef"]
+    assert ref.get("optional") is not True
+    assert (ref["name"], ref["key"]) == ("sluice-secrets", "service-token")
+    instructions = (K8S_BASE / "kustomization.yaml").read_text()
+    assert "create secret generic sluice-secrets" in instructions
+    assert "--from-literal=service-token=" in instructions
+
+
+def test_compose_services_share_one_generated_service_token() -> None:
+    """Compose runs local: an unset token is generated once into the state volume, which
+    every service mounts at its state dir, so they all read the same one."""
+    services = compose()["services"]
+    volumes = set()
+    for name in ALL_SERVICES:
+        svc = services[str(name)]
+        env = compose_env(svc)
+        assert env["SLUICE_ENVIRONMENT"] == "local"
+        assert TOKEN_ENV in env
+        state = env["SLUICE_STATE_DIR"]
+        volumes |= {str(v).split(":", 1)[0] for v in svc["volumes"] if str(v).endswith(state)}
+    assert len(volumes) == 1 and volumes <= set(compose()["volumes"])

@@ -14,7 +14,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import openai
 import pytest
@@ -343,8 +342,7 @@ async def test_metrics_move_after_one_streamed_request(e2e: RunningStack) -> Non
 
 
 async def test_cost_event_reaches_a_grpc_watcher(e2e: RunningStack) -> None:
-    port = e2e.stack.processes[ServiceName.COST_TRACKER].grpc_port
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with e2e.stack.grpc_channel(ServiceName.COST_TRACKER) as channel:
         stub = cost_pb2_grpc.UsageServiceStub(channel)
         call = stub.WatchCostEvents(cost_pb2.WatchCostEventsRequest())
         await asyncio.sleep(0.3)  # the watch is registered before the request is sent

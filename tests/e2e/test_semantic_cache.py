@@ -7,7 +7,6 @@ import asyncio
 import secrets
 from typing import Any
 
-import grpc
 import httpx
 import pytest
 from sluice.cache.v1 import cache_pb2, cache_pb2_grpc
@@ -35,8 +34,7 @@ def body(question: str, system: str) -> dict[str, Any]:
 
 
 async def cache_stats(e2e: RunningStack) -> cache_pb2.StatsResponse:
-    port = e2e.stack.processes[ServiceName.CACHE].grpc_port
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with e2e.stack.grpc_channel(ServiceName.CACHE) as channel:
         stub = cache_pb2_grpc.CacheAdminServiceStub(channel)
         return await stub.Stats(cache_pb2.StatsRequest(), timeout=5)  # type: ignore[no-any-return]
 

@@ -11,13 +11,13 @@ from sluice.leases import parse_share
 from sluice.limiter.v1 import limiter_pb2
 
 from services.gateway.domain.leases import LeasingLimiter
-from services.limiter.domain import Limiter, LimiterConfig
-from services.limiter.handlers import LimiterHandlers, LimiterMetrics
+from services.limiter.domain.admission import Admission, LimiterMetrics
+from services.limiter.domain.windows import Limiter, LimiterConfig
 
 
 @dataclass
 class InProcessLimiter:
-    """The limiter's real handlers and domain, called directly instead of over NATS."""
+    """The limiter's real admission and domain, called directly instead of over NATS."""
 
     now_ms: int = 1_700_000_000_000
     tpm: int = 100_000
@@ -30,13 +30,13 @@ class InProcessLimiter:
         self.domain = Limiter(
             LimiterConfig(default_tokens_per_minute=self.tpm, default_requests_per_minute=self.rpm)
         )
-        self.handlers = LimiterHandlers(self.domain, LimiterMetrics(), clock=lambda: self.now_ms)
+        self.admission = Admission(self.domain, LimiterMetrics(), clock=lambda: self.now_ms)
 
     async def reserve(self, request: limiter_pb2.ReserveRequest) -> limiter_pb2.ReserveResponse:
         self.reserves.append(request)
         if self.gate is not None:
             await self.gate.wait()
-        return await self.handlers.reserve(request)
+        return self.admission.reserve(request)
 
     def release(self, reservation_id: str, key_id: str, request_id: str) -> None:
         self.domain.settle(reservation_id, 0, self.now_ms)

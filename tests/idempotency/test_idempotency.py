@@ -20,7 +20,6 @@ import time
 import uuid
 from typing import Any
 
-import grpc
 import httpx
 import orjson
 import pytest
@@ -107,8 +106,7 @@ def without_sluice(events: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
 
 
 async def usage_for_team(stack: FullStack, team_id: str) -> cost_pb2.UsageSummary:
-    port = stack.stack.processes[ServiceName.COST_TRACKER].grpc_port
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with stack.stack.grpc_channel(ServiceName.COST_TRACKER) as channel:
         stub = cost_pb2_grpc.UsageServiceStub(channel)
         summary: cost_pb2.UsageSummary = await stub.QueryUsage(
             cost_pb2.UsageQuery(team_id=team_id), timeout=5

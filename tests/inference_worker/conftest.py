@@ -31,12 +31,12 @@ from sluice.simulator import SIMULATOR_KEY, Simulator, start_simulator
 from sluice.telemetry import setup_telemetry
 from sluice.topology import PriorityClass, Streams, Subjects
 
-from services.inference_worker.circuit import CircuitRegistry
-from services.inference_worker.consumer import WorkConsumer
-from services.inference_worker.engine import InferenceEngine
-from services.inference_worker.providers import ProviderPool
+from services.inference_worker.adapters.providers import ProviderPool
+from services.inference_worker.adapters.sink import NatsEventSink
+from services.inference_worker.domain.circuit import CircuitRegistry
+from services.inference_worker.domain.engine import InferenceEngine
+from services.inference_worker.handlers.nats import WorkConsumer
 from services.inference_worker.settings import RetrySettings, WorkerSettings
-from services.inference_worker.sink import NatsEventSink
 from tests.support.stack import REPO
 
 PROVIDERS_YAML = """

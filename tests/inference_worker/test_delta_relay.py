@@ -7,7 +7,7 @@ import asyncio
 
 from sluice.inference.v1 import inference_pb2
 
-from services.inference_worker.engine import _DeltaRelay, _Request
+from services.inference_worker.domain.engine import _DeltaRelay, _Request
 
 
 class Published:

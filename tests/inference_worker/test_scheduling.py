@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import pytest
 from sluice.topology import PriorityClass
 
-from services.inference_worker.scheduling import ClassScheduler, Poll
+from services.inference_worker.domain.scheduling import ClassScheduler, Poll
 
 SYSTEM = PriorityClass.SYSTEM
 INTERACTIVE = PriorityClass.INTERACTIVE

@@ -20,8 +20,8 @@ from sluice.pricing import PriceTable
 from sluice.simulator import Simulator
 from sluice.topology import PriorityClass, Subjects
 
-from services.inference_worker.circuit import CircuitState
-from services.inference_worker.grpc_api import ProviderHealthServicer
+from services.inference_worker.domain.circuit import CircuitState
+from services.inference_worker.handlers.grpc import ProviderHealthServicer
 from tests.inference_worker.conftest import (
     StoreTap,
     Tap,

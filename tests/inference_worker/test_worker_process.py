@@ -50,11 +50,18 @@ async def test_worker_process_serves_work_health_and_stops_cleanly(stack: Stack,
     assert usage.outcome == "completed" and usage.trace_id
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as channel:
+        # Health answers without a token (probes send none); the provider state does not.
         health = health_pb2_grpc.HealthStub(channel)
         check = await health.Check(
             health_pb2.HealthCheckRequest(service="sluice.inference.v1.ProviderHealthService")
         )
         assert check.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await inference_pb2_grpc.ProviderHealthServiceStub(channel).GetProviderHealth(
+                inference_pb2.ProviderHealthRequest()
+            )
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    async with stack.grpc_channel(ServiceName.INFERENCE_WORKER) as channel:
         providers = await inference_pb2_grpc.ProviderHealthServiceStub(channel).GetProviderHealth(
             inference_pb2.ProviderHealthRequest()
         )

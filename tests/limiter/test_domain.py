@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.limiter.domain import (
+from services.limiter.domain.windows import (
     RPM,
     TPM,
     Decision,

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from opentelemetry.sdk.resources import Resource
 from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
 from sluice.embedded import EmbeddedNats
 from sluice.limiter.v1 import limiter_pb2, limiter_pb2_grpc
+from sluice.localtrace import LocalTracerProvider
 from sluice.topology import Buckets, Consumers, ServiceName, Subjects
 
 from tests.support.stack import ServiceProcess, Stack
@@ -63,7 +65,7 @@ class LimiterUnderTest:
 
     async def quota(self, key: str) -> limiter_pb2.GetQuotaResponse:
         assert self.process is not None
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.process.grpc_port}") as channel:
+        async with self.stack.grpc_channel(ServiceName.LIMITER) as channel:
             stub = limiter_pb2_grpc.QuotaServiceStub(channel)
             reply: limiter_pb2.GetQuotaResponse = await stub.GetQuota(
                 limiter_pb2.GetQuotaRequest(key_id=key), timeout=5
@@ -202,6 +204,37 @@ async def test_get_quota_of_an_unknown_key_and_without_key(limiter: LimiterUnder
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await limiter.quota("")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_quota_service_is_behind_the_edge(limiter: LimiterUnderTest, bus: Bus) -> None:
+    """The runtime's gRPC server refuses callers without the service token, answers a
+    SluiceError with the catalogue's status, and continues the caller's trace."""
+    process = await limiter.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{process.grpc_port}") as channel:
+        stub = limiter_pb2_grpc.QuotaServiceStub(channel)
+        for metadata in ((), (("authorization", "Bearer not-the-token"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.GetQuota(limiter_pb2.GetQuotaRequest(key_id="k"), metadata=metadata)
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await limiter.quota("")
+    assert invalid.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert str(invalid.value.details()).startswith("invalid_request: key_id is required")
+
+    key = f"key-{secrets.token_hex(4)}"
+    provider = LocalTracerProvider(Resource.create({"service.name": "operator"}))
+    with provider.get_tracer("test").start_as_current_span("operator asks") as caller:
+        await limiter.quota(key)
+    assert process.stop() == 0
+    spans = [
+        json.loads(line)
+        for line in (limiter.stack.state_dir / "spans" / "limiter.jsonl").read_text().splitlines()
+    ]
+    [server] = [s for s in spans if s["attributes"].get("sluice.key_id") == key]
+    assert server["name"] == "sluice.limiter.v1.QuotaService/GetQuota"
+    assert server["kind"] == "SERVER" and server["attributes"]["rpc.grpc.status_code"] == 0
+    assert server["parent_span_id"] == f"{caller.get_span_context().span_id:016x}"
+    assert server["trace_id"] == f"{caller.get_span_context().trace_id:032x}"
 
 
 async def test_spend_and_reservations_survive_a_graceful_restart(

@@ -8,7 +8,7 @@ from sluice.catalog import ProviderConfig
 from sluice.embedded import free_port
 from sluice.simulator import SIMULATOR_KEY, Simulator, start_simulator
 
-from services.inference_worker.providers import OpenAICompatProvider
+from services.inference_worker.adapters.providers.openai_compat import OpenAICompatProvider
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from sluice.localmodel import (
     wait_llama_ready,
 )
 
-from services.inference_worker.providers import OpenAICompatProvider
+from services.inference_worker.adapters.providers.openai_compat import OpenAICompatProvider
 from tests.support.stack import REPO
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]

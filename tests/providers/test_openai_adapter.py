@@ -16,7 +16,8 @@ from sluice.errors import ErrorCode
 from sluice.inference.v1 import inference_pb2
 from sluice.simulator import Simulator
 
-from services.inference_worker.providers import UpstreamFailure, wire
+from services.inference_worker.adapters.providers import wire
+from services.inference_worker.domain.upstream import UpstreamFailure
 
 SECRET = "zebra-violet-prompt-marker"
 

@@ -19,7 +19,7 @@ from services.gateway.domain.relay.inbox import Inbox
 from services.gateway.domain.relay.reader import EventReader
 from services.gateway.domain.relay.resume import parse_resume_point, render_replay
 from services.gateway.handlers.http.headers import disconnect_policy
-from services.inference_worker.resume import (
+from services.inference_worker.domain.resume import (
     CancelRegistry,
     can_continue,
     continuation,

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+from sluice import grpc_edge
 from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
 from sluice.embedded import free_port, wait_for_port
@@ -94,6 +96,9 @@ class Stack:
             }
         )
         env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+        # The services share the token generated in the state directory, which the tests
+        # read (``service_token``), unless extra_env sets one.
+        env.pop("SLUICE_SERVICE_TOKEN", None)
         if http_port is not None:
             env[f"{prefix}PORT"] = str(http_port)
         env.update(self.extra_env)
@@ -152,6 +157,18 @@ class Stack:
                 raise TimeoutError(f"not ready after {timeout}s: {sorted(pending)}\n{logs}")
         finally:
             await bus.close()
+
+    @property
+    def service_token(self) -> str:
+        """The token the stack's gRPC servers ask for."""
+        return self.extra_env.get("SLUICE_SERVICE_TOKEN") or grpc_edge.read_or_create_token(
+            self.state_dir
+        )
+
+    def grpc_channel(self, name: ServiceName) -> grpc.aio.Channel:
+        """A channel to the service's gRPC server whose calls carry the service token."""
+        port = self.processes[name].grpc_port
+        return grpc_edge.channel(f"127.0.0.1:{port}", self.service_token)
 
     def stop_all(self) -> None:
         for proc in list(self.processes.values()):

@@ -12,8 +12,8 @@ from sluice import telemetry, tracecli
 from sluice.localtrace import LocalTracerProvider
 from sluice.telemetry import JsonLinesSpanProcessor, spans_dir
 
-from services.cost_tracker.consumer import PROCESS_SPAN_NAME
-from services.cost_tracker.domain import UsageFilter
+from services.cost_tracker.domain.usage import UsageFilter
+from services.cost_tracker.handlers.nats import PROCESS_SPAN_NAME
 from tests.cost_tracker.harness import eventually, publish_usage, start_tracker, unique, usage_event
 
 

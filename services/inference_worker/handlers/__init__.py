@@ -1,0 +1,2 @@
+"""The worker's transports: ``nats`` (the pull dispatcher over SLUICE_INFER and the
+cancel subscription) and ``grpc`` (``ProviderHealthService``)."""
