@@ -122,17 +122,7 @@ class Bus:
             await self.js.update_stream(config)
 
     async def ensure_consumer(self, spec: ConsumerSpec, **overrides: Any) -> None:
-        config = ConsumerConfig(
-            durable_name=spec.durable,
-            filter_subject=spec.filter_subject,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=spec.ack_wait_seconds,
-            max_deliver=spec.max_deliver,
-            max_ack_pending=spec.max_ack_pending,
-            **overrides,
-        )
-        await self.js.add_consumer(spec.stream, config)
+        await self.js.add_consumer(spec.stream, consumer_config(spec, **overrides))
 
     async def stream_subjects(
         self, stream: str, subjects_filter: str, *, timeout: float = 5.0
@@ -397,6 +387,14 @@ class Bus:
                 log.debug("unsubscribe failed", exc_info=True)
         self._subs.clear()
 
+    # --- the connection shared with the durable consumers (sluice.consumers) ---------
+
+    def connection_for_consumers(self) -> NatsClient:
+        """This bus's own connection, for the faststream broker of ``sluice.consumers``
+        (one connection per process). The bus keeps owning it: the broker never drains
+        or closes it, and ``close`` below does, after the consumers have stopped."""
+        return self.nc
+
     async def close(self) -> None:
         """Drain (flush pending publishes, finish callbacks) and close."""
         if self.nc.is_closed:
@@ -499,6 +497,20 @@ class Bus:
     async def purge_bucket(self, bucket: BucketSpec) -> None:
         """Remove every key of ``bucket``, delete markers included, in one stream purge."""
         await self.js.purge_stream(bucket.stream_name)
+
+
+def consumer_config(spec: ConsumerSpec, **overrides: Any) -> ConsumerConfig:
+    """The server-side configuration of a durable consumer, from its one declaration."""
+    return ConsumerConfig(
+        durable_name=spec.durable,
+        filter_subject=spec.filter_subject,
+        ack_policy=AckPolicy(spec.ack_policy),
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=spec.ack_wait_seconds,
+        max_deliver=spec.max_deliver,
+        max_ack_pending=spec.max_ack_pending,
+        **overrides,
+    )
 
 
 async def linger(stopping: asyncio.Event, seconds: float) -> None:

@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from sluice import __version__, grpc_edge
 from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
+from sluice.consumers import ConsumerBroker
 from sluice.logging import configure_logging
 from sluice.settings import CommonSettings
 from sluice.telemetry import Telemetry, setup_telemetry
@@ -62,6 +63,7 @@ class ServiceRuntime:
         self.health = health.aio.HealthServicer()
         self._stop_hooks: list[StopHook] = []
         self._stopping = asyncio.Event()
+        self._consumer_broker: ConsumerBroker | None = None
 
     # --- start ----------------------------------------------------------------------
 
@@ -116,6 +118,27 @@ class ServiceRuntime:
             started_unix_ms=self.started_unix_ms,
         )
 
+    # --- durable consumers (sluice.consumers) -----------------------------------------
+
+    def consumer_broker(self) -> ConsumerBroker:
+        """The broker of this process's durable consumers, on the bus's connection. The
+        runtime stops it right after intake stops and before the stop hooks, so every
+        batch in hand is settled before a hook runs and before the bus closes."""
+        if self.bus is None:
+            raise RuntimeError("consumer_broker() before start()")
+        if self._consumer_broker is None:
+            self._consumer_broker = ConsumerBroker(
+                self.bus, graceful_timeout=self.common.shutdown_grace_seconds
+            )
+        return self._consumer_broker
+
+    async def _stop_consumers(self) -> None:
+        if self._consumer_broker is not None:
+            try:
+                await self._consumer_broker.stop()
+            except Exception:
+                log.exception("stopping the durable consumers failed")
+
     def on_stop(self, hook: StopHook) -> None:
         """Register work for shutdown, run in registration order after intake stops."""
         self._stop_hooks.append(hook)
@@ -142,6 +165,7 @@ class ServiceRuntime:
         await self.health.enter_graceful_shutdown()
         if self.bus is not None:
             await self.bus.stop_serving()
+        await self._stop_consumers()
         for hook in self._stop_hooks:
             try:
                 await asyncio.wait_for(hook(), timeout=self.common.shutdown_grace_seconds)

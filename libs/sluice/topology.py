@@ -116,12 +116,18 @@ class StreamSpec:
 
 @dataclass(frozen=True)
 class ConsumerSpec:
+    """A durable JetStream consumer. ``ack_policy`` is "explicit" (one ack per message)
+    or "all" (an ack settles every message before it too: one ack per batch; see
+    ``sluice.consumers`` for when that is safe). JetStream cannot change the policy of
+    an existing consumer: switching one means a new durable name."""
+
     stream: str
     durable: str
     filter_subject: str
     ack_wait_seconds: float = 30.0
     max_deliver: int = 5
     max_ack_pending: int = 1000
+    ack_policy: str = "explicit"
 
 
 class Streams:

@@ -38,7 +38,9 @@ IO_CLIENTS = frozenset(
 )
 ALL_TRANSPORT_LIBS = frozenset().union(*TRANSPORT_LIBS.values())
 # Shared runtime modules that are transports in all but name.
-RUNTIME_TRANSPORTS = frozenset({"sluice.bus", "sluice.service", "sluice.grpc_edge"})
+RUNTIME_TRANSPORTS = frozenset(
+    {"sluice.bus", "sluice.service", "sluice.grpc_edge", "sluice.consumers"}
+)
 
 
 def module_name(path: Path) -> str:
