@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sluice.embedded import free_port
-from sluice.launcher import (
+from sluice.devtools.embedded import free_port
+from sluice.devtools.launcher import (
     SERVICE_ENV_PREFIX,
     Child,
     LaunchError,
@@ -179,7 +179,7 @@ class Up:
 
     def __init__(self, env: dict[str, str], *args: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sluice.cli", "up", *args],
+            [sys.executable, "-m", "sluice.devtools.cli", "up", *args],
             cwd=REPO,
             env=env,
             stdin=subprocess.DEVNULL,

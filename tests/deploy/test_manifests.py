@@ -17,8 +17,8 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
-from sluice.embedded import MAX_PAYLOAD_BYTES
-from sluice.launcher import SERVICE_ENV_PREFIX, SERVICE_MODULES
+from sluice.devtools.embedded import MAX_PAYLOAD_BYTES
+from sluice.devtools.launcher import SERVICE_ENV_PREFIX, SERVICE_MODULES
 from sluice.settings import CommonSettings
 from sluice.topology import ALL_SERVICES, DEFAULT_PORTS, QDRANT_HTTP_PORT, ServiceName
 

@@ -39,7 +39,7 @@ from typing import IO, TextIO
 
 from pydantic import TypeAdapter, ValidationError
 
-from sluice.embedded import EmbeddedNats, wait_for_port
+from sluice.devtools.embedded import EmbeddedNats, wait_for_port
 from sluice.topology import DEFAULT_PORTS, SERVICE_PACKAGES, Collections, ServiceName, Subjects
 
 # Start order; stopping runs in reverse. The gateway comes last so that it finds the
@@ -622,7 +622,7 @@ class Launcher:
         if self.args.no_model:
             self.console.say("model: not started (--no-model)")
             return
-        from sluice import localmodel
+        from sluice.devtools import localmodel
 
         models_dir = Path(self.args.models_dir or self.state_dir / "models")
         tmp = models_dir / f".{localmodel.MODEL_FILENAME}.{os.getpid()}.tmp"
@@ -680,7 +680,7 @@ class Launcher:
         with self._signals_deferred():
             child = spawn(
                 "simulator",
-                [sys.executable, "-m", "sluice.cli", "simulator", "--port", str(port)],
+                [sys.executable, "-m", "sluice.devtools.cli", "simulator", "--port", str(port)],
                 env={**self.env, "PYTHONUNBUFFERED": "1"},
                 log_path=log_path,
             )
