@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from sluice.devtools.embedded import free_port
-from sluice.devtools.launcher import (
+from sluice.devtools.up.supervisor import (
     SERVICE_ENV_PREFIX,
     Child,
     LaunchError,

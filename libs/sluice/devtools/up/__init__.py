@@ -1,0 +1,1 @@
+"""``sluice up``: the whole product on one machine, supervised."""
