@@ -17,16 +17,14 @@ from pathlib import Path
 
 import pytest
 from sluice.devtools.embedded import free_port
-from sluice.devtools.up.supervisor import (
+from sluice.devtools.up.plan import (
     SERVICE_ENV_PREFIX,
-    Child,
     LaunchError,
     PortUse,
     check_ports,
     plan_services,
-    spawn,
-    stop_children,
 )
+from sluice.devtools.up.supervisor import Child, spawn, stop_children
 from sluice.topology import ALL_SERVICES, DEFAULT_PORTS, Collections, ServiceName
 
 REPO = Path(__file__).resolve().parents[2]

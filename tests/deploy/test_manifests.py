@@ -18,7 +18,7 @@ import yaml
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 from sluice.devtools.embedded import MAX_PAYLOAD_BYTES
-from sluice.devtools.up.supervisor import SERVICE_ENV_PREFIX, SERVICE_MODULES
+from sluice.devtools.up.plan import SERVICE_ENV_PREFIX, SERVICE_MODULES
 from sluice.settings import CommonSettings
 from sluice.topology import ALL_SERVICES, DEFAULT_PORTS, QDRANT_HTTP_PORT, ServiceName
 

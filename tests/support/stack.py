@@ -19,7 +19,7 @@ from pathlib import Path
 from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
 from sluice.devtools.embedded import free_port, wait_for_port
-from sluice.devtools.up.supervisor import SERVICE_ENV_PREFIX, SERVICE_MODULES
+from sluice.devtools.up.plan import SERVICE_ENV_PREFIX, SERVICE_MODULES
 from sluice.topology import ServiceName, Subjects
 
 REPO = Path(__file__).resolve().parents[2]
