@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
+from sluice.settings import default_listen_host
 from sluice.topology import DEFAULT_PORTS, SERVICE_PACKAGES, Collections, ServiceName
 
 # Start order; stopping runs in reverse. The gateway comes last so that it finds the
@@ -63,7 +64,11 @@ class PortUse:
 
 @dataclass(frozen=True)
 class ServicePlan:
-    """How one service is started: module, ports and the env vars that carry them."""
+    """How one service is started: module, ports and the env vars that carry them.
+
+    ``listen_host`` is where its gRPC and metrics servers listen (``SLUICE_LISTEN_HOST``),
+    ``http_host`` where the gateway's HTTP does (``SLUICE_GATEWAY_HOST``).
+    """
 
     name: ServiceName
     module: str
@@ -71,6 +76,7 @@ class ServicePlan:
     metrics_port: int
     http_port: int | None = None
     http_host: str = "127.0.0.1"
+    listen_host: str = "127.0.0.1"
 
     @property
     def prefix(self) -> str:
@@ -85,7 +91,11 @@ class ServicePlan:
         return env
 
     def ports(self) -> list[PortUse]:
-        uses = [PortUse(self.grpc_port, "0.0.0.0", f"{self.name} gRPC", f"{self.prefix}GRPC_PORT")]
+        uses = [
+            PortUse(
+                self.grpc_port, self.listen_host, f"{self.name} gRPC", f"{self.prefix}GRPC_PORT"
+            )
+        ]
         if self.http_port is not None:
             uses.append(
                 PortUse(self.http_port, self.http_host, f"{self.name} HTTP", f"{self.prefix}PORT")
@@ -94,7 +104,7 @@ class ServicePlan:
             uses.append(
                 PortUse(
                     self.metrics_port,
-                    "0.0.0.0",
+                    self.listen_host,
                     f"{self.name} metrics",
                     f"{self.prefix}METRICS_PORT",
                 )
@@ -112,10 +122,19 @@ def env_int(env: dict[str, str], name: str, default: int) -> int:
         raise LaunchError(f"{name}={raw!r} is not a port number") from None
 
 
+def listen_host(env: dict[str, str]) -> str:
+    """Where the services' gRPC and metrics servers will listen, read from ``env`` as
+    ``sluice.settings.CommonSettings`` reads it from theirs."""
+    return env.get("SLUICE_LISTEN_HOST") or default_listen_host(
+        env.get("SLUICE_ENVIRONMENT", "local")
+    )
+
+
 def plan_services(env: dict[str, str]) -> list[ServicePlan]:
     """Ports from the environment (``SLUICE_<SERVICE>_GRPC_PORT`` ...), else the defaults
     of ``sluice.topology.DEFAULT_PORTS``."""
     plans: list[ServicePlan] = []
+    services_host = listen_host(env)
     for name in SERVICE_ORDER:
         defaults = DEFAULT_PORTS[name]
         prefix = SERVICE_ENV_PREFIX[name]
@@ -124,16 +143,33 @@ def plan_services(env: dict[str, str]) -> list[ServicePlan]:
             http_port = env_int(env, f"{prefix}PORT", defaults.http)
             host = env.get(f"{prefix}HOST") or "127.0.0.1"
             plans.append(
-                ServicePlan(name, SERVICE_MODULES[name], grpc_port, http_port, http_port, host)
+                ServicePlan(
+                    name,
+                    SERVICE_MODULES[name],
+                    grpc_port,
+                    http_port,
+                    http_port,
+                    http_host=host,
+                    listen_host=services_host,
+                )
             )
         else:
             metrics_port = env_int(env, f"{prefix}METRICS_PORT", defaults.metrics)
-            plans.append(ServicePlan(name, SERVICE_MODULES[name], grpc_port, metrics_port))
+            plans.append(
+                ServicePlan(
+                    name,
+                    SERVICE_MODULES[name],
+                    grpc_port,
+                    metrics_port,
+                    listen_host=services_host,
+                )
+            )
     return plans
 
 
 def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
