@@ -2,6 +2,6 @@
 simulated provider, ``sluice trace``, the local model and the embedded NATS server.
 
 The runtime in ``sluice`` is what services import; nothing there or in a service imports
-this package (``tests/contracts/test_layout.py`` checks), so a service image needs none
-of it to run and tooling can change without touching the services.
+this package (``tests/contracts/test_layout.py`` checks), so the tools can change without
+touching what the services run on.
 """
