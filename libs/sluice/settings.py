@@ -11,6 +11,13 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def default_listen_host(environment: str) -> str:
+    """Loopback on a developer's machine, where nothing should be reachable from the
+    network; every interface elsewhere, where probes and peers connect from outside the
+    container."""
+    return "127.0.0.1" if environment == "local" else "0.0.0.0"
+
+
 class CommonSettings(BaseSettings):
     """What every process needs: where NATS is, where local state lives, who it is."""
 
@@ -21,6 +28,10 @@ class CommonSettings(BaseSettings):
     state_dir: Path = Path(".sluice")
     # "local" allows generated dev secrets; anything else fails fast without real ones.
     environment: str = "local"
+    # Address of the gRPC and metrics servers (the gateway's HTTP has SLUICE_GATEWAY_HOST).
+    listen_host: str = Field(
+        default_factory=lambda fields: default_listen_host(fields["environment"]), min_length=1
+    )
     log_level: str = "INFO"
     instance_id: str = Field(default_factory=lambda: f"{os.getpid()}-{uuid.uuid4().hex[:6]}")
     # Seconds a service waits for in-flight work after SIGTERM before handing it back.

@@ -8,7 +8,7 @@ import time
 
 from nats.js.api import StreamConfig
 from sluice.bus import Bus
-from sluice.embedded import EmbeddedNats
+from sluice.devtools.embedded import EmbeddedNats
 
 
 async def test_close_is_prompt_after_a_pull_fetch_timed_out(nats_server: EmbeddedNats) -> None:

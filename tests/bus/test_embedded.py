@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import nats
-from sluice.embedded import EmbeddedNats, free_port
+from sluice.devtools.embedded import EmbeddedNats, free_port
 
 
 async def test_monitoring_counts_messages_per_named_connection(tmp_path: Path) -> None:
@@ -47,7 +47,7 @@ def test_monitoring_is_off_unless_asked(tmp_path: Path) -> None:
 
 
 def test_free_ports_are_distinct_and_outside_the_ephemeral_range() -> None:
-    from sluice.embedded import _ephemeral_floor
+    from sluice.devtools.embedded import _ephemeral_floor
 
     ports = [free_port() for _ in range(200)]
     assert len(set(ports)) == len(ports), "never the same port twice in a process"

@@ -17,7 +17,7 @@ from sluice import canonical, grpc_edge
 from sluice.bus import Bus
 from sluice.cache.v1 import cache_pb2, cache_pb2_grpc
 from sluice.common.v1 import chat_pb2
-from sluice.embedded import EmbeddedNats
+from sluice.devtools.embedded import EmbeddedNats
 from sluice.inference.v1 import inference_pb2
 from sluice.topology import Collections, ServiceName, Subjects
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from sluice.embedded import venv_binary
+from sluice.devtools.embedded import venv_binary
 
 REPO = Path(__file__).resolve().parents[2]
 CODEGEN = REPO / "scripts" / "proto_codegen.sh"

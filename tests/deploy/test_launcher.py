@@ -3,6 +3,8 @@ the simulator and the five services) started, used and stopped with Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import queue
 import signal
@@ -16,17 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sluice.embedded import free_port
-from sluice.launcher import (
+from sluice.devtools.embedded import free_port
+from sluice.devtools.up.plan import (
     SERVICE_ENV_PREFIX,
-    Child,
     LaunchError,
     PortUse,
     check_ports,
     plan_services,
-    spawn,
-    stop_children,
 )
+from sluice.devtools.up.supervisor import Child, spawn, stop_children
 from sluice.topology import ALL_SERVICES, DEFAULT_PORTS, Collections, ServiceName
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,6 +54,31 @@ def test_plan_uses_topology_defaults_and_env_overrides() -> None:
     }
     with pytest.raises(LaunchError, match="SLUICE_GATEWAY_PORT"):
         plan_services({"SLUICE_GATEWAY_PORT": "http"})
+
+
+def test_ports_are_checked_where_the_services_will_listen() -> None:
+    def hosts(env: dict[str, str]) -> dict[str, str]:
+        return {use.what: use.host for plan in plan_services(env) for use in plan.ports()}
+
+    assert set(hosts({}).values()) == {"127.0.0.1"}
+    deployed = hosts({"SLUICE_ENVIRONMENT": "production"})
+    assert deployed["limiter gRPC"] == deployed["limiter metrics"] == "0.0.0.0"
+    assert deployed["gateway gRPC"] == "0.0.0.0"
+    assert deployed["gateway HTTP"] == "127.0.0.1", "SLUICE_GATEWAY_HOST alone moves the HTTP"
+    chosen = hosts({"SLUICE_LISTEN_HOST": "::1", "SLUICE_GATEWAY_HOST": "0.0.0.0"})
+    assert chosen["cache gRPC"] == "::1" and chosen["gateway HTTP"] == "0.0.0.0"
+
+
+def test_a_taken_ipv6_loopback_port_is_seen() -> None:
+    with socket.socket(socket.AF_INET6) as sock:
+        try:
+            sock.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(LaunchError, match="already in use"):
+            check_ports([PortUse(port, "::1", "cache gRPC", "SLUICE_CACHE_GRPC_PORT")])
 
 
 def test_services_start_last_gateway_last() -> None:
@@ -179,7 +204,7 @@ class Up:
 
     def __init__(self, env: dict[str, str], *args: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sluice.cli", "up", *args],
+            [sys.executable, "-m", "sluice.devtools.cli", "up", *args],
             cwd=REPO,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -317,3 +342,129 @@ def test_up_refuses_a_taken_gateway_port(state_dir: Path) -> None:
     assert "is already in use" in up.text
     assert "SLUICE_GATEWAY_PORT=" in up.text
     assert processes_using(state_dir) == []
+
+
+# --- where it listens -------------------------------------------------------------------
+
+LOOPBACK = {"127.0.0.1", "::1"}
+TCP_LISTEN = "0A"
+
+
+def process_tree(root: int) -> set[int]:
+    """``root`` and every process below it, from the parent ids in /proc/<pid>/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: the fields follow its last ")".
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    inodes: set[int] = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[len("socket:[") : -1]))
+    return inodes
+
+
+def _address(hex_address: str) -> str:
+    """An address as /proc/net/tcp{,6} prints it: 32-bit words in host byte order.
+
+    gRPC binds 127.0.0.1 as an IPv6 socket on ``::ffff:127.0.0.1``: that one is given as
+    the IPv4 address it stands for."""
+    raw = bytes.fromhex(hex_address)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    address = ipaddress.ip_address(raw)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def listening_sockets() -> dict[int, tuple[str, int]]:
+    """Inode -> (address, port) of every listening TCP socket in this network namespace."""
+    sockets: dict[int, tuple[str, int]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], int(fields[9])
+                if state == TCP_LISTEN:
+                    address, port = local.split(":")
+                    sockets[inode] = (_address(address), int(port, 16))
+    return sockets
+
+
+def listeners_of(root: int) -> list[tuple[str, int, str]]:
+    """(address, port, process) of every listening socket held by ``root``'s process tree."""
+    listening = listening_sockets()
+    found = []
+    for pid in process_tree(root):
+        try:
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        for inode in socket_inodes(pid) & listening.keys():
+            address, port = listening[inode]
+            found.append((address, port, name.strip()))
+    return sorted(set(found))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@needs_proc
+@pytest.mark.parametrize(
+    "with_model",
+    [pytest.param(False, id="simulator"), pytest.param(True, id="model", marks=pytest.mark.model)],
+)
+def test_everything_up_starts_listens_on_loopback_only(state_dir: Path, with_model: bool) -> None:
+    env = isolated_env(state_dir)
+    env["SLUICE_NATS_MONITOR_PORT"] = str(free_port())
+    expected = {int(v) for k, v in env.items() if k.endswith("_PORT")}
+    args = ["--simulator"]
+    if with_model:
+        env["SLUICE_LLAMA_PORT"] = str(free_port())
+        expected.add(int(env["SLUICE_LLAMA_PORT"]))
+        # Shared with the other model tests (gitignored): the model is assembled once.
+        args += ["--models-dir", str(REPO / ".sluice" / "models")]
+    else:
+        args.append("--no-model")
+    up = Up(env, *args)
+    try:
+        up.wait_for("Ctrl-C stops everything.", timeout=300 if with_model else 150)
+        # Every configured port is found among the tree's sockets before judging them, so
+        # that a socket this test failed to see cannot pass for a loopback one.
+        deadline = time.monotonic() + 10
+        listeners = listeners_of(up.process.pid)
+        while not expected <= {port for _, port, _ in listeners} and time.monotonic() < deadline:
+            time.sleep(0.2)
+            listeners = listeners_of(up.process.pid)
+    finally:
+        up.process.send_signal(signal.SIGINT)
+        code = up.finish(timeout=90)
+    shown = "\n".join(f"  {address}:{port}  {process}" for address, port, process in listeners)
+    missing = expected - {port for _, port, _ in listeners}
+    assert not missing, f"ports {sorted(missing)} not found among the listeners:\n{shown}"
+    exposed = [item for item in listeners if item[0] not in LOOPBACK]
+    assert not exposed, f"listening beyond loopback:\n{shown}"
+    assert code == 0, up.text

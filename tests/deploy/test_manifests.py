@@ -8,7 +8,9 @@ the launcher, ``config/providers.yaml`` and the embedded NATS configuration.
 from __future__ import annotations
 
 import importlib
+import os
 import re
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,8 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
-from sluice.embedded import MAX_PAYLOAD_BYTES
-from sluice.launcher import SERVICE_ENV_PREFIX, SERVICE_MODULES
+from sluice.devtools.embedded import MAX_PAYLOAD_BYTES
+from sluice.devtools.up.plan import SERVICE_ENV_PREFIX, SERVICE_MODULES
 from sluice.settings import CommonSettings
 from sluice.topology import ALL_SERVICES, DEFAULT_PORTS, QDRANT_HTTP_PORT, ServiceName
 
@@ -122,6 +124,19 @@ def expected_port_env(name: ServiceName) -> dict[str, int]:
     return expected
 
 
+def common_settings_in(
+    env: Mapping[str, str | None], monkeypatch: pytest.MonkeyPatch
+) -> CommonSettings:
+    """``CommonSettings`` as a process with exactly this environment's SLUICE_* reads them."""
+    for name in list(os.environ):
+        if name.startswith("SLUICE_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith("SLUICE_") and value is not None:
+            monkeypatch.setenv(name, value)
+    return CommonSettings()
+
+
 # --- settings against topology and launcher -------------------------------------------------
 
 
@@ -137,6 +152,16 @@ def test_settings_prefix_and_ports_match_topology(name: ServiceName) -> None:
         assert field_default(cls, "metrics_port") == ports.metrics
     for var in expected_port_env(name):
         assert var in env_names(cls)
+
+
+def test_listeners_are_on_loopback_locally_and_on_every_interface_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert common_settings_in({}, monkeypatch).listen_host == "127.0.0.1"
+    deployed = common_settings_in({"SLUICE_ENVIRONMENT": "production"}, monkeypatch)
+    assert deployed.listen_host == "0.0.0.0"
+    chosen = {"SLUICE_ENVIRONMENT": "production", "SLUICE_LISTEN_HOST": "::1"}
+    assert common_settings_in(chosen, monkeypatch).listen_host == "::1"
 
 
 def test_default_ports_are_distinct() -> None:
@@ -275,6 +300,15 @@ def test_compose_service_agrees_with_settings(name: ServiceName) -> None:
         or field_default(CommonSettings, "shutdown_grace_seconds")
     )
     assert float(str(svc["stop_grace_period"]).rstrip("s")) > grace
+
+
+@pytest.mark.parametrize("name", ALL_SERVICES, ids=str)
+def test_compose_services_listen_where_published_ports_reach(
+    name: ServiceName, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Published ports and healthchecks reach a container from outside its loopback."""
+    env = compose_env(compose()["services"][str(name)])
+    assert common_settings_in(env, monkeypatch).listen_host == "0.0.0.0"
 
 
 def test_compose_worker_reaches_the_model_container() -> None:
@@ -422,6 +456,15 @@ def test_k8s_deployment_agrees_with_settings(name: ServiceName) -> None:
     for port in service["spec"]["ports"]:
         assert port["targetPort"] in ports, f"{name} Service targets {port['targetPort']}"
         assert port["port"] == ports[port["targetPort"]]
+
+
+@pytest.mark.parametrize("name", ALL_SERVICES, ids=str)
+def test_k8s_services_listen_where_probes_reach(
+    name: ServiceName, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kubelet's gRPC probes and Prometheus connect to the pod's address."""
+    (container,) = k8s("Deployment", str(name))["spec"]["template"]["spec"]["containers"]
+    assert common_settings_in(container_env(container), monkeypatch).listen_host == "0.0.0.0"
 
 
 @pytest.mark.parametrize("name", ALL_SERVICES, ids=str)

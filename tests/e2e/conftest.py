@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sluice.embedded import EmbeddedNats
+from sluice.devtools.embedded import EmbeddedNats
 from sluice.topology import ALL_SERVICES, ServiceName
 
 from tests.support.stack import Stack

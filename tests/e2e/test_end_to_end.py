@@ -226,7 +226,15 @@ async def test_one_request_is_one_trace_across_all_services(e2e: RunningStack) -
     assert not any("trace me" in json.dumps(s["attributes"]) for s in spans)
 
     tree = subprocess.run(
-        [sys.executable, "-m", "sluice.cli", "trace", trace_id, "--state-dir", str(e2e.state_dir)],
+        [
+            sys.executable,
+            "-m",
+            "sluice.devtools.cli",
+            "trace",
+            trace_id,
+            "--state-dir",
+            str(e2e.state_dir),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

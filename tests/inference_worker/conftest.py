@@ -21,13 +21,13 @@ from sluice.cache.v1 import cache_pb2
 from sluice.catalog import Catalog
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
-from sluice.embedded import free_port
+from sluice.devtools.embedded import free_port
+from sluice.devtools.simulator import SIMULATOR_KEY, Simulator, start_simulator
 from sluice.inference.v1 import inference_pb2
 from sluice.localtrace import LocalTracerProvider
 from sluice.metrics import instruments
 from sluice.pricing import PriceTable
 from sluice.settings import CommonSettings
-from sluice.simulator import SIMULATOR_KEY, Simulator, start_simulator
 from sluice.telemetry import setup_telemetry
 from sluice.topology import PriorityClass, Streams, Subjects
 

@@ -14,10 +14,10 @@ from opentelemetry.trace import SpanKind
 from sluice import tokens
 from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
+from sluice.devtools.simulator import Simulator
 from sluice.errors import ErrorCode
 from sluice.inference.v1 import inference_pb2
 from sluice.pricing import PriceTable
-from sluice.simulator import Simulator
 from sluice.topology import PriorityClass, Subjects
 
 from services.inference_worker.domain.circuit import CircuitState

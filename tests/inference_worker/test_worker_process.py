@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sluice.bus import Bus
-from sluice.embedded import EmbeddedNats
+from sluice.devtools.embedded import EmbeddedNats
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice.topology import ServiceName
 

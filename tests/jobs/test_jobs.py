@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from sluice.bus import Bus
 from sluice.cost.v1 import cost_pb2
-from sluice.embedded import free_port
+from sluice.devtools.embedded import free_port
 from sluice.topology import ServiceName, Streams, Subjects
 from standardwebhooks import Webhook
 

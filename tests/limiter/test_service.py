@@ -23,7 +23,7 @@ from opentelemetry.sdk.resources import Resource
 from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
-from sluice.embedded import EmbeddedNats
+from sluice.devtools.embedded import EmbeddedNats
 from sluice.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from sluice.localtrace import LocalTracerProvider
 from sluice.topology import Buckets, Consumers, ServiceName, Subjects

@@ -5,8 +5,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from aiohttp import web
 from sluice.catalog import ProviderConfig
-from sluice.embedded import free_port
-from sluice.simulator import SIMULATOR_KEY, Simulator, start_simulator
+from sluice.devtools.embedded import free_port
+from sluice.devtools.simulator import SIMULATOR_KEY, Simulator, start_simulator
 
 from services.inference_worker.adapters.providers.openai_compat import OpenAICompatProvider
 

@@ -9,15 +9,15 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from sluice.catalog import ProviderConfig
 from sluice.common.v1 import chat_pb2
-from sluice.embedded import free_port
-from sluice.inference.v1 import inference_pb2
-from sluice.localmodel import (
+from sluice.devtools.embedded import free_port
+from sluice.devtools.localmodel import (
     MODEL_ALIAS,
     MODEL_SIZE,
     ensure_model,
     start_llama_server,
     wait_llama_ready,
 )
+from sluice.inference.v1 import inference_pb2
 
 from services.inference_worker.adapters.providers.openai_compat import OpenAICompatProvider
 from tests.support.stack import REPO

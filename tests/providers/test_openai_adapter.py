@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from sluice import tokens
 from sluice.common.v1 import chat_pb2
-from sluice.embedded import free_port
+from sluice.devtools.embedded import free_port
+from sluice.devtools.simulator import Simulator
 from sluice.errors import ErrorCode
 from sluice.inference.v1 import inference_pb2
-from sluice.simulator import Simulator
 
 from services.inference_worker.adapters.providers import wire
 from services.inference_worker.domain.upstream import UpstreamFailure

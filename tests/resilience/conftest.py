@@ -17,7 +17,7 @@ import pytest
 from nats.js.api import DeliverPolicy
 from sluice.bus import Bus
 from sluice.cost.v1 import cost_pb2
-from sluice.embedded import EmbeddedNats
+from sluice.devtools.embedded import EmbeddedNats
 from sluice.inference.v1 import inference_pb2
 from sluice.keys.v1 import keys_pb2
 from sluice.topology import Buckets, ServiceName, Streams, Subjects

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sluice.simulator import _TOKEN_TEXT, Simulator
+from sluice.devtools.simulator import _TOKEN_TEXT, Simulator
 
 from tests.resilience.conftest import (
     DEV_KEY,

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 from sluice.bus import Bus
-from sluice.embedded import EmbeddedNats, free_port, wait_for_port
+from sluice.devtools.embedded import EmbeddedNats, free_port, wait_for_port
 from sluice.keys.v1 import keys_pb2
 from sluice.topology import ALL_SERVICES, Buckets, ServiceName
 
@@ -91,7 +91,7 @@ async def full_stack(
     port = free_port()
     sim_log = root / "simulator.log"
     sim = subprocess.Popen(
-        [sys.executable, "-m", "sluice.cli", "simulator", "--port", str(port)],
+        [sys.executable, "-m", "sluice.devtools.cli", "simulator", "--port", str(port)],
         cwd=REPO,
         stdout=sim_log.open("wb"),
         stderr=subprocess.STDOUT,

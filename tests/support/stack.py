@@ -20,8 +20,8 @@ import grpc
 from sluice import grpc_edge
 from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
-from sluice.embedded import free_port, wait_for_port
-from sluice.launcher import SERVICE_ENV_PREFIX, SERVICE_MODULES
+from sluice.devtools.embedded import free_port, wait_for_port
+from sluice.devtools.up.plan import SERVICE_ENV_PREFIX, SERVICE_MODULES
 from sluice.topology import ServiceName, Subjects
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def simulator(log_file: Path) -> Iterator[str]:
     """The simulated provider as its own process on a free port; yields its /v1 URL."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sluice.cli", "simulator", "--port", str(port)],
+        [sys.executable, "-m", "sluice.devtools.cli", "simulator", "--port", str(port)],
         cwd=REPO,
         stdout=log_file.open("wb"),
         stderr=subprocess.STDOUT,

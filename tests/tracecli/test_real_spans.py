@@ -8,7 +8,8 @@ import time
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import SpanKind
-from sluice import telemetry, tracecli
+from sluice import telemetry
+from sluice.devtools import tracecli
 from sluice.localtrace import LocalTracerProvider
 from sluice.telemetry import JsonLinesSpanProcessor, spans_dir
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sluice import cli, tracecli
+from sluice.devtools import cli, tracecli
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 OTHER = "4bf92f35aaaaaaaaaaaaaaaaaaaaaaaa"  # shares an 8-digit prefix with TRACE

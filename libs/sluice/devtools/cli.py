@@ -7,9 +7,9 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("sluice.launcher", "start NATS, the local model and all five services"),
-    "trace": ("sluice.tracecli", "print one request's spans as a tree"),
-    "simulator": ("sluice.simulator", "run the simulated OpenAI-compatible provider"),
+    "up": ("sluice.devtools.up.command", "start NATS, the local model and all five services"),
+    "trace": ("sluice.devtools.tracecli", "print one request's spans as a tree"),
+    "simulator": ("sluice.devtools.simulator", "run the simulated OpenAI-compatible provider"),
 }
 
 
