@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sluice.bus import Bus
 from sluice.cost.v1 import cost_pb2
-from sluice.embedded import EmbeddedNats
+from sluice.devtools.embedded import EmbeddedNats
 from sluice.localtrace import LocalTracerProvider
 from sluice.topology import ConsumerSpec, StreamSpec
 

@@ -21,7 +21,7 @@ from sluice import telemetry
 from sluice.bus import Bus
 from sluice.consumers import ConsumerBroker, Delivery, DurableConsumer, Poison, Transient
 from sluice.cost.v1 import cost_pb2
-from sluice.embedded import EmbeddedNats, free_port
+from sluice.devtools.embedded import EmbeddedNats, free_port
 from sluice.service import ServiceRuntime
 from sluice.settings import CommonSettings
 from sluice.topology import ConsumerSpec, ServiceName, StreamSpec

@@ -292,7 +292,9 @@ async def test_a_job_is_one_trace_from_submission_to_its_cost(e2e: RunningStack)
     (took,) = [s for s in spans if s["name"] == "sluice.v1.infer.batch process"]
     assert took["service"] == "inference-worker" and child_of(took, "gateway", "PRODUCER")
     assert any(
-        s["service"] == "inference-worker" and s["kind"] == "CLIENT" and s["name"].startswith("chat ")
+        s["service"] == "inference-worker"
+        and s["kind"] == "CLIENT"
+        and s["name"].startswith("chat ")
         for s in spans
     )
     # The worker's usage event into the cost-tracker, its lifecycle events into the
