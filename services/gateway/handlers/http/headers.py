@@ -11,9 +11,12 @@ from sluice.keys.v1 import keys_pb2
 from sluice.topology import PriorityClass
 
 from services.gateway.domain.admission import DisconnectPolicy
+from services.gateway.domain.chat import ChatOptions
+from services.gateway.domain.dialects.common import Dialect
+from services.gateway.domain.dialects.openai.response import OPENAI
 from services.gateway.domain.jobs.request import Prefer
 from services.gateway.domain.work import resolve_priority
-from services.gateway.settings import SemanticCacheMode
+from services.gateway.settings import GatewaySettings, SemanticCacheMode
 
 PRIORITY_HEADER = "x-sluice-priority"
 IDEMPOTENCY_HEADER = "idempotency-key"
@@ -92,3 +95,24 @@ def job_priority(
     """Jobs run as ``batch`` unless the caller waits for them (``Prefer: wait``)."""
     default = PriorityClass.INTERACTIVE if prefer.wait is not None else PriorityClass.BATCH
     return priority(key, headers, default)
+
+
+def chat_options(
+    headers: Mapping[str, str],
+    key: keys_pb2.ApiKeyRecord,
+    settings: GatewaySettings,
+    *,
+    instance: str,
+    dialect: Dialect = OPENAI,
+) -> ChatOptions:
+    """How a chat request asked to be handled, from its headers."""
+    return ChatOptions(
+        dialect=dialect,
+        cache_control=headers.get("cache-control", ""),
+        instance=instance,
+        on_disconnect=disconnect_policy(headers.get(DISCONNECT_HEADER)),
+        semantic=semantic_wanted(settings.semantic_cache, headers.get(SEMANTIC_HEADER)),
+        priority=priority(key, headers, PriorityClass.INTERACTIVE),
+        # An idempotent request's record follows its lifecycle events.
+        lifecycle_events=IDEMPOTENCY_HEADER in headers,
+    )

@@ -75,3 +75,13 @@ async def authenticate(request: Request[Any, Any, Any], keys: KeyLookup) -> keys
     return await keys.authenticate(
         extract_secret(headers.get("authorization"), headers.get("x-api-key"))
     )
+
+
+async def authenticated_body(
+    request: Request[Any, Any, Any], keys: KeyLookup, limit: int
+) -> tuple[keys_pb2.ApiKeyRecord, bytes]:
+    """A POST's key, then its JSON body (in that order: an unknown caller is refused
+    before anything is read)."""
+    key = await authenticate(request, keys)
+    check_content_type(request.headers.get("content-type"))
+    return key, await read_body(request, limit)

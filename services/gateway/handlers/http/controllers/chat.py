@@ -6,9 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, Response, post
-from sluice.topology import PriorityClass
 
-from services.gateway.domain.chat import ChatOptions
 from services.gateway.domain.dialects.common import RequestMeta
 from services.gateway.domain.dialects.openai.request import parse_body, to_chat_request
 from services.gateway.domain.exchange import Answer
@@ -17,7 +15,7 @@ from services.gateway.handlers.http import headers as h
 from services.gateway.handlers.http.deps import deps_of
 from services.gateway.handlers.http.idempotency import idempotent
 from services.gateway.handlers.http.middleware import request_context
-from services.gateway.handlers.http.requests import authenticate, check_content_type, read_body
+from services.gateway.handlers.http.requests import authenticated_body
 from services.gateway.handlers.http.responses import to_response
 from services.gateway.handlers.http.routes import CHAT_ROUTE
 
@@ -49,9 +47,7 @@ class ChatController(Controller):
         ``x-sluice-priority`` (interactive, batch, system) picks the scheduling class."""
         deps = deps_of(request)
         ctx = request_context(request.scope)
-        key = await authenticate(request, deps.keys)
-        check_content_type(request.headers.get("content-type"))
-        raw = await read_body(request, deps.settings.max_body_bytes)
+        key, raw = await authenticated_body(request, deps.keys, deps.settings.max_body_bytes)
         headers = request.headers
         prefer = h.prefer_of(headers)
 
@@ -65,17 +61,7 @@ class ChatController(Controller):
                     priority=h.job_priority(key, headers, prefer),
                     trace_id=ctx.trace_id,
                 )
-            options = ChatOptions(
-                cache_control=headers.get("cache-control", ""),
-                instance=ctx.instance,
-                on_disconnect=h.disconnect_policy(headers.get(h.DISCONNECT_HEADER)),
-                semantic=h.semantic_wanted(
-                    deps.settings.semantic_cache, headers.get(h.SEMANTIC_HEADER)
-                ),
-                priority=h.priority(key, headers, PriorityClass.INTERACTIVE),
-                # An idempotent request's record follows its lifecycle events.
-                lifecycle_events=h.IDEMPOTENCY_HEADER in headers,
-            )
+            options = h.chat_options(headers, key, deps.settings, instance=ctx.instance)
             meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model)
             return await deps.chat.complete(key, to_chat_request(body), meta, options)
 

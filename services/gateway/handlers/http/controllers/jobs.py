@@ -15,7 +15,7 @@ from services.gateway.handlers.http import headers as h
 from services.gateway.handlers.http.deps import deps_of
 from services.gateway.handlers.http.idempotency import idempotent
 from services.gateway.handlers.http.middleware import request_context
-from services.gateway.handlers.http.requests import authenticate, check_content_type, read_body
+from services.gateway.handlers.http.requests import authenticate, authenticated_body
 from services.gateway.handlers.http.responses import json_response, to_response
 from services.gateway.handlers.http.routes import JOBS_ROUTE
 
@@ -47,9 +47,7 @@ class JobsController(Controller):
         ``Idempotency-Key`` is honoured."""
         deps = deps_of(request)
         ctx = request_context(request.scope)
-        key = await authenticate(request, deps.keys)
-        check_content_type(request.headers.get("content-type"))
-        raw = await read_body(request, deps.settings.max_body_bytes)
+        key, raw = await authenticated_body(request, deps.keys, deps.settings.max_body_bytes)
         headers = request.headers
         prefer = h.prefer_of(headers)
 

@@ -6,9 +6,7 @@ from typing import Any
 
 from litestar import Controller, Request, Response, post
 from sluice.errors import ErrorCode, SluiceError
-from sluice.topology import PriorityClass
 
-from services.gateway.domain.chat import ChatOptions
 from services.gateway.domain.dialects.anthropic.request import (
     VERSION_HEADER,
     anthropic_to_chat_request,
@@ -66,15 +64,8 @@ class MessagesController(Controller):
             )
         raw = await read_body(request, deps.settings.max_body_bytes)
         body = parse_messages_body(raw)
-        options = ChatOptions(
-            dialect=ANTHROPIC,
-            cache_control=headers.get("cache-control", ""),
-            instance=ctx.instance,
-            on_disconnect=h.disconnect_policy(headers.get(h.DISCONNECT_HEADER)),
-            semantic=h.semantic_wanted(
-                deps.settings.semantic_cache, headers.get(h.SEMANTIC_HEADER)
-            ),
-            priority=h.priority(key, headers, PriorityClass.INTERACTIVE),
+        options = h.chat_options(
+            headers, key, deps.settings, instance=ctx.instance, dialect=ANTHROPIC
         )
         meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model)
         answer = await deps.chat.complete(key, anthropic_to_chat_request(body), meta, options)
