@@ -5,8 +5,10 @@ the real processes' suites."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,12 +91,19 @@ class Edge:
     def plain_channel(self) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
 
-    def server_spans(self, name: str) -> list[Any]:
-        return [
-            s
-            for s in self.exporter.get_finished_spans()
-            if s.name == name and s.kind is SpanKind.SERVER
-        ]
+    async def server_spans(self, name: str, count: int = 1) -> list[Any]:
+        """The SERVER spans named ``name`` once ``count`` of them ended: the client can
+        read an answer before the server's handler has ended its span."""
+        deadline = time.monotonic() + 5
+        while True:
+            spans = [
+                s
+                for s in self.exporter.get_finished_spans()
+                if s.name == name and s.kind is SpanKind.SERVER
+            ]
+            if len(spans) >= count or time.monotonic() > deadline:
+                return spans
+            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -139,7 +148,7 @@ async def test_a_caller_without_the_token_is_refused(edge: Edge, metadata: Any) 
     assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
     assert str(err.value.details()).startswith(f"{ErrorCode.INVALID_SERVICE_TOKEN}: ")
     assert edge.quota.calls == 0
-    [span] = edge.server_spans("sluice.limiter.v1.QuotaService/GetQuota")
+    [span] = await edge.server_spans("sluice.limiter.v1.QuotaService/GetQuota")
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
 
 
@@ -195,7 +204,7 @@ async def test_a_sluice_error_becomes_the_catalogues_status(edge: Edge) -> None:
     assert retry.retry_delay.ToMilliseconds() == 1500
     back = grpc_edge.error_from_status(status)
     assert back is not None and back.code is ErrorCode.RATE_LIMITED and back.param == "key_id"
-    [span] = edge.server_spans("sluice.limiter.v1.QuotaService/GetQuota")
+    [span] = await edge.server_spans("sluice.limiter.v1.QuotaService/GetQuota")
     assert span.attributes["sluice.error.code"] == "rate_limited"
     # The caller's doing, not the server's: the span is not marked failed.
     assert span.status.status_code is not StatusCode.ERROR
@@ -210,7 +219,7 @@ async def test_an_unexpected_failure_is_internal_and_says_nothing_of_itself(
                 limiter_pb2.GetQuotaRequest(key_id="broken")
             )
     assert err.value.code() is grpc.StatusCode.INTERNAL
-    [span] = edge.server_spans("sluice.limiter.v1.QuotaService/GetQuota")
+    [span] = await edge.server_spans("sluice.limiter.v1.QuotaService/GetQuota")
     trace_id = f"{span.context.trace_id:032x}"
     message = str(err.value.details())
     assert message.startswith("internal_error: ") and trace_id in message
@@ -247,7 +256,7 @@ async def test_the_server_span_continues_the_callers_trace(edge: Edge) -> None:
             limiter_pb2.GetQuotaRequest(key_id="k2"),
             metadata=(("authorization", f"Bearer {TOKEN}"), *carrier.items()),
         )
-    first, second = edge.server_spans("sluice.limiter.v1.QuotaService/GetQuota")
+    first, second = await edge.server_spans("sluice.limiter.v1.QuotaService/GetQuota", 2)
     assert first.parent is not None and first.parent.span_id == caller.get_span_context().span_id
     assert first.context.trace_id == caller.get_span_context().trace_id
     assert second.parent is not None and second.parent.span_id == other.get_span_context().span_id
@@ -273,7 +282,7 @@ async def test_a_streaming_call_is_one_span_current_while_the_servicer_runs(edge
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call.read()
         assert err.value.code() is grpc.StatusCode.UNAVAILABLE
-    ok, failed = edge.server_spans("sluice.cost.v1.UsageService/WatchCostEvents")
+    ok, failed = await edge.server_spans("sluice.cost.v1.UsageService/WatchCostEvents", 2)
     assert ok.attributes["sluice.events_sent"] == 2 and ok.attributes["rpc.grpc.status_code"] == 0
     assert failed.attributes["sluice.events_sent"] == 2
     assert failed.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
