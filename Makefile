@@ -67,7 +67,7 @@ test: install ## run the whole test suite, slow and model tests included
 
 lint: install ## ruff, mypy, buf lint, and buf breaking against the last v* release tag
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy libs/sluice services tests bench deploy/docker
+	$(VENV)/bin/mypy libs/sluice services tests bench deploy/docker examples
 	cd proto && ../$(VENV)/bin/buf lint
 	@tag=$$(git describe --tags --abbrev=0 --match 'v*' 2>/dev/null || true); \
 	if [ -n "$$tag" ]; then \

@@ -15,6 +15,7 @@ stale. The gateway serves ``asyncapi_json()`` as it is.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from functools import cache
@@ -59,6 +60,12 @@ class EventSpec:
     stream: StreamSpec | None = None
     # What each subject parameter is.
     parameters: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def every_subject(self) -> str:
+        """The subject with each parameter a wildcard: what a subscriber to all of
+        them subscribes to."""
+        return re.sub(r"\{\w+\}", "*", self.subject)
 
     @property
     def description(self) -> str:
