@@ -23,7 +23,7 @@ export LLAMA_CPP_BUILD_JOBS
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 export CMAKE_ARGS
 
-.PHONY: help venv install run test lint proto proto-check bench clean clean-state distclean
+.PHONY: help venv install run test lint proto proto-check asyncapi bench clean clean-state distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -70,7 +70,7 @@ test: install ## run the whole test suite, slow and model tests included
 
 lint: install ## ruff, mypy, buf lint, and buf breaking against the last v* release tag
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy libs/sluice services tests bench deploy/docker
+	$(VENV)/bin/mypy libs/sluice services tests bench deploy/docker examples
 	cd proto && ../$(VENV)/bin/buf lint
 	@tag=$$(git describe --tags --abbrev=0 --match 'v*' 2>/dev/null || true); \
 	if [ -n "$$tag" ]; then \
@@ -85,6 +85,9 @@ proto: install ## regenerate the protobuf and gRPC code in libs/sluice/*/v1
 
 proto-check: install ## fail when the committed generated code is stale
 	PYTHON=$(PY) scripts/proto_codegen.sh --check
+
+asyncapi: install ## regenerate docs/asyncapi.json (the published events, sluice.events)
+	$(PY) -m sluice.events docs/asyncapi.json
 
 bench: install ## run the benchmarks (python -m bench)
 	$(PY) -m bench

@@ -10,8 +10,10 @@ Sections (``--only a,b``; ``--quick`` for a short run of each): ``overhead`` (th
 above), ``jobs`` (job submission latency, bench/jobs.py), ``resume`` (reconnect to the
 first replayed event, bench/resume.py), ``priority`` (interactive queue wait behind
 1,000 batch jobs, on a product of its own), ``streams`` (1,000 streams open at once,
-bench/streams.py, on a product with room for them) and ``semcache`` (the semantic
-cache's similarity threshold on labelled pairs, bench/semcache.py, no product).
+bench/streams.py, on a product with room for them), ``semcache`` (the semantic
+cache's similarity threshold on labelled pairs, bench/semcache.py, no product) and
+``consumers`` (CPU per message of faststream against nats-py, core request/reply and
+JetStream pulls, bench/consumers.py, on a NATS server of its own).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 import aiohttp
 from sluice.devtools.embedded import free_port
 
-from bench import jobs, resume, semcache, spans, streams
+from bench import consumers, jobs, resume, semcache, spans, streams
 from bench.load import (
     Sample,
     Target,
@@ -652,17 +654,39 @@ async def main_async(args: argparse.Namespace) -> int:
     if "spans" in only:
         section("Tracing: one span, started, ended and serialised (bench/spans.py)")
         print(spans.spans_table())
+    if "consumers" in only:
+        section(
+            "Consumers: CPU per message, faststream against nats-py, A/B in alternating "
+            "rounds (bench/consumers.py)"
+        )
+        print(
+            await consumers.consumers_tables(
+                rounds=args.consumer_rounds,
+                requests=args.consumer_requests,
+                messages=args.consumer_messages,
+            )
+        )
     if "semcache" in only:
         section("Semantic cache: similarity threshold on the labelled pairs (bench/semcache.py)")
         semcache.report()
     return 0
 
 
-SECTIONS = ("overhead", "jobs", "resume", "priority", "streams", "spans", "semcache")
+SECTIONS = (
+    "overhead",
+    "jobs",
+    "resume",
+    "priority",
+    "streams",
+    "spans",
+    "semcache",
+    "consumers",
+)
 # Full run, and --quick: (seconds, job seconds, reconnects, batch jobs, interactive
-# seconds, streams, stream tokens/s, stream seconds).
-FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0)
-QUICK = (3.0, 2.0, 50, 300, 5.0, 200, 10.0, 5.0)
+# seconds, streams, stream tokens/s, stream seconds, consumer rounds, consumer requests,
+# consumer messages).
+FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0, 5, 5000, 8192)
+QUICK = (3.0, 2.0, 50, 300, 5.0, 200, 10.0, 5.0, 3, 1000, 2048)
 
 
 def _sections(value: str) -> set[str]:
@@ -713,6 +737,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--stream-open-rate", type=float, default=100, help="streams opened per second"
     )
+    parser.add_argument("--consumer-rounds", type=int, help="alternating rounds (5; quick 3)")
+    parser.add_argument(
+        "--consumer-requests", type=int, help="core requests per variant and round (5000)"
+    )
+    parser.add_argument(
+        "--consumer-messages", type=int, help="JetStream messages per variant and round (8192)"
+    )
     args = parser.parse_args(argv)
     names = (
         "seconds",
@@ -723,6 +754,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "streams",
         "stream_tps",
         "stream_seconds",
+        "consumer_rounds",
+        "consumer_requests",
+        "consumer_messages",
     )
     for name, value in zip(names, QUICK if args.quick else FULL, strict=True):
         if getattr(args, name) is None:

@@ -229,6 +229,7 @@ class _Item:
     # None: accepted; otherwise why not.
     failure: Poison | Transient | None = None
     settled: str = field(default="")
+    span_ended: bool = False
 
 
 class DurableConsumer(Generic[P]):
@@ -332,9 +333,7 @@ class DurableConsumer(Generic[P]):
                     await self._settle_one(item)
         finally:
             for item in items:
-                if item.span is not None:
-                    item.span.set_attribute("sluice.consumer.disposition", item.settled or "none")
-                    item.span.end()
+                _end_span(item)
 
     async def _handle_limited(self, item: _Item, settle: bool) -> None:
         assert self._concurrency is not None
@@ -401,6 +400,7 @@ class DurableConsumer(Generic[P]):
             await self._send(item, TERMINATED, item.msg.term())
         else:
             await self._send(item, NAKED, item.msg.nak(delay=self._delay(item.failure)))
+        _end_span(item)
 
     async def _settle_all(self, items: list[_Item]) -> None:
         """AckAll: terms, then one ack, then the naks from the first transient on, then
@@ -426,6 +426,8 @@ class DurableConsumer(Generic[P]):
             if isinstance(item.failure, Transient):
                 pause = max(pause, self._delay(item.failure))
             await self._send(item, NAKED, item.msg.nak())
+        for item in items:
+            _end_span(item)
         if pause > 0:
             # Before the next fetch, ending early when the consumer stops.
             await self._subscriber.pause(pause)
@@ -445,6 +447,14 @@ class DurableConsumer(Generic[P]):
             return
         item.settled = disposition
         self.settled[disposition] += 1
+
+
+def _end_span(item: _Item) -> None:
+    """End a handled message's span once, with what became of the message."""
+    if item.span is not None and not item.span_ended:
+        item.span.set_attribute("sluice.consumer.disposition", item.settled or "none")
+        item.span.end()
+        item.span_ended = True
 
 
 async def _raw_batch(message: StreamMessage[Any]) -> Any:

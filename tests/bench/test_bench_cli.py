@@ -33,3 +33,20 @@ def test_span_table_times_both_tracers_and_writes_their_spans() -> None:
     rows = {line.split("|")[1].strip(): line for line in text.splitlines()[2:4]}
     assert set(rows) == {"sdk", "local"}
     assert "local / sdk:" in text
+
+
+def test_consumer_options_follow_the_presets() -> None:
+    full, quick = parse_args([]), parse_args(["--quick", "--consumer-rounds", "2"])
+    assert (full.consumer_rounds, full.consumer_requests, full.consumer_messages) == FULL[8:]
+    assert (quick.consumer_rounds, quick.consumer_messages) == (2, QUICK[10])
+
+
+@pytest.mark.slow
+async def test_consumer_tables_measure_every_variant_and_settle_every_message() -> None:
+    from bench import consumers
+
+    # pull_round raises when a variant leaves a message unacked.
+    text = await consumers.consumers_tables(rounds=1, requests=200, messages=256)
+    for label in [*consumers.CORE_VARIANTS.values(), *consumers.PULL_VARIANTS.values()]:
+        assert label in text
+    assert "AckAll saves, per message:" in text

@@ -335,10 +335,9 @@ async def test_the_runtime_stops_consumers_after_intake_and_before_its_stop_hook
 ) -> None:
     common = CommonSettings(nats_url=nats_server.url, state_dir=tmp_path, log_level="WARNING")
     runtime = ServiceRuntime(ServiceName.COST_TRACKER, common, grpc_port=0, metrics_port=None)
-    bus = await runtime.start()
-    # The tracer and meter providers are the test process's, set once for the session:
-    # this runtime must not shut them down for the tests after it.
-    runtime.telemetry = None
+    # The runtime's bus, without the rest of start(): that would install this process's
+    # telemetry providers for good (once per process), under the other suites' feet.
+    bus = runtime.bus = await Bus.connect(nats_server.url, "sluice-cost-tracker")
     seen: Seen = []
     first = asyncio.Event()
     at_hook: list[tuple[int, int]] = []
