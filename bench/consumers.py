@@ -48,7 +48,7 @@ from sluice.bus import Bus, consumer_config
 from sluice.common.v1 import chat_pb2
 from sluice.consumers import ConsumerBroker, Delivery, DurableConsumer
 from sluice.cost.v1 import cost_pb2
-from sluice.embedded import EmbeddedNats
+from sluice.devtools.embedded import EmbeddedNats
 from sluice.limiter.v1 import limiter_pb2
 from sluice.topology import ConsumerSpec
 

@@ -13,7 +13,7 @@ import pytest
 from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
-from sluice.embedded import EmbeddedNats
+from sluice.devtools.embedded import EmbeddedNats
 from sluice.topology import Subjects
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cost_events.py"
