@@ -16,7 +16,7 @@ from sluice.keys.v1 import keys_pb2
 from sluice.limiter.v1 import limiter_pb2
 from sluice.topology import Buckets
 
-from tests.gateway.harness import POLICIES, Gateway, answer, build_gateway
+from tests.gateway.harness import POLICIES, REPO, Gateway, answer, build_gateway
 
 SECRET = "zebra-violet-prompt-marker"
 CHAT = "/v1/chat/completions"
@@ -552,6 +552,15 @@ async def test_models_health_readiness_metrics_docs(gw: Gateway, bus):
         assert docs.status_code == 200
         ops = {op["operationId"] for path in docs.json()["paths"].values() for op in path.values()}
         assert {"createChatCompletion", "listModels", "getHealth", "getReadiness"} <= ops
+        # The events' document, as committed (a test elsewhere keeps that file current).
+        asyncapi = await http.get("/docs/asyncapi")
+        assert asyncapi.status_code == 200
+        document = asyncapi.json()
+        assert document == json.loads((REPO / "docs" / "asyncapi.json").read_text())
+        assert {c["address"] for c in document["channels"].values()} >= {
+            "sluice.v1.cost.recorded.{key_id}",
+            "sluice.v1.usage.{key_id}",
+        }
 
 
 async def test_readiness_when_every_service_answers(gw: Gateway, bus):

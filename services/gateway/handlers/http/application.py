@@ -10,6 +10,7 @@ from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin
 from sluice import __version__
 
 from services.gateway.handlers.http.controllers.chat import ChatController
+from services.gateway.handlers.http.controllers.docs import DocsController
 from services.gateway.handlers.http.controllers.jobs import JobsController, WebhooksController
 from services.gateway.handlers.http.controllers.messages import MessagesController
 from services.gateway.handlers.http.controllers.models import ModelsController
@@ -29,6 +30,7 @@ def create_app(deps: ApiDeps) -> Litestar:
             WebhooksController,
             ModelsController,
             OpsController,
+            DocsController,
         ],
         exception_handlers={Exception: exception_handler(deps.instruments)},
         request_max_body_size=deps.settings.max_body_bytes,

@@ -1,6 +1,10 @@
 """The webhook sender: drains ``SLUICE_WEBHOOKS`` (one durable consumer for all gateway
 replicas), several deliveries at once; a failed attempt comes back after the retry
-schedule's next delay, so retries survive restarts."""
+schedule's next delay, so retries survive restarts.
+
+A gateway fetches its next batch once every delivery of the last one is settled, so a
+receiver that takes its whole timeout (``SLUICE_GATEWAY_WEBHOOK_TIMEOUT_SECONDS``) holds
+the next batch back that long on that replica; the other replicas keep pulling."""
 
 from __future__ import annotations
 
