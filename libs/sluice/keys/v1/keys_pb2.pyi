@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from sluice.tenancy.v1 import tenancy_pb2 as _tenancy_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,6 +23,26 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class ApiKeyRecord(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     KEY_ID_FIELD_NUMBER: _builtins.int
     SECRET_SHA256_FIELD_NUMBER: _builtins.int
     TEAM_ID_FIELD_NUMBER: _builtins.int
@@ -32,6 +53,17 @@ class ApiKeyRecord(_message.Message):
     REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     CREATED_UNIX_FIELD_NUMBER: _builtins.int
     DISABLED_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    MODEL_ALLOW_FIELD_NUMBER: _builtins.int
+    EXPIRES_UNIX_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    REPLACED_BY_FIELD_NUMBER: _builtins.int
+    GRACE_UNTIL_UNIX_FIELD_NUMBER: _builtins.int
+    REVOKED_UNIX_FIELD_NUMBER: _builtins.int
+    AUDIT_PROMPTS_FIELD_NUMBER: _builtins.int
+    ON_BUDGET_EXHAUSTED_FIELD_NUMBER: _builtins.int
+    SECRET_PREFIX_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """Public identifier; the secret itself is never stored."""
     secret_sha256: _builtins.str
@@ -44,8 +76,32 @@ class ApiKeyRecord(_message.Message):
     requests_per_minute: _builtins.int
     created_unix: _builtins.int
     disabled: _builtins.bool
+    expires_unix: _builtins.int
+    """The key stops working at this time (0: never)."""
+    replaced_by: _builtins.str
+    """Rotation: the key that replaced this one, and until when this one still works."""
+    grace_until_unix: _builtins.int
+    revoked_unix: _builtins.int
+    audit_prompts: _builtins.bool
+    """Audit records of this key's requests carry the prompt text."""
+    on_budget_exhausted: _builtins.str
+    """When a budget runs out mid-stream: "finish" (the default) or "cut"."""
+    secret_prefix: _builtins.str
+    """The first characters of the secret, to recognise a key in lists ("sk-sluice-AbC")."""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def limits(self) -> _tenancy_pb2.Limits:
+        """Over the team's (0: the team's value)."""
+
+    @_builtins.property
+    def budgets(self) -> _tenancy_pb2.Budgets: ...
+    @_builtins.property
+    def model_allow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Model names or globs (fnmatch) the key may use; empty: every model served."""
+
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
         self,
         *,
@@ -59,10 +115,21 @@ class ApiKeyRecord(_message.Message):
         requests_per_minute: _builtins.int = ...,
         created_unix: _builtins.int = ...,
         disabled: _builtins.bool = ...,
+        limits: _tenancy_pb2.Limits | None = ...,
+        budgets: _tenancy_pb2.Budgets | None = ...,
+        model_allow: _abc.Iterable[_builtins.str] | None = ...,
+        expires_unix: _builtins.int = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        replaced_by: _builtins.str = ...,
+        grace_until_unix: _builtins.int = ...,
+        revoked_unix: _builtins.int = ...,
+        audit_prompts: _builtins.bool = ...,
+        on_budget_exhausted: _builtins.str = ...,
+        secret_prefix: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "disabled", b"disabled", "key_id", b"key_id", "name", b"name", "requests_per_minute", b"requests_per_minute", "scopes", b"scopes", "secret_sha256", b"secret_sha256", "team_id", b"team_id", "tier", b"tier", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_prompts", b"audit_prompts", "budgets", b"budgets", "created_unix", b"created_unix", "disabled", b"disabled", "expires_unix", b"expires_unix", "grace_until_unix", b"grace_until_unix", "key_id", b"key_id", "limits", b"limits", "metadata", b"metadata", "model_allow", b"model_allow", "name", b"name", "on_budget_exhausted", b"on_budget_exhausted", "replaced_by", b"replaced_by", "requests_per_minute", b"requests_per_minute", "revoked_unix", b"revoked_unix", "scopes", b"scopes", "secret_prefix", b"secret_prefix", "secret_sha256", b"secret_sha256", "team_id", b"team_id", "tier", b"tier", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from sluice.common.v1 import chat_pb2 as _chat_pb2
+from sluice.tenancy.v1 import tenancy_pb2 as _tenancy_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -33,6 +34,14 @@ class ReserveRequest(_message.Message):
     REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     LEASE_TOKENS_FIELD_NUMBER: _builtins.int
     LEASE_REQUESTS_FIELD_NUMBER: _builtins.int
+    KEY_LIMITS_FIELD_NUMBER: _builtins.int
+    KEY_BUDGETS_FIELD_NUMBER: _builtins.int
+    TEAM_LIMITS_FIELD_NUMBER: _builtins.int
+    TEAM_BUDGETS_FIELD_NUMBER: _builtins.int
+    END_USER_FIELD_NUMBER: _builtins.int
+    END_USER_LIMITS_FIELD_NUMBER: _builtins.int
+    END_USER_BUDGETS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     key_id: _builtins.str
     team_id: _builtins.str
@@ -50,6 +59,26 @@ class ReserveRequest(_message.Message):
     The limiter grants at most a fraction of what the key has left, or nothing.
     """
     lease_requests: _builtins.int
+    end_user: _builtins.str
+    """The end user (the request's `user`, or a JWT's `sub`); empty: none known."""
+    priority: _builtins.str
+    """interactive, batch or system: batch work is admitted within a share of each limit."""
+    @_builtins.property
+    def key_limits(self) -> _tenancy_pb2.Limits:
+        """What each level may use and spend, as the gateway resolved them (key record over
+        team over tier). A request must fit every level that sets a limit.
+        """
+
+    @_builtins.property
+    def key_budgets(self) -> _tenancy_pb2.Budgets: ...
+    @_builtins.property
+    def team_limits(self) -> _tenancy_pb2.Limits: ...
+    @_builtins.property
+    def team_budgets(self) -> _tenancy_pb2.Budgets: ...
+    @_builtins.property
+    def end_user_limits(self) -> _tenancy_pb2.Limits: ...
+    @_builtins.property
+    def end_user_budgets(self) -> _tenancy_pb2.Budgets: ...
     def __init__(
         self,
         *,
@@ -63,10 +92,18 @@ class ReserveRequest(_message.Message):
         requests_per_minute: _builtins.int = ...,
         lease_tokens: _builtins.int = ...,
         lease_requests: _builtins.int = ...,
+        key_limits: _tenancy_pb2.Limits | None = ...,
+        key_budgets: _tenancy_pb2.Budgets | None = ...,
+        team_limits: _tenancy_pb2.Limits | None = ...,
+        team_budgets: _tenancy_pb2.Budgets | None = ...,
+        end_user: _builtins.str = ...,
+        end_user_limits: _tenancy_pb2.Limits | None = ...,
+        end_user_budgets: _tenancy_pb2.Budgets | None = ...,
+        priority: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_user_budgets", b"end_user_budgets", "end_user_limits", b"end_user_limits", "key_budgets", b"key_budgets", "key_limits", b"key_limits", "team_budgets", b"team_budgets", "team_limits", b"team_limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "key_id", b"key_id", "lease_requests", b"lease_requests", "lease_tokens", b"lease_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "request_id", b"request_id", "requests_per_minute", b"requests_per_minute", "team_id", b"team_id", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_user", b"end_user", "end_user_budgets", b"end_user_budgets", "end_user_limits", b"end_user_limits", "input_tokens", b"input_tokens", "key_budgets", b"key_budgets", "key_id", b"key_id", "key_limits", b"key_limits", "lease_requests", b"lease_requests", "lease_tokens", b"lease_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "priority", b"priority", "request_id", b"request_id", "requests_per_minute", b"requests_per_minute", "team_budgets", b"team_budgets", "team_id", b"team_id", "team_limits", b"team_limits", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
