@@ -23,6 +23,7 @@ from services.gateway.domain.dialects.ratelimit import go_duration, rate_limit_h
 from services.gateway.domain.problems import GatewayError, problem_headers, render_problem
 from services.gateway.domain.relay.inbox import Inbox
 from services.gateway.domain.relay.reader import DeadlineExceeded, EventReader
+from services.gateway.handlers.http.routes import route_label
 from services.gateway.settings import CacheMode
 
 
@@ -601,3 +602,21 @@ def test_validation_errors_name_fields_not_union_members() -> None:
     assert err.param == "messages.0.content"
     assert err.detail == "Invalid field(s): messages.0.content."
     assert {e["loc"] for e in err.details["errors"]} == {"messages.0.content"}
+
+
+def test_route_labels_name_the_route_not_the_path() -> None:
+    assert route_label("/v1/chat/completions") == "/v1/chat/completions"
+    assert route_label("/v1/jobs") == "/v1/jobs"
+    assert route_label("/v1/jobs/job_0123") == "/v1/jobs/{id}"
+    assert route_label("/v1/jobs/job_0123/events") == "/v1/jobs/{id}/events"
+    assert route_label("/v1/jobs/job_0123/cancel") == "/v1/jobs/{id}/cancel"
+    assert route_label("/v1/streams/req_1") == "/v1/streams/{id}"
+    assert route_label("/docs/asyncapi") == "/docs"
+    for stray in (
+        "/v1/jobs/a/b",
+        "/v1/jobs/",
+        "/v1/streams/a/b",
+        "/wp-admin",
+        "/v1/jobs/x/eventsx",
+    ):
+        assert route_label(stray) == "unmatched", stray

@@ -42,6 +42,8 @@ class NatsEventSink:
             event.SerializeToString(),
             event.request_id,
             what="usage",
+            # The subject names the key: the span's name must not (low cardinality).
+            span_name=f"{PREFIX}.usage",
         )
 
     async def cache_store(self, store: cache_pb2.StoreRequest) -> None:

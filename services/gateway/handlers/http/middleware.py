@@ -17,7 +17,7 @@ from sluice import telemetry
 from sluice.metrics import Instruments
 
 from services.gateway.domain.exchange import RequestContext
-from services.gateway.handlers.http.routes import ANSWER_ROUTES, LABELLED_ROUTES, UNTRACED
+from services.gateway.handlers.http.routes import ANSWER_ROUTES, UNTRACED, route_label
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -40,14 +40,6 @@ def request_context(scope: Any) -> RequestContext:
         return ctx
     # Only reachable when the app runs without the edge (never in the service).
     return RequestContext(new_request_id(), "", str(scope.get("path", "")))
-
-
-def route_label(path: str) -> str:
-    if path in LABELLED_ROUTES:
-        return path
-    if path == "/docs" or path.startswith("/docs/"):
-        return "/docs"
-    return "unmatched"
 
 
 class Edge:

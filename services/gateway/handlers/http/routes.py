@@ -6,10 +6,43 @@ MESSAGES_ROUTE = "/v1/messages"
 JOBS_ROUTE = "/v1/jobs"
 # The routes that answer from the data path, so always say what the cache did.
 ANSWER_ROUTES = frozenset({CHAT_ROUTE, MESSAGES_ROUTE})
-# Route labels are fixed strings: raw paths would explode metric cardinality.
-LABELLED_ROUTES = frozenset({*ANSWER_ROUTES, "/v1/models", "/healthz", "/readyz", "/metrics"})
+# Route labels are fixed strings (a path's ids become {id}): raw paths would explode
+# metric cardinality.
+LABELLED_ROUTES = frozenset(
+    {
+        *ANSWER_ROUTES,
+        JOBS_ROUTE,
+        "/v1/models",
+        "/v1/webhooks/secret",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    }
+)
+# Routes with an id in the path: (prefix, what follows the id, label).
+TEMPLATED_ROUTES = (
+    ("/v1/jobs/", "", "/v1/jobs/{id}"),
+    ("/v1/jobs/", "/events", "/v1/jobs/{id}/events"),
+    ("/v1/jobs/", "/cancel", "/v1/jobs/{id}/cancel"),
+    ("/v1/streams/", "", "/v1/streams/{id}"),
+)
 # Probes and scrapes are not traced: they would bury the request traces.
 UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def route_label(path: str) -> str:
+    """The route a path matched, as a metric and span label."""
+    if path in LABELLED_ROUTES:
+        return path
+    if path == "/docs" or path.startswith("/docs/"):
+        return "/docs"
+    for prefix, suffix, label in TEMPLATED_ROUTES:
+        if path.startswith(prefix):
+            rest = path[len(prefix) :]
+            ident = rest.removesuffix(suffix) if suffix else rest
+            if ident and "/" not in ident and (not suffix or rest.endswith(suffix)):
+                return label
+    return "unmatched"
 
 
 def is_messages_path(path: str) -> bool:
