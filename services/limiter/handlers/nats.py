@@ -16,9 +16,9 @@ nothing measurable: at 100 requests/s (``python -m bench --only overhead --rates
 (0.47 to 0.485 streaming), inside the runs' spread of about 0.08 ms. Against that, a
 switch needs a new durable (JetStream cannot change a consumer's ack policy), which
 starts at the beginning of ``SLUICE_USAGE`` or needs the old one's position carried
-over, and "one process at a time" holds only if a rollout never overlaps two limiters
-(the Deployment's default rolling update does). Worth revisiting if usage grows to
-thousands of events a second.
+over, and nothing keeps two limiters from pulling at once during a rollout (the
+Deployment uses the default rolling update, which starts the new pod before it stops
+the old). Worth revisiting if usage grows to thousands of events a second.
 """
 
 from __future__ import annotations
