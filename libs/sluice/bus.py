@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -418,14 +418,8 @@ class Bus:
                     await sub.unsubscribe()
 
     # --- operations particular services need ------------------------------------------
-    # The limiter's and cost-tracker's batch consumers, the worker's pull dispatcher and
-    # queue gauge, the cost-tracker's ledger rebuild, the cache's invalidation.
-
-    async def pull_subscription(self, spec: ConsumerSpec) -> JetStreamContext.PullSubscription:
-        """A subscription bound to the durable pull consumer ``spec`` (made with
-        ``ensure_consumer``), to ``fetch`` batches from. ``close`` unsubscribes it rather
-        than draining it (see ``_drop_unread_subscriptions``)."""
-        return await self.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+    # The worker's pull dispatcher and queue gauge, the cost-tracker's ledger rebuild, the
+    # cache's invalidation. (Durable batch consumers are sluice.consumers.)
 
     async def request_next(
         self, spec: ConsumerSpec, reply: str, *, batch: int = 1, expires: float | None = None
@@ -511,35 +505,3 @@ def consumer_config(spec: ConsumerSpec, **overrides: Any) -> ConsumerConfig:
         max_ack_pending=spec.max_ack_pending,
         **overrides,
     )
-
-
-async def linger(stopping: asyncio.Event, seconds: float) -> None:
-    """A batch consumer's pause after a short batch: wait ``seconds`` for the next one
-    to gather at the server (one fetch, one transaction, instead of one per message),
-    or until a stop is asked for."""
-    if seconds > 0 and not stopping.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), timeout=seconds)
-
-
-async def pull_batches(
-    sub: JetStreamContext.PullSubscription,
-    *,
-    batch: int,
-    running: Callable[[], bool],
-    what: str,
-) -> AsyncIterator[list[Msg]]:
-    """Batches from a durable pull subscription for as long as ``running()``: an empty
-    fetch asks again, a failed one (NATS reconnecting) after a pause."""
-    while running():
-        try:
-            msgs = await sub.fetch(batch=batch, timeout=2.0)
-        except (TimeoutError, nats.errors.TimeoutError):
-            continue
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.warning("%s fetch failed", what, exc_info=True)
-            await asyncio.sleep(1.0)
-            continue
-        yield msgs

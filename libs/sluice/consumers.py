@@ -218,6 +218,11 @@ class Delivery:
         return int(self._msg.metadata.sequence.stream)
 
 
+def process_span_name(spec: ConsumerSpec) -> str:
+    """The name of a consumer's CONSUMER spans (see the module docstring)."""
+    return f"{spec.filter_subject} process"
+
+
 MessageHandler = Callable[[P, Delivery], Awaitable[None]]
 BatchHook = Callable[[], Awaitable[None]]
 
@@ -264,7 +269,7 @@ class DurableConsumer(Generic[P]):
         self._ack_all = spec.ack_policy == "all"
         self._concurrency = asyncio.Semaphore(concurrency) if concurrency > 1 else None
         self._tracer = tracer or trace.get_tracer("sluice.consumers")
-        self._span_name = f"{spec.filter_subject} process"
+        self._span_name = process_span_name(spec)
         subscriber = broker.subscriber(
             spec.filter_subject,
             stream=JStream(spec.stream, declare=False),
@@ -361,7 +366,13 @@ class DurableConsumer(Generic[P]):
                 except DecodeError as exc:
                     raise Poison(f"undecodable {self.payload.DESCRIPTOR.full_name}") from exc
                 await self.handler(message, Delivery(msg, span))
-            except (Poison, Transient) as exc:
+            except Poison as exc:
+                # Said once here, for every consumer: the message is gone for good.
+                log.warning(
+                    "%s: terminating a message on %s: %s", self.spec.durable, msg.subject, exc
+                )
+                item.failure = exc
+            except Transient as exc:
                 item.failure = exc
             except Exception as exc:
                 log.exception("%s: handler failed on %s", self.spec.durable, msg.subject)
@@ -470,4 +481,5 @@ __all__ = [
     "MessageHandler",
     "Poison",
     "Transient",
+    "process_span_name",
 ]

@@ -13,6 +13,8 @@ from dataclasses import replace
 
 from opentelemetry import trace
 from sluice.bus import Bus
+from sluice.consumers import ConsumerBroker, DurableConsumer
+from sluice.cost.v1 import cost_pb2
 from sluice.logging import configure_logging
 from sluice.pricing import PriceTable
 from sluice.service import ServiceRuntime
@@ -25,7 +27,7 @@ from services.cost_tracker.domain.feed import CostFeed
 from services.cost_tracker.domain.recording import UsageRecorder
 from services.cost_tracker.domain.usage import Pricer
 from services.cost_tracker.handlers.grpc import usage_service
-from services.cost_tracker.handlers.nats import CostEventListener, UsageConsumer
+from services.cost_tracker.handlers.nats import CostEventListener, usage_consumer
 from services.cost_tracker.settings import CostTrackerSettings
 
 log = logging.getLogger(__name__)
@@ -43,22 +45,28 @@ class CostTracker:
         self.feed = CostFeed(settings.watch_queue_size)
         # UsageService, for the runtime's gRPC server (behind the edge).
         self.register = usage_service(self.ledger, self.feed)
-        self.consumer: UsageConsumer | None = None
+        self.recorder: UsageRecorder | None = None
+        self.consumer: DurableConsumer[cost_pb2.UsageEvent] | None = None
         self._tracer = tracer
 
-    async def start(self, bus: Bus, *, consumer_spec: ConsumerSpec | None = None) -> None:
+    async def start(
+        self, bus: Bus, broker: ConsumerBroker, *, consumer_spec: ConsumerSpec | None = None
+    ) -> None:
+        """Open the ledger and start the usage consumer on ``broker`` (the runtime's:
+        it stops the consumer, settling the batch in hand, before ``stop`` runs)."""
         await self.ledger.open()
         # Subscribed to every instance's cost events only while someone watches.
         self.feed.attach(CostEventListener(bus, self.feed.publish))
         spec = consumer_spec or replace(
             Consumers.COST_USAGE, durable=self.settings.consumer_durable
         )
-        self.consumer = UsageConsumer(
-            bus,
-            UsageRecorder(self.ledger, self.pricer, NatsCostEvents(bus)),
+        self.recorder = UsageRecorder(self.ledger, self.pricer, NatsCostEvents(bus))
+        self.consumer = usage_consumer(
+            broker,
+            self.recorder,
             spec,
-            batch_size=self.settings.batch_size,
-            batch_window=self.settings.batch_window_seconds,
+            batch=self.settings.batch_size,
+            window=self.settings.batch_window_seconds,
             fetch_timeout=self.settings.fetch_timeout_seconds,
             tracer=self._tracer,
         )
@@ -71,7 +79,8 @@ class CostTracker:
         )
 
     async def stop(self) -> None:
-        """Finish the batch in hand, end the watch streams, close the ledger."""
+        """Finish the batch in hand (already done when the runtime stopped the broker
+        first), end the watch streams, close the ledger."""
         if self.consumer is not None:
             await self.consumer.stop()
         self.feed.close()
@@ -119,7 +128,7 @@ async def main(argv: list[str] | None = None) -> None:
     bus = await runtime.start([tracker.register])
     runtime.on_stop(tracker.stop)
     try:
-        await tracker.start(bus)
+        await tracker.start(bus, runtime.consumer_broker())
     except BaseException:
         await runtime.shutdown()
         raise

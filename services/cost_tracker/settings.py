@@ -26,7 +26,8 @@ class CostTrackerSettings(BaseSettings):
     consumer_durable: str = Consumers.COST_USAGE.durable
     # Messages fetched and committed per SQLite transaction.
     batch_size: int = Field(default=256, ge=1, le=10_000)
-    # How long one fetch waits for messages; bounds how fast a stop is noticed.
+    # How long a fetch from an idle durable waits for messages before it asks again (a
+    # stop does not wait for it: the consumer's stop ends the pending fetch).
     fetch_timeout_seconds: float = Field(default=1.0, gt=0)
     # After a batch smaller than batch_size, wait this long before the next fetch, so
     # that usage arriving meanwhile is priced, committed (one fsync) and acked as one

@@ -12,6 +12,8 @@ import asyncio
 import dataclasses
 import logging
 
+from sluice.consumers import DurableConsumer
+from sluice.cost.v1 import cost_pb2
 from sluice.service import ServiceRuntime
 from sluice.topology import Consumers, ServiceName
 
@@ -20,7 +22,7 @@ from services.limiter.domain.admission import Admission, Clock, LimiterMetrics, 
 from services.limiter.domain.snapshots import Snapshots
 from services.limiter.domain.windows import Limiter
 from services.limiter.handlers.grpc import quota_service
-from services.limiter.handlers.nats import AdmissionHandlers, UsageReconciler
+from services.limiter.handlers.nats import AdmissionHandlers, usage_reconciler
 from services.limiter.settings import LimiterSettings
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ class LimiterService:
         self.limiter = Limiter(settings.limiter_config())
         self.admission = Admission(self.limiter, LimiterMetrics(), clock)
         self.snapshots: Snapshots | None = None
-        self.reconciler: UsageReconciler | None = None
+        self.reconciler: DurableConsumer[cost_pb2.UsageEvent] | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
@@ -55,8 +57,8 @@ class LimiterService:
         # After the runtime set up telemetry, so the instruments reach its meter.
         self.admission.metrics.register(self.limiter)
         await AdmissionHandlers(self.admission).serve(bus)
-        self.reconciler = UsageReconciler(
-            bus,
+        self.reconciler = usage_reconciler(
+            self.runtime.consumer_broker(),
             self.admission,
             dataclasses.replace(Consumers.LIMITER_USAGE, durable=self.settings.consumer_durable),
             batch=self.settings.reconcile_batch,
@@ -75,10 +77,10 @@ class LimiterService:
         await self.runtime.shutdown()
 
     async def _on_stop(self) -> None:
-        # Intake is already stopped; let the usage batch in hand finish, then snapshot.
+        # Intake is stopped, and the runtime has stopped the usage consumer, settling the
+        # batch in hand (its broker stops before the stop hooks): the snapshot below
+        # holds every settlement whose ack was sent.
         self._stopping.set()
-        if self.reconciler is not None:
-            await self.reconciler.stop()
         if self._snapshot_task is not None:
             await asyncio.gather(self._snapshot_task, return_exceptions=True)
         if self.snapshots is not None:

@@ -37,7 +37,8 @@ class LimiterSettings(BaseSettings):
     # The durable consumer on SLUICE_USAGE; another name reconciles independently.
     consumer_durable: str = Consumers.LIMITER_USAGE.durable
     reconcile_batch: int = Field(default=256, ge=1, le=10_000)
-    # How long one fetch waits for usage events; bounds how fast a stop is noticed.
+    # How long a fetch from an idle durable waits for usage events before it asks again
+    # (a stop does not wait for it: the consumer's stop ends the pending fetch).
     fetch_timeout_seconds: float = Field(default=1.0, gt=0)
     # After a batch smaller than reconcile_batch, wait this long before the next fetch,
     # so usage is reconciled in batches rather than one fetch per event. A reservation

@@ -22,6 +22,7 @@ from opentelemetry import trace
 from sluice import grpc_edge
 from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
+from sluice.consumers import ConsumerBroker
 from sluice.cost.v1 import cost_pb2, cost_pb2_grpc
 from sluice.settings import CommonSettings
 from sluice.topology import ConsumerSpec, Streams, Subjects
@@ -121,12 +122,16 @@ async def eventually(
 class RunningTracker:
     tracker: CostTracker
     bus: Bus
+    broker: ConsumerBroker
     server: grpc.aio.Server
     channel: grpc.aio.Channel
     stub: Any  # UsageServiceAsyncStub
     settings: CostTrackerSettings
 
     async def stop(self) -> None:
+        # In the runtime's order: the consumers' broker (the batch in hand settled), then
+        # the tracker's own stop.
+        await self.broker.stop()
         await self.tracker.stop()
         await self.channel.close()
         await self.server.stop(grace=1)
@@ -165,7 +170,8 @@ async def start_tracker(
     tracker.register(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    await tracker.start(bus, consumer_spec=consumer_spec)
+    broker = ConsumerBroker(bus, graceful_timeout=10)
+    await tracker.start(bus, broker, consumer_spec=consumer_spec)
     channel = grpc_edge.channel(f"127.0.0.1:{port}", SERVICE_TOKEN)
     stub = cost_pb2_grpc.UsageServiceStub(channel)
-    return RunningTracker(tracker, bus, server, channel, stub, settings)
+    return RunningTracker(tracker, bus, broker, server, channel, stub, settings)

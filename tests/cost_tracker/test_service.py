@@ -17,18 +17,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from sluice import telemetry
+from sluice.consumers import process_span_name
 from sluice.cost.v1 import cost_pb2
 from sluice.localtrace import LocalTracerProvider
 from sluice.pricing import PriceTable
 from sluice.topology import Consumers, Streams, Subjects
 
-from services.cost_tracker.adapters.events import NatsCostEvents
 from services.cost_tracker.adapters.ledger import Ledger
 from services.cost_tracker.adapters.rebuild import rebuild_ledger
-from services.cost_tracker.domain.recording import UsageRecorder
 from services.cost_tracker.domain.usage import Pricer, UsageFilter
 from services.cost_tracker.handlers.grpc import WATCHING_METADATA_KEY
-from services.cost_tracker.handlers.nats import PROCESS_SPAN_NAME, UsageConsumer
 from tests.cost_tracker.harness import (
     eventually,
     publish_usage,
@@ -37,6 +35,9 @@ from tests.cost_tracker.harness import (
     usage_event,
     write_prices,
 )
+
+# The name every usage consumer's CONSUMER spans take (the limiter's too).
+PROCESS_SPAN_NAME = process_span_name(Consumers.COST_USAGE)
 
 
 @pytest.fixture
@@ -234,66 +235,52 @@ async def test_same_request_republished_is_recorded_and_announced_once(running, 
     # The marker comes right after the first: the duplicate produced no cost event.
     assert [e.request_id for e in received] == [event.request_id, marker.request_id]
     assert len(ledger_rows(running.settings.ledger_file, key)) == 2
-    consumer = running.tracker.consumer
-    assert consumer is not None and consumer.recorder.duplicates >= 1
+    recorder = running.tracker.recorder
+    assert recorder is not None and recorder.duplicates >= 1
     call.cancel()
 
 
-class AckLosingConsumer(UsageConsumer):
-    """Commits, then "crashes" before acking the first delivery of every message."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.deliveries: list[tuple[str, int]] = []
-
-    async def ack(self, msg):
-        delivered = msg.metadata.num_delivered
-        self.deliveries.append((msg.metadata.sequence.stream, delivered))
-        if delivered == 1:
-            return
-        await super().ack(msg)
-
-
-async def test_redelivery_after_commit_is_exactly_once(bus, tmp_path):
+async def test_rows_committed_before_a_crash_are_duplicates_when_redelivered(bus, tmp_path):
+    """What a crash between the commit and the acks leaves: the rows in the ledger, their
+    messages unacked. Delivered again, each finds its row: counted a duplicate, announced
+    never, and acked; the one event the crash had not committed is recorded as new."""
     key = unique("key")
+    events = [usage_event(key) for _ in range(3)]
     pricer = Pricer(PriceTable.load(write_prices(tmp_path)))
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
-    await ledger.open()
-    spec = replace(
-        Consumers.COST_USAGE,
-        durable=unique("cost-redeliver"),
-        filter_subject=Subjects.usage(key),
-        ack_wait_seconds=1.0,
-    )
-    recorder = UsageRecorder(ledger, pricer, NatsCostEvents(bus))
-    consumer = AckLosingConsumer(bus, recorder, spec, fetch_timeout=0.2)
-    announced: list[bytes] = []
+    crashed = Ledger(tmp_path / "ledger.sqlite3")
+    await crashed.open()
+    await crashed.record([pricer.price(e) for e in events[:2]])
+    await crashed.close()
+
+    announced: list[str] = []
 
     async def on_cost(msg):
-        announced.append(msg.data)
+        announced.append(cost_pb2.CostEvent.FromString(msg.data).request_id)
 
     sub = await bus.nc.subscribe(Subjects.cost_recorded(key), cb=on_cost)
-    await consumer.start()
-    try:
-        event = usage_event(key)
+    for event in events:
         await publish_usage(bus, event)
+    spec = replace(
+        Consumers.COST_USAGE, durable=unique("cost-redeliver"), filter_subject=Subjects.usage(key)
+    )
+    running = await start_tracker(bus, tmp_path, consumer_spec=spec)
+    try:
+        recorder = running.tracker.recorder
+        assert recorder is not None
 
-        async def redelivered_and_acked():
-            return any(n == 2 for _, n in consumer.deliveries)
+        async def all_settled():
+            info = await bus.js.consumer_info(Streams.USAGE.name, spec.durable)
+            return info.ack_floor.stream_seq and info.num_pending + info.num_ack_pending == 0
 
-        await eventually(redelivered_and_acked, timeout=15)
+        await eventually(all_settled)
         await bus.nc.flush()
-        rows = await ledger.entries(UsageFilter(key_id=key))
-        assert [r.request_id for r in rows] == [event.request_id]
-        assert recorder.recorded == 1 and recorder.duplicates == 1
-        assert len(announced) == 1
-        info = await bus.js.consumer_info(Streams.USAGE.name, spec.durable)
-        assert info.num_ack_pending == 0
+        rows = await running.tracker.ledger.entries(UsageFilter(key_id=key))
+        assert sorted(r.request_id for r in rows) == sorted(e.request_id for e in events)
+        assert (recorder.recorded, recorder.duplicates) == (1, 2)
+        assert announced == [events[2].request_id]
     finally:
-        await consumer.stop()
+        await running.stop()  # deletes its durable too
         await sub.unsubscribe()
-        await ledger.close()
-        await bus.js.delete_consumer(Streams.USAGE.name, spec.durable)
 
 
 async def test_poison_message_is_terminated_and_the_stream_goes_on(running, bus):

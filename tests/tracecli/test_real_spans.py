@@ -9,13 +9,16 @@ import time
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import SpanKind
 from sluice import telemetry
+from sluice.consumers import process_span_name
 from sluice.devtools import tracecli
 from sluice.localtrace import LocalTracerProvider
 from sluice.telemetry import JsonLinesSpanProcessor, spans_dir
+from sluice.topology import Consumers
 
 from services.cost_tracker.domain.usage import UsageFilter
-from services.cost_tracker.handlers.nats import PROCESS_SPAN_NAME
 from tests.cost_tracker.harness import eventually, publish_usage, start_tracker, unique, usage_event
+
+PROCESS_SPAN_NAME = process_span_name(Consumers.COST_USAGE)
 
 
 def provider_for(service: str, state) -> LocalTracerProvider:

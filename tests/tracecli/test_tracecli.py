@@ -120,7 +120,7 @@ def state(tmp_path: Path) -> Path:
                 TRACE,
                 "e" * 16,
                 "c" * 16,
-                "sluice.v1.usage process",
+                "sluice.v1.usage.> process",
                 "cost-tracker",
                 106.0,
                 1.5,
@@ -174,7 +174,7 @@ def test_tree_order_offsets_and_orphans(state, capsys):
         "sluice.v1.limiter.reserve request",
         "sluice.v1.infer.interactive process",
         "chat sim-fast",
-        "sluice.v1.usage process",
+        "sluice.v1.usage.> process",
         "⤷ orphan sluice.v1.cost.recorded process",
     ]
     span_col = lines[1].index("SPAN")
@@ -192,7 +192,7 @@ def test_tree_order_offsets_and_orphans(state, capsys):
     chat = cells("chat sim-fast")
     assert chat[0] == "inference-worker"
     assert chat[3:6] == ["10.000", "80.250", "ERROR"]
-    usage = cells("sluice.v1.usage process")
+    usage = cells("sluice.v1.usage.> process")
     assert usage[:1] == ["cost-tracker"] and usage[3:5] == ["106.000", "1.500"]
     assert "sluice.cost_usd=0.00029" in usage
     assert "messaging.destination.name=sluice.v1.usage.k1" in usage
