@@ -3,13 +3,18 @@
 Prices are USD per million tokens. Cached input tokens are priced at their own rate
 (defaulting to the input rate) and are not charged again as plain input. The table's
 version is a hash of its content, recorded with every priced event.
+
+Money that is stored or summed is an integer number of **nano-USD** (1 USD = 10**9):
+each component (input, output) of a priced request is rounded half to even once
+(``usd_to_nanos``), and totals are integer sums of those, so the worker's cost of an
+answer and the cost-tracker's ledger row agree to the nano-dollar.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
 import yaml
@@ -17,6 +22,18 @@ import yaml
 from sluice.common.v1 import chat_pb2
 
 MILLION = Decimal(1_000_000)
+NANOS_PER_USD = 1_000_000_000
+_NANOS_PER_USD_DEC = Decimal(NANOS_PER_USD)
+
+
+def usd_to_nanos(usd: Decimal) -> int:
+    """Exact USD to integer nano-USD, rounded half to even."""
+    return int((usd * _NANOS_PER_USD_DEC).to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def nanos_to_usd(nanos: int) -> Decimal:
+    """Integer nano-USD to an exact ``Decimal`` USD amount."""
+    return Decimal(nanos).scaleb(-9)
 
 
 @dataclass(frozen=True)
@@ -34,6 +51,19 @@ class PricedUsage:
     @property
     def total_usd(self) -> Decimal:
         return self.input_usd + self.output_usd
+
+    @property
+    def input_nanos(self) -> int:
+        return usd_to_nanos(self.input_usd)
+
+    @property
+    def output_nanos(self) -> int:
+        return usd_to_nanos(self.output_usd)
+
+    @property
+    def total_nanos(self) -> int:
+        """What the ledger records: the sum of the two rounded components."""
+        return self.input_nanos + self.output_nanos
 
 
 class PriceTable:

@@ -30,7 +30,7 @@ from sluice.deltas import can_join, mergeable
 from sluice.errors import ErrorCode, SluiceError
 from sluice.inference.v1 import inference_pb2, lifecycle_pb2
 from sluice.metrics import Instruments
-from sluice.pricing import PriceTable
+from sluice.pricing import NANOS_PER_USD, PriceTable
 from sluice.replay import History
 from sluice.topology import ServiceName, Subjects
 
@@ -527,14 +527,17 @@ class InferenceEngine:
             for choice in answer.choices:
                 if choice.index == 0:
                     choice.content = req.takeover.prefix + choice.content
-        cost = self.prices.price(model.name, answer.usage).total_usd
+        # In nano-USD as the ledger prices it, so that a cache hit of this answer can
+        # record exactly what it saved.
+        cost_nanos = self.prices.price(model.name, answer.usage).total_nanos
         final = inference_pb2.Final(
             usage=answer.usage,
             model_served=model.name,
             provider=model.provider,
             response_id=answer.response_id,
             created_unix=answer.created_unix,
-            cost_usd=float(cost),
+            cost_usd=cost_nanos / NANOS_PER_USD,
+            cost_usd_nanos=cost_nanos,
             system_fingerprint=answer.system_fingerprint,
         )
         if not work.request.stream:
@@ -713,6 +716,8 @@ class InferenceEngine:
             cache_hit=False,
             outcome=str(outcome),
             trace_id=telemetry.trace_id_hex(),
+            end_user=work.end_user,
+            tags=work.tags,
         )
 
 

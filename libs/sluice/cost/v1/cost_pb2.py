@@ -25,25 +25,31 @@ _sym_db = _symbol_database.Default()
 from sluice.common.v1 import chat_pb2 as sluice_dot_common_dot_v1_dot_chat__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sluice/cost/v1/cost.proto\x12\x0esluice.cost.v1\x1a\x1bsluice/common/v1/chat.proto\"\x95\x02\n\nUsageEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12\x17\n\x0fmodel_requested\x18\x04 \x01(\t\x12\x14\n\x0cmodel_served\x18\x05 \x01(\t\x12\x10\n\x08provider\x18\x06 \x01(\t\x12&\n\x05usage\x18\x07 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x1b\n\x13occurred_unix_nanos\x18\x08 \x01(\x03\x12\x16\n\x0ereservation_id\x18\t \x01(\t\x12\x11\n\tcache_hit\x18\n \x01(\x08\x12\x0f\n\x07outcome\x18\x0b \x01(\t\x12\x10\n\x08trace_id\x18\x0c \x01(\t\"\xaa\x02\n\tCostEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12&\n\x05usage\x18\x06 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x16\n\x0einput_cost_usd\x18\x07 \x01(\x01\x12\x17\n\x0foutput_cost_usd\x18\x08 \x01(\x01\x12\x16\n\x0etotal_cost_usd\x18\t \x01(\x01\x12\x15\n\rprice_version\x18\n \x01(\t\x12\x1b\n\x13occurred_unix_nanos\x18\x0b \x01(\x03\x12\x11\n\tcache_hit\x18\x0c \x01(\x08\x12\x0f\n\x07outcome\x18\r \x01(\t\"p\n\nUsageQuery\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07team_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x18\n\x10since_unix_nanos\x18\x04 \x01(\x03\x12\x18\n\x10until_unix_nanos\x18\x05 \x01(\x03\"{\n\x08UsageRow\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12&\n\x05usage\x18\x04 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x16\n\x0etotal_cost_usd\x18\x05 \x01(\x01\"`\n\x0cUsageSummary\x12&\n\x04rows\x18\x01 \x03(\x0b\x32\x18.sluice.cost.v1.UsageRow\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x16\n\x0etotal_cost_usd\x18\x03 \x01(\x01\"(\n\x16WatchCostEventsRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t2\xae\x01\n\x0cUsageService\x12\x46\n\nQueryUsage\x12\x1a.sluice.cost.v1.UsageQuery\x1a\x1c.sluice.cost.v1.UsageSummary\x12V\n\x0fWatchCostEvents\x12&.sluice.cost.v1.WatchCostEventsRequest\x1a\x19.sluice.cost.v1.CostEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sluice/cost/v1/cost.proto\x12\x0esluice.cost.v1\x1a\x1bsluice/common/v1/chat.proto\"\xf3\x02\n\nUsageEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12\x17\n\x0fmodel_requested\x18\x04 \x01(\t\x12\x14\n\x0cmodel_served\x18\x05 \x01(\t\x12\x10\n\x08provider\x18\x06 \x01(\t\x12&\n\x05usage\x18\x07 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x1b\n\x13occurred_unix_nanos\x18\x08 \x01(\x03\x12\x16\n\x0ereservation_id\x18\t \x01(\t\x12\x11\n\tcache_hit\x18\n \x01(\x08\x12\x0f\n\x07outcome\x18\x0b \x01(\t\x12\x10\n\x08trace_id\x18\x0c \x01(\t\x12\x10\n\x08\x65nd_user\x18\r \x01(\t\x12\x0c\n\x04tags\x18\x0e \x03(\t\x12\"\n\x15\x63\x61\x63he_saved_usd_nanos\x18\x0f \x01(\x03H\x00\x88\x01\x01\x42\x18\n\x16_cache_saved_usd_nanos\"\x81\x03\n\tCostEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12&\n\x05usage\x18\x06 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x16\n\x0einput_cost_usd\x18\x07 \x01(\x01\x12\x17\n\x0foutput_cost_usd\x18\x08 \x01(\x01\x12\x16\n\x0etotal_cost_usd\x18\t \x01(\x01\x12\x15\n\rprice_version\x18\n \x01(\t\x12\x1b\n\x13occurred_unix_nanos\x18\x0b \x01(\x03\x12\x11\n\tcache_hit\x18\x0c \x01(\x08\x12\x0f\n\x07outcome\x18\r \x01(\t\x12\x1c\n\x14total_cost_usd_nanos\x18\x0e \x01(\x03\x12\x17\n\x0fsaved_usd_nanos\x18\x0f \x01(\x03\x12\x10\n\x08\x65nd_user\x18\x10 \x01(\t\x12\x0c\n\x04tags\x18\x11 \x03(\t\"\xe2\x01\n\nUsageQuery\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07team_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x18\n\x10since_unix_nanos\x18\x04 \x01(\x03\x12\x18\n\x10until_unix_nanos\x18\x05 \x01(\x03\x12\x30\n\x08group_by\x18\x06 \x03(\x0e\x32\x1e.sluice.cost.v1.UsageDimension\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\x10\n\x08\x65nd_user\x18\x08 \x01(\t\x12\x0b\n\x03tag\x18\t \x01(\t\x12\r\n\x05limit\x18\n \x01(\x05\"\xa3\x02\n\x08UsageRow\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12&\n\x05usage\x18\x04 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x16\n\x0etotal_cost_usd\x18\x05 \x01(\x01\x12\x0f\n\x07team_id\x18\x06 \x01(\t\x12\x10\n\x08\x65nd_user\x18\x07 \x01(\t\x12\x10\n\x08provider\x18\x08 \x01(\t\x12\x0b\n\x03tag\x18\t \x01(\t\x12\x1f\n\x17period_start_unix_nanos\x18\n \x01(\x03\x12\x16\n\x0e\x63ost_usd_nanos\x18\x0b \x01(\x03\x12\x17\n\x0fsaved_usd_nanos\x18\x0c \x01(\x03\x12\x12\n\ncache_hits\x18\r \x01(\x03\"\x92\x02\n\x0cUsageSummary\x12&\n\x04rows\x18\x01 \x03(\x0b\x32\x18.sluice.cost.v1.UsageRow\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x16\n\x0etotal_cost_usd\x18\x03 \x01(\x01\x12\x16\n\x0e\x63ost_usd_nanos\x18\x04 \x01(\x03\x12\x17\n\x0fsaved_usd_nanos\x18\x05 \x01(\x03\x12\x12\n\ncache_hits\x18\x06 \x01(\x03\x12&\n\x05usage\x18\x07 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x11\n\ttruncated\x18\x08 \x01(\x08\x12\x30\n\x08group_by\x18\t \x03(\x0e\x32\x1e.sluice.cost.v1.UsageDimension\"l\n\x0fUsageQueryReply\x12-\n\x07summary\x18\x01 \x01(\x0b\x32\x1c.sluice.cost.v1.UsageSummary\x12*\n\x07problem\x18\x02 \x01(\x0b\x32\x19.sluice.common.v1.Problem\"\x9e\x02\n\nSpendAlert\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05scope\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x0f\n\x07team_id\x18\x05 \x01(\t\x12\x0e\n\x06period\x18\x06 \x01(\t\x12\x19\n\x11period_start_unix\x18\x07 \x01(\x03\x12\x19\n\x11threshold_percent\x18\x08 \x01(\x05\x12\x17\n\x0fspend_usd_nanos\x18\t \x01(\x03\x12\x18\n\x10\x62udget_usd_nanos\x18\n \x01(\x03\x12\x1a\n\x12\x62\x61seline_usd_nanos\x18\x0b \x01(\x03\x12\x14\n\x0cspike_factor\x18\x0c \x01(\x01\x12\x15\n\rat_unix_nanos\x18\r \x01(\x03\"(\n\x16WatchCostEventsRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t*\x87\x02\n\x0eUsageDimension\x12\x1f\n\x1bUSAGE_DIMENSION_UNSPECIFIED\x10\x00\x12\x17\n\x13USAGE_DIMENSION_KEY\x10\x01\x12\x18\n\x14USAGE_DIMENSION_TEAM\x10\x02\x12\x1c\n\x18USAGE_DIMENSION_END_USER\x10\x03\x12\x19\n\x15USAGE_DIMENSION_MODEL\x10\x04\x12\x1c\n\x18USAGE_DIMENSION_PROVIDER\x10\x05\x12\x17\n\x13USAGE_DIMENSION_TAG\x10\x06\x12\x17\n\x13USAGE_DIMENSION_DAY\x10\x07\x12\x18\n\x14USAGE_DIMENSION_HOUR\x10\x08\x32\xae\x01\n\x0cUsageService\x12\x46\n\nQueryUsage\x12\x1a.sluice.cost.v1.UsageQuery\x1a\x1c.sluice.cost.v1.UsageSummary\x12V\n\x0fWatchCostEvents\x12&.sluice.cost.v1.WatchCostEventsRequest\x1a\x19.sluice.cost.v1.CostEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.cost.v1.cost_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_USAGEDIMENSION']._serialized_start=2078
+  _globals['_USAGEDIMENSION']._serialized_end=2341
   _globals['_USAGEEVENT']._serialized_start=75
-  _globals['_USAGEEVENT']._serialized_end=352
-  _globals['_COSTEVENT']._serialized_start=355
-  _globals['_COSTEVENT']._serialized_end=653
-  _globals['_USAGEQUERY']._serialized_start=655
-  _globals['_USAGEQUERY']._serialized_end=767
-  _globals['_USAGEROW']._serialized_start=769
-  _globals['_USAGEROW']._serialized_end=892
-  _globals['_USAGESUMMARY']._serialized_start=894
-  _globals['_USAGESUMMARY']._serialized_end=990
-  _globals['_WATCHCOSTEVENTSREQUEST']._serialized_start=992
-  _globals['_WATCHCOSTEVENTSREQUEST']._serialized_end=1032
-  _globals['_USAGESERVICE']._serialized_start=1035
-  _globals['_USAGESERVICE']._serialized_end=1209
+  _globals['_USAGEEVENT']._serialized_end=446
+  _globals['_COSTEVENT']._serialized_start=449
+  _globals['_COSTEVENT']._serialized_end=834
+  _globals['_USAGEQUERY']._serialized_start=837
+  _globals['_USAGEQUERY']._serialized_end=1063
+  _globals['_USAGEROW']._serialized_start=1066
+  _globals['_USAGEROW']._serialized_end=1357
+  _globals['_USAGESUMMARY']._serialized_start=1360
+  _globals['_USAGESUMMARY']._serialized_end=1634
+  _globals['_USAGEQUERYREPLY']._serialized_start=1636
+  _globals['_USAGEQUERYREPLY']._serialized_end=1744
+  _globals['_SPENDALERT']._serialized_start=1747
+  _globals['_SPENDALERT']._serialized_end=2033
+  _globals['_WATCHCOSTEVENTSREQUEST']._serialized_start=2035
+  _globals['_WATCHCOSTEVENTSREQUEST']._serialized_end=2075
+  _globals['_USAGESERVICE']._serialized_start=2344
+  _globals['_USAGESERVICE']._serialized_end=2518
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from sluice.common.v1 import chat_pb2 as _chat_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,38 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _UsageDimension:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsageDimensionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageDimension.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_DIMENSION_UNSPECIFIED: _UsageDimension.ValueType  # 0
+    USAGE_DIMENSION_KEY: _UsageDimension.ValueType  # 1
+    USAGE_DIMENSION_TEAM: _UsageDimension.ValueType  # 2
+    USAGE_DIMENSION_END_USER: _UsageDimension.ValueType  # 3
+    USAGE_DIMENSION_MODEL: _UsageDimension.ValueType  # 4
+    USAGE_DIMENSION_PROVIDER: _UsageDimension.ValueType  # 5
+    USAGE_DIMENSION_TAG: _UsageDimension.ValueType  # 6
+    """A request with several tags counts in the group of each; one without, in ""."""
+    USAGE_DIMENSION_DAY: _UsageDimension.ValueType  # 7
+    USAGE_DIMENSION_HOUR: _UsageDimension.ValueType  # 8
+
+class UsageDimension(_UsageDimension, metaclass=_UsageDimensionEnumTypeWrapper):
+    """What usage can be grouped by. Days and hours are UTC."""
+
+USAGE_DIMENSION_UNSPECIFIED: UsageDimension.ValueType  # 0
+USAGE_DIMENSION_KEY: UsageDimension.ValueType  # 1
+USAGE_DIMENSION_TEAM: UsageDimension.ValueType  # 2
+USAGE_DIMENSION_END_USER: UsageDimension.ValueType  # 3
+USAGE_DIMENSION_MODEL: UsageDimension.ValueType  # 4
+USAGE_DIMENSION_PROVIDER: UsageDimension.ValueType  # 5
+USAGE_DIMENSION_TAG: UsageDimension.ValueType  # 6
+"""A request with several tags counts in the group of each; one without, in ""."""
+USAGE_DIMENSION_DAY: UsageDimension.ValueType  # 7
+USAGE_DIMENSION_HOUR: UsageDimension.ValueType  # 8
+Global___UsageDimension: _TypeAlias = UsageDimension  # noqa: Y015
 
 @_typing.final
 class UsageEvent(_message.Message):
@@ -39,6 +72,9 @@ class UsageEvent(_message.Message):
     CACHE_HIT_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
+    END_USER_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    CACHE_SAVED_USD_NANOS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     key_id: _builtins.str
     team_id: _builtins.str
@@ -51,8 +87,23 @@ class UsageEvent(_message.Message):
     outcome: _builtins.str
     """completed, failed, interrupted or cancelled."""
     trace_id: _builtins.str
+    end_user: _builtins.str
+    """The end user the request was made for (the request's `user`, Anthropic's
+    `metadata.user_id`); empty: none given.
+    """
+    cache_saved_usd_nanos: _builtins.int
+    """Of a cache hit: what the answer cost, in nano-USD (1e-9 USD), when it was made,
+    which is what the hit saved. Unset for an answer cached before this field existed:
+    the cost-tracker then prices the answer's usage at today's prices.
+    """
     @_builtins.property
     def usage(self) -> _chat_pb2.Usage: ...
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Labels the caller put on the request (the `x-sluice-tags` header and
+        `metadata.tags`), sorted and unique: usage can be grouped by them.
+        """
+
     def __init__(
         self,
         *,
@@ -68,12 +119,17 @@ class UsageEvent(_message.Message):
         cache_hit: _builtins.bool = ...,
         outcome: _builtins.str = ...,
         trace_id: _builtins.str = ...,
+        end_user: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        cache_saved_usd_nanos: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_saved_usd_nanos", b"_cache_saved_usd_nanos", "cache_saved_usd_nanos", b"cache_saved_usd_nanos", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "key_id", b"key_id", "model_requested", b"model_requested", "model_served", b"model_served", "occurred_unix_nanos", b"occurred_unix_nanos", "outcome", b"outcome", "provider", b"provider", "request_id", b"request_id", "reservation_id", b"reservation_id", "team_id", b"team_id", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_saved_usd_nanos", b"_cache_saved_usd_nanos", "cache_hit", b"cache_hit", "cache_saved_usd_nanos", b"cache_saved_usd_nanos", "end_user", b"end_user", "key_id", b"key_id", "model_requested", b"model_requested", "model_served", b"model_served", "occurred_unix_nanos", b"occurred_unix_nanos", "outcome", b"outcome", "provider", b"provider", "request_id", b"request_id", "reservation_id", b"reservation_id", "tags", b"tags", "team_id", b"team_id", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__cache_saved_usd_nanos: _TypeAlias = _typing.Literal["cache_saved_usd_nanos"]  # noqa: Y015
+    _WhichOneofArgType__cache_saved_usd_nanos: _TypeAlias = _typing.Literal["_cache_saved_usd_nanos", b"_cache_saved_usd_nanos"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cache_saved_usd_nanos) -> _WhichOneofReturnType__cache_saved_usd_nanos | None: ...
 
 Global___UsageEvent: _TypeAlias = UsageEvent  # noqa: Y015
 
@@ -94,6 +150,10 @@ class CostEvent(_message.Message):
     OCCURRED_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     CACHE_HIT_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
+    TOTAL_COST_USD_NANOS_FIELD_NUMBER: _builtins.int
+    SAVED_USD_NANOS_FIELD_NUMBER: _builtins.int
+    END_USER_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     key_id: _builtins.str
     team_id: _builtins.str
@@ -107,8 +167,15 @@ class CostEvent(_message.Message):
     occurred_unix_nanos: _builtins.int
     cache_hit: _builtins.bool
     outcome: _builtins.str
+    total_cost_usd_nanos: _builtins.int
+    """The exact amounts, in nano-USD (1e-9 USD): the doubles above are derived from them."""
+    saved_usd_nanos: _builtins.int
+    """Of a cache hit: what the answer cost when it was made."""
+    end_user: _builtins.str
     @_builtins.property
     def usage(self) -> _chat_pb2.Usage: ...
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -125,10 +192,14 @@ class CostEvent(_message.Message):
         occurred_unix_nanos: _builtins.int = ...,
         cache_hit: _builtins.bool = ...,
         outcome: _builtins.str = ...,
+        total_cost_usd_nanos: _builtins.int = ...,
+        saved_usd_nanos: _builtins.int = ...,
+        end_user: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "input_cost_usd", b"input_cost_usd", "key_id", b"key_id", "model", b"model", "occurred_unix_nanos", b"occurred_unix_nanos", "outcome", b"outcome", "output_cost_usd", b"output_cost_usd", "price_version", b"price_version", "provider", b"provider", "request_id", b"request_id", "team_id", b"team_id", "total_cost_usd", b"total_cost_usd", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "end_user", b"end_user", "input_cost_usd", b"input_cost_usd", "key_id", b"key_id", "model", b"model", "occurred_unix_nanos", b"occurred_unix_nanos", "outcome", b"outcome", "output_cost_usd", b"output_cost_usd", "price_version", b"price_version", "provider", b"provider", "request_id", b"request_id", "saved_usd_nanos", b"saved_usd_nanos", "tags", b"tags", "team_id", b"team_id", "total_cost_usd", b"total_cost_usd", "total_cost_usd_nanos", b"total_cost_usd_nanos", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -143,12 +214,31 @@ class UsageQuery(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     SINCE_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     UNTIL_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    END_USER_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
-    """Empty fields match everything."""
+    """Empty fields match everything; times are an [since, until) range of when the
+    requests ended.
+    """
     team_id: _builtins.str
     model: _builtins.str
     since_unix_nanos: _builtins.int
     until_unix_nanos: _builtins.int
+    provider: _builtins.str
+    end_user: _builtins.str
+    tag: _builtins.str
+    """Only the requests carrying this tag."""
+    limit: _builtins.int
+    """At most this many rows (0: 1000, at most 10000); UsageSummary.truncated says
+    when there were more.
+    """
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[Global___UsageDimension.ValueType]:
+        """Rows are grouped by these, in this order; none: by key and model."""
+
     def __init__(
         self,
         *,
@@ -157,10 +247,15 @@ class UsageQuery(_message.Message):
         model: _builtins.str = ...,
         since_unix_nanos: _builtins.int = ...,
         until_unix_nanos: _builtins.int = ...,
+        group_by: _abc.Iterable[Global___UsageDimension.ValueType] | None = ...,
+        provider: _builtins.str = ...,
+        end_user: _builtins.str = ...,
+        tag: _builtins.str = ...,
+        limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "model", b"model", "since_unix_nanos", b"since_unix_nanos", "team_id", b"team_id", "until_unix_nanos", b"until_unix_nanos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_user", b"end_user", "group_by", b"group_by", "key_id", b"key_id", "limit", b"limit", "model", b"model", "provider", b"provider", "since_unix_nanos", b"since_unix_nanos", "tag", b"tag", "team_id", b"team_id", "until_unix_nanos", b"until_unix_nanos"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -175,10 +270,30 @@ class UsageRow(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     TOTAL_COST_USD_FIELD_NUMBER: _builtins.int
+    TEAM_ID_FIELD_NUMBER: _builtins.int
+    END_USER_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    PERIOD_START_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    COST_USD_NANOS_FIELD_NUMBER: _builtins.int
+    SAVED_USD_NANOS_FIELD_NUMBER: _builtins.int
+    CACHE_HITS_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     model: _builtins.str
     requests: _builtins.int
     total_cost_usd: _builtins.float
+    team_id: _builtins.str
+    """Each set when the query groups by it."""
+    end_user: _builtins.str
+    provider: _builtins.str
+    tag: _builtins.str
+    period_start_unix_nanos: _builtins.int
+    """The start of the row's UTC day or hour."""
+    cost_usd_nanos: _builtins.int
+    """Exact amounts in nano-USD (1e-9 USD); total_cost_usd is derived from the first."""
+    saved_usd_nanos: _builtins.int
+    """What cache hits saved: what their answers cost when they were made."""
+    cache_hits: _builtins.int
     @_builtins.property
     def usage(self) -> _chat_pb2.Usage: ...
     def __init__(
@@ -189,10 +304,18 @@ class UsageRow(_message.Message):
         requests: _builtins.int = ...,
         usage: _chat_pb2.Usage | None = ...,
         total_cost_usd: _builtins.float = ...,
+        team_id: _builtins.str = ...,
+        end_user: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        tag: _builtins.str = ...,
+        period_start_unix_nanos: _builtins.int = ...,
+        cost_usd_nanos: _builtins.int = ...,
+        saved_usd_nanos: _builtins.int = ...,
+        cache_hits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "model", b"model", "requests", b"requests", "total_cost_usd", b"total_cost_usd", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hits", b"cache_hits", "cost_usd_nanos", b"cost_usd_nanos", "end_user", b"end_user", "key_id", b"key_id", "model", b"model", "period_start_unix_nanos", b"period_start_unix_nanos", "provider", b"provider", "requests", b"requests", "saved_usd_nanos", b"saved_usd_nanos", "tag", b"tag", "team_id", b"team_id", "total_cost_usd", b"total_cost_usd", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,24 +328,147 @@ class UsageSummary(_message.Message):
     ROWS_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
     TOTAL_COST_USD_FIELD_NUMBER: _builtins.int
+    COST_USD_NANOS_FIELD_NUMBER: _builtins.int
+    SAVED_USD_NANOS_FIELD_NUMBER: _builtins.int
+    CACHE_HITS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
+    """Totals of every matching request (each request once, whatever its tags)."""
     total_cost_usd: _builtins.float
+    cost_usd_nanos: _builtins.int
+    saved_usd_nanos: _builtins.int
+    cache_hits: _builtins.int
+    truncated: _builtins.bool
+    """More groups matched than the query's limit."""
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]: ...
+    @_builtins.property
+    def usage(self) -> _chat_pb2.Usage: ...
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[Global___UsageDimension.ValueType]:
+        """The grouping the rows follow."""
+
     def __init__(
         self,
         *,
         rows: _abc.Iterable[Global___UsageRow] | None = ...,
         requests: _builtins.int = ...,
         total_cost_usd: _builtins.float = ...,
+        cost_usd_nanos: _builtins.int = ...,
+        saved_usd_nanos: _builtins.int = ...,
+        cache_hits: _builtins.int = ...,
+        usage: _chat_pb2.Usage | None = ...,
+        truncated: _builtins.bool = ...,
+        group_by: _abc.Iterable[Global___UsageDimension.ValueType] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests", "rows", b"rows", "total_cost_usd", b"total_cost_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hits", b"cache_hits", "cost_usd_nanos", b"cost_usd_nanos", "group_by", b"group_by", "requests", b"requests", "rows", b"rows", "saved_usd_nanos", b"saved_usd_nanos", "total_cost_usd", b"total_cost_usd", "truncated", b"truncated", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsageSummary: _TypeAlias = UsageSummary  # noqa: Y015
+
+@_typing.final
+class UsageQueryReply(_message.Message):
+    """The answer to a usage query over NATS (sluice.v1.cost.usage, request/reply): the
+    summary, or the problem that kept the cost-tracker from answering it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def summary(self) -> Global___UsageSummary: ...
+    @_builtins.property
+    def problem(self) -> _chat_pb2.Problem: ...
+    def __init__(
+        self,
+        *,
+        summary: Global___UsageSummary | None = ...,
+        problem: _chat_pb2.Problem | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["problem", b"problem", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["problem", b"problem", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageQueryReply: _TypeAlias = UsageQueryReply  # noqa: Y015
+
+@_typing.final
+class SpendAlert(_message.Message):
+    """A spend alert: a key's or team's spend crossed a share of its daily or monthly
+    budget, or a key's hourly spend jumped above a multiple of its trailing baseline.
+    Emitted once per threshold and period, whichever cost-tracker replica saw it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    TEAM_ID_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    PERIOD_START_UNIX_FIELD_NUMBER: _builtins.int
+    THRESHOLD_PERCENT_FIELD_NUMBER: _builtins.int
+    SPEND_USD_NANOS_FIELD_NUMBER: _builtins.int
+    BUDGET_USD_NANOS_FIELD_NUMBER: _builtins.int
+    BASELINE_USD_NANOS_FIELD_NUMBER: _builtins.int
+    SPIKE_FACTOR_FIELD_NUMBER: _builtins.int
+    AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    alert_id: _builtins.str
+    """Stable for this threshold and period (also the Standard Webhooks message id)."""
+    kind: _builtins.str
+    """"budget" or "spike"."""
+    scope: _builtins.str
+    """"key" or "team"."""
+    key_id: _builtins.str
+    """The key (scope "key"; a spike is always a key's); empty for a team alert."""
+    team_id: _builtins.str
+    period: _builtins.str
+    """"day" or "month" (budget, UTC), "hour" (spike, UTC)."""
+    period_start_unix: _builtins.int
+    threshold_percent: _builtins.int
+    """Of a budget alert: 50, 80 or 100 (percent of the budget)."""
+    spend_usd_nanos: _builtins.int
+    """Spend in the period when the alert was raised, in nano-USD."""
+    budget_usd_nanos: _builtins.int
+    """Of a budget alert: the budget."""
+    baseline_usd_nanos: _builtins.int
+    """Of a spike: the mean hourly spend of the 24 hours before the hour, and the factor
+    that the hour's spend went above.
+    """
+    spike_factor: _builtins.float
+    at_unix_nanos: _builtins.int
+    def __init__(
+        self,
+        *,
+        alert_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        scope: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        team_id: _builtins.str = ...,
+        period: _builtins.str = ...,
+        period_start_unix: _builtins.int = ...,
+        threshold_percent: _builtins.int = ...,
+        spend_usd_nanos: _builtins.int = ...,
+        budget_usd_nanos: _builtins.int = ...,
+        baseline_usd_nanos: _builtins.int = ...,
+        spike_factor: _builtins.float = ...,
+        at_unix_nanos: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "at_unix_nanos", b"at_unix_nanos", "baseline_usd_nanos", b"baseline_usd_nanos", "budget_usd_nanos", b"budget_usd_nanos", "key_id", b"key_id", "kind", b"kind", "period", b"period", "period_start_unix", b"period_start_unix", "scope", b"scope", "spend_usd_nanos", b"spend_usd_nanos", "spike_factor", b"spike_factor", "team_id", b"team_id", "threshold_percent", b"threshold_percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpendAlert: _TypeAlias = SpendAlert  # noqa: Y015
 
 @_typing.final
 class WatchCostEventsRequest(_message.Message):

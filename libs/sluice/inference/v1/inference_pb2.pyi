@@ -39,6 +39,8 @@ class InferenceWork(_message.Message):
     LIFECYCLE_EVENTS_FIELD_NUMBER: _builtins.int
     SEMANTIC_TEXT_FIELD_NUMBER: _builtins.int
     SEMANTIC_SCOPE_FIELD_NUMBER: _builtins.int
+    END_USER_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     key_id: _builtins.str
     team_id: _builtins.str
@@ -62,8 +64,14 @@ class InferenceWork(_message.Message):
     them on in the StoreRequest so the answer is indexed by meaning as well.
     """
     semantic_scope: _builtins.str
+    end_user: _builtins.str
+    """Who the request was made for and how the caller labelled it: copied onto the
+    usage event (cost_pb2.UsageEvent end_user, tags).
+    """
     @_builtins.property
     def request(self) -> _chat_pb2.ChatRequest: ...
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -81,10 +89,12 @@ class InferenceWork(_message.Message):
         lifecycle_events: _builtins.bool = ...,
         semantic_text: _builtins.str = ...,
         semantic_scope: _builtins.str = ...,
+        end_user: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cache_ttl_seconds", b"cache_ttl_seconds", "deadline_unix_nanos", b"deadline_unix_nanos", "enqueued_unix_nanos", b"enqueued_unix_nanos", "key_id", b"key_id", "lifecycle_events", b"lifecycle_events", "priority", b"priority", "request", b"request", "request_id", b"request_id", "reservation_id", b"reservation_id", "semantic_scope", b"semantic_scope", "semantic_text", b"semantic_text", "stream_subject", b"stream_subject", "team_id", b"team_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cache_ttl_seconds", b"cache_ttl_seconds", "deadline_unix_nanos", b"deadline_unix_nanos", "end_user", b"end_user", "enqueued_unix_nanos", b"enqueued_unix_nanos", "key_id", b"key_id", "lifecycle_events", b"lifecycle_events", "priority", b"priority", "request", b"request", "request_id", b"request_id", "reservation_id", b"reservation_id", "semantic_scope", b"semantic_scope", "semantic_text", b"semantic_text", "stream_subject", b"stream_subject", "tags", b"tags", "team_id", b"team_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -143,12 +153,17 @@ class Final(_message.Message):
     COST_USD_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
     SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    COST_USD_NANOS_FIELD_NUMBER: _builtins.int
     model_served: _builtins.str
     provider: _builtins.str
     response_id: _builtins.str
     created_unix: _builtins.int
     cost_usd: _builtins.float
     system_fingerprint: _builtins.str
+    cost_usd_nanos: _builtins.int
+    """The exact cost in nano-USD (1e-9 USD), as the ledger prices it; cost_usd is
+    derived from it. A cache hit of this answer saved this much.
+    """
     @_builtins.property
     def choices(self) -> _containers.RepeatedCompositeFieldContainer[_chat_pb2.Choice]: ...
     @_builtins.property
@@ -167,10 +182,11 @@ class Final(_message.Message):
         cost_usd: _builtins.float = ...,
         timing: _chat_pb2.Timing | None = ...,
         system_fingerprint: _builtins.str = ...,
+        cost_usd_nanos: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "cost_usd", b"cost_usd", "created_unix", b"created_unix", "model_served", b"model_served", "provider", b"provider", "response_id", b"response_id", "system_fingerprint", b"system_fingerprint", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "cost_usd", b"cost_usd", "cost_usd_nanos", b"cost_usd_nanos", "created_unix", b"created_unix", "model_served", b"model_served", "provider", b"provider", "response_id", b"response_id", "system_fingerprint", b"system_fingerprint", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
