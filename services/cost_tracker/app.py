@@ -21,7 +21,8 @@ from sluice.service import ServiceRuntime
 from sluice.topology import Consumers, ConsumerSpec, ServiceName
 
 from services.cost_tracker.adapters.events import NatsCostEvents
-from services.cost_tracker.adapters.ledger import Ledger
+from services.cost_tracker.adapters.ledger import SqliteLedger, sqlite_rebuilding
+from services.cost_tracker.adapters.postgres import PostgresLedger
 from services.cost_tracker.adapters.rebuild import rebuild_ledger
 from services.cost_tracker.domain.feed import CostFeed
 from services.cost_tracker.domain.recording import UsageRecorder
@@ -32,6 +33,22 @@ from services.cost_tracker.settings import CostTrackerSettings
 
 log = logging.getLogger(__name__)
 
+Ledger = SqliteLedger | PostgresLedger
+
+
+def ledger_for(settings: CostTrackerSettings) -> Ledger:
+    """PostgreSQL when ``SLUICE_COST_DATABASE_URL`` is set, else the SQLite file."""
+    if settings.database_url is not None:
+        return PostgresLedger(
+            settings.database_url.get_secret_value(), pool_size=settings.database_pool_size
+        )
+    return SqliteLedger(settings.ledger_file)
+
+
+def ledger_where(ledger: Ledger) -> str:
+    """Where the ledger is, for logs (a database URL without its credentials)."""
+    return ledger.where if isinstance(ledger, PostgresLedger) else str(ledger.path)
+
 
 class CostTracker:
     """The service's parts, started on a connected bus and stopped in order."""
@@ -41,7 +58,7 @@ class CostTracker:
     ) -> None:
         self.settings = settings
         self.pricer = Pricer(PriceTable.load(settings.prices_file))
-        self.ledger = Ledger(settings.ledger_file)
+        self.ledger: Ledger = ledger_for(settings)
         self.feed = CostFeed(settings.watch_queue_size)
         # UsageService, for the runtime's gRPC server (behind the edge).
         self.register = usage_service(self.ledger, self.feed)
@@ -73,7 +90,7 @@ class CostTracker:
         await self.consumer.start()
         log.info(
             "cost-tracker recording into %s with prices %s (version %s)",
-            self.settings.ledger_file,
+            ledger_where(self.ledger),
             self.settings.prices_file,
             self.pricer.table.version,
         )
@@ -90,7 +107,7 @@ class CostTracker:
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m services.cost_tracker",
-        description="Price usage events into the SQLite cost ledger and serve UsageService.",
+        description="Price usage events into the cost ledger and serve UsageService.",
     )
     parser.add_argument(
         "--rebuild",
@@ -105,7 +122,18 @@ async def run_rebuild(settings: CostTrackerSettings) -> None:
     pricer = Pricer(PriceTable.load(settings.prices_file))
     bus = await Bus.connect(settings.common.nats_url, "sluice-cost-tracker-rebuild")
     try:
-        await rebuild_ledger(bus, settings.ledger_file, pricer)
+        ledger = ledger_for(settings)
+        if isinstance(ledger, SqliteLedger):
+            await rebuild_ledger(
+                bus, sqlite_rebuilding(ledger.path), pricer, where=str(ledger.path)
+            )
+            return
+        # PostgreSQL: the schema first (a rebuild may be a database's first use).
+        await ledger.open()
+        try:
+            await rebuild_ledger(bus, ledger.rebuilding(), pricer, where=ledger.where)
+        finally:
+            await ledger.close()
     finally:
         await bus.close()
 

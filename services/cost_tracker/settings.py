@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sluice.settings import CommonSettings
 from sluice.topology import DEFAULT_PORTS, Consumers, ServiceName
@@ -17,8 +17,15 @@ class CostTrackerSettings(BaseSettings):
 
     grpc_port: int = _PORTS.grpc
     metrics_port: int = _PORTS.metrics
-    # Default: <state_dir>/ledger.sqlite3 (see ``ledger_file``).
+    # Default: <state_dir>/ledger.sqlite3 (see ``ledger_file``); unused with a database.
     ledger_path: Path | None = None
+    # postgresql://user:password@host:port/database puts the ledger on PostgreSQL, which
+    # several cost-trackers can share; unset, the ledger is the SQLite file above (one
+    # cost-tracker). Never logged (it may hold a password).
+    database_url: SecretStr | None = None
+    # Connections each cost-tracker keeps to PostgreSQL (one batch commit and the
+    # usage queries share them).
+    database_pool_size: int = Field(default=4, ge=1, le=64)
     # Default: <config_dir>/prices.yaml (see ``prices_file``).
     prices_path: Path | None = None
     # The durable consumer on SLUICE_USAGE. Another name builds an independent ledger
@@ -40,6 +47,17 @@ class CostTrackerSettings(BaseSettings):
     rebuild: bool = False
 
     common: CommonSettings = Field(default_factory=CommonSettings)
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            return None
+        if value is not None and not value.get_secret_value().startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError("must be a postgresql:// URL (unset: the SQLite ledger)")
+        return value
 
     @property
     def ledger_file(self) -> Path:

@@ -30,7 +30,7 @@ from sluice.localtrace import LocalTracerProvider
 
 from services.cache.domain import Cache
 from services.cache.handlers.grpc import CacheAdminServicer, cache_admin_service
-from services.cost_tracker.adapters.ledger import Ledger
+from services.cost_tracker.adapters.ledger import SqliteLedger
 from services.cost_tracker.domain.feed import CostFeed
 from services.cost_tracker.handlers.grpc import UsageServicer, usage_service
 from services.inference_worker.domain.circuit import CircuitRegistry
@@ -131,7 +131,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     exporter = InMemorySpanExporter()
     provider = LocalTracerProvider(Resource.create({"service.name": "servicers"}))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
     await ledger.open()
     feed = CostFeed()
     # A closed feed ends a watch at once, so that the stream can be read to its end.

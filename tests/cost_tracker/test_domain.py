@@ -5,11 +5,14 @@ from sluice.cost.v1 import cost_pb2
 from sluice.pricing import PriceTable
 
 from services.cost_tracker.domain.usage import (
+    Dimension,
     InvalidQuery,
     InvalidUsageEvent,
     Pricer,
-    UsageFilter,
-    UsageTotals,
+    ReportSpec,
+    UsageAmounts,
+    UsageGroup,
+    UsageReport,
     nanos_to_usd,
     summarize,
     usd_to_nanos,
@@ -102,15 +105,19 @@ def test_shipped_price_table_loads():
 )
 def test_invalid_time_ranges(since: int, until: int):
     with pytest.raises(InvalidQuery):
-        UsageFilter.from_query(cost_pb2.UsageQuery(since_unix_nanos=since, until_unix_nanos=until))
+        ReportSpec.from_query(cost_pb2.UsageQuery(since_unix_nanos=since, until_unix_nanos=until))
 
 
 def test_summary_totals_are_summed_exactly():
     rows = [
-        UsageTotals("a", "m1", 2, 10, 20, 0, 0, 1_000_000_001),
-        UsageTotals("a", "m2", 1, 1, 2, 0, 0, 2),
+        UsageGroup(
+            {Dimension.KEY: "a", Dimension.MODEL: "m1"},
+            UsageAmounts(2, 10, 20, 0, 0, 1_000_000_001),
+        ),
+        UsageGroup({Dimension.KEY: "a", Dimension.MODEL: "m2"}, UsageAmounts(1, 1, 2, 0, 0, 2)),
     ]
-    summary = summarize(rows)
+    totals = UsageAmounts(3, 11, 22, 0, 0, 1_000_000_003)
+    summary = summarize(UsageReport((Dimension.KEY, Dimension.MODEL), rows, totals))
     assert summary.requests == 3
     assert summary.total_cost_usd == pytest.approx(1.000000003)
     assert [(r.key_id, r.model, r.requests) for r in summary.rows] == [

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.request
 
+import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,7 +18,11 @@ from sluice.cost.v1 import cost_pb2, cost_pb2_grpc
 from sluice.pricing import PriceTable
 from sluice.topology import ServiceName
 
+from services.cost_tracker.adapters.ledger import SqliteLedger
+from services.cost_tracker.adapters.postgres import PostgresLedger
+from services.cost_tracker.domain.usage import Dimension, ReportSpec, UsageFilter
 from tests.cost_tracker.harness import REPO_CONFIG, eventually, publish_usage, unique, usage_event
+from tests.support.postgres import PostgresServer
 from tests.support.stack import REPO, Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -119,6 +124,102 @@ async def test_rebuild_command_recreates_the_ledger_and_exits(nats_server, bus, 
     rows = rows_for(ledger, key)
     assert [r[0] for r in rows] == [e.request_id for e in events]
     assert rows[1][1] == 0  # the cache hit
+
+
+PASSWORD = "s3cret-not-to-be-logged"
+
+
+def with_password(url: str, server: PostgresServer) -> str:
+    """The URL with a password in it, when the server is the suite's own (trust
+    authentication ignores it), to show that no log line repeats it."""
+    if server.process is None:
+        return url
+    return url.replace("postgres@", f"postgres:{PASSWORD}@", 1)
+
+
+async def _rebuild(env: dict[str, str]) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cost_tracker",
+        "--rebuild",
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    text = out.decode()
+    assert proc.returncode == 0, text[-3000:]
+    assert "ledger rebuilt" in text
+    return text
+
+
+async def test_rebuild_gives_the_same_totals_on_both_backends(
+    nats_server, bus, tmp_path, database_url, postgres
+):
+    """`--rebuild` into the SQLite file and into PostgreSQL (twice there: a rebuild
+    replaces what the first made, and the spend alerts already raised stay): the same
+    rows, the same exact totals, grouped any way, as pricing the events by hand."""
+    keys = [unique("key"), unique("key")]
+    table = PriceTable.load(REPO_CONFIG / "prices.yaml")
+    model = next(iter(table.prices))
+    events = [
+        usage_event(keys[0], model=model, input_tokens=1234, output_tokens=567, cached=200),
+        usage_event(keys[0], model=model, cache_hit=True),
+        usage_event(keys[1], model=model, input_tokens=7, output_tokens=9, outcome="failed"),
+        usage_event(keys[1], model="no-such-model"),
+    ]
+    events[0].tags.extend(["batch", "eval"])
+    events[2].end_user = "user-7"
+    events[1].cache_saved_usd_nanos = 4242
+    for event in events:
+        await publish_usage(bus, event)
+    # Republished under another message id: still one row.
+    await publish_usage(bus, events[0], msg_id=events[0].request_id + "-again")
+    env = Stack(nats_server.url, tmp_path).env_for(ServiceName.COST_TRACKER, 0, 0, None)
+    await _rebuild(env)
+    pg_env = {**env, "SLUICE_COST_DATABASE_URL": with_password(database_url, postgres)}
+    await _rebuild(pg_env)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO spend_alerts VALUES ('kept', 'budget', 'key', 'k', 't', 'day', 0, 50, "
+            "1, 2, 3)"
+        )
+    finally:
+        await conn.close()
+    out = await _rebuild(pg_env)
+    assert PASSWORD not in out
+
+    sqlite_ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+    pg_ledger = PostgresLedger(database_url)
+    reports = []
+    for led in (sqlite_ledger, pg_ledger):
+        await led.open()
+        try:
+            for dims in ((Dimension.KEY, Dimension.MODEL), (Dimension.TAG, Dimension.DAY)):
+                report = await led.report(ReportSpec.of(UsageFilter(key_id=keys[0]), dims))
+                other = await led.report(ReportSpec.of(UsageFilter(key_id=keys[1]), dims))
+                reports.append((report.rows, report.totals, other.rows, other.totals))
+            rows = [e for k in keys for e in await led.entries(UsageFilter(key_id=k))]
+            assert sorted(r.request_id for r in rows) == sorted(e.request_id for e in events)
+        finally:
+            await led.close()
+    assert reports[:2] == reports[2:]
+    expected = sum(
+        table.price(e.model_served, e.usage).total_nanos
+        for e in events
+        if not e.cache_hit and e.model_served in table.prices
+    )
+    (_, totals_0, _, totals_1) = reports[0]
+    assert totals_0.cost_nanos + totals_1.cost_nanos == expected
+    assert totals_0.saved_nanos == 4242
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM spend_alerts") == 1
+    finally:
+        await conn.close()
 
 
 async def test_sigint_is_graceful_too(nats_server, tmp_path):

@@ -23,7 +23,7 @@ from sluice.localtrace import LocalTracerProvider
 from sluice.pricing import PriceTable
 from sluice.topology import Consumers, Streams, Subjects
 
-from services.cost_tracker.adapters.ledger import Ledger
+from services.cost_tracker.adapters.ledger import SqliteLedger, sqlite_rebuilding
 from services.cost_tracker.adapters.rebuild import rebuild_ledger
 from services.cost_tracker.domain.usage import Pricer, UsageFilter
 from services.cost_tracker.handlers.grpc import WATCHING_METADATA_KEY
@@ -247,7 +247,7 @@ async def test_rows_committed_before_a_crash_are_duplicates_when_redelivered(bus
     key = unique("key")
     events = [usage_event(key) for _ in range(3)]
     pricer = Pricer(PriceTable.load(write_prices(tmp_path)))
-    crashed = Ledger(tmp_path / "ledger.sqlite3")
+    crashed = SqliteLedger(tmp_path / "ledger.sqlite3")
     await crashed.open()
     await crashed.record([pricer.price(e) for e in events[:2]])
     await crashed.close()
@@ -364,16 +364,18 @@ async def test_rebuild_reproduces_the_ledger(running, bus, tmp_path):
     target = tmp_path / "rebuilt" / "ledger.sqlite3"
     target.parent.mkdir()
     # An existing (wrong) ledger at the target is replaced, stale WAL included.
-    stale = Ledger(target)
+    stale = SqliteLedger(target)
     await stale.open()
     await stale.record([replace(before[0], request_id="bogus", key_id=keys[0])])
     await stale.close()
     (target.parent / "ledger.sqlite3-wal").write_bytes(b"stale wal")
 
-    report = await rebuild_ledger(bus, target, running.tracker.pricer, batch_size=3)
+    report = await rebuild_ledger(
+        bus, sqlite_rebuilding(target), running.tracker.pricer, where=str(target), batch_size=3
+    )
     assert report.messages >= len(events) + 1
     assert report.recorded <= report.messages - 1  # at least our duplicate was ignored
-    rebuilt = Ledger(target)
+    rebuilt = SqliteLedger(target)
     await rebuilt.open()
     after = [e for k in keys for e in await rebuilt.entries(UsageFilter(key_id=k))]
     await rebuilt.close()
@@ -389,15 +391,20 @@ class BrokenPricer(Pricer):
 async def test_failed_rebuild_leaves_the_old_ledger(bus, tmp_path):
     await publish_usage(bus, usage_event(unique("key")))
     path = tmp_path / "ledger.sqlite3"
-    old = Ledger(path)
+    old = SqliteLedger(path)
     await old.open()
     keep = Pricer(PriceTable.load(write_prices(tmp_path))).price(usage_event(unique("key")))
     await old.record([keep])
     await old.close()
     with pytest.raises(RuntimeError, match="pricing exploded"):
-        await rebuild_ledger(bus, path, BrokenPricer(PriceTable.load(write_prices(tmp_path))))
+        await rebuild_ledger(
+            bus,
+            sqlite_rebuilding(path),
+            BrokenPricer(PriceTable.load(write_prices(tmp_path))),
+            where=str(path),
+        )
     assert not list(tmp_path.glob("*.rebuild-*"))
-    reopened = Ledger(path)
+    reopened = SqliteLedger(path)
     await reopened.open()
     assert await reopened.entries(UsageFilter()) == [keep]
     await reopened.close()

@@ -1,8 +1,12 @@
-"""The SQLite ledger: a materialized view of SLUICE_USAGE, one row per request id.
+"""The SQLite ledger (the embedded default): a materialized view of SLUICE_USAGE, one
+row per request id. ``adapters.postgres`` is the same ledger on PostgreSQL, for
+several cost-trackers; ``adapters.schema`` is the schema of both, as migrations.
 
 Exactly-once comes from the primary key: an insert that does nothing on a conflicting
 ``request_id`` makes a redelivered (or republished) usage event a no-op, and the caller
-learns which rows were new. Amounts are integer nano-dollars (see ``domain.usage``).
+learns which rows were new. A new row's tags and its share of the key's hourly spend
+are written in the same transaction. Amounts are integer nano-dollars (see
+``domain.usage``).
 
 SQLite calls block, so none runs on the event loop: all writes go through one dedicated
 thread that owns the write connection (one writer is all SQLite allows anyway, and a
@@ -13,62 +17,49 @@ which WAL mode lets run beside the writer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from services.cost_tracker.adapters.schema import pending
+from services.cost_tracker.adapters.sql import (
+    COLUMN_LIST,
+    COLUMNS,
+    HOUR_NANOS,
+    entry_of,
+    report_of,
+    report_sql,
+    row_of,
+    where,
+)
 from services.cost_tracker.domain.usage import (
     LedgerEntry,
     LedgerUnavailable,
+    ReportSpec,
     UsageFilter,
-    UsageTotals,
+    UsageReport,
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS ledger (
-    request_id          TEXT PRIMARY KEY,
-    key_id              TEXT NOT NULL,
-    team_id             TEXT NOT NULL,
-    model               TEXT NOT NULL,
-    provider            TEXT NOT NULL,
-    input_tokens        INTEGER NOT NULL,
-    output_tokens       INTEGER NOT NULL,
-    cached_input_tokens INTEGER NOT NULL,
-    reasoning_tokens    INTEGER NOT NULL,
-    input_cost_nanos    INTEGER NOT NULL,
-    output_cost_nanos   INTEGER NOT NULL,
-    total_cost_nanos    INTEGER NOT NULL,
-    price_version       TEXT NOT NULL,
-    priced              INTEGER NOT NULL,
-    cache_hit           INTEGER NOT NULL,
-    outcome             TEXT NOT NULL,
-    occurred_unix_nanos INTEGER NOT NULL,
-    trace_id            TEXT NOT NULL,
-    stream_seq          INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS ledger_key_time ON ledger (key_id, occurred_unix_nanos);
-CREATE INDEX IF NOT EXISTS ledger_team_time ON ledger (team_id, occurred_unix_nanos);
-CREATE INDEX IF NOT EXISTS ledger_time ON ledger (occurred_unix_nanos);
-"""
-
-_COLUMNS = (
-    "request_id, key_id, team_id, model, provider, input_tokens, output_tokens, "
-    "cached_input_tokens, reasoning_tokens, input_cost_nanos, output_cost_nanos, "
-    "total_cost_nanos, price_version, priced, cache_hit, outcome, occurred_unix_nanos, "
-    "trace_id, stream_seq"
-)
-# ON CONFLICT on the key rather than INSERT OR IGNORE: OR IGNORE would also swallow a
-# NOT NULL violation and report a broken row as a harmless duplicate.
 _INSERT = (
-    f"INSERT INTO ledger ({_COLUMNS}) VALUES ({', '.join('?' * 19)}) "
+    f"INSERT INTO ledger ({COLUMN_LIST}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+    # ON CONFLICT on the key rather than INSERT OR IGNORE: OR IGNORE would also swallow a
+    # NOT NULL violation and report a broken row as a harmless duplicate.
     "ON CONFLICT (request_id) DO NOTHING"
+)
+_INSERT_TAG = "INSERT INTO ledger_tags (tag, request_id) VALUES (?, ?) ON CONFLICT DO NOTHING"
+_ADD_HOURLY = (
+    "INSERT INTO spend_hourly (key_id, hour_start_unix, team_id, cost_nanos, requests) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id, hour_start_unix) DO UPDATE SET "
+    "cost_nanos = cost_nanos + excluded.cost_nanos, requests = requests + excluded.requests"
 )
 
 
@@ -76,70 +67,21 @@ class LedgerClosedError(LedgerUnavailable):
     """The ledger was closed (the service is stopping)."""
 
 
-def _row(e: LedgerEntry) -> tuple[Any, ...]:
-    return (
-        e.request_id,
-        e.key_id,
-        e.team_id,
-        e.model,
-        e.provider,
-        e.input_tokens,
-        e.output_tokens,
-        e.cached_input_tokens,
-        e.reasoning_tokens,
-        e.input_cost_nanos,
-        e.output_cost_nanos,
-        e.total_cost_nanos,
-        e.price_version,
-        int(e.priced),
-        int(e.cache_hit),
-        e.outcome,
-        e.occurred_unix_nanos,
-        e.trace_id,
-        e.stream_seq,
-    )
+def hourly_sums(
+    entries: Sequence[LedgerEntry],
+) -> list[tuple[str, int, str, int, int]]:
+    """Spend and requests per (key, UTC hour) of new entries, ordered by key and hour
+    (the PostgreSQL ledger takes its row locks in this order too)."""
+    sums: dict[tuple[str, int], list[Any]] = {}
+    for e in entries:
+        hour = (e.occurred_unix_nanos // HOUR_NANOS) * 3600
+        slot = sums.setdefault((e.key_id, hour), [e.team_id, 0, 0])
+        slot[1] += e.total_cost_nanos
+        slot[2] += 1
+    return [(k, h, v[0], v[1], v[2]) for (k, h), v in sorted(sums.items())]
 
 
-def _entry(row: sqlite3.Row) -> LedgerEntry:
-    return LedgerEntry(
-        request_id=row["request_id"],
-        key_id=row["key_id"],
-        team_id=row["team_id"],
-        model=row["model"],
-        provider=row["provider"],
-        input_tokens=row["input_tokens"],
-        output_tokens=row["output_tokens"],
-        cached_input_tokens=row["cached_input_tokens"],
-        reasoning_tokens=row["reasoning_tokens"],
-        input_cost_nanos=row["input_cost_nanos"],
-        output_cost_nanos=row["output_cost_nanos"],
-        price_version=row["price_version"],
-        priced=bool(row["priced"]),
-        cache_hit=bool(row["cache_hit"]),
-        outcome=row["outcome"],
-        occurred_unix_nanos=row["occurred_unix_nanos"],
-        trace_id=row["trace_id"],
-        stream_seq=row["stream_seq"],
-    )
-
-
-def _where(f: UsageFilter) -> tuple[str, list[Any]]:
-    clauses: list[str] = []
-    params: list[Any] = []
-    for column, value in (("key_id", f.key_id), ("team_id", f.team_id), ("model", f.model)):
-        if value:
-            clauses.append(f"{column} = ?")
-            params.append(value)
-    if f.since_unix_nanos:
-        clauses.append("occurred_unix_nanos >= ?")
-        params.append(f.since_unix_nanos)
-    if f.until_unix_nanos:
-        clauses.append("occurred_unix_nanos < ?")
-        params.append(f.until_unix_nanos)
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
-
-
-class Ledger:
+class SqliteLedger:
     """Async facade over one SQLite file.
 
     ``bulk=True`` is for building a fresh file that is thrown away on failure (the
@@ -186,16 +128,21 @@ class Ledger:
         """
         if not entries:
             return []
-        rows = [_row(e) for e in entries]
-        return await self._on(self._writer, self._record_sync, rows)
+        return await self._on(self._writer, self._record_sync, list(entries))
 
-    def _record_sync(self, rows: list[tuple[Any, ...]]) -> list[bool]:
+    def _record_sync(self, entries: list[LedgerEntry]) -> list[bool]:
         conn = self._conn()
         inserted: list[bool] = []
+        new: list[LedgerEntry] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for row in rows:
-                inserted.append(conn.execute(_INSERT, row).rowcount == 1)
+            for e in entries:
+                is_new = conn.execute(_INSERT, row_of(e)).rowcount == 1
+                inserted.append(is_new)
+                if is_new:
+                    new.append(e)
+                    conn.executemany(_INSERT_TAG, [(tag, e.request_id) for tag in e.tags])
+            conn.executemany(_ADD_HOURLY, hourly_sums(new))
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -204,24 +151,30 @@ class Ledger:
 
     # --- reads ------------------------------------------------------------------------
 
-    async def totals(self, f: UsageFilter) -> list[UsageTotals]:
-        """Usage and cost grouped by key and model, ordered by key then model."""
-        where, params = _where(f)
-        sql = (
-            "SELECT key_id, model, COUNT(*) AS requests, SUM(input_tokens), "
-            "SUM(output_tokens), SUM(cached_input_tokens), SUM(reasoning_tokens), "
-            f"SUM(total_cost_nanos) FROM ledger{where} GROUP BY key_id, model "
-            "ORDER BY key_id, model"
-        )
-        rows = await self._on(self._reader, self._fetch, sql, params)
-        return [UsageTotals(*tuple(r)) for r in rows]
+    async def report(self, spec: ReportSpec) -> UsageReport:
+        """Usage grouped as ``spec`` asks (``domain.usage``)."""
+        (totals_sql, totals_params), rows_query = report_sql(spec)
+        totals = await self._on(self._reader, self._fetch, totals_sql, totals_params)
+        rows = await self._on(self._reader, self._fetch, *rows_query) if rows_query else []
+        return report_of(spec, tuple(totals[0]), [tuple(r) for r in rows])
 
     async def entries(self, f: UsageFilter) -> list[LedgerEntry]:
-        """The recorded entries matching ``f``, oldest first."""
-        where, params = _where(f)
-        sql = f"SELECT {_COLUMNS} FROM ledger{where} ORDER BY occurred_unix_nanos, request_id"
+        """The recorded entries matching ``f``, oldest first, with their tags."""
+        cond, params = where(f)
+        sql = (
+            f"SELECT {', '.join('l.' + c for c in COLUMNS)}, "
+            "(SELECT group_concat(tag, char(31)) FROM ledger_tags x "
+            f"WHERE x.request_id = l.request_id) FROM ledger l{cond} "
+            "ORDER BY l.occurred_unix_nanos, l.request_id"
+        )
         rows = await self._on(self._reader, self._fetch, sql, params)
-        return [_entry(r) for r in rows]
+        return [
+            entry_of(
+                tuple(r)[: len(COLUMNS)],
+                (r[len(COLUMNS)] or "").split("\x1f") if r[len(COLUMNS)] else (),
+            )
+            for r in rows
+        ]
 
     def _fetch(self, sql: str, params: list[Any]) -> list[sqlite3.Row]:
         return self._conn().execute(sql, params).fetchall()
@@ -251,17 +204,80 @@ class Ledger:
         else:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
-            raise RuntimeError(
-                f"{self.path} has ledger schema {version}, expected {SCHEMA_VERSION}; "
-                "rebuild it with `python -m services.cost_tracker --rebuild`"
-            )
-        conn.executescript(_SCHEMA)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        # The pending migrations and the version number in one transaction (SQLite's
+        # DDL and user_version are transactional), under the write lock: a second
+        # process opening the file at the same time waits, then finds it done.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for migration in pending(version):
+                for statement in _statements(migration.sqlite):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {migration.version}")
+                log.info(
+                    "ledger %s: schema migration %d (%s) applied",
+                    self.path,
+                    migration.version,
+                    migration.name,
+                )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     def _close_conn(self) -> None:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def _statements(script: str) -> list[str]:
+    """A migration's statements (``executescript`` would commit the open transaction)."""
+    return [part.strip() for part in script.split(";") if part.strip()]
+
+
+@contextlib.asynccontextmanager
+async def sqlite_rebuilding(path: Path) -> AsyncIterator[SqliteLedger]:
+    """A fresh ledger file beside ``path`` to replay into; on success it takes the
+    spend alerts already raised from the old file and replaces it atomically (a
+    rename), on failure it is removed and the old file stays as it was."""
+    tmp = path.with_name(f"{path.name}.rebuild-{os.getpid()}")
+    _remove_sqlite_files(tmp)
+    ledger = SqliteLedger(tmp, bulk=True)
+    await ledger.open()
+    try:
+        yield ledger
+        await ledger.close()
+        _carry_alerts(path, tmp)
+        # A WAL left by the old ledger would be replayed into the new file: remove it.
+        _remove_sqlite_files(path, main=False)
+        os.replace(tmp, path)
+    except BaseException:
+        await ledger.close()
+        _remove_sqlite_files(tmp)
+        raise
+
+
+def _carry_alerts(old: Path, new: Path) -> None:
+    """Spend alerts are not derived from the stream: the rebuilt file keeps the old
+    file's, so that none is raised a second time."""
+    if not old.exists():
+        return
+    conn = sqlite3.connect(new, isolation_level=None)
+    try:
+        conn.execute("ATTACH DATABASE ? AS old", (str(old),))
+        has_alerts = conn.execute(
+            "SELECT 1 FROM old.sqlite_master WHERE type = 'table' AND name = 'spend_alerts'"
+        ).fetchone()
+        if has_alerts:
+            conn.execute("INSERT OR IGNORE INTO spend_alerts SELECT * FROM old.spend_alerts")
+        conn.execute("DETACH DATABASE old")
+    finally:
+        conn.close()
+
+
+def _remove_sqlite_files(path: Path, *, main: bool = True) -> None:
+    suffixes = ("", "-wal", "-shm", "-journal") if main else ("-wal", "-shm", "-journal")
+    for suffix in suffixes:
+        Path(f"{path}{suffix}").unlink(missing_ok=True)

@@ -4,32 +4,38 @@ The ledger is a materialized view of the usage stream, so it can always be made 
 ``python -m services.cost_tracker --rebuild`` (or ``SLUICE_COST_REBUILD=true``) reads
 the stream with an ephemeral ordered consumer (no acks, no durable state touched, so the
 live ``cost-ledger`` consumer keeps its position), prices each event exactly as the live
-consumer does, writes a fresh SQLite file beside the ledger, and only once the replay
-reached the stream's last message at the start of the rebuild swaps it in with an atomic
-rename, then exits. A failed rebuild leaves the old ledger untouched.
+consumer does, and writes the rows into a new ledger that replaces the old one only once
+the replay reached the stream's last message at the start of the rebuild, then exits.
+A failed rebuild leaves the old ledger untouched. Where the new ledger is made:
 
-- Stop the cost-tracker first: the swap replaces the file under any open connection.
-  Events published meanwhile stay unacked on the durable consumer and are recorded,
-  idempotently, when the service starts again.
-- No cost events are published: subscribers saw them when they were first recorded.
-- Events are priced with the current ``prices.yaml`` (each row keeps ``price_version``);
-  events older than the stream's retention (90 days) are gone from the rebuilt ledger.
+- SQLite: a fresh file beside the ledger, swapped in with an atomic rename
+  (``adapters.ledger.sqlite_rebuilding``). Stop the cost-tracker first: the swap
+  replaces the file under any open connection.
+- PostgreSQL: the derived tables emptied and refilled in one transaction
+  (``PostgresLedger.rebuilding``), which commits at the end. Replicas still running
+  wait on its lock and carry on after it; stopping them first is still the simple way.
+
+Either way, events published meanwhile stay unacked on the durable consumer and are
+recorded, idempotently, when the service runs again; spend alerts already raised are
+kept. No cost events are published: subscribers saw them when they were first
+recorded. Events are priced with the current ``prices.yaml`` (each row keeps
+``price_version``); events older than the stream's retention (90 days) are gone from
+the rebuilt ledger.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from pathlib import Path
 
 from google.protobuf.message import DecodeError
 from sluice.bus import Bus
 from sluice.cost.v1 import cost_pb2
 from sluice.topology import Streams, Subjects
 
-from services.cost_tracker.adapters.ledger import Ledger
+from services.cost_tracker.domain.recording import LedgerWriter
 from services.cost_tracker.domain.usage import InvalidUsageEvent, LedgerEntry, Pricer
 
 log = logging.getLogger(__name__)
@@ -45,30 +51,20 @@ class RebuildReport:
 
 async def rebuild_ledger(
     bus: Bus,
-    ledger_path: Path,
+    target: AbstractAsyncContextManager[LedgerWriter],
     pricer: Pricer,
     *,
+    where: str,
     batch_size: int = 1000,
     idle_timeout: float = 10.0,
 ) -> RebuildReport:
-    """Replay SLUICE_USAGE into a new ledger file and swap it in at ``ledger_path``."""
-    tmp = ledger_path.with_name(f"{ledger_path.name}.rebuild-{os.getpid()}")
-    _remove_sqlite_files(tmp)
-    ledger = Ledger(tmp, bulk=True)
-    await ledger.open()
-    try:
+    """Replay SLUICE_USAGE into ``target`` (a new ledger that replaces the old one when
+    the context exits without an error)."""
+    async with target as ledger:
         report = await _replay(bus, ledger, pricer, batch_size, idle_timeout)
-        await ledger.close()
-        # A WAL left by the old ledger would be replayed into the new file: remove it.
-        _remove_sqlite_files(ledger_path, main=False)
-        os.replace(tmp, ledger_path)
-    except BaseException:
-        await ledger.close()
-        _remove_sqlite_files(tmp)
-        raise
     log.info(
         "ledger rebuilt at %s: %d messages, %d rows, %d skipped, up to stream seq %d",
-        ledger_path,
+        where,
         report.messages,
         report.recorded,
         report.skipped,
@@ -78,7 +74,7 @@ async def rebuild_ledger(
 
 
 async def _replay(
-    bus: Bus, ledger: Ledger, pricer: Pricer, batch_size: int, idle_timeout: float
+    bus: Bus, ledger: LedgerWriter, pricer: Pricer, batch_size: int, idle_timeout: float
 ) -> RebuildReport:
     # Up to the tail as it is now (Bus.replay); later events belong to the live consumer.
     messages = recorded = skipped = last_seq = 0
@@ -109,9 +105,3 @@ async def _replay(
             ) from exc
     recorded += sum(await ledger.record(batch))
     return RebuildReport(messages, recorded, skipped, last_seq)
-
-
-def _remove_sqlite_files(path: Path, *, main: bool = True) -> None:
-    suffixes = ("", "-wal", "-shm", "-journal") if main else ("-wal", "-shm", "-journal")
-    for suffix in suffixes:
-        Path(f"{path}{suffix}").unlink(missing_ok=True)

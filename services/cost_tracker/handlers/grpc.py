@@ -19,7 +19,7 @@ from services.cost_tracker.domain.feed import CostFeed
 from services.cost_tracker.domain.usage import (
     InvalidQuery,
     LedgerUnavailable,
-    UsageFilter,
+    ReportSpec,
     UsageReader,
     summarize,
 )
@@ -35,18 +35,19 @@ class UsageServicer(cost_pb2_grpc.UsageServiceServicer):
         self.feed = feed
 
     async def QueryUsage(self, request: cost_pb2.UsageQuery, context: Any) -> cost_pb2.UsageSummary:
-        """Usage and cost grouped by key and model, filtered by key, team, model and an
-        ``[since, until)`` range of occurrence times."""
+        """Usage, cost and cache savings grouped by the query's dimensions (key and model
+        when it names none), filtered by key, team, model, provider, end user, tag and
+        an ``[since, until)`` range of occurrence times."""
         try:
-            rows = await self.ledger.totals(UsageFilter.from_query(request))
+            report = await self.ledger.report(ReportSpec.from_query(request))
         except InvalidQuery as exc:
             raise SluiceError(ErrorCode.INVALID_REQUEST, str(exc)) from None
         except LedgerUnavailable:
             raise SluiceError(
                 ErrorCode.SERVICE_UNAVAILABLE, "The cost-tracker is shutting down."
             ) from None
-        trace.get_current_span().set_attribute("sluice.rows", len(rows))
-        return summarize(rows)
+        trace.get_current_span().set_attribute("sluice.rows", len(report.rows))
+        return summarize(report)
 
     async def WatchCostEvents(
         self, request: cost_pb2.WatchCostEventsRequest, context: Any
