@@ -13,7 +13,9 @@ first replayed event, bench/resume.py), ``priority`` (interactive queue wait beh
 bench/streams.py, on a product with room for them), ``semcache`` (the semantic
 cache's similarity threshold on labelled pairs, bench/semcache.py, no product) and
 ``consumers`` (CPU per message of faststream against nats-py, core request/reply and
-JetStream pulls, bench/consumers.py, on a NATS server of its own).
+JetStream pulls, bench/consumers.py, on a NATS server of its own) and ``ledger`` (usage
+events per second the cost-trackers drain into SQLite and PostgreSQL, bench/ledger.py,
+on a NATS and a PostgreSQL server of their own).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 import aiohttp
 from sluice.devtools.embedded import free_port
 
-from bench import consumers, jobs, resume, semcache, spans, streams
+from bench import consumers, jobs, ledger, resume, semcache, spans, streams
 from bench.load import (
     Sample,
     Target,
@@ -666,6 +668,12 @@ async def main_async(args: argparse.Namespace) -> int:
                 messages=args.consumer_messages,
             )
         )
+    if "ledger" in only:
+        section(
+            "Ledger: usage events per second drained into the cost ledger, one tracker on "
+            "SQLite, one and two on PostgreSQL (bench/ledger.py)"
+        )
+        print(await ledger.ledger_table(rounds=args.ledger_rounds, events=args.ledger_events))
     if "semcache" in only:
         section("Semantic cache: similarity threshold on the labelled pairs (bench/semcache.py)")
         semcache.report()
@@ -681,12 +689,13 @@ SECTIONS = (
     "spans",
     "semcache",
     "consumers",
+    "ledger",
 )
 # Full run, and --quick: (seconds, job seconds, reconnects, batch jobs, interactive
 # seconds, streams, stream tokens/s, stream seconds, consumer rounds, consumer requests,
-# consumer messages).
-FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0, 5, 5000, 8192)
-QUICK = (3.0, 2.0, 50, 300, 5.0, 200, 10.0, 5.0, 3, 1000, 2048)
+# consumer messages, ledger rounds, ledger events).
+FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0, 5, 5000, 8192, 3, 20000)
+QUICK = (3.0, 2.0, 50, 300, 5.0, 200, 10.0, 5.0, 3, 1000, 2048, 1, 5000)
 
 
 def _sections(value: str) -> set[str]:
@@ -744,6 +753,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--consumer-messages", type=int, help="JetStream messages per variant and round (8192)"
     )
+    parser.add_argument("--ledger-rounds", type=int, help="rounds of each ledger (3; quick 1)")
+    parser.add_argument(
+        "--ledger-events", type=int, help="usage events per ledger run (20000; quick 5000)"
+    )
     args = parser.parse_args(argv)
     names = (
         "seconds",
@@ -757,6 +770,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "consumer_rounds",
         "consumer_requests",
         "consumer_messages",
+        "ledger_rounds",
+        "ledger_events",
     )
     for name, value in zip(names, QUICK if args.quick else FULL, strict=True):
         if getattr(args, name) is None:

@@ -132,7 +132,7 @@ PASSWORD = "s3cret-not-to-be-logged"
 def with_password(url: str, server: PostgresServer) -> str:
     """The URL with a password in it, when the server is the suite's own (trust
     authentication ignores it), to show that no log line repeats it."""
-    if server.process is None:
+    if server.embedded is None:
         return url
     return url.replace("postgres@", f"postgres:{PASSWORD}@", 1)
 
