@@ -59,6 +59,9 @@ class Subjects:
     USAGE_ALL = f"{PREFIX}.usage.>"
     # publish: cost_pb2.CostEvent
     COST_RECORDED_ALL = f"{PREFIX}.cost.recorded.>"
+    # request/reply: cost_pb2.UsageQuery -> UsageQueryReply (queue group cost-tracker:
+    # any replica answers from the shared ledger)
+    COST_USAGE_QUERY = f"{PREFIX}.cost.usage"
     # request/reply: empty -> chat_pb2.ServiceStatus, one subject per service
     HEALTH_ALL = f"{PREFIX}.health.>"
     # core publish: stop one request's generation (job cancel, client disconnect policy)

@@ -28,7 +28,11 @@ from services.cost_tracker.domain.feed import CostFeed
 from services.cost_tracker.domain.recording import UsageRecorder
 from services.cost_tracker.domain.usage import Pricer
 from services.cost_tracker.handlers.grpc import usage_service
-from services.cost_tracker.handlers.nats import CostEventListener, usage_consumer
+from services.cost_tracker.handlers.nats import (
+    CostEventListener,
+    UsageQueries,
+    usage_consumer,
+)
 from services.cost_tracker.settings import CostTrackerSettings
 
 log = logging.getLogger(__name__)
@@ -64,6 +68,7 @@ class CostTracker:
         self.register = usage_service(self.ledger, self.feed)
         self.recorder: UsageRecorder | None = None
         self.consumer: DurableConsumer[cost_pb2.UsageEvent] | None = None
+        self.queries: UsageQueries | None = None
         self._tracer = tracer
 
     async def start(
@@ -88,6 +93,9 @@ class CostTracker:
             tracer=self._tracer,
         )
         await self.consumer.start()
+        # The gateway's usage queries (stopped with the runtime's other NATS handlers).
+        self.queries = UsageQueries(self.ledger)
+        await self.queries.start(bus)
         log.info(
             "cost-tracker recording into %s with prices %s (version %s)",
             ledger_where(self.ledger),
@@ -100,6 +108,8 @@ class CostTracker:
         first), end the watch streams, close the ledger."""
         if self.consumer is not None:
             await self.consumer.stop()
+        if self.queries is not None:
+            await self.queries.stop()
         self.feed.close()
         await self.ledger.close()
 

@@ -27,9 +27,11 @@ from services.gateway.adapters.lifecycle import NatsLifecycle
 from services.gateway.adapters.limiter import LimiterClient
 from services.gateway.adapters.readiness import Readiness
 from services.gateway.adapters.streams import NatsStreams
+from services.gateway.adapters.usage import UsageClient
 from services.gateway.adapters.webhooks import KvWebhookSecrets, WebhookClient
 from services.gateway.adapters.work_queue import JetStreamQueues
 from services.gateway.domain.chat import ChatService
+from services.gateway.domain.estimate import Estimator
 from services.gateway.domain.idempotency.service import Idempotency
 from services.gateway.domain.jobs.delivery import WebhookDeliverer
 from services.gateway.domain.jobs.records import JobRenderer
@@ -38,6 +40,7 @@ from services.gateway.domain.jobs.webhooks import AllowList
 from services.gateway.domain.leases import LeasingLimiter
 from services.gateway.domain.relay.resume import StreamResumer
 from services.gateway.domain.relay.sse import StreamRelay
+from services.gateway.domain.usage import UsageReports
 from services.gateway.handlers.http.application import create_app
 from services.gateway.handlers.http.deps import ApiDeps, models_list_body
 from services.gateway.handlers.http.middleware import Edge
@@ -54,7 +57,7 @@ def _prices(settings: GatewaySettings) -> PriceTable | None:
     try:
         return PriceTable.load(path)
     except (OSError, ValueError):
-        log.warning("no price table at %s: partial job costs read 0", path)
+        log.warning("no price table at %s: partial job costs read 0, estimates unpriced", path)
         return None
 
 
@@ -123,11 +126,12 @@ async def assemble(
         relay=relay,
     )
     resumer = StreamResumer(settings, streams, relay)
+    prices = _prices(settings)
     jobs = JobService(
         settings=settings,
         chat=chat,
         store=KvJobStore(jobs_kv, bus),
-        renderer=JobRenderer(_prices(settings)),
+        renderer=JobRenderer(prices),
         queue=queue,
         streams=streams,
         lifecycle=lifecycle,
@@ -159,6 +163,8 @@ async def assemble(
         readiness=Readiness(bus, settings.readiness_cache_seconds),
         instruments=inst,
         models_body=models_list_body(catalog),
+        usage=UsageReports(UsageClient(bus, settings.usage_timeout_seconds)),
+        estimator=Estimator(chat, prices),
     )
     consumers: list[Consumer] = [
         job_tracker(broker, jobs),  # type: ignore[list-item]

@@ -55,6 +55,9 @@ class GatewaySettings(BaseSettings):
     # lease asks room for; 0 asks the limiter on every request.
     admission_lease_requests: int = Field(default=32, ge=0)
     cache_timeout_seconds: float = 0.25
+    # GET /v1/usage waits this long for a cost-tracker's answer (a report over a long
+    # range reads many ledger rows).
+    usage_timeout_seconds: float = Field(default=10.0, gt=0)
     publish_timeout_seconds: float = 2.0
     cache_mode: CacheMode = CacheMode.DETERMINISTIC
     # Applies to requests the exact cache already takes (cache_mode, Cache-Control).

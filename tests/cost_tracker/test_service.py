@@ -459,3 +459,66 @@ async def test_the_feed_subscribes_only_while_someone_watches(running, bus):
     await publish_usage(bus, later)
     assert [e.request_id for e in await read_events(again, 1)] == [later.request_id]
     again.cancel()
+
+
+async def test_query_usage_groups_by_tag_and_end_user_over_grpc(running, bus):
+    key = unique("key")
+    events = [usage_event(key, input_tokens=100 * (i + 1), output_tokens=7) for i in range(3)]
+    events[0].tags.extend(["web", "beta"])
+    events[1].tags.append("web")
+    events[0].end_user = events[2].end_user = "alice"
+    for event in events:
+        await publish_usage(bus, event)
+    pricer = running.tracker.pricer
+    cost = [pricer.price(e).total_cost_nanos for e in events]
+
+    async def by_tag():
+        summary = await running.stub.QueryUsage(
+            cost_pb2.UsageQuery(key_id=key, group_by=[cost_pb2.USAGE_DIMENSION_TAG])
+        )
+        return summary if summary.requests == 3 else None
+
+    summary = await eventually(by_tag)
+    assert {(r.tag, r.requests, r.cost_usd_nanos) for r in summary.rows} == {
+        ("", 1, cost[2]),
+        ("beta", 1, cost[0]),
+        ("web", 2, cost[0] + cost[1]),
+    }
+    assert summary.cost_usd_nanos == sum(cost)
+    assert list(summary.group_by) == [cost_pb2.USAGE_DIMENSION_TAG]
+    users = await running.stub.QueryUsage(
+        cost_pb2.UsageQuery(key_id=key, group_by=[cost_pb2.USAGE_DIMENSION_END_USER], limit=1)
+    )
+    assert [(r.end_user, r.requests) for r in users.rows] == [("", 1)]
+    assert users.truncated
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await running.stub.QueryUsage(
+            cost_pb2.UsageQuery(
+                group_by=[cost_pb2.USAGE_DIMENSION_DAY, cost_pb2.USAGE_DIMENSION_HOUR]
+            )
+        )
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_usage_queries_over_nats_answer_or_say_why(running, bus):
+    key = unique("key")
+    event = usage_event(key)
+    await publish_usage(bus, event)
+
+    async def ask(query):
+        return await bus.request(
+            Subjects.COST_USAGE_QUERY, query, cost_pb2.UsageQueryReply, timeout=5
+        )
+
+    async def recorded():
+        reply = await ask(cost_pb2.UsageQuery(key_id=key))
+        return reply if reply.summary.requests == 1 else None
+
+    reply = await eventually(recorded)
+    assert not reply.problem.code
+    assert reply.summary.cost_usd_nanos == running.tracker.pricer.price(event).total_cost_nanos
+    bad = await ask(cost_pb2.UsageQuery(since_unix_nanos=10, until_unix_nanos=5))
+    assert bad.problem.code == "invalid_request" and bad.problem.http_status == 400
+    await running.tracker.ledger.close()
+    closed = await ask(cost_pb2.UsageQuery(key_id=key))
+    assert closed.problem.code == "service_unavailable" and closed.problem.retryable

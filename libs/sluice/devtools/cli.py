@@ -1,5 +1,5 @@
 """The ``sluice`` command: ``up`` (everything, locally), ``trace`` (one request as a
-tree), ``simulator`` (the fault-injecting provider)."""
+tree), ``usage`` (where the money goes), ``simulator`` (the fault-injecting provider)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("sluice.devtools.up.command", "start NATS, the local model and all five services"),
     "trace": ("sluice.devtools.tracecli", "print one request's spans as a tree"),
+    "usage": ("sluice.devtools.usagecli", "cost, tokens and cache savings, grouped"),
     "simulator": ("sluice.devtools.simulator", "run the simulated OpenAI-compatible provider"),
 }
 

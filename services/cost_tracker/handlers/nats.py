@@ -1,5 +1,13 @@
-"""The cost-tracker on NATS: the SLUICE_USAGE consumer, and the subscription to every
-instance's cost events behind the live feed.
+"""The cost-tracker on NATS: the SLUICE_USAGE consumer, the usage queries the gateway
+asks (``sluice.v1.cost.usage``, request/reply, queue group ``cost-tracker``), and the
+subscription to every instance's cost events behind the live feed.
+
+**Usage queries** ride NATS request/reply like the limiter's and the cache's, not gRPC:
+the gateway already holds its one NATS connection (no address of the cost-tracker to
+configure, no second credential), the queue group spreads the queries over the replicas
+(all of them read the same ledger when it is on PostgreSQL), and the trace goes on in
+the message headers. The answer is a ``UsageQueryReply``: the summary, or a problem
+with a stable code (a bad query; the ledger not answering), never an exception's text.
 
 **Usage consumer** (a ``sluice.consumers.DurableConsumer``): each message of a batch is
 priced in its own CONSUMER span, continued from the trace in its headers (the worker's,
@@ -30,6 +38,7 @@ the shared one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,10 +51,20 @@ from sluice.bus import Bus
 from sluice.consumers import ConsumerBroker, Delivery, DurableConsumer
 from sluice.cost.v1 import cost_pb2
 from sluice.delivery import Poison, Transient
+from sluice.errors import ErrorCode, SluiceError
 from sluice.topology import ConsumerSpec, Subjects
 
 from services.cost_tracker.domain.recording import UsageRecorder
-from services.cost_tracker.domain.usage import InvalidUsageEvent, LedgerEntry, nanos_to_float
+from services.cost_tracker.domain.usage import (
+    InvalidQuery,
+    InvalidUsageEvent,
+    LedgerEntry,
+    LedgerUnavailable,
+    ReportSpec,
+    UsageReader,
+    nanos_to_float,
+    summarize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +176,51 @@ class CostEventListener:
         sub, self._sub = self._sub, None
         if sub is not None:
             await self._bus.unserve(sub)
+
+
+QUERY_QUEUE = "cost-tracker"
+
+
+class UsageQueries:
+    """``sluice.v1.cost.usage``: a ``UsageQuery`` in, a ``UsageQueryReply`` out."""
+
+    def __init__(self, ledger: UsageReader) -> None:
+        self.ledger = ledger
+        self._bus: Bus | None = None
+        self._sub: Subscription | None = None
+
+    async def answer(self, query: cost_pb2.UsageQuery, _msg: Msg) -> cost_pb2.UsageQueryReply:
+        span = trace.get_current_span()
+        try:
+            report = await self.ledger.report(ReportSpec.from_query(query))
+        except InvalidQuery as exc:
+            problem = SluiceError(ErrorCode.INVALID_REQUEST, f"{exc}.").to_proto()
+            return cost_pb2.UsageQueryReply(problem=problem)
+        except LedgerUnavailable:
+            return _unavailable("The cost-tracker is shutting down.")
+        except Exception:
+            # A database error's text can quote the query: logged here, not answered.
+            log.exception("usage query failed")
+            return _unavailable("The cost ledger did not answer the query.")
+        span.set_attribute("sluice.rows", len(report.rows))
+        return cost_pb2.UsageQueryReply(summary=summarize(report))
+
+    async def start(self, bus: Bus) -> None:
+        self._bus = bus
+        self._sub = await bus.serve(
+            Subjects.COST_USAGE_QUERY, cost_pb2.UsageQuery, self.answer, queue=QUERY_QUEUE
+        )
+
+    async def stop(self) -> None:
+        """Take no more queries (the runtime's stop already unsubscribed them; a tracker
+        stopped on its own, as in tests, does it here)."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                assert self._bus is not None
+                await self._bus.unserve(sub)
+
+
+def _unavailable(detail: str) -> cost_pb2.UsageQueryReply:
+    err = SluiceError(ErrorCode.SERVICE_UNAVAILABLE, detail, retry_after_ms=1000)
+    return cost_pb2.UsageQueryReply(problem=err.to_proto())

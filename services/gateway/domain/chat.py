@@ -33,6 +33,7 @@ from services.gateway.domain.admission import (
 from services.gateway.domain.dialects.common import Dialect, RequestMeta, final_sluice
 from services.gateway.domain.dialects.openai.response import OPENAI
 from services.gateway.domain.exchange import Answer
+from services.gateway.domain.labels import request_labels
 from services.gateway.domain.ports import Admission, CacheLookup, StreamStore, WorkQueue
 from services.gateway.domain.problems import failure_error, timeout_error
 from services.gateway.domain.relay.reader import DeadlineExceeded, EventReader
@@ -54,6 +55,8 @@ class ChatOptions:
     lifecycle_events: bool = False
     # The request asked for the semantic cache too.
     semantic: bool = False
+    # The x-sluice-tags header (domain.labels).
+    tags: tuple[str, ...] = ()
 
 
 class ChatService:
@@ -90,6 +93,7 @@ class ChatService:
         """A request already normalised by its front door, answered in its dialect."""
         meta.model_requested = request.model
         budget = self.budget(request)
+        end_user, tags = request_labels(request, options.tags)
         meta.prompt_tokens = budget.prompt_tokens
         policy = cache_policy(self.settings.cache_mode, request.sampling, options.cache_control)
         cacheable = policy.lookup or policy.store
@@ -120,6 +124,7 @@ class ChatService:
                 cached=cached,
                 headers=headers,
                 dialect=options.dialect,
+                labels=(end_user, tags),
             )
         cache = None
         if policy.store:
@@ -135,6 +140,8 @@ class ChatService:
             timeout_seconds=self.settings.request_timeout_seconds,
             lifecycle_events=options.lifecycle_events,
             cache=cache,
+            end_user=end_user,
+            tags=tags,
         )
         return await self._run(key, work, meta, headers, options)
 
@@ -176,6 +183,7 @@ class ChatService:
         cached: inference_pb2.Final,
         headers: dict[str, str],
         dialect: Dialect,
+        labels: tuple[str, tuple[str, ...]],
     ) -> Answer:
         event = cost_pb2.UsageEvent(
             request_id=meta.request_id,
@@ -190,7 +198,14 @@ class ChatService:
             cache_hit=True,
             outcome="completed",
             trace_id=meta.trace_id,
+            end_user=labels[0],
+            tags=labels[1],
         )
+        # What the answer cost when it was made is what this hit saved: exact when the
+        # entry carries it (an entry cached before it did leaves the field unset, and
+        # the cost-tracker prices the answer's usage instead).
+        if cached.cost_usd_nanos or not cached.cost_usd:
+            event.cache_saved_usd_nanos = cached.cost_usd_nanos
         try:
             await self.queue.publish_usage(event)
         except SluiceError:

@@ -61,10 +61,13 @@ def build_work(
     timeout_seconds: float,
     lifecycle_events: bool = False,
     cache: CacheInstruction | None = None,
+    end_user: str = "",
+    tags: tuple[str, ...] = (),
 ) -> inference_pb2.InferenceWork:
     """The work item; the worker gives up at ``timeout_seconds`` from now, queue time
     included. ``lifecycle_events``: the worker reports started/finished on
-    ``SLUICE_LIFECYCLE`` (jobs and idempotent requests follow them)."""
+    ``SLUICE_LIFECYCLE`` (jobs and idempotent requests follow them). ``end_user`` and
+    ``tags`` travel on to the usage event (``domain.labels``)."""
     now_ns = time.time_ns()
     work = inference_pb2.InferenceWork(
         request_id=request_id,
@@ -77,6 +80,8 @@ def build_work(
         enqueued_unix_nanos=now_ns,
         deadline_unix_nanos=now_ns + int(timeout_seconds * 1e9),
         lifecycle_events=lifecycle_events,
+        end_user=end_user,
+        tags=tags,
     )
     if cache is not None:
         work.cache_key = cache.key

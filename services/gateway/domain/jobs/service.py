@@ -48,6 +48,7 @@ from services.gateway.domain.jobs.webhooks import (
     payload,
     refused_error,
 )
+from services.gateway.domain.labels import request_labels
 from services.gateway.domain.ports import (
     JobStore,
     LifecycleLog,
@@ -162,9 +163,11 @@ class JobService:
         priority: PriorityClass,
         trace_id: str,
         wait: float | None = None,
+        tags: tuple[str, ...] = (),
     ) -> Submitted:
         settings = self.settings
         request = to_chat_request(spec.request)
+        end_user, all_tags = request_labels(request, tags)
         # Jobs run streamed at the worker: the token events are the job's progress.
         request.stream = True
         request.include_usage = True
@@ -214,6 +217,8 @@ class JobService:
             timeout_seconds=settings.job_timeout_seconds,
             lifecycle_events=True,
             cache=cache,
+            end_user=end_user,
+            tags=all_tags,
         )
         try:
             revision = await self.store.create(record)
@@ -403,11 +408,12 @@ class JobService:
         prefer: Prefer,
         priority: PriorityClass,
         trace_id: str,
+        tags: tuple[str, ...] = (),
     ) -> Answer:
         """202 with the job and its ``Location``; with ``Prefer: wait=N`` and the job done
         in time, 200 with the completion itself (or its error)."""
         submitted = await self.submit(
-            key, spec, priority=priority, trace_id=trace_id, wait=prefer.wait
+            key, spec, priority=priority, trace_id=trace_id, wait=prefer.wait, tags=tags
         )
         record = submitted.record
         headers = {

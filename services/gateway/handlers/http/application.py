@@ -16,6 +16,7 @@ from services.gateway.handlers.http.controllers.messages import MessagesControll
 from services.gateway.handlers.http.controllers.models import ModelsController
 from services.gateway.handlers.http.controllers.ops import OpsController
 from services.gateway.handlers.http.controllers.streams import StreamsController
+from services.gateway.handlers.http.controllers.usage import UsageController
 from services.gateway.handlers.http.deps import ApiDeps
 from services.gateway.handlers.http.problems import exception_handler
 
@@ -29,6 +30,7 @@ def create_app(deps: ApiDeps) -> Litestar:
             JobsController,
             WebhooksController,
             ModelsController,
+            UsageController,
             OpsController,
             DocsController,
         ],

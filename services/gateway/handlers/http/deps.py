@@ -11,10 +11,12 @@ from sluice.catalog import Catalog
 from sluice.metrics import Instruments
 
 from services.gateway.domain.chat import ChatService
+from services.gateway.domain.estimate import Estimator
 from services.gateway.domain.idempotency.service import Idempotency
 from services.gateway.domain.jobs.service import JobService
 from services.gateway.domain.ports import KeyLookup
 from services.gateway.domain.relay.resume import StreamResumer
+from services.gateway.domain.usage import UsageReports
 from services.gateway.settings import GatewaySettings
 
 
@@ -37,6 +39,8 @@ class ApiDeps:
     readiness: ReadinessCheck
     instruments: Instruments
     models_body: bytes
+    usage: UsageReports
+    estimator: Estimator
 
 
 def deps_of(request: Request[Any, Any, Any]) -> ApiDeps:

@@ -15,6 +15,7 @@ from services.gateway.domain.chat import ChatOptions
 from services.gateway.domain.dialects.common import Dialect
 from services.gateway.domain.dialects.openai.response import OPENAI
 from services.gateway.domain.jobs.request import Prefer
+from services.gateway.domain.labels import TAGS_HEADER, parse_tags
 from services.gateway.domain.work import resolve_priority
 from services.gateway.settings import GatewaySettings, SemanticCacheMode
 
@@ -115,4 +116,10 @@ def chat_options(
         priority=priority(key, headers, PriorityClass.INTERACTIVE),
         # An idempotent request's record follows its lifecycle events.
         lifecycle_events=IDEMPOTENCY_HEADER in headers,
+        tags=tags_of(headers),
     )
+
+
+def tags_of(headers: Mapping[str, str]) -> tuple[str, ...]:
+    """``x-sluice-tags``: comma-separated labels for the request's usage."""
+    return parse_tags(headers.get(TAGS_HEADER), param=TAGS_HEADER)

@@ -13,6 +13,8 @@ LABELLED_ROUTES = frozenset(
         *ANSWER_ROUTES,
         JOBS_ROUTE,
         "/v1/models",
+        "/v1/usage",
+        "/v1/estimate",
         "/v1/webhooks/secret",
         "/healthz",
         "/readyz",

@@ -60,6 +60,7 @@ class ChatController(Controller):
                     prefer=prefer,
                     priority=h.job_priority(key, headers, prefer),
                     trace_id=ctx.trace_id,
+                    tags=h.tags_of(headers),
                 )
             options = h.chat_options(headers, key, deps.settings, instance=ctx.instance)
             meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model)

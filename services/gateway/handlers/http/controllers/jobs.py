@@ -58,6 +58,7 @@ class JobsController(Controller):
                 prefer=prefer,
                 priority=h.job_priority(key, headers, prefer),
                 trace_id=ctx.trace_id,
+                tags=h.tags_of(headers),
             )
 
         answer = await idempotent(
