@@ -37,8 +37,14 @@ def test_span_table_times_both_tracers_and_writes_their_spans() -> None:
 
 def test_consumer_options_follow_the_presets() -> None:
     full, quick = parse_args([]), parse_args(["--quick", "--consumer-rounds", "2"])
-    assert (full.consumer_rounds, full.consumer_requests, full.consumer_messages) == FULL[8:]
+    assert (full.consumer_rounds, full.consumer_requests, full.consumer_messages) == FULL[8:11]
     assert (quick.consumer_rounds, quick.consumer_messages) == (2, QUICK[10])
+
+
+def test_ledger_options_follow_the_presets() -> None:
+    full, quick = parse_args([]), parse_args(["--quick", "--ledger-events", "3000"])
+    assert (full.ledger_rounds, full.ledger_events) == FULL[11:]
+    assert (quick.ledger_rounds, quick.ledger_events) == (QUICK[11], 3000)
 
 
 @pytest.mark.slow

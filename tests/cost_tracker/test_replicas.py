@@ -13,10 +13,12 @@ not counted again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import asyncpg
 import grpc
@@ -87,10 +89,10 @@ async def test_two_trackers_one_killed_count_every_request_once_to_the_nano_doll
         trackers.append(stack.start(ServiceName.COST_TRACKER))
         await stack.wait_ready(list(ALL_SERVICES), timeout=90)
         for tracker in trackers:
-            await eventually(lambda t=tracker: serving(t), timeout=60)
+            await eventually(functools.partial(serving, tracker), timeout=60)
         gateway = stack.processes[ServiceName.GATEWAY]
 
-        answers: dict[str, dict] = {}
+        answers: dict[str, dict[str, Any]] = {}
         sent = 0
         victim = trackers[0]
 
@@ -126,7 +128,7 @@ async def test_two_trackers_one_killed_count_every_request_once_to_the_nano_doll
             await asyncio.gather(*(client(http) for _ in range(CONCURRENCY)))
         elapsed = time.monotonic() - started
         assert len(answers) == REQUESTS
-        await eventually(lambda: serving(victim), timeout=60)
+        await eventually(functools.partial(serving, victim), timeout=60)
 
         table = PriceTable.load(REPO_CONFIG / "prices.yaml")
         expected = 0

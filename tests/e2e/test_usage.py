@@ -90,11 +90,13 @@ def client(e2e: RunningStack, key: str | None) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=e2e.gateway_url, headers=headers, timeout=30)
 
 
-async def usage_when(http: httpx.AsyncClient, params: dict[str, str], requests: int) -> dict:
+async def usage_when(
+    http: httpx.AsyncClient, params: dict[str, str], requests: int
+) -> dict[str, Any]:
     """The usage report once ``requests`` requests are in it (the ledger is fed
     asynchronously, in batches)."""
     deadline = time.monotonic() + 20
-    body: dict = {}
+    body: dict[str, Any] = {}
     while time.monotonic() < deadline:
         reply = await http.get("/v1/usage", params=params)
         assert reply.status_code == 200, reply.text

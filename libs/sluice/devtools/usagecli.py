@@ -80,7 +80,7 @@ def _key(args: argparse.Namespace) -> str:
     env = os.environ.get("SLUICE_API_KEY")
     if env:
         return env
-    path = args.state_dir / "dev-key"
+    path: Path = args.state_dir / "dev-key"
     if path.exists():
         return path.read_text(encoding="utf-8").strip()
     raise SystemExit(f"no API key: pass --key, set SLUICE_API_KEY, or run `sluice up` ({path})")
