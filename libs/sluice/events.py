@@ -5,8 +5,8 @@ Each ``EventSpec`` names its subject (from ``sluice.topology``, with ``{key_id}`
 parameters), its protobuf payload, who publishes it, when, and with what delivery
 guarantee. ``asyncapi_document`` registers one faststream publisher per event on a
 broker that never connects and asks faststream for the document; the payload schemas
-come from the protobuf descriptors (``sluice.proto_schema``). A new event (the budget
-alerts of a later issue, say) is one more ``EventSpec`` in ``EVENTS``.
+come from the protobuf descriptors (``sluice.proto_schema``). A new event is one more
+``EventSpec`` in ``EVENTS``, as the spend alerts were.
 
 ``make asyncapi`` writes the document to ``docs/asyncapi.json``
 (``python -m sluice.events docs/asyncapi.json``); a test fails when the committed one is
@@ -95,6 +95,11 @@ def _span(stream: StreamSpec) -> str:
 
 
 KEY_ID = ("key_id", "The API key's id (not the secret): one subject per key.")
+TEAM = (
+    "team",
+    "The team's id, when it is one subject token of letters, digits, '-' and '_'; "
+    "otherwise 't' and the first 32 hex digits of its SHA-256.",
+)
 REQUEST_ID = ("request_id", "The request's id; a job's id for a job.")
 
 COST_RECORDED = EventSpec(
@@ -161,7 +166,35 @@ LIFECYCLE = EventSpec(
     parameters=(REQUEST_ID,),
 )
 
-EVENTS: tuple[EventSpec, ...] = (COST_RECORDED, USAGE, LIFECYCLE)
+SPEND_ALERT = EventSpec(
+    name="spend.alert",
+    subject=Subjects.spend_alert("{team}"),
+    payload=cost_pb2.SpendAlert,
+    publisher=ServiceName.COST_TRACKER,
+    when=(
+        "when a key's or a team's spend reaches 50, 80 or 100 % of its daily or monthly "
+        "budget (the budgets of the key record and of the team record; UTC days and "
+        "months), and when a key's spend in one UTC hour goes above N times its mean "
+        "hourly spend over the 24 hours before (SLUICE_COST_SPIKE_FACTOR) and above a "
+        "floor (SLUICE_COST_SPIKE_MIN_USD), checked as each batch of usage is recorded. "
+        "A team with an alert_webhook_url also gets it as a Standard Webhooks call "
+        "(type spend.budget or spend.spike), signed with the team's secret and retried "
+        "by the gateway's webhook sender."
+    ),
+    delivery=(
+        "at least once, stored once per threshold and period across cost-tracker "
+        "replicas and restarts: a JetStream publish with Nats-Msg-Id = alert_id "
+        "(deduplicated within the "
+        f"stream's duplicate window, {_span(Streams.ALERTS)}), and a record in the "
+        "ledger database that keeps it from being raised again after that. A crash "
+        "between the two raises it again, with the same alert_id: apply alerts "
+        "idempotently by alert_id."
+    ),
+    stream=Streams.ALERTS,
+    parameters=(TEAM,),
+)
+
+EVENTS: tuple[EventSpec, ...] = (COST_RECORDED, USAGE, LIFECYCLE, SPEND_ALERT)
 
 
 def payload_schema(event: EventSpec) -> JsonSchema:

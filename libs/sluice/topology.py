@@ -70,6 +70,8 @@ class Subjects:
     LIFECYCLE_ALL = f"{PREFIX}.lifecycle.>"
     # JetStream SLUICE_WEBHOOKS: webhook deliveries waiting to be (re)tried
     WEBHOOK_ALL = f"{PREFIX}.webhook.>"
+    # JetStream SLUICE_ALERTS: cost_pb2.SpendAlert, one subject per team
+    SPEND_ALERT_ALL = f"{PREFIX}.alert.spend.>"
 
     @staticmethod
     def infer(priority: PriorityClass | str) -> str:
@@ -101,7 +103,12 @@ class Subjects:
 
     @staticmethod
     def webhook(job_id: str) -> str:
+        """A job's webhook, or any other delivery by its own id (a spend alert's)."""
         return f"{PREFIX}.webhook.{job_id}"
+
+    @staticmethod
+    def spend_alert(team_token: str) -> str:
+        return f"{PREFIX}.alert.spend.{team_token}"
 
 
 @dataclass(frozen=True)
@@ -175,7 +182,16 @@ class Streams:
         description="pending webhook deliveries",
     )
 
-    ALL: tuple[StreamSpec, ...] = (INFER, STREAMS, USAGE, LIFECYCLE, WEBHOOKS)
+    # Spend alerts; Nats-Msg-Id = alert id, so replicas raising the same one store it once.
+    ALERTS = StreamSpec(
+        name="SLUICE_ALERTS",
+        subjects=(Subjects.SPEND_ALERT_ALL,),
+        max_age_seconds=30 * 24 * 3600,
+        duplicate_window_seconds=24 * 3600,
+        description="spend alerts by team",
+    )
+
+    ALL: tuple[StreamSpec, ...] = (INFER, STREAMS, USAGE, LIFECYCLE, WEBHOOKS, ALERTS)
 
 
 class Consumers:
@@ -192,7 +208,7 @@ class Consumers:
         for cls in PriorityClass
     }
     # The usage consumers ack each event, not each batch (AckAll): measured, it saves NATS
-    # messages but no CPU, and the cost-trackers will share their durable (why that
+    # messages but no CPU, and the cost-trackers share their durable (why that
     # rules AckAll out: services/cost_tracker/handlers/nats.py).
     LIMITER_USAGE = ConsumerSpec(
         stream=Streams.USAGE.name, durable="limiter-reconcile", filter_subject=Subjects.USAGE_ALL
@@ -257,6 +273,9 @@ class Buckets:
         "sluice_webhook_secrets",
         description="Standard Webhooks signing secret by team; disabled endpoints",
     )
+    # tenancy_pb2.Team records (budgets, alert webhook URL); the cost-tracker reads them
+    # by the team_id inside each record, whatever the key layout.
+    TEAMS = BucketSpec("sluice_teams", description="Team records (tenancy_pb2.Team)")
 
     ALL: tuple[BucketSpec, ...] = (
         API_KEYS,
@@ -265,6 +284,7 @@ class Buckets:
         JOBS,
         IDEMPOTENCY,
         WEBHOOK_SECRETS,
+        TEAMS,
     )
 
 

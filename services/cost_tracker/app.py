@@ -1,5 +1,6 @@
-"""Wiring of the cost-tracker: settings -> price table, ledger and cost-event publisher
--> recorder and feed -> usage consumer, cost-event listener and ``UsageService``.
+"""Wiring of the cost-tracker: settings -> price table, ledger (SQLite or PostgreSQL),
+cost-event publisher, budget directory and alert sink -> recorder, spend watch and feed
+-> usage consumer, usage queries, cost-event listener and ``UsageService``.
 
 ``python -m services.cost_tracker`` runs the service; with ``--rebuild`` it recreates
 the ledger from the usage stream and exits (see ``services.cost_tracker.adapters.rebuild``).
@@ -20,13 +21,16 @@ from sluice.pricing import PriceTable
 from sluice.service import ServiceRuntime
 from sluice.topology import Consumers, ConsumerSpec, ServiceName
 
+from services.cost_tracker.adapters.alerts import NatsAlertSink
+from services.cost_tracker.adapters.directory import KvBudgetDirectory
 from services.cost_tracker.adapters.events import NatsCostEvents
 from services.cost_tracker.adapters.ledger import SqliteLedger, sqlite_rebuilding
 from services.cost_tracker.adapters.postgres import PostgresLedger
 from services.cost_tracker.adapters.rebuild import rebuild_ledger
+from services.cost_tracker.domain.alerts import AlertSettings, SpendWatch
 from services.cost_tracker.domain.feed import CostFeed
 from services.cost_tracker.domain.recording import UsageRecorder
-from services.cost_tracker.domain.usage import Pricer
+from services.cost_tracker.domain.usage import Pricer, usd_to_nanos
 from services.cost_tracker.handlers.grpc import usage_service
 from services.cost_tracker.handlers.nats import (
     CostEventListener,
@@ -69,6 +73,8 @@ class CostTracker:
         self.recorder: UsageRecorder | None = None
         self.consumer: DurableConsumer[cost_pb2.UsageEvent] | None = None
         self.queries: UsageQueries | None = None
+        self.directory = KvBudgetDirectory()
+        self.watch: SpendWatch | None = None
         self._tracer = tracer
 
     async def start(
@@ -83,6 +89,18 @@ class CostTracker:
             Consumers.COST_USAGE, durable=self.settings.consumer_durable
         )
         self.recorder = UsageRecorder(self.ledger, self.pricer, NatsCostEvents(bus))
+        # Budgets from the key and team records, followed before the first batch.
+        await self.directory.start(bus)
+        self.watch = SpendWatch(
+            self.ledger,
+            self.directory,
+            NatsAlertSink(bus),
+            AlertSettings(
+                thresholds=tuple(self.settings.alert_thresholds),
+                spike_factor=self.settings.spike_factor,
+                spike_min_nanos=usd_to_nanos(self.settings.spike_min_usd),
+            ),
+        )
         self.consumer = usage_consumer(
             broker,
             self.recorder,
@@ -91,6 +109,7 @@ class CostTracker:
             window=self.settings.batch_window_seconds,
             fetch_timeout=self.settings.fetch_timeout_seconds,
             tracer=self._tracer,
+            watch=self.watch,
         )
         await self.consumer.start()
         # The gateway's usage queries (stopped with the runtime's other NATS handlers).
@@ -110,6 +129,7 @@ class CostTracker:
             await self.consumer.stop()
         if self.queries is not None:
             await self.queries.stop()
+        await self.directory.stop()
         self.feed.close()
         await self.ledger.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
@@ -45,8 +46,22 @@ class CostTrackerSettings(BaseSettings):
     watch_queue_size: int = Field(default=1024, ge=1)
     # Recreate the ledger by replaying SLUICE_USAGE, then exit (also ``--rebuild``).
     rebuild: bool = False
+    # Spend alerts (services/cost_tracker/domain/alerts.py): the shares of a key's or a
+    # team's daily and monthly budgets that raise one, in percent.
+    alert_thresholds: list[int] = Field(default_factory=lambda: [50, 80, 100])
+    # A key's hourly spend above this many times its mean hourly spend of the 24 hours
+    # before is a spike (0: no spike alerts), when it is at least spike_min_usd.
+    spike_factor: float = Field(default=3.0, ge=0)
+    spike_min_usd: Decimal = Field(default=Decimal("0.10"), ge=0)
 
     common: CommonSettings = Field(default_factory=CommonSettings)
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _percentages(cls, value: list[int]) -> list[int]:
+        if any(not 1 <= v <= 1000 for v in value):
+            raise ValueError("thresholds are percentages of a budget, 1 to 1000")
+        return sorted(set(value))
 
     @field_validator("database_url")
     @classmethod

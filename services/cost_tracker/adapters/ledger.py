@@ -27,15 +27,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sluice.cost.v1.cost_pb2 import SpendAlert
+
 from services.cost_tracker.adapters.schema import pending
 from services.cost_tracker.adapters.sql import (
     COLUMN_LIST,
     COLUMNS,
     HOUR_NANOS,
+    INSERT_ALERT,
+    alert_row,
     entry_of,
     report_of,
     report_sql,
     row_of,
+    spend_sql,
     where,
 )
 from services.cost_tracker.domain.usage import (
@@ -175,6 +180,37 @@ class SqliteLedger:
             )
             for r in rows
         ]
+
+    # --- spend and alerts (domain.alerts) ----------------------------------------------
+
+    async def spend_by(
+        self, column: str, ids: Sequence[str], since_unix: int, until_unix: int
+    ) -> dict[tuple[str, int], int]:
+        sql, params = spend_sql(column, ids, since_unix, until_unix)
+        rows = await self._on(self._reader, self._fetch, sql, params)
+        return {(r[0], int(r[1])): int(r[2]) for r in rows}
+
+    async def alerts_known(self, alert_ids: Sequence[str]) -> set[str]:
+        if not alert_ids:
+            return set()
+        marks = ", ".join("?" * len(alert_ids))
+        sql = f"SELECT alert_id FROM spend_alerts WHERE alert_id IN ({marks})"
+        rows = await self._on(self._reader, self._fetch, sql, list(alert_ids))
+        return {r[0] for r in rows}
+
+    async def save_alerts(self, alerts: Sequence[SpendAlert]) -> None:
+        if alerts:
+            await self._on(self._writer, self._save_alerts_sync, [alert_row(a) for a in alerts])
+
+    def _save_alerts_sync(self, rows: list[tuple[Any, ...]]) -> None:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(INSERT_ALERT, rows)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     def _fetch(self, sql: str, params: list[Any]) -> list[sqlite3.Row]:
         return self._conn().execute(sql, params).fetchall()

@@ -30,16 +30,20 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+from sluice.cost.v1 import cost_pb2
 
 from services.cost_tracker.adapters.schema import DERIVED_TABLES, pending
 from services.cost_tracker.adapters.sql import (
     COLUMN_LIST,
     COLUMNS,
+    INSERT_ALERT,
+    alert_row,
     entry_of,
     numbered,
     report_of,
     report_sql,
     row_of,
+    spend_sql,
     unique_by_request,
     where,
 )
@@ -216,6 +220,32 @@ class PostgresLedger:
             await conn.execute(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")
             await conn.execute(f"TRUNCATE {tables}")
             yield _ConnectionWriter(conn)
+
+    # --- spend and alerts (domain.alerts) ----------------------------------------------
+
+    async def spend_by(
+        self, column: str, ids: Sequence[str], since_unix: int, until_unix: int
+    ) -> dict[tuple[str, int], int]:
+        sql, params = spend_sql(column, ids, since_unix, until_unix)
+        async with self._ready().acquire() as conn:
+            rows = await conn.fetch(numbered(sql), *params)
+        return {(r[0], int(r[1])): int(r[2]) for r in rows}
+
+    async def alerts_known(self, alert_ids: Sequence[str]) -> set[str]:
+        if not alert_ids:
+            return set()
+        async with self._ready().acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT alert_id FROM spend_alerts WHERE alert_id = ANY($1::text[])",
+                list(alert_ids),
+            )
+        return {r[0] for r in rows}
+
+    async def save_alerts(self, alerts: Sequence[cost_pb2.SpendAlert]) -> None:
+        if not alerts:
+            return
+        async with self._ready().acquire() as conn, conn.transaction():
+            await conn.executemany(numbered(INSERT_ALERT), [alert_row(a) for a in alerts])
 
     # --- reads ------------------------------------------------------------------------
 

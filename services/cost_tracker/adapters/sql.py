@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from sluice.cost.v1 import cost_pb2
+
 from services.cost_tracker.domain.usage import (
     NANOS_PER_DAY,
     NANOS_PER_HOUR,
@@ -213,3 +215,41 @@ def numbered(sql: str) -> str:
     for i, part in enumerate(parts[1:], start=1):
         out.append(f"${i}{part}")
     return "".join(out)
+
+
+def spend_sql(
+    column: str, ids: Sequence[str], since_unix: int, until_unix: int
+) -> tuple[str, list[Any]]:
+    """Spend per (key or team, hour) of ``spend_hourly`` in ``[since, until)``."""
+    if column not in ("key_id", "team_id"):
+        raise ValueError(column)
+    marks = ", ".join("?" * len(ids))
+    sql = (
+        f"SELECT {column}, hour_start_unix, SUM(cost_nanos) FROM spend_hourly "
+        f"WHERE {column} IN ({marks}) AND hour_start_unix >= ? AND hour_start_unix < ? "
+        "GROUP BY 1, 2"
+    )
+    return sql, [*ids, since_unix, until_unix]
+
+
+INSERT_ALERT = (
+    "INSERT INTO spend_alerts (alert_id, kind, scope, key_id, team_id, period, "
+    "period_start_unix, threshold_percent, spend_nanos, budget_nanos, created_unix_nanos) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (alert_id) DO NOTHING"
+)
+
+
+def alert_row(a: cost_pb2.SpendAlert) -> tuple[Any, ...]:
+    return (
+        a.alert_id,
+        a.kind,
+        a.scope,
+        a.key_id,
+        a.team_id,
+        a.period,
+        a.period_start_unix,
+        a.threshold_percent,
+        a.spend_usd_nanos,
+        a.budget_usd_nanos or a.baseline_usd_nanos,
+        a.at_unix_nanos,
+    )

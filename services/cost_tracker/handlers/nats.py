@@ -22,7 +22,7 @@ redelivered, and a redelivered event finds its row and counts as a duplicate.
 **One ack per event, not AckAll**, although recording is idempotent per request:
 
 - AckAll is safe only for a durable pulled by one process at a time, and two
-  cost-trackers on one ledger (one shared durable) are a coming requirement. With
+  cost-trackers on one PostgreSQL ledger share this durable. With
   AckAll, tracker A's ack of its batch also settles every earlier message delivered to
   tracker B; if B dies before its commit, those events are never delivered again and
   their rows are missing from the ledger (lost billing until a ``--rebuild``).
@@ -54,6 +54,7 @@ from sluice.delivery import Poison, Transient
 from sluice.errors import ErrorCode, SluiceError
 from sluice.topology import ConsumerSpec, Subjects
 
+from services.cost_tracker.domain.alerts import SpendWatch
 from services.cost_tracker.domain.recording import UsageRecorder
 from services.cost_tracker.domain.usage import (
     InvalidQuery,
@@ -81,10 +82,12 @@ class _Staged:
 class UsageLedger:
     """The handler and batch commit of the usage consumer: ``handle`` prices one event
     and stages its entry; ``commit`` (the consumer's ``after_batch``) records the staged
-    entries in one transaction and announces the new rows."""
+    entries in one transaction, announces the new rows, then checks the spend of the
+    batch's keys and teams against their budgets (``domain.alerts``)."""
 
-    def __init__(self, recorder: UsageRecorder) -> None:
+    def __init__(self, recorder: UsageRecorder, watch: SpendWatch | None = None) -> None:
         self.recorder = recorder
+        self.watch = watch
         self._staged: list[_Staged] = []
 
     async def handle(self, event: cost_pb2.UsageEvent, delivery: Delivery) -> None:
@@ -124,6 +127,18 @@ class UsageLedger:
             s.span.set_attribute("sluice.ledger.inserted", new)
             with trace.use_span(s.span, end_on_exit=False):
                 await self.recorder.announce(s.entry, new)
+        if self.watch is None or not staged:
+            return
+        try:
+            # Every entry, new or seen before: the check reads the state, so a batch
+            # that comes back after a failure here is checked again.
+            with trace.use_span(staged[-1].span, end_on_exit=False):
+                await self.watch.check([s.entry for s in staged])
+        except Exception as exc:
+            log.exception("spend alert check failed; %d messages will be redelivered", len(staged))
+            raise Transient(
+                f"spend alert check failed: {type(exc).__name__}", delay=NAK_DELAY_SECONDS
+            ) from exc
 
 
 def usage_consumer(
@@ -135,9 +150,10 @@ def usage_consumer(
     window: float,
     fetch_timeout: float,
     tracer: trace.Tracer | None = None,
+    watch: SpendWatch | None = None,
 ) -> DurableConsumer[cost_pb2.UsageEvent]:
     """The durable consumer on ``SLUICE_USAGE`` that records the ledger."""
-    ledger = UsageLedger(recorder)
+    ledger = UsageLedger(recorder, watch)
     return DurableConsumer(
         broker,
         spec,
@@ -149,7 +165,7 @@ def usage_consumer(
         fetch_timeout=fetch_timeout,
         nak_delay=NAK_DELAY_SECONDS,
         tracer=tracer or trace.get_tracer("sluice.cost_tracker"),
-        description="Usage priced into the SQLite ledger, one transaction per batch.",
+        description="Usage priced into the ledger, one transaction per batch.",
     )
 
 

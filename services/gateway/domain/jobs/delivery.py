@@ -1,5 +1,7 @@
-"""One webhook attempt: sign and post the delivery, note it in the job's delivery log,
-and say what comes next (done, retry after the schedule's next delay, or give up)."""
+"""One webhook attempt: sign and post the delivery, note it in the job's delivery log
+(a delivery that belongs to no job, such as a spend alert's from the cost-tracker, is
+logged instead), and say what comes next (done, retry after the schedule's next delay,
+or give up)."""
 
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ class WebhookDeliverer:
                 secret = await self.secrets.get(delivery.team_id)
                 result = await self.poster.attempt(delivery, secret)
         except Exception as exc:  # a bug or a store down must not lose the delivery
-            log.exception("webhook attempt for %s failed", delivery.job_id)
+            log.exception("webhook attempt for %s failed", delivery.webhook_id)
             result = AttemptResult(error=type(exc).__name__)
         status = attempt_outcome(result, attempt, self.schedule)
         if status == "disabled":
@@ -59,6 +61,18 @@ class WebhookDeliverer:
             error=result.error,
             event_type=delivery.event_type,
         )
+        if not delivery.job_id:
+            # No job to keep a delivery log on: the attempt is logged here.
+            log.info(
+                "webhook %s (%s) attempt %d: %s, status %d%s",
+                delivery.webhook_id,
+                delivery.event_type,
+                attempt,
+                status,
+                result.status_code,
+                f", {result.error}" if result.error else "",
+            )
+            return status
         try:
             await self.record(delivery.job_id, status, entry)
         except Exception:

@@ -1,6 +1,8 @@
 """The webhook sender: drains ``SLUICE_WEBHOOKS`` (one durable consumer for all gateway
 replicas), several deliveries at once; a failed attempt comes back after the retry
-schedule's next delay, so retries survive restarts.
+schedule's next delay, so retries survive restarts. Job webhooks and the deliveries
+that belong to no job (the cost-tracker's spend alerts) go the same way: signed with
+the team's secret, checked against the SSRF rules at connection time, retried.
 
 A gateway fetches its next batch once every delivery of the last one is settled, so a
 receiver that takes its whole timeout (``SLUICE_GATEWAY_WEBHOOK_TIMEOUT_SECONDS``) holds
@@ -38,5 +40,5 @@ def webhook_sender(
         handle,
         batch=CONCURRENT_DELIVERIES,
         concurrency=CONCURRENT_DELIVERIES,
-        description="Signed job webhooks, retried on the schedule until delivered.",
+        description="Signed webhooks (jobs, spend alerts), retried until delivered.",
     )
