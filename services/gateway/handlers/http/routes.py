@@ -12,6 +12,18 @@ LABELLED_ROUTES = frozenset({*ANSWER_ROUTES, "/v1/models", "/healthz", "/readyz"
 UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
+ADMIN_PREFIX = "/v1/admin/"
+# Admin routes by their resource (ids in the path never become labels).
+ADMIN_LABELS = ("teams", "keys", "audit")
+
+
+def admin_route_label(path: str) -> str | None:
+    if not path.startswith(ADMIN_PREFIX):
+        return None
+    resource = path[len(ADMIN_PREFIX) :].split("/", 1)[0]
+    return ADMIN_PREFIX + resource if resource in ADMIN_LABELS else None
+
+
 def is_messages_path(path: str) -> bool:
     """Anthropic clients parse only their own error shape, on the route and beneath it
     (an SDK calling /v1/messages/count_tokens gets its 404 in that shape too)."""
