@@ -260,7 +260,8 @@ class Bus:
             # The server sends nothing for the messages the filter leaves out, so the
             # consumer's pending count, not a timeout, says when the read is done.
             info_c = await sub.consumer_info()
-            if not info_c.num_pending:
+            # What it delivered before this answer is already in the subscription's queue.
+            if not info_c.num_pending and not info_c.delivered.consumer_seq:
                 return
             while True:
                 try:

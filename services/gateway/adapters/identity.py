@@ -164,6 +164,11 @@ class JwksVerifier:
             except jwt.InvalidSignatureError as exc:
                 failure = exc
                 continue
+            except (TypeError, ValueError):
+                # The header's algorithm is of another family than the key (an EC
+                # signature claiming an RSA key's id): it cannot verify.
+                failure = jwt.InvalidSignatureError()
+                continue
             except jwt.PyJWTError as exc:
                 failure = exc
                 break

@@ -258,6 +258,12 @@ def key_view(key: keys_pb2.ApiKeyRecord, now: float) -> dict[str, Any]:
 
 def audit_view(cursor: int, event: tenancy_pb2.AuditEvent) -> dict[str, Any]:
     view = MessageToDict(event, preserving_proto_field_name=True)
+    # Counts as JSON numbers (protobuf's JSON mapping writes 64-bit integers as text).
+    for name in ("at_unix_nanos", "cost_usd_nanos"):
+        if name in view:
+            view[name] = int(view[name])
+    if "usage" in view:
+        view["usage"] = {k: int(v) for k, v in view["usage"].items()}
     view["object"] = "audit_event"
     view["cursor"] = cursor
     view["at"] = (
