@@ -261,7 +261,8 @@ class Bus:
             # consumer's pending count, not a timeout, says when the read is done.
             info_c = await sub.consumer_info()
             # What it delivered before this answer is already in the subscription's queue.
-            if not info_c.num_pending and not info_c.delivered.consumer_seq:
+            delivered = info_c.delivered.consumer_seq if info_c.delivered else 0
+            if not info_c.num_pending and not delivered:
                 return
             while True:
                 try:
