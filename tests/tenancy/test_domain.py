@@ -180,7 +180,7 @@ def test_claims_map_to_team_scopes_and_end_user() -> None:
         ({"sub": "a", "org": {"team": "admin"}}, "reserved_team"),
     ],
 )
-def test_claims_without_what_is_needed_are_refused(claims: dict, reason: str) -> None:
+def test_claims_without_what_is_needed_are_refused(claims: dict[str, object], reason: str) -> None:
     with pytest.raises(SluiceError) as err:
         caller_from_claims(MAPPING, claims)
     assert err.value.code is ErrorCode.INVALID_TOKEN and err.value.details["reason"] == reason
