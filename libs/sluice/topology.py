@@ -67,6 +67,8 @@ class Subjects:
     LIFECYCLE_ALL = f"{PREFIX}.lifecycle.>"
     # JetStream SLUICE_WEBHOOKS: webhook deliveries waiting to be (re)tried
     WEBHOOK_ALL = f"{PREFIX}.webhook.>"
+    # core publish captured by SLUICE_AUDIT: tenancy_pb2.AuditEvent, by team and kind
+    AUDIT_ALL = f"{PREFIX}.audit.>"
 
     @staticmethod
     def infer(priority: PriorityClass | str) -> str:
@@ -99,6 +101,12 @@ class Subjects:
     @staticmethod
     def webhook(job_id: str) -> str:
         return f"{PREFIX}.webhook.{job_id}"
+
+    @staticmethod
+    def audit(team_id: str, kind: str) -> str:
+        """``kind``: ``request`` (one per request) or ``admin`` (an admin action);
+        ``*`` in either place makes a filter."""
+        return f"{PREFIX}.audit.{team_id}.{kind}"
 
 
 @dataclass(frozen=True)
@@ -172,7 +180,17 @@ class Streams:
         description="pending webhook deliveries",
     )
 
-    ALL: tuple[StreamSpec, ...] = (INFER, STREAMS, USAGE, LIFECYCLE, WEBHOOKS)
+    # Who did what: every admin action and every request. Records are core publishes
+    # the stream captures (no ack wait on the request path), like the stream events.
+    AUDIT = StreamSpec(
+        name="SLUICE_AUDIT",
+        subjects=(Subjects.AUDIT_ALL,),
+        max_age_seconds=90 * 24 * 3600,
+        duplicate_window_seconds=0.0,
+        description="audit trail: admin actions and requests, by team",
+    )
+
+    ALL: tuple[StreamSpec, ...] = (INFER, STREAMS, USAGE, LIFECYCLE, WEBHOOKS, AUDIT)
 
 
 class Consumers:
@@ -233,7 +251,13 @@ class BucketSpec:
 
 
 class Buckets:
-    API_KEYS = BucketSpec("sluice_api_keys", description="ApiKeyRecord by key id")
+    # The record under the SHA-256 of its secret (the lookup), plus an index for
+    # administration: "id.<key_id>" holds that hash, "team.<team_id>.<key_id>" is empty
+    # (a team's keys are the subjects under it).
+    API_KEYS = BucketSpec(
+        "sluice_api_keys", description="ApiKeyRecord by secret hash; key index by id and team"
+    )
+    TEAMS = BucketSpec("sluice_teams", description="Team by team id")
     EXACT_CACHE = BucketSpec(
         "sluice_exact_cache", ttl_seconds=3600.0, description="cached Final by request hash"
     )
@@ -262,6 +286,7 @@ class Buckets:
         JOBS,
         IDEMPOTENCY,
         WEBHOOK_SECRETS,
+        TEAMS,
     )
 
 

@@ -56,6 +56,7 @@ from services.gateway.domain.ports import (
     WorkQueue,
 )
 from services.gateway.domain.problems import GatewayError
+from services.gateway.domain.tenancy.policy import check_model_allowed
 from services.gateway.domain.work import CacheInstruction, build_work, tokens_so_far
 from services.gateway.settings import GatewaySettings
 
@@ -162,9 +163,11 @@ class JobService:
         priority: PriorityClass,
         trace_id: str,
         wait: float | None = None,
+        end_user: str = "",
     ) -> Submitted:
         settings = self.settings
         request = to_chat_request(spec.request)
+        check_model_allowed(key, request.model)
         # Jobs run streamed at the worker: the token events are the job's progress.
         request.stream = True
         request.include_usage = True
@@ -180,7 +183,11 @@ class JobService:
 
         job_id = new_job_id()
         limiter = self.chat.limiter
-        reservation = await limiter.reserve(reserve_request(key, request, job_id, budget))
+        reserve = reserve_request(key, request, job_id, budget)
+        await self.chat.tenancy.fill(
+            reserve, key, end_user=end_user or request.user, priority=priority
+        )
+        reservation = await limiter.reserve(reserve)
         admitted_headers(reservation)
         created_ms = now_ms()
         record = jobs_pb2.JobRecord(
@@ -403,11 +410,12 @@ class JobService:
         prefer: Prefer,
         priority: PriorityClass,
         trace_id: str,
+        end_user: str = "",
     ) -> Answer:
         """202 with the job and its ``Location``; with ``Prefer: wait=N`` and the job done
         in time, 200 with the completion itself (or its error)."""
         submitted = await self.submit(
-            key, spec, priority=priority, trace_id=trace_id, wait=prefer.wait
+            key, spec, priority=priority, trace_id=trace_id, wait=prefer.wait, end_user=end_user
         )
         record = submitted.record
         headers = {

@@ -13,8 +13,9 @@ from sluice.metrics import Instruments
 from services.gateway.domain.chat import ChatService
 from services.gateway.domain.idempotency.service import Idempotency
 from services.gateway.domain.jobs.service import JobService
-from services.gateway.domain.ports import KeyLookup
 from services.gateway.domain.relay.resume import StreamResumer
+from services.gateway.domain.tenancy.admin import AdminService
+from services.gateway.domain.tenancy.identity import Authenticator
 from services.gateway.settings import GatewaySettings
 
 
@@ -29,7 +30,7 @@ class ApiDeps:
     """What the controllers call."""
 
     settings: GatewaySettings
-    keys: KeyLookup
+    keys: Authenticator
     chat: ChatService
     resumer: StreamResumer
     jobs: JobService
@@ -37,6 +38,7 @@ class ApiDeps:
     readiness: ReadinessCheck
     instruments: Instruments
     models_body: bytes
+    admin: AdminService
 
 
 def deps_of(request: Request[Any, Any, Any]) -> ApiDeps:

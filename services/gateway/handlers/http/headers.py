@@ -104,6 +104,7 @@ def chat_options(
     *,
     instance: str,
     dialect: Dialect = OPENAI,
+    end_user: str = "",
 ) -> ChatOptions:
     """How a chat request asked to be handled, from its headers."""
     return ChatOptions(
@@ -115,4 +116,5 @@ def chat_options(
         priority=priority(key, headers, PriorityClass.INTERACTIVE),
         # An idempotent request's record follows its lifecycle events.
         lifecycle_events=IDEMPOTENCY_HEADER in headers,
+        end_user=end_user,
     )
