@@ -62,6 +62,10 @@ from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
+# How long a job's event stream waits, once the job has ended, for the rest of its token
+# events (see ``JobService.events``).
+TOKEN_DRAIN_SECONDS = 2.0
+
 
 @dataclass
 class Submitted:
@@ -371,9 +375,18 @@ class JobService:
         try:
             last_token = 0
             heartbeat = self.settings.sse_heartbeat_seconds
+            # The token events and the lifecycle events come from two streams, each in
+            # order but not in order with each other: a job's end is told once its
+            # token stream has ended too (or has been quiet for TOKEN_DRAIN_SECONDS:
+            # a job cancelled in the queue never had one), so no token follows it.
+            tokens_ended = False
+            ended: jobs_pb2.JobRecord | None = None
             while True:
-                item = await feed.get(heartbeat)
+                item = await feed.get(TOKEN_DRAIN_SECONDS if ended is not None else heartbeat)
                 if item is None:
+                    if ended is not None:
+                        yield _sse("status", orjson.dumps(self.renderer.view(ended, last_token)))
+                        return
                     current = await self.store.get(job_id)
                     if current is not None and current[0].status in TERMINAL:
                         yield _sse("status", orjson.dumps(self.renderer.view(current[0])))
@@ -391,10 +404,19 @@ class JobService:
                             "content": item.delta.content,
                         }
                         yield _sse("token", orjson.dumps(token), event_id=str(item.sequence))
+                    elif item.WhichOneof("body") in ("final", "failure"):
+                        tokens_ended = True
+                        if ended is not None:
+                            view = self.renderer.view(ended, last_token)
+                            yield _sse("status", orjson.dumps(view))
+                            return
                     continue
                 current_record = await self.apply(job_id, item)
                 if current_record is None:
                     return
+                if current_record.status in TERMINAL and not tokens_ended:
+                    ended = current_record
+                    continue
                 view = self.renderer.view(current_record, last_token)
                 yield _sse("status", orjson.dumps(view))
                 if current_record.status in TERMINAL:
