@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -209,13 +210,73 @@ class Bus:
         except NATS_FAILURES:
             return False
 
-    async def follow(self, subject: str, stream: str, cb: MessageCallback) -> Subscription:
-        """Every message ``stream`` holds on ``subject``, from the first, then each new one
-        as it is stored: an ephemeral ordered consumer (no acks, nothing left behind)."""
+    async def follow(
+        self, subject: str, stream: str, cb: MessageCallback, *, new_only: bool = False
+    ) -> Subscription:
+        """Every message ``stream`` holds on ``subject``, from the first (``new_only``:
+        from the next one stored), then each new one as it is stored: an ephemeral
+        ordered consumer (no acks, nothing left behind)."""
         sub = await self.js.subscribe(
-            subject, stream=stream, cb=cb, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+            subject,
+            stream=stream,
+            cb=cb,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW if new_only else DeliverPolicy.ALL,
         )
         return sub
+
+    async def read_stream(
+        self,
+        stream: str,
+        subject: str,
+        *,
+        start_sequence: int = 0,
+        start_time: datetime | None = None,
+        idle_timeout: float = 5.0,
+    ) -> AsyncGenerator[Msg, None]:
+        """The messages ``stream`` holds on ``subject`` (wildcards allowed), from stream
+        sequence ``start_sequence`` or the first stored at or after ``start_time`` (else
+        from the first), up to the last one stored when the read starts. Like ``replay``
+        it reads with an ephemeral ordered consumer and raises ``TimeoutError`` on a
+        stall; the caller stops whenever it has enough (use ``contextlib.aclosing``)."""
+        info = await self.js.stream_info(stream)
+        last = int(info.state.last_seq or 0)
+        if last == 0 or (start_sequence and start_sequence > last):
+            return
+        if start_sequence:
+            options: dict[str, Any] = {
+                "deliver_policy": DeliverPolicy.BY_START_SEQUENCE,
+                "config": ConsumerConfig(opt_start_seq=start_sequence),
+            }
+        elif start_time is not None:
+            options = {
+                "deliver_policy": DeliverPolicy.BY_START_TIME,
+                "config": ConsumerConfig(opt_start_time=start_time.astimezone(UTC)),
+            }
+        else:
+            options = {"deliver_policy": DeliverPolicy.ALL}
+        sub = await self.js.subscribe(subject, stream=stream, ordered_consumer=True, **options)
+        try:
+            # The server sends nothing for the messages the filter leaves out, so the
+            # consumer's pending count, not a timeout, says when the read is done.
+            info_c = await sub.consumer_info()
+            # What it delivered before this answer is already in the subscription's queue.
+            delivered = info_c.delivered.consumer_seq if info_c.delivered else 0
+            if not info_c.num_pending and not delivered:
+                return
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=idle_timeout)
+                except nats.errors.TimeoutError:
+                    raise TimeoutError(f"no message from {stream} for {idle_timeout}s") from None
+                sequence = msg.metadata.sequence.stream
+                if sequence > last:
+                    return
+                yield msg
+                if sequence >= last or not msg.metadata.num_pending:
+                    return
+        finally:
+            await self.unsubscribe(sub)
 
     # --- messaging ------------------------------------------------------------------
 

@@ -55,6 +55,11 @@ class ErrorCode(StrEnum):
     IDEMPOTENCY_KEY_IN_USE = "idempotency_key_in_use"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     CANCELLED = "cancelled"
+    KEY_EXPIRED = "key_expired"
+    INVALID_TOKEN = "invalid_token"
+    INSUFFICIENT_SCOPE = "insufficient_scope"
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    CONFLICT = "conflict"
 
 
 CATALOGUE: dict[ErrorCode, ErrorSpec] = {
@@ -245,6 +250,48 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "invalid_request_error",
         "invalid_request_error",
         rpc_code=code_pb2.CANCELLED,
+    ),
+    ErrorCode.KEY_EXPIRED: ErrorSpec(
+        401,
+        "API key expired",
+        "The key's expiry or rotation grace has passed: use its replacement, or ask an "
+        "admin for a new key (sluice keys create).",
+        "authentication_error",
+        "authentication_error",
+        rpc_code=code_pb2.UNAUTHENTICATED,
+    ),
+    ErrorCode.INVALID_TOKEN: ErrorSpec(
+        401,
+        "Invalid bearer token",
+        "Send a JWT from a configured issuer, for this gateway's audience, signed by a key "
+        "of the issuer's JWKS and not expired (details.reason says which check failed).",
+        "authentication_error",
+        "authentication_error",
+        rpc_code=code_pb2.UNAUTHENTICATED,
+    ),
+    ErrorCode.INSUFFICIENT_SCOPE: ErrorSpec(
+        403,
+        "Missing scope",
+        "Use a key (or token) with the scope named in details.scope.",
+        "permission_error",
+        "permission_error",
+        rpc_code=code_pb2.PERMISSION_DENIED,
+    ),
+    ErrorCode.MODEL_NOT_ALLOWED: ErrorSpec(
+        403,
+        "Model not allowed for this key",
+        "Use a model of the key's allow-list (details.allowed), or ask an admin to add it.",
+        "permission_error",
+        "permission_error",
+        rpc_code=code_pb2.PERMISSION_DENIED,
+    ),
+    ErrorCode.CONFLICT: ErrorSpec(
+        409,
+        "Conflict",
+        "Something with this name or id exists already: choose another, or update it.",
+        "invalid_request_error",
+        "invalid_request_error",
+        rpc_code=code_pb2.ALREADY_EXISTS,
     ),
 }
 

@@ -72,6 +72,8 @@ class Subjects:
     WEBHOOK_ALL = f"{PREFIX}.webhook.>"
     # JetStream SLUICE_ALERTS: cost_pb2.SpendAlert, one subject per team
     SPEND_ALERT_ALL = f"{PREFIX}.alert.spend.>"
+    # core publish captured by SLUICE_AUDIT: tenancy_pb2.AuditEvent, by team and kind
+    AUDIT_ALL = f"{PREFIX}.audit.>"
 
     @staticmethod
     def infer(priority: PriorityClass | str) -> str:
@@ -105,6 +107,12 @@ class Subjects:
     def webhook(job_id: str) -> str:
         """A job's webhook, or any other delivery by its own id (a spend alert's)."""
         return f"{PREFIX}.webhook.{job_id}"
+
+    @staticmethod
+    def audit(team_id: str, kind: str) -> str:
+        """``kind``: ``request`` (one per request) or ``admin`` (an admin action);
+        ``*`` in either place makes a filter."""
+        return f"{PREFIX}.audit.{team_id}.{kind}"
 
     @staticmethod
     def spend_alert(team_token: str) -> str:
@@ -182,6 +190,15 @@ class Streams:
         description="pending webhook deliveries",
     )
 
+    # Who did what: every admin action and every request. Records are core publishes
+    # the stream captures (no ack wait on the request path), like the stream events.
+    AUDIT = StreamSpec(
+        name="SLUICE_AUDIT",
+        subjects=(Subjects.AUDIT_ALL,),
+        max_age_seconds=90 * 24 * 3600,
+        duplicate_window_seconds=0.0,
+        description="audit trail: admin actions and requests, by team",
+    )
     # Spend alerts; Nats-Msg-Id = alert id, so replicas raising the same one store it once.
     ALERTS = StreamSpec(
         name="SLUICE_ALERTS",
@@ -191,7 +208,7 @@ class Streams:
         description="spend alerts by team",
     )
 
-    ALL: tuple[StreamSpec, ...] = (INFER, STREAMS, USAGE, LIFECYCLE, WEBHOOKS, ALERTS)
+    ALL: tuple[StreamSpec, ...] = (INFER, STREAMS, USAGE, LIFECYCLE, WEBHOOKS, AUDIT, ALERTS)
 
 
 class Consumers:
@@ -252,7 +269,13 @@ class BucketSpec:
 
 
 class Buckets:
-    API_KEYS = BucketSpec("sluice_api_keys", description="ApiKeyRecord by key id")
+    # The record under the SHA-256 of its secret (the lookup), plus an index for
+    # administration: "id.<key_id>" holds that hash, "team.<team_id>.<key_id>" is empty
+    # (a team's keys are the subjects under it).
+    API_KEYS = BucketSpec(
+        "sluice_api_keys", description="ApiKeyRecord by secret hash; key index by id and team"
+    )
+    TEAMS = BucketSpec("sluice_teams", description="Team by team id")
     EXACT_CACHE = BucketSpec(
         "sluice_exact_cache", ttl_seconds=3600.0, description="cached Final by request hash"
     )
@@ -273,9 +296,6 @@ class Buckets:
         "sluice_webhook_secrets",
         description="Standard Webhooks signing secret by team; disabled endpoints",
     )
-    # tenancy_pb2.Team records (budgets, alert webhook URL); the cost-tracker reads them
-    # by the team_id inside each record, whatever the key layout.
-    TEAMS = BucketSpec("sluice_teams", description="Team records (tenancy_pb2.Team)")
 
     ALL: tuple[BucketSpec, ...] = (
         API_KEYS,

@@ -40,8 +40,10 @@ class CostTrackerSettings(BaseSettings):
     # After a batch smaller than batch_size, wait this long before the next fetch, so
     # that usage arriving meanwhile is priced, committed (one fsync) and acked as one
     # batch: a few cost events a second arrive up to this much later, and the ledger
-    # stops competing with the request path for CPU. 0 fetches again at once.
-    batch_window_seconds: float = Field(default=0.1, ge=0, le=5)
+    # stops competing with the request path for CPU. 0 fetches again at once. A quarter
+    # of a second: the consumer's cost is mostly per batch (a third of the cost-tracker's
+    # CPU per request, measured A/B with `python -m bench --only overhead --against`).
+    batch_window_seconds: float = Field(default=0.25, ge=0, le=5)
     # Cost events buffered per WatchCostEvents caller before the oldest are dropped.
     watch_queue_size: int = Field(default=1024, ge=1)
     # Recreate the ledger by replaying SLUICE_USAGE, then exit (also ``--rebuild``).

@@ -19,14 +19,17 @@ from sluice.pricing import PriceTable
 from sluice.service import ServiceRuntime
 from sluice.topology import Buckets, ServiceName
 
+from services.gateway.adapters.audit import NatsAuditLog
 from services.gateway.adapters.cache import CacheClient
 from services.gateway.adapters.idempotency_store import KvIdempotencyStore
+from services.gateway.adapters.identity import JwksVerifier, mapping_of
 from services.gateway.adapters.job_store import KvJobStore
-from services.gateway.adapters.keys import KvKeyStore, bootstrap_dev_key
+from services.gateway.adapters.keys import KvKeyStore, bootstrap_admin_key, bootstrap_dev_key
 from services.gateway.adapters.lifecycle import NatsLifecycle
 from services.gateway.adapters.limiter import LimiterClient
 from services.gateway.adapters.readiness import Readiness
 from services.gateway.adapters.streams import NatsStreams
+from services.gateway.adapters.teams import KvTeamStore
 from services.gateway.adapters.usage import UsageClient
 from services.gateway.adapters.webhooks import KvWebhookSecrets, WebhookClient
 from services.gateway.adapters.work_queue import JetStreamQueues
@@ -40,6 +43,10 @@ from services.gateway.domain.jobs.webhooks import AllowList
 from services.gateway.domain.leases import LeasingLimiter
 from services.gateway.domain.relay.resume import StreamResumer
 from services.gateway.domain.relay.sse import StreamRelay
+from services.gateway.domain.tenancy.admin import AdminService
+from services.gateway.domain.tenancy.identity import Authenticator
+from services.gateway.domain.tenancy.resolve import Tenancy
+from services.gateway.domain.tenancy.tiers import TierTable
 from services.gateway.domain.usage import UsageReports
 from services.gateway.handlers.http.application import create_app
 from services.gateway.handlers.http.deps import ApiDeps, models_list_body
@@ -76,6 +83,7 @@ class Gateway:
     limiter: LeasingLimiter
     consumers: list[Consumer]
     webhooks: WebhookClient
+    audit: NatsAuditLog
 
     async def start(self) -> None:
         await self.webhooks.start()
@@ -87,12 +95,15 @@ class Gateway:
             await consumer.stop()
         await self.webhooks.close()
         await self.limiter.drain()
+        await self.audit.drain()
 
 
 async def assemble(
     settings: GatewaySettings, bus: Bus, broker: ConsumerBroker, inst: Instruments
 ) -> Gateway:
     catalog = Catalog.load(settings.providers_path)
+    # A mistake in the tiers file stops the start, naming its line.
+    tiers = TierTable.load(settings.tiers_path)
     # Load the BPE tables now, not on the first request.
     tokens.count_text("warm up the tokenizer")
     keys_kv = await bus.kv(Buckets.API_KEYS)
@@ -102,6 +113,35 @@ async def assemble(
         state_dir=settings.common.state_dir,
         is_local=settings.common.is_local,
     )
+    await bootstrap_admin_key(
+        keys_kv,
+        settings.admin_api_key,
+        state_dir=settings.common.state_dir,
+        is_local=settings.common.is_local,
+        now=int(time.time()),
+    )
+    keys = KvKeyStore(keys_kv, bus, ttl=settings.key_cache_seconds)
+    teams = KvTeamStore(await bus.kv(Buckets.TEAMS), bus, ttl=settings.key_cache_seconds)
+    # Every replica drops a changed key or team the moment it changes (revocation).
+    await keys.start()
+    await teams.start()
+    verifier = None
+    if settings.jwt_issuers:
+        verifier = JwksVerifier(
+            settings.jwt_issuers,
+            cache_seconds=settings.jwks_cache_seconds,
+            min_refresh_seconds=settings.jwks_min_refresh_seconds,
+            timeout=settings.jwks_timeout_seconds,
+        )
+        await verifier.start()
+    authenticator = Authenticator(
+        keys=keys,
+        teams=teams,
+        tokens=verifier,
+        mappings={i.issuer: mapping_of(i) for i in settings.jwt_issuers},
+    )
+    audit_log = NatsAuditLog(bus)
+    tenancy = Tenancy(teams, tiers)
     # Records carry their own expiry; the bucket TTLs follow the settings as the bound.
     jobs_kv = await bus.kv(Buckets.JOBS)
     idempotency_kv = await bus.kv(Buckets.IDEMPOTENCY)
@@ -124,6 +164,7 @@ async def assemble(
         queue=queue,
         streams=streams,
         relay=relay,
+        tenancy=tenancy,
     )
     resumer = StreamResumer(settings, streams, relay)
     prices = _prices(settings)
@@ -155,7 +196,7 @@ async def assemble(
     )
     api = ApiDeps(
         settings=settings,
-        keys=KvKeyStore(keys_kv, ttl=settings.key_cache_seconds),
+        keys=authenticator,
         chat=chat,
         resumer=resumer,
         jobs=jobs,
@@ -165,12 +206,13 @@ async def assemble(
         models_body=models_list_body(catalog),
         usage=UsageReports(UsageClient(bus, settings.usage_timeout_seconds)),
         estimator=Estimator(chat, prices),
+        admin=AdminService(teams=teams, keys=keys, audit_log=audit_log, tiers=tiers),
     )
     consumers: list[Consumer] = [
         job_tracker(broker, jobs),  # type: ignore[list-item]
         webhook_sender(broker, deliverer),  # type: ignore[list-item]
     ]
-    return Gateway(api, limiter, consumers, webhooks)
+    return Gateway(api, limiter, consumers, webhooks, audit_log)
 
 
 async def main() -> None:
@@ -185,7 +227,7 @@ async def main() -> None:
     inst = instruments()
     gateway = await assemble(settings, bus, runtime.consumer_broker(), inst)
     await gateway.start()
-    edge = Edge(create_app(gateway.api), inst)
+    edge = Edge(create_app(gateway.api), inst, gateway.audit)
     grace = settings.common.shutdown_grace_seconds
     server = create_server(settings.http_server, edge, settings.host, settings.port, grace)
     await server.start()

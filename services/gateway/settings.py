@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sluice.settings import CommonSettings
 
@@ -28,6 +28,53 @@ class SemanticCacheMode(StrEnum):
     ON = "on"
 
 
+# Asymmetric algorithms only: a JWKS holds public keys, and an HMAC "key" made of one
+# would let anyone who read the JWKS sign tokens.
+DEFAULT_JWT_ALGORITHMS = [
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+]
+
+
+class JwtIssuer(BaseModel):
+    """One identity provider whose JWTs the gateway accepts as ``Authorization: Bearer``."""
+
+    # Short name: the key id of its callers is ``jwt-<name>`` (limits, usage, audit).
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    # The exact ``iss`` of its tokens.
+    issuer: str
+    # The ``aud`` the tokens must carry (one of them).
+    audience: list[str] = Field(min_length=1)
+    # Where its signing keys are: a JWKS document by URL, or a file.
+    jwks_url: str | None = None
+    jwks_file: Path | None = None
+    algorithms: list[str] = Field(default_factory=lambda: list(DEFAULT_JWT_ALGORITHMS))
+    # Claim names (a dotted name reaches into an object: "org.team").
+    team_claim: str = "team"
+    scopes_claim: str = "scope"
+    user_claim: str = "sub"
+    # Scopes every token of this issuer has, beside the ones it carries.
+    default_scopes: list[str] = Field(default_factory=list)
+    model_allow: list[str] = Field(default_factory=list)
+    leeway_seconds: float = 30.0
+
+    @model_validator(mode="after")
+    def _one_jwks(self) -> JwtIssuer:
+        if (self.jwks_url is None) == (self.jwks_file is None):
+            raise ValueError(f"issuer {self.name}: set exactly one of jwks_url and jwks_file")
+        bad = [a for a in self.algorithms if a not in DEFAULT_JWT_ALGORITHMS]
+        if bad:
+            raise ValueError(f"issuer {self.name}: algorithms {bad} are not accepted")
+        return self
+
+
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_GATEWAY_", extra="ignore")
 
@@ -44,6 +91,23 @@ class GatewaySettings(BaseSettings):
         validation_alias=AliasChoices("SLUICE_DEV_API_KEY", "SLUICE_GATEWAY_DEV_API_KEY"),
         repr=False,
     )
+
+    # The operators' key for /v1/admin (and the sluice CLI); only its SHA-256 is stored.
+    # Unset in local: generated once into <state>/admin-key; elsewhere required.
+    admin_api_key: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SLUICE_ADMIN_API_KEY", "SLUICE_GATEWAY_ADMIN_API_KEY"),
+        repr=False,
+    )
+    # Tiers of teams (defaults of limits, budgets, priority classes); under config_dir.
+    tiers_file: str = "tiers.yaml"
+    # JWT issuers accepted beside API keys, as JSON (a list of JwtIssuer objects).
+    jwt_issuers: list[JwtIssuer] = Field(default_factory=list)
+    # How long a JWKS fetched by URL is used before it is fetched again (a token with an
+    # unknown key id fetches it at once, at most every jwks_min_refresh_seconds).
+    jwks_cache_seconds: float = 300.0
+    jwks_min_refresh_seconds: float = 10.0
+    jwks_timeout_seconds: float = 5.0
 
     max_body_bytes: int = 10 * 1024 * 1024
     # Output tokens reserved when the request names no max_tokens.
@@ -104,3 +168,7 @@ class GatewaySettings(BaseSettings):
     @property
     def providers_path(self) -> Path:
         return self.common.config_dir / "providers.yaml"
+
+    @property
+    def tiers_path(self) -> Path:
+        return self.common.config_dir / self.tiers_file

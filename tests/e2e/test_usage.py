@@ -134,8 +134,10 @@ async def test_a_team_reads_its_own_usage_and_only_an_admin_reads_others(
     e2e: RunningStack,
 ) -> None:
     team_a, team_b = "team-a-" + secrets.token_hex(4), "team-b-" + secrets.token_hex(4)
-    key_a = await add_key(e2e, team_id=team_a, scopes=[])
-    admin = await add_key(e2e, team_id="ops-" + secrets.token_hex(4), scopes=["usage:read"])
+    key_a = await add_key(e2e, team_id=team_a, scopes=["chat"])
+    # usage:read on a team's own key reads that team only; on an operators' key, all.
+    reader_a = await add_key(e2e, team_id=team_a, scopes=["usage:read"])
+    admin = await add_key(e2e, team_id="admin", scopes=["usage:read"])
     events = [
         event("ka-" + team_a, team_a, input_tokens=1000, output_tokens=100),
         event("ka-" + team_a, team_a, input_tokens=2000, output_tokens=10),
@@ -163,6 +165,16 @@ async def test_a_team_reads_its_own_usage_and_only_an_admin_reads_others(
         theirs = await http.get("/v1/usage", params={"key_id": "kb-" + team_b})
         assert theirs.status_code == 200 and theirs.json()["totals"]["requests"] == 0
         assert theirs.json()["data"] == []
+    async with client(e2e, reader_a) as http:
+        assert_problem(
+            await http.get("/v1/usage", params={"team_id": team_b}), 403, "forbidden", "team_id"
+        )
+        everything = await http.get("/v1/usage", params={"group_by": "team"})
+        assert {row["team_id"] for row in everything.json()["data"]} == {team_a}
+    async with client(e2e, DEV_KEY) as http:  # "*", but of the dev team
+        assert_problem(
+            await http.get("/v1/usage", params={"team_id": team_b}), 403, "forbidden", "team_id"
+        )
 
 
 async def test_tags_and_end_users_go_from_the_request_to_grouped_exact_usage(
@@ -370,7 +382,7 @@ async def test_sluice_usage_prints_the_report(e2e: RunningStack, client: httpx.A
     assert lines[0].split()[:3] == ["tag", "end_user", "requests"]
     (row,) = [line for line in lines if line.startswith(tag)]
     assert row.split()[:3] == [tag, "carol", "2"] and cost in row.split()
-    assert lines[-1].startswith("every team, ")
+    assert lines[-1].startswith("team dev, ")
 
     as_json = await asyncio.to_thread(
         sluice_usage,
@@ -387,6 +399,7 @@ async def test_sluice_usage_prints_the_report(e2e: RunningStack, client: httpx.A
     assert as_json.returncode == 0, as_json.stderr
     answer = json.loads(as_json.stdout)
     assert answer["since"] is None and answer["totals"] == report["totals"]
+    assert answer["team_id"] == "dev"
 
     refused = await asyncio.to_thread(sluice_usage, e2e, "--key", "sk-wrong")
     assert refused.returncode == 1 and "401 unauthorized" in refused.stderr

@@ -215,6 +215,7 @@ async def build_gateway(bus: Bus, tmp: Path, **overrides) -> Gateway:
         team_id="team-" + secrets.token_hex(3),
         tokens_per_minute=5000,
         requests_per_minute=60,
+        scopes=["*"],
     )
     await kv.put(record.secret_sha256, record.SerializeToString())
     inst = instruments()
@@ -224,4 +225,6 @@ async def build_gateway(bus: Bus, tmp: Path, **overrides) -> Gateway:
     parts.api.readiness = Readiness(bus, settings.readiness_cache_seconds, timeout=0.2)
     fake = FakeServices(bus)
     await fake.start()
-    return Gateway(Edge(create_app(parts.api), inst), parts.api, parts, fake, secret, record)
+    return Gateway(
+        Edge(create_app(parts.api), inst, parts.audit), parts.api, parts, fake, secret, record
+    )

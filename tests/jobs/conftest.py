@@ -28,5 +28,7 @@ async def jobs_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
             "SLUICE_WORKER_PENDING_POLL_SECONDS": "0.5",
         },
     ) as stack:
-        await stack.add_key(OTHER_KEY, key_id="other", team_id="other-team", scopes=["chat"])
+        await stack.add_key(
+            OTHER_KEY, key_id="other", team_id="other-team", scopes=["chat", "jobs"]
+        )
         yield stack

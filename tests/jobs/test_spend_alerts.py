@@ -39,7 +39,7 @@ async def write_records(
             key_id="k-" + team_id,
             secret_sha256=digest,
             team_id=team_id,
-            scopes=["chat"],
+            scopes=["chat", "jobs"],
             created_unix=int(time.time()),
         )
         await (await bus.kv(Buckets.API_KEYS)).put(digest, key.SerializeToString())

@@ -2,17 +2,19 @@
 memory from each bucket's stream: every record from the first, then each change as it
 is stored (``Bus.follow``, an ordered consumer; nothing acked, nothing left behind).
 
-Keys are stored by the SHA-256 of their secret, so the key budgets are indexed by the
-``key_id`` inside each record (the hash only to forget a deleted record); teams by the
-``team_id`` inside theirs, whatever the bucket's key layout. Nothing else of a record
-is kept. Until a bucket's history has been read, a budget is unknown and no alert is
-due for it; the check reads the spend, not the events, so the next batch of that key or
-team raises what was due.
+Key records are stored under the SHA-256 of their secret (beside the gateway's index
+entries, ``id.``, ``team.``, ``name.``, which are skipped), so the key budgets are
+indexed by the ``key_id`` inside each record (the hash only to forget a deleted
+record); teams by the ``team_id`` inside theirs, whatever the bucket's key layout.
+Nothing else of a record is kept. Until a bucket's history has been read, a budget is
+unknown and no alert is due for it; the check reads the spend, not the events, so the
+next batch of that key or team raises what was due.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
@@ -27,6 +29,8 @@ from services.cost_tracker.domain.alerts import Budgets, TeamPolicy
 log = logging.getLogger(__name__)
 
 _DELETES = ("DEL", "PURGE")
+# A key record's entry: the SHA-256 of its secret, in hex.
+_RECORD_ENTRY = re.compile(r"[0-9a-f]{64}")
 
 
 def _budgets(b: tenancy_pb2.Budgets) -> Budgets:
@@ -65,6 +69,8 @@ class KvBudgetDirectory:
 
     async def _on_key(self, msg: Msg) -> None:
         entry = msg.subject.split(".", 2)[-1]
+        if not _RECORD_ENTRY.fullmatch(entry):
+            return  # an index entry of the gateway's, not a key record
         if _deleted(msg):
             key_id = self._key_of_entry.pop(entry, None)
             if key_id is not None:

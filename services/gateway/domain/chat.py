@@ -38,6 +38,8 @@ from services.gateway.domain.ports import Admission, CacheLookup, StreamStore, W
 from services.gateway.domain.problems import failure_error, timeout_error
 from services.gateway.domain.relay.reader import DeadlineExceeded, EventReader
 from services.gateway.domain.relay.sse import StreamRelay
+from services.gateway.domain.tenancy.policy import check_model_allowed
+from services.gateway.domain.tenancy.resolve import Tenancy
 from services.gateway.domain.work import CacheInstruction, build_work, opened_event
 from services.gateway.settings import GatewaySettings
 
@@ -57,6 +59,8 @@ class ChatOptions:
     semantic: bool = False
     # The x-sluice-tags header (domain.labels).
     tags: tuple[str, ...] = ()
+    # The end user a JWT vouches for (its ``sub``); else the request's own ``user``.
+    end_user: str = ""
 
 
 class ChatService:
@@ -70,7 +74,9 @@ class ChatService:
         queue: WorkQueue,
         streams: StreamStore,
         relay: StreamRelay,
+        tenancy: Tenancy,
     ) -> None:
+        self.tenancy = tenancy
         self.settings = settings
         self.catalog = catalog
         self.limiter = limiter
@@ -92,8 +98,9 @@ class ChatService:
     ) -> Answer:
         """A request already normalised by its front door, answered in its dialect."""
         meta.model_requested = request.model
+        check_model_allowed(key, request.model)
         budget = self.budget(request)
-        end_user, tags = request_labels(request, options.tags)
+        end_user, tags = request_labels(request, options.tags, options.end_user)
         meta.prompt_tokens = budget.prompt_tokens
         policy = cache_policy(self.settings.cache_mode, request.sampling, options.cache_control)
         cacheable = policy.lookup or policy.store
@@ -112,6 +119,7 @@ class ChatService:
             budget=budget,
             lookup_key=cache_key if policy.lookup else "",
             semantic=query,
+            options=options,
         )
         headers = admitted_headers(reservation, options.dialect.limit_headers)
         headers["x-sluice-cache"] = meta.cache
@@ -154,10 +162,14 @@ class ChatService:
         budget: TokenBudget,
         lookup_key: str,
         semantic: SemanticQuery,
+        options: ChatOptions,
     ) -> tuple[limiter_pb2.ReserveResponse, inference_pb2.Final | None]:
         """Reserve, and look the cache up at the same time (``lookup_key`` empty: no
         lookup)."""
         reserve = reserve_request(key, request, meta.request_id, budget)
+        await self.tenancy.fill(
+            reserve, key, end_user=options.end_user or request.user, priority=options.priority
+        )
         if not lookup_key:
             return await self.limiter.reserve(reserve), None
         lookup_task = asyncio.create_task(

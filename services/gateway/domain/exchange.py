@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from services.gateway.domain.tenancy.audit import RequestNotes
+
 JSON = "application/json"
 SSE = "text/event-stream"
 # Every streamed answer: proxies must neither cache nor buffer it.
@@ -21,6 +23,8 @@ class RequestContext:
     request_id: str
     trace_id: str
     path: str
+    # Filled as the request goes (caller, model, usage, error), for its audit record.
+    notes: RequestNotes = field(default_factory=RequestNotes, compare=False)
 
     @property
     def instance(self) -> str:

@@ -1,8 +1,9 @@
 """Who a request was made for and how the caller labelled it, carried onto its usage
 event so that spend can be grouped by them (``GET /v1/usage?group_by=end_user,tag``).
 
-- **End user**: the request's ``user`` (OpenAI), or ``metadata.user_id`` (Anthropic,
-  which its normaliser maps onto the same field).
+- **End user**: the one a JWT vouches for (its ``sub``), else the request's ``user``
+  (OpenAI) or ``metadata.user_id`` (Anthropic, which its normaliser maps onto the same
+  field): the end user the limiter's end-user level applies to.
 - **Tags**: the ``x-sluice-tags`` header and the request's ``metadata.tags``, each a
   comma-separated list; the request carries their union, sorted. A tag is 1 to 64 of
   letters, digits and ``_ - . : / = @``, starting with a letter or digit; at most 16
@@ -44,9 +45,10 @@ def parse_tags(value: str | None, *, param: str) -> tuple[str, ...]:
 
 
 def request_labels(
-    request: chat_pb2.ChatRequest, header_tags: tuple[str, ...]
+    request: chat_pb2.ChatRequest, header_tags: tuple[str, ...], vouched_end_user: str = ""
 ) -> tuple[str, tuple[str, ...]]:
-    """The request's end user and tags (header and ``metadata.tags``, sorted, unique)."""
+    """The request's end user (``vouched_end_user``, a JWT's ``sub``, else the body's)
+    and tags (header and ``metadata.tags``, sorted, unique)."""
     tags = sorted({*header_tags, *parse_tags(request.metadata.get("tags"), param=TAGS_FIELD)})
     if len(tags) > MAX_TAGS:
         raise SluiceError(
@@ -60,4 +62,4 @@ def request_labels(
             f"user is longer than {MAX_END_USER} characters.",
             param="user",
         )
-    return request.user, tuple(tags)
+    return vouched_end_user or request.user, tuple(tags)

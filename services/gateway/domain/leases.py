@@ -14,6 +14,13 @@ moment it is granted, so the sum of every replica's leases and reservations neve
 exceeds a quota. The price is that a lease held by one replica is briefly unavailable to
 another (at most its share, for at most its TTL), and a key with little left gets no
 lease at all and is admitted one request at a time, exactly as without leases.
+
+Leases are for a key's own rates only. A request whose reservation carries a team or
+end-user level, or a budget at any level (``leasable``), goes to the limiter every
+time: a lease granted under the key's room would admit past those levels, which the
+gateway cannot see, and an end user's request could spend from a lease obtained for
+another. Leases are held per key, team and end user (``lease_key``), so a key shared
+by teams or users (a JWT issuer's) never admits one caller from another's lease.
 """
 
 from __future__ import annotations
@@ -35,6 +42,25 @@ from services.gateway.domain.ports import Limiter
 log = logging.getLogger(__name__)
 
 TPM, RPM = "tpm", "rpm"
+
+
+def _set(message: object) -> bool:
+    return any(value for _field, value in message.ListFields())  # type: ignore[attr-defined]
+
+
+def leasable(request: limiter_pb2.ReserveRequest) -> bool:
+    """Whether only the key's own rates apply to this request (see the module doc)."""
+    return not (
+        _set(request.team_limits)
+        or _set(request.team_budgets)
+        or _set(request.end_user_limits)
+        or _set(request.end_user_budgets)
+        or _set(request.key_budgets)
+    )
+
+
+def lease_key(request: limiter_pb2.ReserveRequest) -> str:
+    return f"{request.key_id}\x00{request.team_id}\x00{request.end_user}"
 
 
 @dataclass
@@ -96,13 +122,13 @@ class LeasingLimiter:
         self._tracer = trace.get_tracer("sluice.gateway")
 
     async def reserve(self, request: limiter_pb2.ReserveRequest) -> limiter_pb2.ReserveResponse:
-        if self.lease_requests == 0:
+        if self.lease_requests == 0 or not leasable(request):
             return await self.limiter.reserve(request)
         need = request.input_tokens + request.max_output_tokens
         local = self._from_lease(request, need)
         if local is not None:
             return local
-        refill = self._refills.get(request.key_id)
+        refill = self._refills.get(lease_key(request))
         if refill is not None:
             # Another request of this key is asking for a lease: take from it if it
             # has room, otherwise ask for our own.
@@ -134,14 +160,15 @@ class LeasingLimiter:
     def _from_lease(
         self, request: limiter_pb2.ReserveRequest, need: int
     ) -> limiter_pb2.ReserveResponse | None:
-        lease = self._leases.get(request.key_id)
+        held = lease_key(request)
+        lease = self._leases.get(held)
         if lease is None:
             return None
         now = self._clock()
         quotas = (request.tokens_per_minute, request.requests_per_minute)
         if now >= lease.expires_at or lease.quotas != quotas:
             # Expired, or the key's quotas changed: the next lease is granted under them.
-            self._close(self._leases.pop(request.key_id))
+            self._close(self._leases.pop(held))
             return None
         if lease.tokens_left < need or lease.requests_left < 1:
             return None
@@ -170,7 +197,7 @@ class LeasingLimiter:
     async def _reserve_with_lease(
         self, request: limiter_pb2.ReserveRequest, need: int
     ) -> limiter_pb2.ReserveResponse:
-        key_id = request.key_id
+        key_id = lease_key(request)
         refill: asyncio.Future[None] | None = None
         if key_id not in self._refills:
             refill = asyncio.get_running_loop().create_future()
@@ -212,8 +239,9 @@ class LeasingLimiter:
         # Its headers count the lease as the later requests' headers will.
         del response.policies[:]
         response.policies.extend(lease.view(now))
-        previous = self._leases.get(request.key_id)
-        self._leases[request.key_id] = lease
+        held = lease_key(request)
+        previous = self._leases.get(held)
+        self._leases[held] = lease
         if previous is not None:
             self._close(previous)
         if self._sweeper is None:

@@ -2,11 +2,12 @@
 bad one is a 400 naming it before anything is asked), who may read what, and the
 answer's JSON.
 
-**Who reads what.** A key reads its own team's usage. A key with the ``usage:read``
-scope (or ``*``, the dev key's) reads every team's, or one team's with ``team_id``.
-Asking for another team without the scope is 403, whether that team exists or not;
-the team filter is set here, before the query leaves the gateway, so the ledger never
-returns another team's rows to a key without the scope.
+**Who reads what.** A key reads its own team's usage. A key of the operators' team
+(``admin``) with the ``usage:read`` scope reads every team's, or one team's with
+``team_id``; ``usage:read`` on any other team's key (``*`` included, the dev key's)
+reads only that team. Asking for another team without that is 403, whether the team
+exists or not; the team filter is set here, before the query leaves the gateway, so the
+ledger never returns another team's rows to such a key.
 
 **Money** is exact: every amount is given in nano-USD (integers, ``*_usd_nanos``) and
 as a decimal string of USD (``*_usd``), never as a float.
@@ -24,8 +25,9 @@ from sluice.keys.v1 import keys_pb2
 from sluice.pricing import nanos_to_usd
 
 from services.gateway.domain.dialects.parsing import validation_problem
+from services.gateway.domain.tenancy.policy import ADMIN_TEAM_ID, Scope, has_scope
 
-USAGE_READ_SCOPE = "usage:read"
+USAGE_READ_SCOPE = Scope.USAGE_READ
 
 DIMENSIONS: dict[str, int] = {
     "key": cost_pb2.USAGE_DIMENSION_KEY,
@@ -141,7 +143,8 @@ def parse_params(query: dict[str, list[str]]) -> UsageParams:
 
 
 def may_read_every_team(key: keys_pb2.ApiKeyRecord) -> bool:
-    return USAGE_READ_SCOPE in key.scopes or "*" in key.scopes
+    """An operators' key (the admin team's) with ``usage:read``."""
+    return key.team_id == ADMIN_TEAM_ID and has_scope(key, Scope.USAGE_READ)
 
 
 def to_query(key: keys_pb2.ApiKeyRecord, params: UsageParams) -> cost_pb2.UsageQuery:
@@ -152,7 +155,7 @@ def to_query(key: keys_pb2.ApiKeyRecord, params: UsageParams) -> cost_pb2.UsageQ
             raise SluiceError(
                 ErrorCode.FORBIDDEN,
                 f"This key reads its own team's usage only; another team's needs a key "
-                f"with the '{USAGE_READ_SCOPE}' scope.",
+                f"of the '{ADMIN_TEAM_ID}' team with the '{USAGE_READ_SCOPE}' scope.",
                 param="team_id",
             )
         team = key.team_id

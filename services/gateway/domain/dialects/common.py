@@ -15,6 +15,8 @@ from sluice.errors import SluiceError
 from sluice.inference.v1 import inference_pb2
 from sluice.limiter.v1 import limiter_pb2
 
+from services.gateway.domain.tenancy.audit import RequestNotes
+
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -45,6 +47,8 @@ class RequestMeta:
     # The prompt as the gateway counted it: Anthropic's message_start reports it before
     # the provider's own count arrives with the answer.
     prompt_tokens: int = 0
+    # The request's audit notes, which get the final usage and cost.
+    notes: RequestNotes | None = None
 
     @property
     def completion_id(self) -> str:
@@ -104,6 +108,9 @@ def sluice_object(
 def final_sluice(
     meta: RequestMeta, final: inference_pb2.Final, *, cache_hit: bool
 ) -> dict[str, Any]:
+    if meta.notes is not None:
+        meta.notes.usage = final.usage
+        meta.notes.cost_usd = 0.0 if cache_hit else final.cost_usd
     return sluice_object(
         meta,
         usage=final.usage,

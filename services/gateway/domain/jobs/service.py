@@ -57,10 +57,15 @@ from services.gateway.domain.ports import (
     WorkQueue,
 )
 from services.gateway.domain.problems import GatewayError
+from services.gateway.domain.tenancy.policy import check_model_allowed
 from services.gateway.domain.work import CacheInstruction, build_work, tokens_so_far
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
+
+# How long a job's event stream waits, once the job has ended, for the rest of its token
+# events (see ``JobService.events``).
+TOKEN_DRAIN_SECONDS = 2.0
 
 
 @dataclass
@@ -164,10 +169,12 @@ class JobService:
         trace_id: str,
         wait: float | None = None,
         tags: tuple[str, ...] = (),
+        end_user: str = "",
     ) -> Submitted:
         settings = self.settings
         request = to_chat_request(spec.request)
-        end_user, all_tags = request_labels(request, tags)
+        check_model_allowed(key, request.model)
+        end_user, all_tags = request_labels(request, tags, end_user)
         # Jobs run streamed at the worker: the token events are the job's progress.
         request.stream = True
         request.include_usage = True
@@ -183,7 +190,11 @@ class JobService:
 
         job_id = new_job_id()
         limiter = self.chat.limiter
-        reservation = await limiter.reserve(reserve_request(key, request, job_id, budget))
+        reserve = reserve_request(key, request, job_id, budget)
+        await self.chat.tenancy.fill(
+            reserve, key, end_user=end_user or request.user, priority=priority
+        )
+        reservation = await limiter.reserve(reserve)
         admitted_headers(reservation)
         created_ms = now_ms()
         record = jobs_pb2.JobRecord(
@@ -369,9 +380,18 @@ class JobService:
         try:
             last_token = 0
             heartbeat = self.settings.sse_heartbeat_seconds
+            # The token events and the lifecycle events come from two streams, each in
+            # order but not in order with each other: a job's end is told once its
+            # token stream has ended too (or has been quiet for TOKEN_DRAIN_SECONDS:
+            # a job cancelled in the queue never had one), so no token follows it.
+            tokens_ended = False
+            ended: jobs_pb2.JobRecord | None = None
             while True:
-                item = await feed.get(heartbeat)
+                item = await feed.get(TOKEN_DRAIN_SECONDS if ended is not None else heartbeat)
                 if item is None:
+                    if ended is not None:
+                        yield _sse("status", orjson.dumps(self.renderer.view(ended, last_token)))
+                        return
                     current = await self.store.get(job_id)
                     if current is not None and current[0].status in TERMINAL:
                         yield _sse("status", orjson.dumps(self.renderer.view(current[0])))
@@ -389,10 +409,19 @@ class JobService:
                             "content": item.delta.content,
                         }
                         yield _sse("token", orjson.dumps(token), event_id=str(item.sequence))
+                    elif item.WhichOneof("body") in ("final", "failure"):
+                        tokens_ended = True
+                        if ended is not None:
+                            view = self.renderer.view(ended, last_token)
+                            yield _sse("status", orjson.dumps(view))
+                            return
                     continue
                 current_record = await self.apply(job_id, item)
                 if current_record is None:
                     return
+                if current_record.status in TERMINAL and not tokens_ended:
+                    ended = current_record
+                    continue
                 view = self.renderer.view(current_record, last_token)
                 yield _sse("status", orjson.dumps(view))
                 if current_record.status in TERMINAL:
@@ -409,11 +438,18 @@ class JobService:
         priority: PriorityClass,
         trace_id: str,
         tags: tuple[str, ...] = (),
+        end_user: str = "",
     ) -> Answer:
         """202 with the job and its ``Location``; with ``Prefer: wait=N`` and the job done
         in time, 200 with the completion itself (or its error)."""
         submitted = await self.submit(
-            key, spec, priority=priority, trace_id=trace_id, wait=prefer.wait, tags=tags
+            key,
+            spec,
+            priority=priority,
+            trace_id=trace_id,
+            wait=prefer.wait,
+            tags=tags,
+            end_user=end_user,
         )
         record = submitted.record
         headers = {

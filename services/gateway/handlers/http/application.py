@@ -9,6 +9,11 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin
 from sluice import __version__
 
+from services.gateway.handlers.http.controllers.admin import (
+    AdminAuditController,
+    AdminKeysController,
+    AdminTeamsController,
+)
 from services.gateway.handlers.http.controllers.chat import ChatController
 from services.gateway.handlers.http.controllers.docs import DocsController
 from services.gateway.handlers.http.controllers.jobs import JobsController, WebhooksController
@@ -33,6 +38,9 @@ def create_app(deps: ApiDeps) -> Litestar:
             UsageController,
             OpsController,
             DocsController,
+            AdminTeamsController,
+            AdminKeysController,
+            AdminAuditController,
         ],
         exception_handlers={Exception: exception_handler(deps.instruments)},
         request_max_body_size=deps.settings.max_body_bytes,

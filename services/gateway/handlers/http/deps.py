@@ -14,8 +14,9 @@ from services.gateway.domain.chat import ChatService
 from services.gateway.domain.estimate import Estimator
 from services.gateway.domain.idempotency.service import Idempotency
 from services.gateway.domain.jobs.service import JobService
-from services.gateway.domain.ports import KeyLookup
 from services.gateway.domain.relay.resume import StreamResumer
+from services.gateway.domain.tenancy.admin import AdminService
+from services.gateway.domain.tenancy.identity import Authenticator
 from services.gateway.domain.usage import UsageReports
 from services.gateway.settings import GatewaySettings
 
@@ -31,7 +32,7 @@ class ApiDeps:
     """What the controllers call."""
 
     settings: GatewaySettings
-    keys: KeyLookup
+    keys: Authenticator
     chat: ChatService
     resumer: StreamResumer
     jobs: JobService
@@ -41,6 +42,7 @@ class ApiDeps:
     models_body: bytes
     usage: UsageReports
     estimator: Estimator
+    admin: AdminService
 
 
 def deps_of(request: Request[Any, Any, Any]) -> ApiDeps:

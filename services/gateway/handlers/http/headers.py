@@ -105,6 +105,7 @@ def chat_options(
     *,
     instance: str,
     dialect: Dialect = OPENAI,
+    end_user: str = "",
 ) -> ChatOptions:
     """How a chat request asked to be handled, from its headers."""
     return ChatOptions(
@@ -117,6 +118,7 @@ def chat_options(
         # An idempotent request's record follows its lifecycle events.
         lifecycle_events=IDEMPOTENCY_HEADER in headers,
         tags=tags_of(headers),
+        end_user=end_user,
     )
 
 

@@ -17,7 +17,14 @@ from sluice import telemetry
 from sluice.metrics import Instruments
 
 from services.gateway.domain.exchange import RequestContext
-from services.gateway.handlers.http.routes import ANSWER_ROUTES, UNTRACED, route_label
+from services.gateway.domain.tenancy import audit
+from services.gateway.domain.tenancy.ports import AuditLog
+from services.gateway.handlers.http.routes import (
+    ADMIN_PREFIX,
+    ANSWER_ROUTES,
+    UNTRACED,
+    route_label,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -43,8 +50,11 @@ def request_context(scope: Any) -> RequestContext:
 
 
 class Edge:
-    def __init__(self, app: ASGIApp, instruments: Instruments) -> None:
+    def __init__(
+        self, app: ASGIApp, instruments: Instruments, audit_log: AuditLog | None = None
+    ) -> None:
         self.app = app
+        self.audit_log = audit_log
         self.instruments = instruments
         self.in_flight = 0
         self._idle = asyncio.Event()
@@ -99,7 +109,8 @@ class Edge:
                 ),
             ]
             is_answer = route in ANSWER_ROUTES
-            scope[CTX_KEY] = RequestContext(request_id, trace_id, path)
+            ctx = RequestContext(request_id, trace_id, path)
+            scope[CTX_KEY] = ctx
 
             async def send_with_headers(message: Message) -> None:
                 nonlocal status
@@ -112,8 +123,11 @@ class Edge:
                     message["headers"] = headers
                 await send(message)
 
+            finished = False
+            pending = None
             try:
                 await self.app(scope, receive, send_with_headers)
+                finished = True
             finally:
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:
@@ -126,3 +140,23 @@ class Edge:
                 self.instruments.request_duration.record(
                     time.perf_counter() - started, {"route": route}
                 )
+                # Admin routes record their actions themselves.
+                if (
+                    self.audit_log is not None
+                    and ctx.notes.authenticated
+                    and not path.startswith(ADMIN_PREFIX)
+                ):
+                    pending = audit.request_event(
+                        ctx.notes,
+                        request_id=request_id,
+                        route=path,
+                        status=status,
+                        trace_id=trace_id,
+                    )
+                    if not finished:
+                        # Torn down (the client went away): sent in the background.
+                        self.audit_log.record(pending, audit.REQUEST)
+            # After the answer is sent (a stream's last byte included): a publish that
+            # only fills the connection's buffer, no round trip.
+            if pending is not None and finished and self.audit_log is not None:
+                await self.audit_log.send(pending, audit.REQUEST)

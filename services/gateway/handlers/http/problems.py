@@ -87,6 +87,7 @@ def exception_handler(instruments: Instruments) -> ExceptionHandler:
             log.exception("unexpected error serving %s (request %s)", ctx.path, ctx.request_id)
             err = SluiceError(ErrorCode.INTERNAL_ERROR, "The gateway failed to serve this request.")
         instruments.errors.add(1, {"code": str(err.code), "service": SERVICE})
+        ctx.notes.code = str(err.code)
         response = problem_response(err, ctx)
         if (
             err.code is ErrorCode.METHOD_NOT_ALLOWED

@@ -10,7 +10,9 @@ from sluice.errors import ErrorCode, SluiceError
 from sluice.keys.v1 import keys_pb2
 
 from services.gateway.domain.exchange import JSON
-from services.gateway.domain.ports import KeyLookup
+from services.gateway.domain.tenancy.identity import Authenticator
+from services.gateway.domain.tenancy.policy import Caller, Scope, require_scope
+from services.gateway.handlers.http.middleware import request_context
 
 # A client that sent too much is read to the end before the 413, up to this many bytes:
 # answering mid-upload makes many clients report a reset connection instead of the 413.
@@ -62,26 +64,51 @@ def extract_secret(authorization: str | None, x_api_key: str | None) -> str:
     if authorization:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise _unauthorized("The Authorization header must be 'Bearer <key>'.")
+            raise _unauthorized("The Authorization header must be 'Bearer <key or JWT>'.")
         return token.strip()
     if x_api_key:
         return x_api_key.strip()
     raise _unauthorized("No API key was sent.")
 
 
-async def authenticate(request: Request[Any, Any, Any], keys: KeyLookup) -> keys_pb2.ApiKeyRecord:
-    """The caller's key (``Authorization: Bearer`` or ``x-api-key``), or a 401."""
+async def authenticate_caller(
+    request: Request[Any, Any, Any], keys: Authenticator, scope: Scope | None
+) -> Caller:
+    """The caller (an API key in ``Authorization: Bearer`` or ``x-api-key``, or a JWT
+    in ``Authorization: Bearer``), or a 401; then the scope the route needs, or a 403.
+    The request's audit notes get who it is."""
     headers = request.headers
-    return await keys.authenticate(
+    caller = await keys.authenticate(
         extract_secret(headers.get("authorization"), headers.get("x-api-key"))
     )
+    notes = request_context(request.scope).notes
+    notes.actor = caller.actor
+    notes.key_id = caller.key.key_id
+    notes.team_id = caller.key.team_id
+    notes.end_user = caller.end_user
+    notes.audit_prompts = caller.key.audit_prompts
+    if scope is not None:
+        require_scope(caller.key, scope)
+    return caller
+
+
+async def authenticate(
+    request: Request[Any, Any, Any], keys: Authenticator, scope: Scope | None
+) -> keys_pb2.ApiKeyRecord:
+    """The caller's key record (see ``authenticate_caller``)."""
+    return (await authenticate_caller(request, keys, scope)).key
 
 
 async def authenticated_body(
-    request: Request[Any, Any, Any], keys: KeyLookup, limit: int
-) -> tuple[keys_pb2.ApiKeyRecord, bytes]:
-    """A POST's key, then its JSON body (in that order: an unknown caller is refused
+    request: Request[Any, Any, Any], keys: Authenticator, limit: int, scope: Scope
+) -> tuple[Caller, bytes]:
+    """A POST's caller, then its JSON body (in that order: an unknown caller is refused
     before anything is read)."""
-    key = await authenticate(request, keys)
+    caller = await authenticate_caller(request, keys, scope)
     check_content_type(request.headers.get("content-type"))
-    return key, await read_body(request, limit)
+    body = await read_body(request, limit)
+    notes = request_context(request.scope).notes
+    if notes.audit_prompts:
+        # Only for keys whose policy asks: the body as sent is the prompt of record.
+        notes.prompt = body.decode("utf-8", "replace")
+    return caller, body

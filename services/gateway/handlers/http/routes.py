@@ -32,12 +32,27 @@ TEMPLATED_ROUTES = (
 UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
+ADMIN_PREFIX = "/v1/admin/"
+# Admin routes by their resource (ids in the path never become labels).
+ADMIN_LABELS = ("teams", "keys", "audit")
+
+
+def admin_route_label(path: str) -> str | None:
+    if not path.startswith(ADMIN_PREFIX):
+        return None
+    resource = path[len(ADMIN_PREFIX) :].split("/", 1)[0]
+    return ADMIN_PREFIX + resource if resource in ADMIN_LABELS else None
+
+
 def route_label(path: str) -> str:
     """The route a path matched, as a metric and span label."""
     if path in LABELLED_ROUTES:
         return path
     if path == "/docs" or path.startswith("/docs/"):
         return "/docs"
+    admin = admin_route_label(path)
+    if admin is not None:
+        return admin
     for prefix, suffix, label in TEMPLATED_ROUTES:
         if path.startswith(prefix):
             rest = path[len(prefix) :]

@@ -11,6 +11,7 @@ from services.gateway.domain.dialects.common import RequestMeta
 from services.gateway.domain.dialects.openai.request import parse_body, to_chat_request
 from services.gateway.domain.exchange import Answer
 from services.gateway.domain.jobs.request import JobCreateRequest
+from services.gateway.domain.tenancy.policy import Scope, require_scope
 from services.gateway.handlers.http import headers as h
 from services.gateway.handlers.http.deps import deps_of
 from services.gateway.handlers.http.idempotency import idempotent
@@ -44,16 +45,25 @@ class ChatController(Controller):
         ``Prefer: wait=N`` answers inline when done within N seconds, else ``202``.
         ``Idempotency-Key`` makes retries safe: one run, the same response replayed
         (``Idempotent-Replayed: true``), 409 while the first runs, 422 for another body.
-        ``x-sluice-priority`` (interactive, batch, system) picks the scheduling class."""
+        ``x-sluice-priority`` (interactive, batch, system) picks the scheduling class.
+
+        Needs the ``chat`` scope (and ``jobs`` with ``Prefer: respond-async``); a key
+        with a model allow-list gets 403 ``model_not_allowed`` for another model. An
+        enterprise JWT (``Authorization: Bearer <JWT>``) works as a key does."""
         deps = deps_of(request)
         ctx = request_context(request.scope)
-        key, raw = await authenticated_body(request, deps.keys, deps.settings.max_body_bytes)
+        caller, raw = await authenticated_body(
+            request, deps.keys, deps.settings.max_body_bytes, Scope.CHAT
+        )
+        key = caller.key
         headers = request.headers
         prefer = h.prefer_of(headers)
 
         async def run() -> Answer:
             body = parse_body(raw)
+            ctx.notes.model = body.model
             if prefer.as_job:
+                require_scope(key, Scope.JOBS)
                 return await deps.jobs.respond(
                     key,
                     JobCreateRequest(request=body),
@@ -61,9 +71,12 @@ class ChatController(Controller):
                     priority=h.job_priority(key, headers, prefer),
                     trace_id=ctx.trace_id,
                     tags=h.tags_of(headers),
+                    end_user=caller.end_user,
                 )
-            options = h.chat_options(headers, key, deps.settings, instance=ctx.instance)
-            meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model)
+            options = h.chat_options(
+                headers, key, deps.settings, instance=ctx.instance, end_user=caller.end_user
+            )
+            meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model, notes=ctx.notes)
             return await deps.chat.complete(key, to_chat_request(body), meta, options)
 
         answer = await idempotent(

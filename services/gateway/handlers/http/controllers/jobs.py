@@ -11,6 +11,7 @@ from sluice.errors import ErrorCode, SluiceError
 
 from services.gateway.domain.exchange import Answer
 from services.gateway.domain.jobs.request import parse_job_body
+from services.gateway.domain.tenancy.policy import Scope
 from services.gateway.handlers.http import headers as h
 from services.gateway.handlers.http.deps import deps_of
 from services.gateway.handlers.http.idempotency import idempotent
@@ -44,10 +45,14 @@ class JobsController(Controller):
         (Standard Webhooks, signed with ``GET /v1/webhooks/secret``) reports
         ``job.completed``, ``job.failed`` or ``job.cancelled``; URLs that resolve to
         loopback, private, link-local or metadata addresses are refused.
-        ``Idempotency-Key`` is honoured."""
+        ``Idempotency-Key`` is honoured. Every ``/v1/jobs`` route and the webhook secret
+        need the ``jobs`` scope."""
         deps = deps_of(request)
         ctx = request_context(request.scope)
-        key, raw = await authenticated_body(request, deps.keys, deps.settings.max_body_bytes)
+        caller, raw = await authenticated_body(
+            request, deps.keys, deps.settings.max_body_bytes, Scope.JOBS
+        )
+        key = caller.key
         headers = request.headers
         prefer = h.prefer_of(headers)
 
@@ -59,6 +64,7 @@ class JobsController(Controller):
                 priority=h.job_priority(key, headers, prefer),
                 trace_id=ctx.trace_id,
                 tags=h.tags_of(headers),
+                end_user=caller.end_user,
             )
 
         answer = await idempotent(
@@ -84,7 +90,7 @@ class JobsController(Controller):
         ``last_id`` of the previous page) paginate; ``has_more`` says whether to."""
         deps = deps_of(request)
         jobs = deps.jobs
-        key = await authenticate(request, deps.keys)
+        key = await authenticate(request, deps.keys, Scope.JOBS)
         if not 1 <= limit <= 100:
             raise SluiceError(
                 ErrorCode.INVALID_REQUEST, "limit must be between 1 and 100.", param="limit"
@@ -101,7 +107,7 @@ class JobsController(Controller):
         log. Another team's job is 404."""
         deps = deps_of(request)
         jobs = deps.jobs
-        key = await authenticate(request, deps.keys)
+        key = await authenticate(request, deps.keys, Scope.JOBS)
         return json_response(await jobs.view(await jobs.find(key, job_id)))
 
     @get("/jobs/{job_id:str}/events", operation_id="streamJobEvents", summary="Job events")
@@ -113,7 +119,7 @@ class JobsController(Controller):
         the job ends."""
         deps = deps_of(request)
         jobs = deps.jobs
-        key = await authenticate(request, deps.keys)
+        key = await authenticate(request, deps.keys, Scope.JOBS)
         record = await jobs.find(key, job_id)
         return to_response(Answer.sse(jobs.events(record), {}))
 
@@ -131,7 +137,7 @@ class JobsController(Controller):
         (``cancel_requested: true``; ``status`` becomes ``cancelled`` when it stopped)."""
         deps = deps_of(request)
         jobs = deps.jobs
-        key = await authenticate(request, deps.keys)
+        key = await authenticate(request, deps.keys, Scope.JOBS)
         return json_response(await jobs.view(await jobs.cancel(key, job_id)))
 
 
@@ -146,6 +152,6 @@ class WebhooksController(Controller):
         ``standardwebhooks.Webhook(secret).verify(body, headers)``."""
         deps = deps_of(request)
         jobs = deps.jobs
-        key = await authenticate(request, deps.keys)
+        key = await authenticate(request, deps.keys, Scope.JOBS)
         secret = await jobs.webhook_secrets.get(key.team_id)
         return json_response({"object": "webhook_secret", "team_id": key.team_id, "secret": secret})

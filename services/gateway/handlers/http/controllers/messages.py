@@ -15,10 +15,15 @@ from services.gateway.domain.dialects.anthropic.request import (
 )
 from services.gateway.domain.dialects.anthropic.response import ANTHROPIC
 from services.gateway.domain.dialects.common import RequestMeta
+from services.gateway.domain.tenancy.policy import Scope
 from services.gateway.handlers.http import headers as h
 from services.gateway.handlers.http.deps import deps_of
 from services.gateway.handlers.http.middleware import request_context
-from services.gateway.handlers.http.requests import authenticate, check_content_type, read_body
+from services.gateway.handlers.http.requests import (
+    authenticate_caller,
+    check_content_type,
+    read_body,
+)
 from services.gateway.handlers.http.responses import to_response
 
 
@@ -49,10 +54,12 @@ class MessagesController(Controller):
         ``Cache-Control``, ``X-Sluice-Semantic-Cache``, ``x-sluice-priority`` and
         ``x-sluice-on-disconnect`` work as on chat completions. ``Idempotency-Key`` is
         refused (400): its stored replays are chat completions. ``Prefer:
-        respond-async`` is not applied here (a job answers as a chat completion)."""
+        respond-async`` is not applied here (a job answers as a chat completion). Needs
+        the ``chat`` scope; the key's model allow-list applies."""
         deps = deps_of(request)
         ctx = request_context(request.scope)
-        key = await authenticate(request, deps.keys)
+        caller = await authenticate_caller(request, deps.keys, Scope.CHAT)
+        key = caller.key
         headers = request.headers
         check_version(headers.get(VERSION_HEADER))
         check_content_type(headers.get("content-type"))
@@ -63,11 +70,19 @@ class MessagesController(Controller):
                 param="Idempotency-Key",
             )
         raw = await read_body(request, deps.settings.max_body_bytes)
+        if ctx.notes.audit_prompts:
+            ctx.notes.prompt = raw.decode("utf-8", "replace")
         body = parse_messages_body(raw)
+        ctx.notes.model = body.model
         options = h.chat_options(
-            headers, key, deps.settings, instance=ctx.instance, dialect=ANTHROPIC
+            headers,
+            key,
+            deps.settings,
+            instance=ctx.instance,
+            dialect=ANTHROPIC,
+            end_user=caller.end_user,
         )
-        meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model)
+        meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model, notes=ctx.notes)
         answer = await deps.chat.complete(key, anthropic_to_chat_request(body), meta, options)
         # Where the SDK looks for the request id (``message._request_id``).
         answer.headers["request-id"] = ctx.request_id

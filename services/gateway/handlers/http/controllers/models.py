@@ -19,5 +19,5 @@ class ModelsController(Controller):
     async def list_models(self, request: Request[Any, Any, Any]) -> Response[bytes]:
         """The model names this gateway serves, in OpenAI's list shape."""
         deps = deps_of(request)
-        await authenticate(request, deps.keys)
+        await authenticate(request, deps.keys, None)
         return Response(deps.models_body, media_type=JSON)

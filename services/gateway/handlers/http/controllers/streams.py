@@ -8,6 +8,7 @@ from litestar import Controller, Request, Response, get
 from litestar.params import FromPath, FromQuery
 
 from services.gateway.domain.relay.resume import parse_resume_point
+from services.gateway.domain.tenancy.policy import Scope
 from services.gateway.handlers.http.deps import deps_of
 from services.gateway.handlers.http.middleware import request_context
 from services.gateway.handlers.http.requests import authenticate
@@ -37,7 +38,7 @@ class StreamsController(Controller):
         resume it; anyone else, an unknown id or an expired stream gets 404."""
         deps = deps_of(request)
         ctx = request_context(request.scope)
-        key = await authenticate(request, deps.keys)
+        key = await authenticate(request, deps.keys, Scope.CHAT)
         point = parse_resume_point(request.headers.get("last-event-id"), after, request_id)
         answer = await deps.resumer.resume(
             key, request_id, point, trace_id=ctx.trace_id, instance=ctx.instance

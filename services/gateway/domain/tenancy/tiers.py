@@ -1,0 +1,175 @@
+"""Tiers (``config/tiers.yaml``): the defaults of a team's limits and budgets, of each of
+its end users', and the priority classes its requests may use. Read once at start; an
+error names the file, the line and what is wrong, so a bad file stops the gateway
+instead of serving with limits nobody meant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from sluice.topology import PriorityClass
+
+from services.gateway.domain.tenancy.limits import (
+    BUDGET_FIELDS,
+    LIMIT_FIELDS,
+    Allowance,
+    Budgets,
+    Limits,
+    check_limit,
+    usd_to_nanos,
+)
+
+
+class TierFileError(ValueError):
+    """What is wrong with the tiers file, and where."""
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    priorities: frozenset[PriorityClass] = frozenset(PriorityClass)
+    team: Allowance = field(default_factory=Allowance)
+    end_user: Allowance = field(default_factory=Allowance)
+
+
+@dataclass(frozen=True)
+class TierTable:
+    tiers: dict[str, Tier] = field(default_factory=dict)
+    default: str = ""
+
+    def get(self, name: str) -> Tier | None:
+        return self.tiers.get(name)
+
+    @classmethod
+    def load(cls, path: Path) -> TierTable:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise TierFileError(f"{path}: cannot read it ({exc.strerror})") from None
+        return parse_tiers(text, str(path))
+
+
+def parse_tiers(text: str, source: str = "tiers.yaml") -> TierTable:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        raise TierFileError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    reader = _Reader(source)
+    if root is None:
+        raise TierFileError(f"{source}: empty, expected 'tiers:' with at least one tier")
+    top = reader.mapping(root, "the file", {"tiers", "default_tier"})
+    if "tiers" not in top:
+        raise TierFileError(f"{reader.at(root)}: 'tiers:' is missing")
+    tiers_node = top["tiers"][1]
+    tiers: dict[str, Tier] = {}
+    for name, (key_node, node) in reader.mapping(tiers_node, "tiers", None).items():
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise TierFileError(
+                f"{reader.at(key_node)}: tier name {name!r} must be letters, digits, - or _"
+            )
+        tiers[name] = reader.tier(name, node)
+    if not tiers:
+        raise TierFileError(f"{reader.at(tiers_node)}: 'tiers:' names no tier")
+    default = ""
+    if "default_tier" in top:
+        default_node = top["default_tier"][1]
+        default = reader.scalar(default_node, "default_tier")
+        if default not in tiers:
+            raise TierFileError(
+                f"{reader.at(default_node)}: default_tier {default!r} is not one of the tiers "
+                f"({', '.join(sorted(tiers))})"
+            )
+    return TierTable(tiers, default)
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def at(self, node: yaml.Node) -> str:
+        return f"{self.source}:{node.start_mark.line + 1}"
+
+    def mapping(
+        self, node: yaml.Node, what: str, allowed: set[str] | None
+    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        if not isinstance(node, yaml.MappingNode):
+            raise TierFileError(f"{self.at(node)}: {what} must be a mapping")
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            key = self.scalar(key_node, f"a key of {what}")
+            if allowed is not None and key not in allowed:
+                raise TierFileError(
+                    f"{self.at(key_node)}: unknown key {key!r} in {what} "
+                    f"(expected {', '.join(sorted(allowed))})"
+                )
+            if key in out:
+                raise TierFileError(f"{self.at(key_node)}: {key!r} appears twice in {what}")
+            out[key] = (key_node, value_node)
+        return out
+
+    def scalar(self, node: yaml.Node, what: str) -> str:
+        if not isinstance(node, yaml.ScalarNode):
+            raise TierFileError(f"{self.at(node)}: {what} must be a single value")
+        return str(node.value)
+
+    def value(self, node: yaml.Node, what: str) -> object:
+        self.scalar(node, what)
+        return yaml.safe_load(yaml.serialize(node))
+
+    def tier(self, name: str, node: yaml.Node) -> Tier:
+        parts = self.mapping(node, f"tier {name!r}", {"priorities", "team", "end_user"})
+        priorities = frozenset(PriorityClass)
+        if "priorities" in parts:
+            p_node = parts["priorities"][1]
+            if not isinstance(p_node, yaml.SequenceNode) or not p_node.value:
+                raise TierFileError(
+                    f"{self.at(p_node)}: priorities of tier {name!r} must be a non-empty list"
+                )
+            chosen = set()
+            for item in p_node.value:
+                text = self.scalar(item, "a priority class")
+                try:
+                    chosen.add(PriorityClass(text))
+                except ValueError:
+                    raise TierFileError(
+                        f"{self.at(item)}: unknown priority class {text!r} "
+                        f"(expected {', '.join(c.value for c in PriorityClass)})"
+                    ) from None
+            priorities = frozenset(chosen)
+        team = self.allowance(parts["team"][1], f"{name}.team") if "team" in parts else Allowance()
+        end_user = (
+            self.allowance(parts["end_user"][1], f"{name}.end_user")
+            if "end_user" in parts
+            else Allowance()
+        )
+        return Tier(name, priorities, team, end_user)
+
+    def allowance(self, node: yaml.Node, what: str) -> Allowance:
+        parts = self.mapping(node, what, {"limits", "budgets"})
+        limits = Limits()
+        budgets = Budgets()
+        if "limits" in parts:
+            values: dict[str, int] = {}
+            for key, (_k, v_node) in self.mapping(
+                parts["limits"][1], f"{what}.limits", set(LIMIT_FIELDS)
+            ).items():
+                try:
+                    values[key] = check_limit(key, self.value(v_node, key))
+                except ValueError as exc:
+                    raise TierFileError(f"{self.at(v_node)}: {what}.limits: {exc}") from None
+            limits = Limits(**values)
+        if "budgets" in parts:
+            nanos: dict[str, int] = {}
+            for key, (_k, v_node) in self.mapping(
+                parts["budgets"][1], f"{what}.budgets", set(BUDGET_FIELDS)
+            ).items():
+                try:
+                    nanos[BUDGET_FIELDS[key]] = usd_to_nanos(self.value(v_node, key))
+                except ValueError as exc:
+                    raise TierFileError(f"{self.at(v_node)}: {what}.budgets.{key}: {exc}") from None
+            budgets = Budgets(**nanos)
+        return Allowance(limits, budgets)
