@@ -2,8 +2,8 @@
 (``/v1/admin``) from a terminal. Tables for people, ``--json`` for scripts. The admin
 key comes from ``--admin-key``, ``SLUICE_ADMIN_API_KEY`` or ``<state>/admin-key`` (what
 a local gateway generates); the gateway from ``--url`` or ``SLUICE_GATEWAY_URL``
-(default: SLUICE_GATEWAY_HOST and PORT, http://127.0.0.1:8080). Errors print the problem's detail and how to fix it,
-and exit 1."""
+(default: ``SLUICE_GATEWAY_HOST``/``PORT``, 127.0.0.1:8080). Errors print the problem's
+detail and how to fix it, and exit 1."""
 
 from __future__ import annotations
 
