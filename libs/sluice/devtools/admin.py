@@ -2,8 +2,8 @@
 (``/v1/admin``) from a terminal. Tables for people, ``--json`` for scripts. The admin
 key comes from ``--admin-key``, ``SLUICE_ADMIN_API_KEY`` or ``<state>/admin-key`` (what
 a local gateway generates); the gateway from ``--url`` or ``SLUICE_GATEWAY_URL``
-(default http://127.0.0.1:8080). Errors print the problem's detail and how to fix it,
-and exit 1."""
+(default: ``SLUICE_GATEWAY_HOST``/``PORT``, 127.0.0.1:8080). Errors print the problem's
+detail and how to fix it, and exit 1."""
 
 from __future__ import annotations
 
@@ -17,7 +17,17 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-DEFAULT_URL = "http://127.0.0.1:8080"
+
+def default_url() -> str:
+    """``SLUICE_GATEWAY_URL``, else the gateway the local settings name (the address
+    `sluice up` started it on: ``SLUICE_GATEWAY_HOST``/``PORT``, 127.0.0.1:8080)."""
+    explicit = os.environ.get("SLUICE_GATEWAY_URL")
+    if explicit:
+        return explicit
+    host = os.environ.get("SLUICE_GATEWAY_HOST", "127.0.0.1")
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{host}:{os.environ.get('SLUICE_GATEWAY_PORT', '8080')}"
 
 
 class AdminError(Exception):
@@ -25,7 +35,7 @@ class AdminError(Exception):
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("SLUICE_GATEWAY_URL", DEFAULT_URL))
+    parser.add_argument("--url", default=default_url(), help="the gateway (default: %(default)s)")
     parser.add_argument("--admin-key", default=os.environ.get("SLUICE_ADMIN_API_KEY"))
     parser.add_argument(
         "--state-dir", type=Path, default=Path(os.environ.get("SLUICE_STATE_DIR", ".sluice"))
