@@ -7,8 +7,9 @@ as any client (a key reads its own team; a key with ``usage:read`` every team).
     sluice usage --group-by tag --tag eval --json
 
 The key is ``--key``, else ``SLUICE_API_KEY``, else the local dev key
-(``<state>/dev-key``); the gateway is ``--url``, else ``http://127.0.0.1:<port>`` with
-``SLUICE_GATEWAY_PORT`` (8080).
+(``<state>/dev-key``); the gateway is ``--url``, else ``SLUICE_GATEWAY_URL``, else where
+the local settings put it (``SLUICE_GATEWAY_HOST``/``PORT``, 127.0.0.1:8080), as for
+``sluice teams``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from sluice.devtools.admin import default_url
 
 AMOUNT_COLUMNS = (
     ("requests", "requests"),
@@ -49,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="sluice usage",
         description="Cost, tokens, requests and cache savings from the gateway (GET /v1/usage).",
     )
-    parser.add_argument("--url", help="the gateway (default http://127.0.0.1:$SLUICE_GATEWAY_PORT)")
+    parser.add_argument("--url", help="the gateway (default $SLUICE_GATEWAY_URL, else local)")
     parser.add_argument("--key", help="API key (default $SLUICE_API_KEY, else <state>/dev-key)")
     parser.add_argument(
         "--state-dir", type=Path, default=Path(os.environ.get("SLUICE_STATE_DIR", ".sluice"))
@@ -140,8 +143,7 @@ def render(answer: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    port = os.environ.get("SLUICE_GATEWAY_PORT", "8080")
-    base = (args.url or f"http://127.0.0.1:{port}").rstrip("/")
+    base = (args.url or default_url()).rstrip("/")
     url = f"{base}/v1/usage?{urllib.parse.urlencode(query_of(args))}"
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {_key(args)}"})
     try:
