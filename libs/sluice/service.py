@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -28,7 +29,7 @@ from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
 from sluice.consumers import ConsumerBroker
 from sluice.logging import configure_logging
-from sluice.settings import CommonSettings
+from sluice.settings import CommonSettings, ConfigFileError
 from sluice.telemetry import Telemetry, setup_telemetry
 from sluice.topology import GRPC_SERVICES, ServiceName, Subjects
 
@@ -183,10 +184,20 @@ class ServiceRuntime:
 
 
 def run_service(main: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-    """Entry point helper: run ``main`` on uvloop when available."""
+    """Entry point helper: run ``main`` on uvloop when available. A configuration file that
+    cannot be used stops the process with its one-line reason (file, line, what is wrong)
+    and exit status 2, not a stack trace."""
+    try:
+        _run(main)
+    except ConfigFileError as exc:
+        sys.stderr.write(f"configuration error: {exc}\n")
+        raise SystemExit(2) from None
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, Any]]) -> None:
     try:
         import uvloop
-
-        uvloop.run(main())
     except ImportError:  # pragma: no cover - uvloop is a declared dependency
         asyncio.run(main())
+        return
+    uvloop.run(main())

@@ -225,7 +225,11 @@ async def main() -> None:
     )
     bus = await runtime.start()
     inst = instruments()
-    gateway = await assemble(settings, bus, runtime.consumer_broker(), inst)
+    try:
+        gateway = await assemble(settings, bus, runtime.consumer_broker(), inst)
+    except BaseException:
+        await runtime.shutdown()
+        raise
     await gateway.start()
     edge = Edge(create_app(gateway.api), inst, gateway.audit)
     grace = settings.common.shutdown_grace_seconds

@@ -33,6 +33,11 @@ def test_the_shipped_tiers_file_loads() -> None:
     assert table.tiers["free"].priorities == {PriorityClass.INTERACTIVE}
 
 
+def test_no_tiers_file_is_no_tiers(tmp_path: Path) -> None:
+    # A configuration folder made before tiers existed still starts a gateway.
+    assert TierTable.load(tmp_path / "tiers.yaml").tiers == {}
+
+
 @pytest.mark.parametrize(
     ("text", "line", "words"),
     [

@@ -157,3 +157,27 @@ async def _until_up_admin(proc: ServiceProcess, state) -> None:
             raise RuntimeError(proc.log()[-3000:])
         await asyncio.sleep(0.1)
     await _until_up(proc, (state / "dev-key").read_text().strip())
+
+
+async def test_a_bad_tiers_file_stops_the_gateway_with_its_line_not_a_traceback(
+    nats_server, tmp_path
+) -> None:
+    config = tmp_path / "config"
+    config.mkdir()
+    for name in ("providers.yaml", "prices.yaml"):
+        (config / name).write_text((REPO / "config" / name).read_text())
+    (config / "tiers.yaml").write_text("tiers:\n  a:\n    priorities: [fast]\n")
+    stack = Stack(
+        nats_url=nats_server.url,
+        state_dir=tmp_path / "state",
+        extra_env={"SLUICE_CONFIG_DIR": str(config)},
+    )
+    gateway = stack.start(ServiceName.GATEWAY)
+    try:
+        code = gateway.process.wait(60)
+    finally:
+        stack.stop_all()
+    log = gateway.log()
+    assert code == 2, log[-2000:]
+    assert f"configuration error: {config / 'tiers.yaml'}:3: unknown priority class 'fast'" in log
+    assert "Traceback" not in log

@@ -229,6 +229,12 @@ class AdminService:
     # --- teams -----------------------------------------------------------------------
 
     def _check_tier(self, tier: str) -> str:
+        if not self.tiers.tiers:
+            raise _invalid(
+                "No tiers are configured: add tiers.yaml to the configuration folder "
+                "(see config/tiers.yaml) and restart the gateway.",
+                "tier",
+            )
         chosen = tier or self.tiers.default
         if not chosen:
             raise _invalid("Name a tier (no default_tier in tiers.yaml).", "tier")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from sluice.settings import ConfigFileError
 from sluice.topology import PriorityClass
 
 from services.gateway.domain.tenancy.limits import (
@@ -22,7 +23,7 @@ from services.gateway.domain.tenancy.limits import (
 )
 
 
-class TierFileError(ValueError):
+class TierFileError(ConfigFileError):
     """What is wrong with the tiers file, and where."""
 
 
@@ -44,8 +45,13 @@ class TierTable:
 
     @classmethod
     def load(cls, path: Path) -> TierTable:
+        """The tiers of ``path``; none when there is no such file (a configuration folder
+        made before tiers existed): teams then have only their own limits and budgets, and
+        creating one needs a tier, so ``sluice teams create`` says the table is empty."""
         try:
             text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cls()
         except OSError as exc:
             raise TierFileError(f"{path}: cannot read it ({exc.strerror})") from None
         return parse_tiers(text, str(path))
