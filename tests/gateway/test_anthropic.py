@@ -413,7 +413,7 @@ def sse_events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
         lines = [line for line in block.split("\n") if line and not line.startswith("retry:")]
         if not lines:
             continue
-        fields = dict(line.split(": ", 1) for line in lines)
+        fields = dict(line.split(": ", 1) for line in lines if not line.startswith("id: "))
         data = json.loads(fields["data"])
         assert data["type"] == fields["event"] or fields["event"] == "error"
         events.append((fields["event"], data))
@@ -542,7 +542,9 @@ def test_error_body_shape_and_stream_error_event():
     )
     assert body["detail"] == body["error"]["message"]
     relay = MessageStreamRelay(meta(), include_usage=False)
-    assert relay.failure(3, raw) == b"event: error\ndata: " + raw + b"\n\n"
+    # The event carries the stream's id (resumable like chat completions' streams).
+    rid = meta().request_id.encode()
+    assert relay.failure(3, raw) == b"event: error\ndata: " + raw + b"\nid: " + rid + b":3\n\n"
 
 
 def test_anthropic_rate_limit_headers():
@@ -672,7 +674,12 @@ async def test_raw_stream_headers_and_framing(gw: Gateway):
     assert resp.headers["cache-control"] == "no-cache"
     assert resp.headers["request-id"] == resp.headers["x-request-id"]
     assert resp.headers["anthropic-ratelimit-tokens-limit"] == "100000"
-    assert "\nid:" not in resp.text and not resp.text.startswith("id:")
+    # Each worker event's group ends with its id: the deltas 1 and 2 and the final 4
+    # (message_delta and message_stop, the id on the last); the finish-only delta 3
+    # renders no event of its own.
+    ids = re.findall(r"\nid: ([^\n]+)\n", resp.text)
+    rid = resp.headers["request-id"]
+    assert ids == [f"{rid}:{n}" for n in (1, 2, 4)]
     events = sse_events(resp.content)
     assert [n for n, _ in events][:2] == ["message_start", "content_block_start"]
     assert events[-1][0] == "message_stop"
@@ -878,7 +885,6 @@ async def test_missing_max_tokens_names_the_param(gw: Gateway):
     ("headers", "status", "error_type", "code"),
     [
         ({"anthropic-version": "latest"}, 400, "invalid_request_error", "invalid_request"),
-        ({"idempotency-key": "k-1"}, 400, "invalid_request_error", "invalid_request"),
         ({"content-type": "text/plain"}, 415, "invalid_request_error", "unsupported_media_type"),
     ],
 )

@@ -19,6 +19,7 @@ from sluice.devtools.localmodel import (
 )
 from sluice.inference.v1 import inference_pb2
 
+from services.gateway.domain.verdict import AnswerTally, Checks, assess
 from services.inference_worker.adapters.providers.openai_compat import OpenAICompatProvider
 from tests.support.stack import REPO
 
@@ -110,3 +111,38 @@ async def test_json_schema_response_format_is_honoured(qwen: OpenAICompatProvide
     data = json.loads(answer.choices[0].content)
     assert set(data) == {"name", "age"}
     assert isinstance(data["name"], str) and isinstance(data["age"], int)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_logprobs_come_back_and_give_a_confidence(
+    qwen: OpenAICompatProvider, stream: bool
+) -> None:
+    request = ask("What is the capital of France? Answer in one word.", max_tokens=8)
+    request.stream = stream
+    request.sampling.logprobs = True
+    request.sampling.top_logprobs = 2
+    deltas: list[inference_pb2.Delta] = []
+
+    async def collect(delta: inference_pb2.Delta) -> None:
+        deltas.append(delta)
+
+    answer = await qwen.chat(request, MODEL_ALIAS, on_delta=collect if stream else None)
+    choice = answer.choices[0]
+    content = list(choice.logprobs.content)
+    assert content, "llama.cpp returns logprobs when asked"
+    # One per generated token; the end-of-generation token may come without one.
+    assert answer.usage.output_tokens - 1 <= len(content) <= answer.usage.output_tokens
+    assert all(t.logprob <= 0 for t in content)
+    assert all(1 <= len(t.top_logprobs) <= 2 for t in content)
+    # At temperature 0 the chosen token is the most likely one.
+    assert content[0].top_logprobs[0].logprob == pytest.approx(content[0].logprob, abs=1e-4)
+    if stream:
+        assert sum(len(d.logprobs.content) for d in deltas) == len(content)
+    tally = AnswerTally()
+    tally.set_choices(answer.choices)
+    verdict = assess(tally, Checks(review_threshold=0.0))
+    assert verdict.confidence is not None and 0 < verdict.confidence <= 1
+    assert "paris" in choice.content.lower()
+    # A capital asked in one word: the model is sure of it.
+    assert verdict.confidence > 0.5
+    print(f"qwen confidence ({'stream' if stream else 'plain'}): {verdict.confidence:.3f}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sluice import canonical
 from sluice.catalog import Catalog
@@ -30,16 +30,28 @@ from services.gateway.domain.admission import (
     reserve_request,
     semantic_query,
 )
-from services.gateway.domain.dialects.common import Dialect, RequestMeta, final_sluice
+from services.gateway.domain.dialects.common import Dialect, RequestMeta, final_sluice, judge
 from services.gateway.domain.dialects.openai.response import OPENAI
 from services.gateway.domain.exchange import Answer
 from services.gateway.domain.labels import request_labels
 from services.gateway.domain.ports import Admission, CacheLookup, StreamStore, WorkQueue
-from services.gateway.domain.problems import failure_error, timeout_error
+from services.gateway.domain.problems import (
+    failure_error,
+    insufficient_confidence,
+    timeout_error,
+)
 from services.gateway.domain.relay.reader import DeadlineExceeded, EventReader
 from services.gateway.domain.relay.sse import StreamRelay
 from services.gateway.domain.tenancy.policy import check_model_allowed
 from services.gateway.domain.tenancy.resolve import Tenancy
+from services.gateway.domain.verdict import (
+    AnswerHints,
+    AnswerTally,
+    IssueType,
+    checks_for,
+    repair_request,
+    schema_problems,
+)
 from services.gateway.domain.work import CacheInstruction, build_work, opened_event
 from services.gateway.settings import GatewaySettings
 
@@ -61,6 +73,8 @@ class ChatOptions:
     tags: tuple[str, ...] = ()
     # The end user a JWT vouches for (its ``sub``); else the request's own ``user``.
     end_user: str = ""
+    # What the caller asked of the answer: confidence thresholds, schema repair.
+    hints: AnswerHints = field(default_factory=AnswerHints)
 
 
 class ChatService:
@@ -99,6 +113,16 @@ class ChatService:
         """A request already normalised by its front door, answered in its dialect."""
         meta.model_requested = request.model
         check_model_allowed(key, request.model)
+        meta.checks = checks_for(
+            request,
+            options.hints,
+            review_threshold=self.settings.review_threshold,
+            schema_repair=self.settings.schema_repair,
+        )
+        if meta.checks.wants_confidence:
+            # Confidence is measured from logprobs: asked of the provider (and part of
+            # the cache key), returned to the caller only if it asked for them.
+            request.sampling.logprobs = True
         budget = self.budget(request)
         end_user, tags = request_labels(request, options.tags, options.end_user)
         meta.prompt_tokens = budget.prompt_tokens
@@ -224,6 +248,7 @@ class ChatService:
             # The answer is already paid for; only the reservation must not leak.
             self.limiter.release(reservation.reservation_id, key.key_id, meta.request_id)
         if not request.stream:
+            self._check_confidence(meta, cached, headers)
             return Answer(headers=headers, body=dialect.body(meta, cached, cache_hit=True))
         renderer = dialect.stream(meta, include_usage=request.include_usage)
         payload = renderer.replay(cached, final_sluice(meta, cached, cache_hit=True))
@@ -243,7 +268,14 @@ class ChatService:
     ) -> Answer:
         request = work.request
         deadline = time.monotonic() + self.settings.request_timeout_seconds
-        opened = opened_event(meta.request_id, key, request, meta.created)
+        opened = opened_event(
+            meta.request_id,
+            key,
+            request,
+            meta.created,
+            checks=meta.checks.to_proto(),
+            dialect=options.dialect.name,
+        )
         try:
             live = await self.streams.open(opened)
         except SluiceError:
@@ -259,8 +291,7 @@ class ChatService:
         reader = self.relay.reader(meta.request_id, live, deadline)
         if not request.stream:
             try:
-                body = await self._wait_final(reader, meta, headers, options.dialect)
-                return Answer(headers=headers, body=body)
+                final = await self._wait_final(reader, headers)
             except asyncio.CancelledError:
                 # The client went away while waiting for the whole answer.
                 if options.on_disconnect is DisconnectPolicy.CANCEL:
@@ -268,6 +299,12 @@ class ChatService:
                 raise
             finally:
                 await live.close()
+            verdict = judge(meta, final)
+            if verdict.has(IssueType.SCHEMA_VIOLATION) and meta.checks.repair:
+                final = await self._repair(key, work, meta, options, final)
+            self._check_confidence(meta, final, headers)
+            body = options.dialect.body(meta, final, cache_hit=False)
+            return Answer(headers=headers, body=body)
 
         # Hold the status line until the first event so that a request failing before any
         # token gets a real HTTP error, not a 200 with an error event.
@@ -296,9 +333,88 @@ class ChatService:
         )
         return Answer.sse(stream, headers)
 
+    @staticmethod
+    def _check_confidence(
+        meta: RequestMeta, final: inference_pb2.Final, headers: dict[str, str]
+    ) -> None:
+        """422 when the answer is below the caller's minimum confidence."""
+        verdict = meta.verdict or judge(meta, final)
+        if verdict.insufficient:
+            # The answer was made and is billed: the audit record says what it cost.
+            final_sluice(meta, final, cache_hit=False)
+            raise insufficient_confidence(verdict, meta.checks, headers)
+
+    async def _repair(
+        self,
+        key: keys_pb2.ApiKeyRecord,
+        work: inference_pb2.InferenceWork,
+        meta: RequestMeta,
+        options: ChatOptions,
+        final: inference_pb2.Final,
+    ) -> inference_pb2.Final:
+        """One repair of an answer that breaks the request's JSON schema: a second call
+        (request id ``<id>-repair``, admitted, queued and billed like any other) with
+        the answer and what is wrong with it. Returns the repaired answer, its usage and
+        cost added to the first's; the first answer when the repair could not run."""
+        choice = next((c for c in final.choices if c.index == 0), None)
+        if choice is None:
+            return final
+        problems = schema_problems(meta.checks.schema_json, choice.content)
+        request = repair_request(work.request, choice.content, problems)
+        repair_id = f"{meta.request_id}-repair"
+        meta.repair = {"attempted": True, "request_id": repair_id, "succeeded": False}
+        try:
+            budget = self.budget(request)
+            reserve = reserve_request(key, request, repair_id, budget)
+            await self.tenancy.fill(reserve, key, end_user=work.end_user, priority=options.priority)
+            reservation = await self.limiter.reserve(reserve)
+        except SluiceError as err:
+            # Out of quota or context for the second call: the first answer stands.
+            meta.repair["error"] = str(err.code)
+            return final
+        repair_work = build_work(
+            request_id=repair_id,
+            key=key,
+            request=request,
+            priority=options.priority,
+            reservation_id=reservation.reservation_id,
+            timeout_seconds=self.settings.request_timeout_seconds,
+            end_user=work.end_user,
+            tags=tuple(work.tags),
+        )
+        deadline = time.monotonic() + self.settings.request_timeout_seconds
+        try:
+            live = await self.streams.open(
+                opened_event(repair_id, key, request, meta.created, dialect=options.dialect.name)
+            )
+        except SluiceError as err:
+            self.limiter.release(reservation.reservation_id, key.key_id, repair_id)
+            meta.repair["error"] = str(err.code)
+            return final
+        try:
+            await self.queue.enqueue(repair_work, options.priority)
+            reader = self.relay.reader(repair_id, live, deadline)
+            repaired = await self._wait_final(reader, {})
+        except SluiceError as err:
+            meta.repair["error"] = str(err.code)
+            return final
+        finally:
+            await live.close()
+        combined = inference_pb2.Final()
+        combined.CopyFrom(repaired)
+        for name in ("input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens"):
+            total = getattr(final.usage, name) + getattr(repaired.usage, name)
+            setattr(combined.usage, name, total)
+        combined.cost_usd_nanos = final.cost_usd_nanos + repaired.cost_usd_nanos
+        combined.cost_usd = final.cost_usd + repaired.cost_usd
+        meta.tally = AnswerTally()
+        verdict = judge(meta, combined)
+        meta.repair["succeeded"] = not verdict.has(IssueType.SCHEMA_VIOLATION)
+        return combined
+
     async def _wait_final(
-        self, reader: EventReader, meta: RequestMeta, headers: dict[str, str], dialect: Dialect
-    ) -> bytes:
+        self, reader: EventReader, headers: dict[str, str]
+    ) -> inference_pb2.Final:
         while True:
             try:
                 # Quiet for a heartbeat's time: the reader looks in the store, then waits on.
@@ -310,6 +426,6 @@ class ChatService:
             if event is None:
                 continue
             if event.HasField("final"):
-                return dialect.body(meta, event.final, cache_hit=False)
+                return event.final
             if event.HasField("failure"):
                 raise failure_error(event.failure, headers)

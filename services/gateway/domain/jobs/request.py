@@ -5,9 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
+from sluice.common.v1 import chat_pb2
 
-from services.gateway.domain.dialects.openai.request import ChatCompletionRequest
+from services.gateway.domain.dialects.openai.request import (
+    ChatCompletionRequest,
+    to_chat_request,
+)
 from services.gateway.domain.dialects.parsing import parse_model
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job to submit: the request already normalised by its front door, where to
+    report, and the dialect (``Dialect.name``) whose answer shape its result takes."""
+
+    request: chat_pb2.ChatRequest
+    webhook_url: str | None = None
+    metadata: dict[str, str] | None = None
+    dialect: str = "openai"
 
 
 class JobCreateRequest(BaseModel):
@@ -18,6 +33,9 @@ class JobCreateRequest(BaseModel):
     request: ChatCompletionRequest
     webhook_url: str | None = Field(default=None, max_length=2048)
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+    def spec(self) -> JobSpec:
+        return JobSpec(to_chat_request(self.request), self.webhook_url, self.metadata)
 
 
 def parse_job_body(raw: bytes) -> JobCreateRequest:

@@ -29,7 +29,7 @@ Request
   there is no prompt cache here to warm. ``top_k`` has no field in ``SamplingParams``;
   it travels in ``extra_json`` like a pass-through member of the OpenAI route
   (llama.cpp and vLLM honour it; OpenAI itself answers 400).
-- Other members (``thinking``, ``service_tier``, ``output_config``, ...) and the
+- Other members (``thinking``, ``service_tier``, ...) and the
   ``anthropic-beta`` header are accepted and ignored: they name Anthropic features,
   which an OpenAI-compatible provider would only turn into a 400.
 
@@ -50,8 +50,12 @@ Answer
   ``title``, ``status``, ``detail``, ``instance``, ``details``), as
   ``application/json``: the top-level ``type`` must be ``"error"``, so the body cannot
   also be a problem+json document.
-- Streams carry no ``id:`` fields: ``GET /v1/streams/{id}`` replays in the OpenAI
-  dialect only, so there is nothing to resume with.
+- Streams carry ``id: <request_id>:<n>`` on the last event of each worker event, as
+  chat completions do: ``GET /v1/streams/{id}`` (``Last-Event-ID``) resumes them in
+  this dialect.
+- Structured outputs (``output_config.format`` or ``output_format``, a JSON schema)
+  become ``response_format`` ``json_schema``: the provider is asked for it and the
+  answer is validated against it (``sluice.status``).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from sluice.common.v1 import chat_pb2
 from sluice.errors import ErrorCode, SluiceError
 
 from services.gateway.domain.dialects.parsing import (
+    SluiceHintsIn,
     dumps_sorted,
     invalid_field,
     parse_model,
@@ -185,6 +190,16 @@ class ToolChoiceParam(_Nested):
         return self
 
 
+class OutputFormat(_Nested):
+    type: Literal["json_schema"]
+    # "schema" shadows a BaseModel attribute, hence the alias.
+    json_schema: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(_Nested):
+    format: OutputFormat | None = None
+
+
 class MetadataParam(_Nested):
     user_id: str | None = None
 
@@ -206,6 +221,12 @@ class MessagesRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=0)
     stream: bool | None = None
     metadata: MetadataParam | None = None
+    # Structured outputs: ``output_config.format`` (or the earlier beta's
+    # ``output_format``), ``{"type": "json_schema", "schema": {...}}``.
+    output_config: OutputConfig | None = None
+    output_format: OutputFormat | None = None
+    # Sluice's own member, as on chat completions.
+    sluice: SluiceHintsIn | None = None
 
 
 def parse_messages_body(raw: bytes) -> MessagesRequest:
@@ -391,4 +412,10 @@ def anthropic_to_chat_request(body: MessagesRequest) -> chat_pb2.ChatRequest:
 
     if body.metadata is not None and body.metadata.user_id:
         req.user = body.metadata.user_id
+    output = body.output_config.format if body.output_config is not None else None
+    output = output or body.output_format
+    if output is not None:
+        req.response_format.type = "json_schema"
+        req.response_format.schema_name = "output"
+        req.response_format.schema_json = dumps_sorted(output.json_schema)
     return req

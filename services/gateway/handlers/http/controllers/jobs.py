@@ -59,7 +59,7 @@ class JobsController(Controller):
         async def run() -> Answer:
             return await deps.jobs.respond(
                 key,
-                parse_job_body(raw),
+                parse_job_body(raw).spec(),
                 prefer=prefer,
                 priority=h.job_priority(key, headers, prefer),
                 trace_id=ctx.trace_id,
