@@ -134,6 +134,12 @@ class GatewaySettings(BaseSettings):
     # One repair call for a non-streamed answer that breaks its response_format JSON
     # schema (x-sluice-schema-repair or the body's sluice.schema_repair override it).
     schema_repair: bool = True
+    # Identical concurrent requests (same exact-cache key, team, dialect and delivery)
+    # share one upstream call across replicas (domain/coalesce.py).
+    coalesce: bool = True
+    # A follower whose leader shows no event for this long, and has not opened its
+    # stream, runs on its own (the leader's gateway died after claiming).
+    coalesce_open_wait_seconds: float = Field(default=2.0, gt=0)
     # Input guard rules (domain/guard.py); unset: config/guard.yaml when it exists.
     guard_file: Path | None = None
     key_cache_seconds: float = 30.0

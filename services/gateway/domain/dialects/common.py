@@ -57,6 +57,8 @@ class RequestMeta:
     verdict: Verdict | None = None
     # Set when a schema repair was tried: its request id and whether it succeeded.
     repair: dict[str, Any] | None = None
+    # The finished answer, once rendered.
+    answered: inference_pb2.Final | None = None
 
     @property
     def completion_id(self) -> str:
@@ -135,6 +137,7 @@ def final_sluice(
     if meta.notes is not None:
         meta.notes.usage = final.usage
         meta.notes.cost_usd = 0.0 if cache_hit else final.cost_usd
+    meta.answered = final
     verdict = meta.verdict or judge(meta, final)
     sluice = sluice_object(
         meta,

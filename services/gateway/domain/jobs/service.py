@@ -175,6 +175,7 @@ class JobService:
         request = chat_pb2.ChatRequest()
         request.CopyFrom(spec.request)
         check_model_allowed(key, request.model)
+        self.chat.guard.inspect(request, self.chat.catalog.model(request.model))
         end_user, all_tags = request_labels(request, tags, end_user)
         # Jobs run streamed at the worker: the token events are the job's progress.
         request.stream = True
