@@ -32,7 +32,8 @@ def _expand(value: Any) -> Any:
 @dataclass(frozen=True)
 class ProviderConfig:
     name: str
-    # "openai" (OpenAI-compatible: OpenAI, vLLM, llama.cpp, Ollama, the simulator).
+    # "openai" (OpenAI-compatible: OpenAI, vLLM, llama.cpp, Ollama, the simulator), or
+    # "anthropic" (Anthropic-compatible Messages API).
     kind: str
     base_url: str
     api_key_env: str = ""

@@ -1028,3 +1028,87 @@ async def test_final_sluice_matches_the_openai_route(gw: Gateway):
     assert set(chat.json()["sluice"]) == set(message.json()["sluice"])
     m = meta()
     assert set(final_sluice(m, final_answer(), cache_hit=False)) == set(message.json()["sluice"])
+
+
+def test_cache_control_breakpoints_are_kept():
+    ephemeral = {"type": "ephemeral"}
+    body = parse_messages_body(
+        orjson.dumps(
+            {
+                "model": "sim-fast",
+                "max_tokens": 8,
+                "system": [{"type": "text", "text": "manual", "cache_control": ephemeral}],
+                "tools": [
+                    {
+                        "name": "f",
+                        "input_schema": {"type": "object"},
+                        "cache_control": {"type": "ephemeral", "ttl": "1h"},
+                    }
+                ],
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "a"},
+                            {"type": "text", "text": "b", "cache_control": ephemeral},
+                        ],
+                    },
+                    {
+                        "role": "assistant",
+                        "content": [
+                            {
+                                "type": "tool_use",
+                                "id": "t1",
+                                "name": "f",
+                                "input": {},
+                                "cache_control": ephemeral,
+                            }
+                        ],
+                    },
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "tool_result",
+                                "tool_use_id": "t1",
+                                "content": "ok",
+                                "cache_control": ephemeral,
+                            }
+                        ],
+                    },
+                ],
+            }
+        )
+    )
+    req = anthropic_to_chat_request(body)
+    marker = '{"type":"ephemeral"}'
+    system, user, assistant, tool = req.messages
+    assert system.text == "manual" and system.cache_control_json == marker
+    assert [p.cache_control_json for p in user.parts] == ["", marker]
+    assert assistant.cache_control_json == marker
+    assert tool.role == "tool" and tool.cache_control_json == marker
+    assert req.tools[0].cache_control_json == '{"ttl":"1h","type":"ephemeral"}'
+    with pytest.raises(SluiceError):
+        # An unknown breakpoint type is a 400 naming the block.
+        anthropic_to_chat_request(
+            parse_messages_body(
+                orjson.dumps(
+                    {
+                        "model": "m",
+                        "max_tokens": 8,
+                        "messages": [
+                            {
+                                "role": "user",
+                                "content": [
+                                    {
+                                        "type": "text",
+                                        "text": "a",
+                                        "cache_control": {"type": "forever"},
+                                    }
+                                ],
+                            }
+                        ],
+                    }
+                )
+            )
+        )
