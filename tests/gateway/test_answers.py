@@ -469,3 +469,61 @@ async def test_anthropic_carries_the_status_and_validates_output_config(gw: Gate
     work = gw.fake.work[-1]
     assert work.request.response_format.type == "json_schema"
     assert orjson.loads(work.request.response_format.schema_json) == SCHEMA
+
+
+async def test_a_stand_in_answer_is_degraded_in_both_dialects(gw: Gateway):
+    async def scenario(work, fake):
+        final = answer(
+            "stored",
+            degraded_reason="Every deployment failed; this is a stored answer to the request.",
+        )
+        await fake.emit(work, inference_pb2.StreamEvent(sequence=1, final=final))
+
+    gw.fake.scenario = scenario
+    async with gw.authed() as http:
+        chat = await http.post(
+            CHAT, json={"model": "sim-fast", "messages": [{"role": "user", "content": "x"}]}
+        )
+        message = await http.post(
+            MESSAGES,
+            json={
+                "model": "sim-fast",
+                "max_tokens": 8,
+                "messages": [{"role": "user", "content": "x"}],
+            },
+        )
+    for sluice in (chat.json()["sluice"], message.json()["sluice"]):
+        assert sluice["status"] == "degraded"
+        (error,) = sluice["errors"]
+        assert error["type"] == "degraded" and "stored answer" in error["message"]
+
+
+async def test_a_stream_below_the_minimum_ends_with_insufficient_confidence(gw: Gateway):
+    async def scenario(work, fake):
+        await fake.emit(
+            work,
+            inference_pb2.StreamEvent(
+                sequence=1, delta=inference_pb2.Delta(content="maybe", logprobs=logprobs(0.2))
+            ),
+        )
+        await fake.emit(work, inference_pb2.StreamEvent(sequence=2, final=answer("", choices=[])))
+
+    gw.fake.scenario = scenario
+    async with gw.authed() as http:
+        resp = await http.post(
+            CHAT,
+            json={
+                "model": "sim-fast",
+                "messages": [{"role": "user", "content": "x"}],
+                "stream": True,
+            },
+            headers={"x-sluice-min-confidence": "0.5"},
+        )
+    assert resp.status_code == 200
+    assert "data: [DONE]" not in resp.text
+    match = re.search(r"event: error\ndata: (.+)\n", resp.text)
+    assert match is not None, resp.text
+    problem = json.loads(match.group(1))
+    assert problem["code"] == "insufficient_confidence"
+    assert problem["details"]["confidence"] == pytest.approx(0.2)
+    assert problem["sluice"]["confidence"] == pytest.approx(0.2)

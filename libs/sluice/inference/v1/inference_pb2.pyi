@@ -160,6 +160,7 @@ class Final(_message.Message):
     TIMING_FIELD_NUMBER: _builtins.int
     SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
     COST_USD_NANOS_FIELD_NUMBER: _builtins.int
+    DEGRADED_REASON_FIELD_NUMBER: _builtins.int
     model_served: _builtins.str
     provider: _builtins.str
     response_id: _builtins.str
@@ -169,6 +170,11 @@ class Final(_message.Message):
     cost_usd_nanos: _builtins.int
     """The exact cost in nano-USD (1e-9 USD), as the ledger prices it; cost_usd is
     derived from it. A cache hit of this answer saved this much.
+    """
+    degraded_reason: _builtins.str
+    """Set when this is not the model's answer to this request but a stand-in served
+    because no deployment could answer (a stored answer, a template): why, safe for
+    clients. The gateway reports the answer as sluice.status "degraded".
     """
     @_builtins.property
     def choices(self) -> _containers.RepeatedCompositeFieldContainer[_chat_pb2.Choice]: ...
@@ -189,10 +195,11 @@ class Final(_message.Message):
         timing: _chat_pb2.Timing | None = ...,
         system_fingerprint: _builtins.str = ...,
         cost_usd_nanos: _builtins.int = ...,
+        degraded_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "cost_usd", b"cost_usd", "cost_usd_nanos", b"cost_usd_nanos", "created_unix", b"created_unix", "model_served", b"model_served", "provider", b"provider", "response_id", b"response_id", "system_fingerprint", b"system_fingerprint", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "cost_usd", b"cost_usd", "cost_usd_nanos", b"cost_usd_nanos", "created_unix", b"created_unix", "degraded_reason", b"degraded_reason", "model_served", b"model_served", "provider", b"provider", "response_id", b"response_id", "system_fingerprint", b"system_fingerprint", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -120,7 +120,7 @@ def judge(meta: RequestMeta, final: inference_pb2.Final) -> Verdict:
     relay saw (a stream, whose ``Final`` carries none)."""
     if final.choices:
         meta.tally.set_choices(final.choices)
-    meta.verdict = assess(meta.tally, meta.checks)
+    meta.verdict = assess(meta.tally, meta.checks, degraded=final.degraded_reason)
     return meta.verdict
 
 
