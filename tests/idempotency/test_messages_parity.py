@@ -188,3 +188,18 @@ async def test_prefer_respond_async_on_messages(idem_stack: FullStack) -> None:
         refused = await client.post(MESSAGES, json=message(), headers={"Prefer": "respond-async"})
         assert refused.status_code == 403
         assert refused.json()["type"] == "error"
+
+
+async def test_message_idempotency_keys_belong_to_their_team(idem_stack: FullStack) -> None:
+    ours, _ = await new_team_key(idem_stack)
+    theirs, _ = await new_team_key(idem_stack)
+    key = uid()
+    body = message()
+    async with client_for(idem_stack, ours) as a, client_for(idem_stack, theirs) as b:
+        mine = await a.post(MESSAGES, json=body, headers=keyed(key))
+        other = await b.post(MESSAGES, json=body, headers=keyed(key))
+        assert mine.status_code == other.status_code == 200
+        assert not replayed(other)
+        assert mine.json()["id"] != other.json()["id"]
+        again = await b.post(MESSAGES, json=body, headers=keyed(key))
+        assert replayed(again) and again.content == other.content
