@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 from sluice.common.v1 import chat_pb2
@@ -12,6 +12,7 @@ from services.gateway.domain.dialects.openai.request import (
     to_chat_request,
 )
 from services.gateway.domain.dialects.parsing import parse_model
+from services.gateway.domain.verdict import AnswerHints
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class JobSpec:
     webhook_url: str | None = None
     metadata: dict[str, str] | None = None
     dialect: str = "openai"
+    # What the caller asks of the answer (confidence thresholds).
+    hints: AnswerHints = field(default_factory=AnswerHints)
 
 
 class JobCreateRequest(BaseModel):
@@ -35,7 +38,12 @@ class JobCreateRequest(BaseModel):
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
 
     def spec(self) -> JobSpec:
-        return JobSpec(to_chat_request(self.request), self.webhook_url, self.metadata)
+        asked = self.request.sluice
+        hints = AnswerHints(
+            review_threshold=asked.review_threshold if asked else None,
+            min_confidence=asked.min_confidence if asked else None,
+        )
+        return JobSpec(to_chat_request(self.request), self.webhook_url, self.metadata, hints=hints)
 
 
 def parse_job_body(raw: bytes) -> JobCreateRequest:

@@ -58,6 +58,7 @@ from services.gateway.domain.ports import (
 )
 from services.gateway.domain.problems import GatewayError
 from services.gateway.domain.tenancy.policy import check_model_allowed
+from services.gateway.domain.verdict import checks_for
 from services.gateway.domain.work import CacheInstruction, build_work, tokens_so_far
 from services.gateway.settings import GatewaySettings
 
@@ -176,6 +177,13 @@ class JobService:
         request.CopyFrom(spec.request)
         check_model_allowed(key, request.model)
         self.chat.guard.inspect(request, self.chat.catalog.model(request.model))
+        # A job's answer is judged when it finishes (JobRenderer): no repair, since
+        # nobody waits to see the first answer.
+        checks = checks_for(
+            request, spec.hints, review_threshold=settings.review_threshold, schema_repair=False
+        )
+        if checks.wants_confidence:
+            request.sampling.logprobs = True
         end_user, all_tags = request_labels(request, tags, end_user)
         # Jobs run streamed at the worker: the token events are the job's progress.
         request.stream = True
@@ -213,6 +221,7 @@ class JobService:
             reservation_id=reservation.reservation_id,
             trace_id=trace_id,
             dialect=spec.dialect,
+            checks=checks.to_proto(),
         )
         # A job's answer fills the exact cache as a chat completion's would, so the same
         # request later is answered from it. Jobs do not read the cache: a hit would

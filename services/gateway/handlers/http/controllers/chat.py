@@ -66,7 +66,7 @@ class ChatController(Controller):
                 require_scope(key, Scope.JOBS)
                 return await deps.jobs.respond(
                     key,
-                    JobSpec(to_chat_request(body)),
+                    JobSpec(to_chat_request(body), hints=h.answer_hints(headers, body.sluice)),
                     prefer=prefer,
                     priority=h.job_priority(key, headers, prefer),
                     trace_id=ctx.trace_id,

@@ -83,7 +83,11 @@ class MessagesController(Controller):
                 require_scope(key, Scope.JOBS)
                 answer = await deps.jobs.respond(
                     key,
-                    JobSpec(chat_request, dialect=ANTHROPIC.name),
+                    JobSpec(
+                        chat_request,
+                        dialect=ANTHROPIC.name,
+                        hints=h.answer_hints(headers, body.sluice),
+                    ),
                     prefer=prefer,
                     priority=h.job_priority(key, headers, prefer),
                     trace_id=ctx.trace_id,
