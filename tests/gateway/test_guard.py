@@ -4,6 +4,8 @@ text-only model; errors never echo what matched."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sluice.catalog import ModelConfig
 from sluice.common.v1 import chat_pb2
@@ -12,6 +14,7 @@ from sluice.errors import SluiceError
 from services.gateway.adapters.guard_rules import load_guard
 from services.gateway.domain.guard import Guard, luhn_valid, parse_rules
 from tests.gateway.harness import REPO, Gateway
+from tests.tenancy.test_http import admin, as_key, make_key, make_team
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -217,3 +220,43 @@ async def test_an_image_to_the_text_only_local_model_is_400(gw: Gateway):
     assert anthropic_resp.status_code == 400
     assert anthropic_resp.json()["code"] == "unsupported_content"
     assert not gw.fake.work
+
+
+def test_scrub_applies_every_rule():
+    g = guard(
+        {"name": "email", "detector": "email", "action": "redact"},
+        {"name": "card", "detector": "card_number", "action": "block"},
+    )
+    raw = f'{{"content": "{SECRET_MAIL} pays with {CARD}"}}'
+    assert g.scrub(raw) == '{"content": "[REDACTED:email] pays with [REDACTED:card]"}'
+
+
+async def test_an_audited_prompt_keeps_nothing_the_guard_keeps_from_providers(gw, tmp_path):
+    async with admin(gw, tmp_path) as ops:
+        team = await make_team(ops)
+        loud = await make_key(ops, team, audit_prompts=True)
+        async with as_key(gw, loud["secret"]) as user:
+            blocked = await user.post(
+                CHAT,
+                json={"model": "sim-fast", "messages": [{"role": "user", "content": CARD}]},
+            )
+            assert blocked.status_code == 400
+            sent = await user.post(
+                MESSAGES,
+                json={
+                    "model": "sim-fast",
+                    "max_tokens": 8,
+                    "messages": [{"role": "user", "content": f"mail {SECRET_MAIL}"}],
+                },
+            )
+            assert sent.status_code == 200
+        await asyncio.sleep(0.2)  # the records are core publishes the stream stores
+        records = (
+            await ops.get(
+                "/v1/admin/audit/", params={"key_id": loud["key_id"], "action": "request"}
+            )
+        ).json()["data"]
+    prompts = [r["prompt"] for r in records]
+    assert len(prompts) == 2
+    assert all(CARD not in p and SECRET_MAIL not in p for p in prompts)
+    assert "[REDACTED:card_number]" in prompts[0] and "[REDACTED:email]" in prompts[1]

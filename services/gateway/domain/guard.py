@@ -177,6 +177,15 @@ class Guard:
                 write(new)
         return Inspected(tuple(dict.fromkeys(redacted)))
 
+    def scrub(self, text: str) -> str:
+        """``text`` with what any rule matches replaced, block rules included: for
+        records kept of a request (an opted-in audit of prompts), which must not hold
+        what the guard keeps from providers."""
+        for rule in self.rules:
+            for start, end in sorted(rule.spans(text), reverse=True):
+                text = text[:start] + f"[REDACTED:{rule.name}]" + text[end:]
+        return text
+
     def _apply(self, text: str, where: str, redacted: list[str]) -> str:
         for rule in self.rules:
             spans = rule.spans(text)

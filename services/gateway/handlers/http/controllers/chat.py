@@ -53,7 +53,11 @@ class ChatController(Controller):
         deps = deps_of(request)
         ctx = request_context(request.scope)
         caller, raw = await authenticated_body(
-            request, deps.keys, deps.settings.max_body_bytes, Scope.CHAT
+            request,
+            deps.keys,
+            deps.settings.max_body_bytes,
+            Scope.CHAT,
+            scrub=deps.chat.guard.scrub,
         )
         key = caller.key
         headers = request.headers

@@ -50,7 +50,11 @@ class JobsController(Controller):
         deps = deps_of(request)
         ctx = request_context(request.scope)
         caller, raw = await authenticated_body(
-            request, deps.keys, deps.settings.max_body_bytes, Scope.JOBS
+            request,
+            deps.keys,
+            deps.settings.max_body_bytes,
+            Scope.JOBS,
+            scrub=deps.chat.guard.scrub,
         )
         key = caller.key
         headers = request.headers

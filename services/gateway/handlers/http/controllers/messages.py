@@ -72,7 +72,7 @@ class MessagesController(Controller):
         check_content_type(headers.get("content-type"))
         raw = await read_body(request, deps.settings.max_body_bytes)
         if ctx.notes.audit_prompts:
-            ctx.notes.prompt = raw.decode("utf-8", "replace")
+            ctx.notes.prompt = deps.chat.guard.scrub(raw.decode("utf-8", "replace"))
         prefer = h.prefer_of(headers)
 
         async def run() -> Answer:
