@@ -8,14 +8,15 @@ to the simulator and through the gateway.
 
 Sections (``--only a,b``; ``--quick`` for a short run of each): ``overhead`` (the tables
 above), ``jobs`` (job submission latency, bench/jobs.py), ``resume`` (reconnect to the
-first replayed event, bench/resume.py), ``priority`` (interactive queue wait behind
-1,000 batch jobs, on a product of its own), ``streams`` (1,000 streams open at once,
-bench/streams.py, on a product with room for them), ``semcache`` (the semantic
-cache's similarity threshold on labelled pairs, bench/semcache.py, no product) and
-``consumers`` (CPU per message of faststream against nats-py, core request/reply and
-JetStream pulls, bench/consumers.py, on a NATS server of its own) and ``ledger`` (usage
-events per second the cost-trackers drain into SQLite and PostgreSQL, bench/ledger.py,
-on a NATS and a PostgreSQL server of their own).
+first replayed event, bench/resume.py), ``coalesce`` (a burst of identical requests:
+provider calls and latency, coalesced and not, bench/coalesce.py), ``priority``
+(interactive queue wait behind 1,000 batch jobs, on a product of its own), ``streams``
+(1,000 streams open at once, bench/streams.py, on a product with room for them),
+``semcache`` (the semantic cache's similarity threshold on labelled pairs,
+bench/semcache.py, no product) and ``consumers`` (CPU per message of faststream against
+nats-py, core request/reply and JetStream pulls, bench/consumers.py, on a NATS server of
+its own) and ``ledger`` (usage events per second the cost-trackers drain into SQLite and
+PostgreSQL, bench/ledger.py, on a NATS and a PostgreSQL server of their own).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 import aiohttp
 from sluice.devtools.embedded import free_port
 
-from bench import consumers, jobs, ledger, resume, semcache, spans, streams
+from bench import coalesce, consumers, jobs, ledger, resume, semcache, spans, streams
 from bench.load import (
     Sample,
     Target,
@@ -594,7 +595,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.against is not None:
         await ab_report(args)
         return 0
-    if only & {"overhead", "jobs", "resume"}:
+    if only & {"overhead", "jobs", "resume", "coalesce"}:
         async with running() as product:
             if "overhead" in only:
                 await overhead_report(product, args)
@@ -611,6 +612,16 @@ async def main_async(args: argparse.Namespace) -> int:
             if "resume" in only:
                 section("Resumable streams: reconnect (Last-Event-ID) to the first replayed event")
                 print(await resume.resume_table(product.gateway, API_KEY, samples=args.reconnects))
+            if "coalesce" in only:
+                section(
+                    f"Coalescing: {args.coalesce_burst} identical requests at once, against "
+                    "the same burst with Cache-Control: no-cache (bench/coalesce.py)"
+                )
+                print(
+                    await coalesce.coalesce_table(
+                        product.gateway, product.simulator, API_KEY, size=args.coalesce_burst
+                    )
+                )
     if "priority" in only:
         low, high = jobs.BATCH_SECONDS
         async with running(jobs.product_env()) as product:
@@ -684,6 +695,7 @@ SECTIONS = (
     "overhead",
     "jobs",
     "resume",
+    "coalesce",
     "priority",
     "streams",
     "spans",
@@ -731,6 +743,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--job-rate", type=float, default=50, help="job submissions per second")
     parser.add_argument("--job-seconds", type=float, help="of job submissions (4; quick 2)")
     parser.add_argument("--reconnects", type=int, help="resume samples (200; quick 50)")
+    parser.add_argument(
+        "--coalesce-burst", type=int, default=100, help="identical requests sent at once (100)"
+    )
     parser.add_argument("--batch-jobs", type=int, help="batch jobs queued (1000; quick 300)")
     parser.add_argument(
         "--interactive-rate", type=float, default=10, help="interactive requests per second"

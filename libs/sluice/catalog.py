@@ -32,7 +32,8 @@ def _expand(value: Any) -> Any:
 @dataclass(frozen=True)
 class ProviderConfig:
     name: str
-    # "openai" (OpenAI-compatible: OpenAI, vLLM, llama.cpp, Ollama, the simulator).
+    # "openai" (OpenAI-compatible: OpenAI, vLLM, llama.cpp, Ollama, the simulator), or
+    # "anthropic" (Anthropic-compatible Messages API).
     kind: str
     base_url: str
     api_key_env: str = ""
@@ -59,6 +60,12 @@ class ModelConfig:
     owned_by: str = "sluice"
     description: str = ""
     fallbacks: tuple[str, ...] = field(default_factory=tuple)
+    # What the model takes in ("text", "image"); empty: not declared, the provider
+    # decides. A model declared without "image" gets 400 for an image part.
+    input: tuple[str, ...] = field(default_factory=tuple)
+
+    def accepts(self, modality: str) -> bool:
+        return not self.input or modality in self.input
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class Catalog:
         for name, raw_entry in (data.get("models") or {}).items():
             entry = dict(raw_entry)
             entry["fallbacks"] = tuple(entry.get("fallbacks") or ())
+            entry["input"] = tuple(entry.get("input") or ())
             model = ModelConfig(name=name, **entry)
             if model.provider not in providers:
                 raise ValueError(f"model {name!r} names unknown provider {model.provider!r}")

@@ -13,3 +13,11 @@ def mergeable(delta: inference_pb2.Delta) -> bool:
 def can_join(first: inference_pb2.Delta, then: inference_pb2.Delta) -> bool:
     """``then``'s text may be appended to ``first`` (same choice, both plain text)."""
     return first.choice_index == then.choice_index and mergeable(first) and mergeable(then)
+
+
+def join(first: inference_pb2.Delta, then: inference_pb2.Delta) -> None:
+    """Appends ``then`` to ``first`` (``can_join`` said yes): its text and, when the
+    request asked for them, its tokens' log probabilities."""
+    first.content += then.content
+    if then.HasField("logprobs"):
+        first.logprobs.content.extend(then.logprobs.content)

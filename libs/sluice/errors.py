@@ -60,6 +60,9 @@ class ErrorCode(StrEnum):
     INSUFFICIENT_SCOPE = "insufficient_scope"
     MODEL_NOT_ALLOWED = "model_not_allowed"
     CONFLICT = "conflict"
+    INSUFFICIENT_CONFIDENCE = "insufficient_confidence"
+    CONTENT_FILTER_TRIGGERED = "content_filter_triggered"
+    UNSUPPORTED_CONTENT = "unsupported_content"
 
 
 CATALOGUE: dict[ErrorCode, ErrorSpec] = {
@@ -292,6 +295,34 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "invalid_request_error",
         "invalid_request_error",
         rpc_code=code_pb2.ALREADY_EXISTS,
+    ),
+    ErrorCode.INSUFFICIENT_CONFIDENCE: ErrorSpec(
+        422,
+        "Answer below the required confidence",
+        "The model's answer scored below the minimum you asked for (details.confidence "
+        "against details.min_confidence): rephrase, use a stronger model, or lower "
+        "x-sluice-min-confidence.",
+        "invalid_request_error",
+        "invalid_request_error",
+        rpc_code=code_pb2.FAILED_PRECONDITION,
+    ),
+    ErrorCode.CONTENT_FILTER_TRIGGERED: ErrorSpec(
+        400,
+        "Content filter triggered",
+        "Remove the content that matched the rule named in details.rule, then send the "
+        "request again.",
+        "invalid_request_error",
+        "invalid_request_error",
+        rpc_code=code_pb2.INVALID_ARGUMENT,
+    ),
+    ErrorCode.UNSUPPORTED_CONTENT: ErrorSpec(
+        400,
+        "Content the model cannot take",
+        "Send only text to this model, or use a model whose capabilities (GET /v1/models) "
+        "include the input named in details.content.",
+        "invalid_request_error",
+        "invalid_request_error",
+        rpc_code=code_pb2.INVALID_ARGUMENT,
     ),
 }
 

@@ -292,6 +292,15 @@ class Buckets:
         description="idempotency records by team-scoped key hash (atomic create)",
     )
 
+    # Request coalescing: the first gateway to create a key (an exact-cache key, team
+    # scoped) leads and calls the provider; the others follow its stream. The TTL bounds
+    # a key whose leader died without deleting it (the gateway sets the request timeout).
+    COALESCE = BucketSpec(
+        "sluice_coalesce",
+        ttl_seconds=300.0,
+        description="leader request id by coalescing key (exact-cache key, dialect, stream)",
+    )
+
     WEBHOOK_SECRETS = BucketSpec(
         "sluice_webhook_secrets",
         description="Standard Webhooks signing secret by team; disabled endpoints",
@@ -305,6 +314,7 @@ class Buckets:
         IDEMPOTENCY,
         WEBHOOK_SECRETS,
         TEAMS,
+        COALESCE,
     )
 
 

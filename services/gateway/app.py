@@ -21,6 +21,8 @@ from sluice.topology import Buckets, ServiceName
 
 from services.gateway.adapters.audit import NatsAuditLog
 from services.gateway.adapters.cache import CacheClient
+from services.gateway.adapters.coalesce import KvCoalesceClaims
+from services.gateway.adapters.guard_rules import load_guard
 from services.gateway.adapters.idempotency_store import KvIdempotencyStore
 from services.gateway.adapters.identity import JwksVerifier, mapping_of
 from services.gateway.adapters.job_store import KvJobStore
@@ -156,6 +158,11 @@ async def assemble(
         LimiterClient(bus, settings.limiter_timeout_seconds), settings.admission_lease_requests
     )
     relay = StreamRelay(settings, streams, inst)
+    claims = None
+    if settings.coalesce:
+        # A claim never outlives the request it stands for.
+        await bus.set_bucket_ttl(Buckets.COALESCE, settings.request_timeout_seconds + 30)
+        claims = KvCoalesceClaims(await bus.kv(Buckets.COALESCE))
     chat = ChatService(
         settings=settings,
         catalog=catalog,
@@ -165,6 +172,8 @@ async def assemble(
         streams=streams,
         relay=relay,
         tenancy=tenancy,
+        claims=claims,
+        guard=load_guard(settings.guard_file, settings.common.config_dir),
     )
     resumer = StreamResumer(settings, streams, relay)
     prices = _prices(settings)

@@ -127,6 +127,21 @@ class GatewaySettings(BaseSettings):
     # Applies to requests the exact cache already takes (cache_mode, Cache-Control).
     semantic_cache: SemanticCacheMode = SemanticCacheMode.OPT_IN
     cache_ttl_seconds: int = 3600
+    # Answers whose confidence (mean token probability, domain/verdict.py) is below this
+    # are marked sluice.requires_human_review; unset: only when the caller sets one.
+    # Setting it asks every provider for logprobs.
+    review_threshold: float | None = Field(default=None, ge=0, le=1)
+    # One repair call for a non-streamed answer that breaks its response_format JSON
+    # schema (x-sluice-schema-repair or the body's sluice.schema_repair override it).
+    schema_repair: bool = True
+    # Identical concurrent requests (same exact-cache key, team, dialect and delivery)
+    # share one upstream call across replicas (domain/coalesce.py).
+    coalesce: bool = True
+    # A follower whose leader shows no event for this long, and has not opened its
+    # stream, runs on its own (the leader's gateway died after claiming).
+    coalesce_open_wait_seconds: float = Field(default=2.0, gt=0)
+    # Input guard rules (domain/guard.py); unset: config/guard.yaml when it exists.
+    guard_file: Path | None = None
     key_cache_seconds: float = 30.0
     readiness_cache_seconds: float = 1.0
     # An idle stream gets a ": keep-alive" comment this often (proxies close idle ones).

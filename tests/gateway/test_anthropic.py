@@ -413,7 +413,7 @@ def sse_events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
         lines = [line for line in block.split("\n") if line and not line.startswith("retry:")]
         if not lines:
             continue
-        fields = dict(line.split(": ", 1) for line in lines)
+        fields = dict(line.split(": ", 1) for line in lines if not line.startswith("id: "))
         data = json.loads(fields["data"])
         assert data["type"] == fields["event"] or fields["event"] == "error"
         events.append((fields["event"], data))
@@ -542,7 +542,9 @@ def test_error_body_shape_and_stream_error_event():
     )
     assert body["detail"] == body["error"]["message"]
     relay = MessageStreamRelay(meta(), include_usage=False)
-    assert relay.failure(3, raw) == b"event: error\ndata: " + raw + b"\n\n"
+    # The event carries the stream's id (resumable like chat completions' streams).
+    rid = meta().request_id.encode()
+    assert relay.failure(3, raw) == b"event: error\ndata: " + raw + b"\nid: " + rid + b":3\n\n"
 
 
 def test_anthropic_rate_limit_headers():
@@ -672,7 +674,12 @@ async def test_raw_stream_headers_and_framing(gw: Gateway):
     assert resp.headers["cache-control"] == "no-cache"
     assert resp.headers["request-id"] == resp.headers["x-request-id"]
     assert resp.headers["anthropic-ratelimit-tokens-limit"] == "100000"
-    assert "\nid:" not in resp.text and not resp.text.startswith("id:")
+    # Each worker event's group ends with its id: the deltas 1 and 2 and the final 4
+    # (message_delta and message_stop, the id on the last); the finish-only delta 3
+    # renders no event of its own.
+    ids = re.findall(r"\nid: ([^\n]+)\n", resp.text)
+    rid = resp.headers["request-id"]
+    assert ids == [f"{rid}:{n}" for n in (1, 2, 4)]
     events = sse_events(resp.content)
     assert [n for n, _ in events][:2] == ["message_start", "content_block_start"]
     assert events[-1][0] == "message_stop"
@@ -878,7 +885,6 @@ async def test_missing_max_tokens_names_the_param(gw: Gateway):
     ("headers", "status", "error_type", "code"),
     [
         ({"anthropic-version": "latest"}, 400, "invalid_request_error", "invalid_request"),
-        ({"idempotency-key": "k-1"}, 400, "invalid_request_error", "invalid_request"),
         ({"content-type": "text/plain"}, 415, "invalid_request_error", "unsupported_media_type"),
     ],
 )
@@ -1022,3 +1028,87 @@ async def test_final_sluice_matches_the_openai_route(gw: Gateway):
     assert set(chat.json()["sluice"]) == set(message.json()["sluice"])
     m = meta()
     assert set(final_sluice(m, final_answer(), cache_hit=False)) == set(message.json()["sluice"])
+
+
+def test_cache_control_breakpoints_are_kept():
+    ephemeral = {"type": "ephemeral"}
+    body = parse_messages_body(
+        orjson.dumps(
+            {
+                "model": "sim-fast",
+                "max_tokens": 8,
+                "system": [{"type": "text", "text": "manual", "cache_control": ephemeral}],
+                "tools": [
+                    {
+                        "name": "f",
+                        "input_schema": {"type": "object"},
+                        "cache_control": {"type": "ephemeral", "ttl": "1h"},
+                    }
+                ],
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "a"},
+                            {"type": "text", "text": "b", "cache_control": ephemeral},
+                        ],
+                    },
+                    {
+                        "role": "assistant",
+                        "content": [
+                            {
+                                "type": "tool_use",
+                                "id": "t1",
+                                "name": "f",
+                                "input": {},
+                                "cache_control": ephemeral,
+                            }
+                        ],
+                    },
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "tool_result",
+                                "tool_use_id": "t1",
+                                "content": "ok",
+                                "cache_control": ephemeral,
+                            }
+                        ],
+                    },
+                ],
+            }
+        )
+    )
+    req = anthropic_to_chat_request(body)
+    marker = '{"type":"ephemeral"}'
+    system, user, assistant, tool = req.messages
+    assert system.text == "manual" and system.cache_control_json == marker
+    assert [p.cache_control_json for p in user.parts] == ["", marker]
+    assert assistant.cache_control_json == marker
+    assert tool.role == "tool" and tool.cache_control_json == marker
+    assert req.tools[0].cache_control_json == '{"ttl":"1h","type":"ephemeral"}'
+    with pytest.raises(SluiceError):
+        # An unknown breakpoint type is a 400 naming the block.
+        anthropic_to_chat_request(
+            parse_messages_body(
+                orjson.dumps(
+                    {
+                        "model": "m",
+                        "max_tokens": 8,
+                        "messages": [
+                            {
+                                "role": "user",
+                                "content": [
+                                    {
+                                        "type": "text",
+                                        "text": "a",
+                                        "cache_control": {"type": "forever"},
+                                    }
+                                ],
+                            }
+                        ],
+                    }
+                )
+            )
+        )

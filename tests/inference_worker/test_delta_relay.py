@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from sluice.common.v1 import chat_pb2
 from sluice.inference.v1 import inference_pb2
 
 from services.inference_worker.domain.engine import _DeltaRelay, _Request
@@ -88,3 +89,17 @@ async def test_the_caller_keeps_its_delta() -> None:
     await relay.flush()
     assert second.content == "b"
     assert [e.delta.content for e in sink.events] == ["a", "bc"]
+
+
+async def test_joined_deltas_keep_every_tokens_logprobs() -> None:
+    def lp(token: str, value: float) -> chat_pb2.Logprobs:
+        return chat_pb2.Logprobs(content=[chat_pb2.TokenLogprob(token=token, logprob=value)])
+
+    relay, _req, sink = relay_for()
+    await relay(text("A", role="assistant", logprobs=lp("A", -0.1)))
+    await relay(text("B", logprobs=lp("B", -0.2)))
+    await relay(text("C", logprobs=lp("C", -0.3)))
+    await relay.flush()
+    assert [e.delta.content for e in sink.events] == ["A", "BC"]
+    joined = sink.events[1].delta.logprobs.content
+    assert [(t.token, t.logprob) for t in joined] == [("B", -0.2), ("C", -0.3)]

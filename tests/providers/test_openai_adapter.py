@@ -167,6 +167,52 @@ async def test_refusal_and_truncation(make_provider) -> None:
     assert limited.usage.output_tokens == 3
 
 
+async def test_content_filter_finish_is_carried(make_provider) -> None:
+    provider = make_provider()
+    filtered = await provider.chat(chat(sim={"fault": "content_filter"}), "sim-fast")
+    assert filtered.choices[0].finish_reason == "content_filter"
+    sink = Collector()
+    streamed = await provider.chat(
+        chat(stream=True, sim={"fault": "content_filter"}), "sim-fast", on_delta=sink
+    )
+    assert streamed.choices[0].finish_reason == "content_filter"
+    assert sink.deltas[-1].finish_reason == "content_filter"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_logprobs_are_carried_through(make_provider, stream: bool) -> None:
+    provider = make_provider()
+    request = chat(stream=stream, sim={"output_tokens": 5, "logprob": -0.25})
+    request.sampling.logprobs = True
+    request.sampling.top_logprobs = 1
+    sink = Collector()
+    answer = await provider.chat(request, "sim-fast", on_delta=sink if stream else None)
+    choice = answer.choices[0]
+    tokens_seen = list(choice.logprobs.content)
+    assert len(tokens_seen) == 5
+    assert "".join(t.token for t in tokens_seen) == choice.content
+    assert all(t.logprob == -0.25 for t in tokens_seen)
+    assert tokens_seen[0].bytes == tokens_seen[0].token.encode()
+    assert tokens_seen[0].top_logprobs[0].token == tokens_seen[0].token
+    if stream:
+        # Each delta carries its own tokens' log probabilities.
+        assert all(d.logprobs.content for d in sink.deltas if d.content)
+        assert sum(len(d.logprobs.content) for d in sink.deltas) == 5
+    # Not asked: none.
+    plain = await provider.chat(chat(stream=False, sim={"output_tokens": 3}), "sim-fast")
+    assert not plain.choices[0].HasField("logprobs")
+
+
+async def test_replies_answer_in_turn(make_provider) -> None:
+    provider = make_provider()
+    sim = {"id": uuid.uuid4().hex, "replies": ["first answer", '{"ok": true}']}
+    first = await provider.chat(chat(sim=sim), "sim-fast")
+    assert first.choices[0].content == "first answer"
+    sink = Collector()
+    second = await provider.chat(chat(stream=True, sim=sim), "sim-fast", on_delta=sink)
+    assert second.choices[0].content == '{"ok": true}' == sink.text
+
+
 @pytest.mark.parametrize(
     ("fault", "code", "status"),
     [

@@ -4,6 +4,7 @@ reader after a replay, continuation of a partial answer, and cancel memory."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from sluice.errors import SluiceError
 from sluice.inference.v1 import inference_pb2
 from sluice.replay import History
 
-from services.gateway.domain.dialects.common import RequestMeta
+from services.gateway.domain.dialects.common import RequestMeta, final_sluice
 from services.gateway.domain.dialects.openai.response import SseRelay
 from services.gateway.domain.relay.inbox import Inbox
 from services.gateway.domain.relay.reader import EventReader
@@ -121,10 +122,18 @@ async def test_live_reader_after_replay_drops_what_was_replayed() -> None:
 def test_render_replay_keeps_role_and_ids_of_the_original_stream() -> None:
     history = History.build([opened(), delta(1, " a"), delta(2, " b"), final(3)])
     meta = RequestMeta(RID, "trace", "m")
-    whole, ended = render_replay(
-        history, 0, SseRelay(meta, include_usage=True), meta, lambda f: b"{}"
-    )
-    tail, _ = render_replay(history, 2, SseRelay(meta, include_usage=True), meta, lambda f: b"{}")
+
+    def ending(relay: SseRelay) -> Callable[[inference_pb2.StreamEvent], bytes]:
+        def render(event: inference_pb2.StreamEvent) -> bytes:
+            sluice = final_sluice(meta, event.final, cache_hit=False)
+            return relay.final(event.sequence, event.final, sluice)
+
+        return render
+
+    first = SseRelay(meta, include_usage=True)
+    whole, ended = render_replay(history, 0, first, meta, ending(first))
+    second = SseRelay(meta, include_usage=True)
+    tail, _ = render_replay(history, 2, second, meta, ending(second))
     assert ended
     assert whole.count(b'"role":"assistant"') == 1
     assert b"id: req_abc:1\n" in whole and b"id: req_abc:1\n" not in tail

@@ -9,7 +9,13 @@ with a pass-through body member ``"sim": {...}`` (the gateway forwards unknown m
   before the response headers for ``hold_ms``), ``stall`` (pause mid-stream for
   ``stall_ms`` after ``stall_after`` tokens), ``cut`` (drop the connection after
   ``cut_after`` tokens), ``refusal``, ``truncate`` (finish_reason ``length``),
-  ``context_length`` (400 ``context_length_exceeded``)
+  ``content_filter`` (finish_reason ``content_filter``), ``context_length`` (400
+  ``context_length_exceeded``)
+- ``replies``: a list of answer texts with ``id``: the Nth attempt carrying that ``id``
+  answers the Nth text (the last one after that), for tests that need a given answer
+  (JSON that breaks a schema, then JSON that keeps it)
+- ``logprob``: the log probability every token gets when the request asks for
+  ``logprobs`` (default -0.05; ``top_logprobs`` lists the token itself)
 - ``fail_times``: N with ``id``: only the first N attempts carrying that ``id`` fail
   (``fault`` defaults to ``500``); later attempts succeed, for retry tests
 - ``tool_call``: answer with a call of the first (or the chosen) tool
@@ -38,6 +44,7 @@ import asyncio
 import hashlib
 import os
 import random
+import re
 import time
 import uuid
 from collections import Counter
@@ -111,6 +118,7 @@ FAULTS = frozenset(
         "cut",
         "refusal",
         "truncate",
+        "content_filter",
         "context_length",
     }
 )
@@ -168,6 +176,9 @@ class Plan:
     cached_tokens: int
     reasoning_tokens: int
     sim_id: str = ""
+    # The answer's text when sim.replies chose one.
+    reply: str | None = None
+    logprob: float = -0.05
 
 
 class SimError(Exception):
@@ -201,6 +212,21 @@ def _prefill(body: dict[str, Any]) -> str | None:
         if isinstance(content, str) and content:
             return content
     return None
+
+
+def _logprobs_wanted(body: dict[str, Any]) -> int | None:
+    """None without ``logprobs``; else how many ``top_logprobs`` to list."""
+    if not body.get("logprobs"):
+        return None
+    return max(0, _int(body.get("top_logprobs"), 0))
+
+
+def _token_logprob(text: str, logprob: float, top: int) -> dict[str, Any]:
+    raw = list(text.encode())
+    item: dict[str, Any] = {"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": []}
+    if top:
+        item["top_logprobs"] = [{"token": text, "logprob": logprob, "bytes": raw}]
+    return item
 
 
 @lru_cache(maxsize=4096)
@@ -313,6 +339,17 @@ class Simulator:
             fault = (fault or "500") if self.stats.by_id[sim_id] <= _int(fail_times, 0) else None
         if fault is not None:
             self.stats.faults[fault] += 1
+        replies = sim.get("replies")
+        reply = None
+        if replies is not None:
+            if not sim_id or not isinstance(replies, list) or not replies:
+                raise SimError(
+                    400,
+                    "sim.replies needs sim.id and a non-empty list of texts",
+                    "invalid_request_error",
+                    param="sim.replies",
+                )
+            reply = str(replies[min(self.stats.by_id[sim_id], len(replies)) - 1])
         return Plan(
             ttft_ms=max(0.0, _float(sim.get("ttft_ms"), cfg.ttft_ms)),
             tokens_per_second=max(0.0, _float(sim.get("tokens_per_second"), cfg.tokens_per_second)),
@@ -328,6 +365,8 @@ class Simulator:
             cached_tokens=max(0, _int(sim.get("cached_tokens"), 0)),
             reasoning_tokens=max(0, _int(sim.get("reasoning_tokens"), 0)),
             sim_id=sim_id,
+            reply=reply,
+            logprob=min(0.0, _float(sim.get("logprob"), -0.05)),
         )
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -402,10 +441,17 @@ class Simulator:
             finish = "length"
         if fault == "truncate":
             finish = "length"
+        elif fault == "content_filter":
+            finish = "content_filter"
         tool = self._tool_to_call(body) if plan.tool_call or self._tool_forced(body) else None
         unprefilled = body if prefill is None else {**body, "messages": body["messages"][:-1]}
         words = self._words(unprefilled, skip + count)[skip:]
+        if plan.reply is not None:
+            texts = re.findall(r"\s*\S+", plan.reply) or [plan.reply]
+        else:
+            texts = [_TOKEN_TEXT[w] for w in words]
         prompt = prompt_tokens(body)
+        logprobs = _logprobs_wanted(body)
         if body.get("stream"):
             return await self._stream(
                 request,
@@ -414,12 +460,21 @@ class Simulator:
                 model=model,
                 n=n,
                 words=words,
+                texts=texts,
+                logprobs=logprobs,
                 finish=finish,
                 tool=tool,
                 prompt=prompt,
             )
         return await self._complete(
-            plan, model=model, n=n, words=words, finish=finish, tool=tool, prompt=prompt
+            plan,
+            model=model,
+            n=n,
+            texts=texts,
+            logprobs=logprobs,
+            finish=finish,
+            tool=tool,
+            prompt=prompt,
         )
 
     @staticmethod
@@ -492,15 +547,16 @@ class Simulator:
         *,
         model: str,
         n: int,
-        words: list[int],
+        texts: list[str],
+        logprobs: int | None,
         finish: str,
         tool: dict[str, Any] | None,
         prompt: int,
     ) -> web.Response:
         if plan.ttft_ms:
             await asyncio.sleep(plan.ttft_ms / 1000)
-        if plan.tokens_per_second > 0 and words:
-            await asyncio.sleep(len(words) * n / plan.tokens_per_second)
+        if plan.tokens_per_second > 0 and texts:
+            await asyncio.sleep(len(texts) * n / plan.tokens_per_second)
         completion = 0
         choices = []
         for index in range(n):
@@ -520,11 +576,20 @@ class Simulator:
                 completion += _count(tool["name"]) + _count(tool["arguments"])
                 reason = "tool_calls" if finish == "stop" else finish
             else:
-                message["content"] = "".join(_TOKEN_TEXT[w] for w in words)
-                completion += len(words)
-            choices.append(
-                {"index": index, "message": message, "finish_reason": reason, "logprobs": None}
-            )
+                message["content"] = "".join(texts)
+                completion += len(texts)
+            choice: dict[str, Any] = {
+                "index": index,
+                "message": message,
+                "finish_reason": reason,
+                "logprobs": None,
+            }
+            if logprobs is not None and message.get("content"):
+                choice["logprobs"] = {
+                    "content": [_token_logprob(t, plan.logprob, logprobs) for t in texts],
+                    "refusal": None,
+                }
+            choices.append(choice)
         out: dict[str, Any] = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -546,6 +611,8 @@ class Simulator:
         model: str,
         n: int,
         words: list[int],
+        texts: list[str],
+        logprobs: int | None,
         finish: str,
         tool: dict[str, Any] | None,
         prompt: int,
@@ -616,13 +683,28 @@ class Simulator:
                             1,
                         )
                     )
-        else:
+        elif plan.reply is None and logprobs is None:
             for w in words:
                 for index in range(n):
                     steps.append(
                         (
                             head + b'[{"index":%d,"delta":{"content":%s},"logprobs":null,'
                             b'"finish_reason":null}]}\n\n' % (index, _TOKEN_JSON[w]),
+                            1,
+                        )
+                    )
+        else:
+            for text in texts:
+                lp = b"null"
+                if logprobs is not None:
+                    lp = _ENCODER.encode(
+                        {"content": [_token_logprob(text, plan.logprob, logprobs)]}
+                    )
+                for index in range(n):
+                    steps.append(
+                        (
+                            head + b'[{"index":%d,"delta":{"content":%s},"logprobs":%s,'
+                            b'"finish_reason":null}]}\n\n' % (index, _ENCODER.encode(text), lp),
                             1,
                         )
                     )

@@ -5,18 +5,20 @@ relay the worker's stream events, in the dialect of the door it came through."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 
 from sluice import canonical
 from sluice.catalog import Catalog
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
-from sluice.errors import SluiceError
+from sluice.errors import ErrorCode, SluiceError
 from sluice.inference.v1 import inference_pb2
 from sluice.keys.v1 import keys_pb2
 from sluice.limiter.v1 import limiter_pb2
+from sluice.replay import History
 from sluice.topology import PriorityClass
 
 from services.gateway.domain.admission import (
@@ -30,16 +32,36 @@ from services.gateway.domain.admission import (
     reserve_request,
     semantic_query,
 )
-from services.gateway.domain.dialects.common import Dialect, RequestMeta, final_sluice
+from services.gateway.domain.coalesce import coalesce_key
+from services.gateway.domain.dialects.common import Dialect, RequestMeta, final_sluice, judge
 from services.gateway.domain.dialects.openai.response import OPENAI
 from services.gateway.domain.exchange import Answer
+from services.gateway.domain.guard import Guard
 from services.gateway.domain.labels import request_labels
-from services.gateway.domain.ports import Admission, CacheLookup, StreamStore, WorkQueue
-from services.gateway.domain.problems import failure_error, timeout_error
+from services.gateway.domain.ports import (
+    Admission,
+    CacheLookup,
+    CoalesceClaims,
+    StreamStore,
+    WorkQueue,
+)
+from services.gateway.domain.problems import (
+    failure_error,
+    insufficient_confidence,
+    timeout_error,
+)
 from services.gateway.domain.relay.reader import DeadlineExceeded, EventReader
 from services.gateway.domain.relay.sse import StreamRelay
 from services.gateway.domain.tenancy.policy import check_model_allowed
 from services.gateway.domain.tenancy.resolve import Tenancy
+from services.gateway.domain.verdict import (
+    AnswerHints,
+    AnswerTally,
+    IssueType,
+    checks_for,
+    repair_request,
+    schema_problems,
+)
 from services.gateway.domain.work import CacheInstruction, build_work, opened_event
 from services.gateway.settings import GatewaySettings
 
@@ -61,6 +83,8 @@ class ChatOptions:
     tags: tuple[str, ...] = ()
     # The end user a JWT vouches for (its ``sub``); else the request's own ``user``.
     end_user: str = ""
+    # What the caller asked of the answer: confidence thresholds, schema repair.
+    hints: AnswerHints = field(default_factory=AnswerHints)
 
 
 class ChatService:
@@ -75,8 +99,13 @@ class ChatService:
         streams: StreamStore,
         relay: StreamRelay,
         tenancy: Tenancy,
+        claims: CoalesceClaims | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self.tenancy = tenancy
+        self.guard = guard or Guard()
+        # None: no coalescing (SLUICE_GATEWAY_COALESCE off).
+        self.claims = claims
         self.settings = settings
         self.catalog = catalog
         self.limiter = limiter
@@ -99,6 +128,18 @@ class ChatService:
         """A request already normalised by its front door, answered in its dialect."""
         meta.model_requested = request.model
         check_model_allowed(key, request.model)
+        # Before anything costs: what is redacted is what is counted, cached and sent.
+        inspected = self.guard.inspect(request, self.catalog.model(request.model))
+        meta.checks = checks_for(
+            request,
+            options.hints,
+            review_threshold=self.settings.review_threshold,
+            schema_repair=self.settings.schema_repair,
+        )
+        if meta.checks.wants_confidence:
+            # Confidence is measured from logprobs: asked of the provider (and part of
+            # the cache key), returned to the caller only if it asked for them.
+            request.sampling.logprobs = True
         budget = self.budget(request)
         end_user, tags = request_labels(request, options.tags, options.end_user)
         meta.prompt_tokens = budget.prompt_tokens
@@ -123,6 +164,8 @@ class ChatService:
         )
         headers = admitted_headers(reservation, options.dialect.limit_headers)
         headers["x-sluice-cache"] = meta.cache
+        if inspected.redacted:
+            headers["x-sluice-guard"] = "redacted=" + inspected.header
         if cached is not None:
             return await self._answer_from_cache(
                 key=key,
@@ -134,6 +177,30 @@ class ChatService:
                 dialect=options.dialect,
                 labels=(end_user, tags),
             )
+        release: Callable[[], Awaitable[None]] | None = None
+        # Identical requests of one team in flight together share one upstream call.
+        # Not with a schema repair to make: each waiter would repair on its own.
+        repairs = bool(meta.checks.schema_json and meta.checks.repair)
+        coalesces = bool(cache_key and policy.lookup and policy.store and not repairs)
+        claims = self.claims if coalesces else None
+        if claims is not None:
+            ckey = coalesce_key(cache_key, options.dialect.name, request.stream)
+            leader, revision = await claims.claim(ckey, meta.request_id)
+            if leader != meta.request_id:
+                followed = await self._follow(
+                    leader,
+                    key=key,
+                    request=request,
+                    meta=meta,
+                    reservation=reservation,
+                    headers=headers,
+                    options=options,
+                    labels=(end_user, tags),
+                )
+                if followed is not None:
+                    return followed
+            elif revision:
+                release = functools.partial(claims.release, ckey, revision)
         cache = None
         if policy.store:
             cache = CacheInstruction(
@@ -151,7 +218,20 @@ class ChatService:
             end_user=end_user,
             tags=tags,
         )
-        return await self._run(key, work, meta, headers, options)
+        if release is None:
+            return await self._run(key, work, meta, headers, options)
+        # The leader's claim ends with its answer: later identical requests find it in
+        # the cache, or lead again.
+        try:
+            answer = await self._run(key, work, meta, headers, options)
+        except BaseException:
+            await release()
+            raise
+        if answer.stream is None:
+            await release()
+        else:
+            answer.stream = _then(answer.stream, release)
+        return answer
 
     async def _admit(
         self,
@@ -197,8 +277,41 @@ class ChatService:
         dialect: Dialect,
         labels: tuple[str, tuple[str, ...]],
     ) -> Answer:
-        event = cost_pb2.UsageEvent(
+        await self._record_saving(
+            key=key,
+            request=request,
             request_id=meta.request_id,
+            meta=meta,
+            reservation=reservation,
+            cached=cached,
+            labels=labels,
+        )
+        if not request.stream:
+            self._check_confidence(meta, cached, headers)
+            return Answer(headers=headers, body=dialect.body(meta, cached, cache_hit=True))
+        renderer = dialect.stream(meta, include_usage=request.include_usage)
+        payload = renderer.replay(cached, final_sluice(meta, cached, cache_hit=True))
+
+        async def replay() -> AsyncIterator[bytes]:
+            yield payload
+
+        return Answer.sse(replay(), headers)
+
+    async def _record_saving(
+        self,
+        *,
+        key: keys_pb2.ApiKeyRecord,
+        request: chat_pb2.ChatRequest,
+        request_id: str,
+        meta: RequestMeta,
+        reservation: limiter_pb2.ReserveResponse,
+        cached: inference_pb2.Final,
+        labels: tuple[str, tuple[str, ...]],
+    ) -> None:
+        """The usage event of an answer this request did not pay for (a cache hit, or a
+        coalesced follower): its tokens, no cost, and what it saved."""
+        event = cost_pb2.UsageEvent(
+            request_id=request_id,
             key_id=key.key_id,
             team_id=key.team_id,
             model_requested=request.model,
@@ -222,16 +335,150 @@ class ChatService:
             await self.queue.publish_usage(event)
         except SluiceError:
             # The answer is already paid for; only the reservation must not leak.
-            self.limiter.release(reservation.reservation_id, key.key_id, meta.request_id)
+            self.limiter.release(reservation.reservation_id, key.key_id, request_id)
+
+    async def _follow(
+        self,
+        leader: str,
+        *,
+        key: keys_pb2.ApiKeyRecord,
+        request: chat_pb2.ChatRequest,
+        meta: RequestMeta,
+        reservation: limiter_pb2.ReserveResponse,
+        headers: dict[str, str],
+        options: ChatOptions,
+        labels: tuple[str, tuple[str, ...]],
+    ) -> Answer | None:
+        """This request's answer from the stream of ``leader``, an identical request of
+        the same team in flight (on any replica): its stored events, then its live ones.
+        None when there is nothing to follow (the leader left before opening its
+        stream, or was cancelled by its client): the request then runs on its own.
+
+        The answer is the leader's (its request id, so ``Last-Event-ID`` resumes it);
+        this request's usage event records the tokens at no cost and the saving."""
+        own_id = meta.request_id
+        deadline = time.monotonic() + self.settings.request_timeout_seconds
+        live = await self.streams.watch(leader)
+        try:
+            stored = await self.streams.stored(
+                leader, wait_seconds=self.settings.resume_read_timeout_seconds
+            )
+            history = History.build(stored) if stored else None
+            opened = history.opened if history is not None else None
+            if opened is not None and opened.team_id != key.team_id:
+                await live.close()
+                return None
+            events = [
+                e
+                for e in (history.events if history is not None else ())
+                if e.WhichOneof("body") in ("delta", "final", "failure")
+            ]
+            reader = self.relay.reader(
+                leader, live, deadline, last_sequence=history.last_sequence if history else 0
+            )
+            first = None
+            if not events:
+                first = await reader.next(self.settings.coalesce_open_wait_seconds)
+                if first is None and await self.streams.last_event(leader) is None:
+                    # Claimed, never opened: its gateway is gone.
+                    await live.close()
+                    return None
+        except BaseException:
+            await live.close()
+            raise
+        terminal = next((e for e in events if e.WhichOneof("body") != "delta"), first)
+        cancelled = (
+            terminal is not None
+            and terminal.HasField("failure")
+            and terminal.failure.problem.code == ErrorCode.CANCELLED
+        )
+        if cancelled:
+            await live.close()
+            return None
+        meta.request_id = leader
+        meta.cache = "coalesced"
+        headers["x-sluice-cache"] = "coalesced"
+        headers["x-sluice-coalesced-with"] = leader
+        if meta.notes is not None:
+            meta.notes.details["coalesced_with"] = leader
+
+        async def saving(final: inference_pb2.Final | None) -> None:
+            if final is None:
+                self.limiter.release(reservation.reservation_id, key.key_id, own_id)
+                return
+            await self._record_saving(
+                key=key,
+                request=request,
+                request_id=own_id,
+                meta=meta,
+                reservation=reservation,
+                cached=final,
+                labels=labels,
+            )
+
         if not request.stream:
-            return Answer(headers=headers, body=dialect.body(meta, cached, cache_hit=True))
-        renderer = dialect.stream(meta, include_usage=request.include_usage)
-        payload = renderer.replay(cached, final_sluice(meta, cached, cache_hit=True))
+            try:
+                if terminal is None:
+                    final = await self._wait_final(reader, headers)
+                elif terminal.HasField("failure"):
+                    raise failure_error(terminal.failure, headers)
+                else:
+                    final = terminal.final
+            except BaseException:
+                await saving(None)
+                raise
+            finally:
+                await live.close()
+            await saving(final)
+            self._check_confidence(meta, final, headers)
+            return Answer(headers=headers, body=options.dialect.body(meta, final, cache_hit=True))
 
-        async def replay() -> AsyncIterator[bytes]:
-            yield payload
+        renderer = options.dialect.stream(meta, include_usage=request.include_usage)
+        if first is not None and first.HasField("failure"):
+            await live.close()
+            await saving(None)
+            raise failure_error(first.failure, headers)
+        prelude: list[bytes] = []
+        for event in events:
+            if event.HasField("delta"):
+                meta.tally.add_delta(event.delta)
+                prelude.append(renderer.delta(event.sequence, event.delta))
+            else:
+                prelude.append(
+                    self.relay.ending(
+                        renderer, meta, event, options.instance, options.dialect.error
+                    )
+                )
+        if events and events[-1].WhichOneof("body") != "delta":
+            await live.close()
+            body = b"".join(prelude)
 
-        return Answer.sse(replay(), headers)
+            async def finished() -> AsyncIterator[bytes]:
+                try:
+                    yield body
+                finally:
+                    await saving(meta.answered)
+
+            return Answer.sse(finished(), headers)
+        stream = self.relay.relay(
+            reader=reader,
+            relay=renderer,
+            meta=meta,
+            first=first,
+            instance=options.instance,
+            prelude=b"".join(prelude),
+            wait_first=first is None,
+            render_error=options.dialect.error,
+        )
+
+        async def following() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in stream:
+                    yield chunk
+            finally:
+                await saving(meta.answered)
+
+        return Answer.sse(following(), headers)
 
     async def _run(
         self,
@@ -243,7 +490,14 @@ class ChatService:
     ) -> Answer:
         request = work.request
         deadline = time.monotonic() + self.settings.request_timeout_seconds
-        opened = opened_event(meta.request_id, key, request, meta.created)
+        opened = opened_event(
+            meta.request_id,
+            key,
+            request,
+            meta.created,
+            checks=meta.checks.to_proto(),
+            dialect=options.dialect.name,
+        )
         try:
             live = await self.streams.open(opened)
         except SluiceError:
@@ -259,8 +513,7 @@ class ChatService:
         reader = self.relay.reader(meta.request_id, live, deadline)
         if not request.stream:
             try:
-                body = await self._wait_final(reader, meta, headers, options.dialect)
-                return Answer(headers=headers, body=body)
+                final = await self._wait_final(reader, headers)
             except asyncio.CancelledError:
                 # The client went away while waiting for the whole answer.
                 if options.on_disconnect is DisconnectPolicy.CANCEL:
@@ -268,6 +521,12 @@ class ChatService:
                 raise
             finally:
                 await live.close()
+            verdict = judge(meta, final)
+            if verdict.has(IssueType.SCHEMA_VIOLATION) and meta.checks.repair:
+                final = await self._repair(key, work, meta, options, final)
+            self._check_confidence(meta, final, headers)
+            body = options.dialect.body(meta, final, cache_hit=False)
+            return Answer(headers=headers, body=body)
 
         # Hold the status line until the first event so that a request failing before any
         # token gets a real HTTP error, not a 200 with an error event.
@@ -296,9 +555,88 @@ class ChatService:
         )
         return Answer.sse(stream, headers)
 
+    @staticmethod
+    def _check_confidence(
+        meta: RequestMeta, final: inference_pb2.Final, headers: dict[str, str]
+    ) -> None:
+        """422 when the answer is below the caller's minimum confidence."""
+        verdict = meta.verdict or judge(meta, final)
+        if verdict.insufficient:
+            # The answer was made and is billed: the audit record says what it cost.
+            final_sluice(meta, final, cache_hit=False)
+            raise insufficient_confidence(verdict, meta.checks, headers)
+
+    async def _repair(
+        self,
+        key: keys_pb2.ApiKeyRecord,
+        work: inference_pb2.InferenceWork,
+        meta: RequestMeta,
+        options: ChatOptions,
+        final: inference_pb2.Final,
+    ) -> inference_pb2.Final:
+        """One repair of an answer that breaks the request's JSON schema: a second call
+        (request id ``<id>-repair``, admitted, queued and billed like any other) with
+        the answer and what is wrong with it. Returns the repaired answer, its usage and
+        cost added to the first's; the first answer when the repair could not run."""
+        choice = next((c for c in final.choices if c.index == 0), None)
+        if choice is None:
+            return final
+        problems = schema_problems(meta.checks.schema_json, choice.content)
+        request = repair_request(work.request, choice.content, problems)
+        repair_id = f"{meta.request_id}-repair"
+        meta.repair = {"attempted": True, "request_id": repair_id, "succeeded": False}
+        try:
+            budget = self.budget(request)
+            reserve = reserve_request(key, request, repair_id, budget)
+            await self.tenancy.fill(reserve, key, end_user=work.end_user, priority=options.priority)
+            reservation = await self.limiter.reserve(reserve)
+        except SluiceError as err:
+            # Out of quota or context for the second call: the first answer stands.
+            meta.repair["error"] = str(err.code)
+            return final
+        repair_work = build_work(
+            request_id=repair_id,
+            key=key,
+            request=request,
+            priority=options.priority,
+            reservation_id=reservation.reservation_id,
+            timeout_seconds=self.settings.request_timeout_seconds,
+            end_user=work.end_user,
+            tags=tuple(work.tags),
+        )
+        deadline = time.monotonic() + self.settings.request_timeout_seconds
+        try:
+            live = await self.streams.open(
+                opened_event(repair_id, key, request, meta.created, dialect=options.dialect.name)
+            )
+        except SluiceError as err:
+            self.limiter.release(reservation.reservation_id, key.key_id, repair_id)
+            meta.repair["error"] = str(err.code)
+            return final
+        try:
+            await self.queue.enqueue(repair_work, options.priority)
+            reader = self.relay.reader(repair_id, live, deadline)
+            repaired = await self._wait_final(reader, {})
+        except SluiceError as err:
+            meta.repair["error"] = str(err.code)
+            return final
+        finally:
+            await live.close()
+        combined = inference_pb2.Final()
+        combined.CopyFrom(repaired)
+        for name in ("input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens"):
+            total = getattr(final.usage, name) + getattr(repaired.usage, name)
+            setattr(combined.usage, name, total)
+        combined.cost_usd_nanos = final.cost_usd_nanos + repaired.cost_usd_nanos
+        combined.cost_usd = final.cost_usd + repaired.cost_usd
+        meta.tally = AnswerTally()
+        verdict = judge(meta, combined)
+        meta.repair["succeeded"] = not verdict.has(IssueType.SCHEMA_VIOLATION)
+        return combined
+
     async def _wait_final(
-        self, reader: EventReader, meta: RequestMeta, headers: dict[str, str], dialect: Dialect
-    ) -> bytes:
+        self, reader: EventReader, headers: dict[str, str]
+    ) -> inference_pb2.Final:
         while True:
             try:
                 # Quiet for a heartbeat's time: the reader looks in the store, then waits on.
@@ -310,6 +648,17 @@ class ChatService:
             if event is None:
                 continue
             if event.HasField("final"):
-                return dialect.body(meta, event.final, cache_hit=False)
+                return event.final
             if event.HasField("failure"):
                 raise failure_error(event.failure, headers)
+
+
+async def _then(
+    stream: AsyncIterator[bytes], done: Callable[[], Awaitable[None]]
+) -> AsyncIterator[bytes]:
+    """``stream``, then ``done`` (also when the client leaves early)."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        await done()

@@ -129,6 +129,21 @@ class LiveEvents(Protocol):
     async def close(self) -> None: ...
 
 
+class CoalesceClaims(Protocol):
+    """Who leads identical concurrent requests (``sluice_coalesce``): the first to
+    claim a key, on any replica."""
+
+    async def claim(self, key: str, request_id: str) -> tuple[str, int]:
+        """The leader's request id and the claim's revision: ``request_id`` itself when
+        this request leads (revision 0 when the store could not be asked: it leads
+        alone)."""
+        ...
+
+    async def release(self, key: str, revision: int) -> None:
+        """Ends a leader's claim, if the key is still at ``revision``."""
+        ...
+
+
 class StreamStore(Protocol):
     """Request streams: live on core NATS, kept in ``SLUICE_STREAMS`` for replay."""
 

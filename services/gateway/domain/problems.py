@@ -10,6 +10,8 @@ import orjson
 from sluice.errors import PROBLEM_TYPE_BASE, ErrorCode, SluiceError
 from sluice.inference.v1 import inference_pb2
 
+from services.gateway.domain.verdict import Checks, Verdict
+
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
 
@@ -103,3 +105,32 @@ def timeout_error(headers: dict[str, str]) -> GatewayError:
         "No answer arrived before the request deadline.",
         headers=headers,
     )
+
+
+def insufficient_confidence(
+    verdict: Verdict, checks: Checks, headers: dict[str, str]
+) -> GatewayError:
+    """422 for an answer below the caller's minimum confidence (it was made, and is
+    billed; ``details`` say by how much it missed)."""
+    measured = "unmeasured" if verdict.confidence is None else f"{verdict.confidence:.3f}"
+    return GatewayError(
+        ErrorCode.INSUFFICIENT_CONFIDENCE,
+        f"The answer's confidence ({measured}) is below the minimum asked for "
+        f"({checks.min_confidence}).",
+        details={
+            "confidence": None if verdict.confidence is None else round(verdict.confidence, 6),
+            "min_confidence": checks.min_confidence,
+            "status": str(verdict.status),
+        },
+        param="x-sluice-min-confidence",
+        headers=headers,
+    )
+
+
+def with_member(body: bytes, name: str, value: Any) -> bytes:
+    """A rendered error object with one more top-level member (a stream's last event
+    carries the answer's ``sluice`` status)."""
+    data = orjson.loads(body)
+    if isinstance(data, dict):
+        data[name] = value
+    return orjson.dumps(data, default=str)

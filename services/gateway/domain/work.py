@@ -93,11 +93,18 @@ def build_work(
 
 
 def opened_event(
-    request_id: str, key: keys_pb2.ApiKeyRecord, request: chat_pb2.ChatRequest, created: int
+    request_id: str,
+    key: keys_pb2.ApiKeyRecord,
+    request: chat_pb2.ChatRequest,
+    created: int,
+    *,
+    checks: inference_pb2.AnswerChecks | None = None,
+    dialect: str = "",
 ) -> inference_pb2.StreamEvent:
     """Sequence 0 of a request's stream, stored before the work exists: who may resume
-    it, and what a replay needs to render it (ownership lives only in JetStream)."""
-    return inference_pb2.StreamEvent(
+    it, and what a replay needs to render it (ownership lives only in JetStream): its
+    dialect and what its answer is checked against."""
+    event = inference_pb2.StreamEvent(
         request_id=request_id,
         sequence=0,
         opened=inference_pb2.StreamOpened(
@@ -107,8 +114,12 @@ def opened_event(
             created_unix=created,
             stream=request.stream,
             include_usage=request.include_usage,
+            dialect=dialect,
         ),
     )
+    if checks is not None:
+        event.opened.checks.CopyFrom(checks)
+    return event
 
 
 def tokens_so_far(event: inference_pb2.StreamEvent | None) -> int:

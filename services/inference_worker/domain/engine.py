@@ -26,7 +26,7 @@ from sluice.cache.v1 import cache_pb2
 from sluice.catalog import Catalog, ModelConfig
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
-from sluice.deltas import can_join, mergeable
+from sluice.deltas import can_join, join, mergeable
 from sluice.errors import ErrorCode, SluiceError
 from sluice.inference.v1 import inference_pb2, lifecycle_pb2
 from sluice.metrics import Instruments
@@ -144,7 +144,7 @@ class _DeltaRelay:
         held = self._held
         if held is not None:
             if can_join(held, delta):
-                held.content += delta.content
+                join(held, delta)
                 return
             await self.flush()
         if self._req.sequence > 0 and mergeable(delta):

@@ -136,6 +136,7 @@ class ChoiceAssembler:
         self._refusal: dict[int, list[str]] = {}
         self._finish: dict[int, str] = {}
         self._calls: dict[int, dict[int, chat_pb2.ToolCall]] = {}
+        self._logprobs: dict[int, chat_pb2.Logprobs] = {}
 
     def add(self, delta: inference_pb2.Delta) -> None:
         i = delta.choice_index
@@ -145,6 +146,10 @@ class ChoiceAssembler:
             self._refusal.setdefault(i, []).append(delta.refusal)
         if delta.finish_reason:
             self._finish[i] = delta.finish_reason
+        if delta.HasField("logprobs"):
+            logprobs = self._logprobs.setdefault(i, chat_pb2.Logprobs())
+            logprobs.content.extend(delta.logprobs.content)
+            logprobs.refusal.extend(delta.logprobs.refusal)
         for call in delta.tool_calls:
             calls = self._calls.setdefault(i, {})
             known = calls.get(call.index)
@@ -176,6 +181,7 @@ class ChoiceAssembler:
                 refusal="".join(self._refusal.get(i, ())),
                 finish_reason=self._finish.get(i, ""),
                 tool_calls=[c for _, c in sorted(self._calls.get(i, {}).items())],
+                logprobs=self._logprobs.get(i),
             )
             for i in sorted(self.indices())
         ]

@@ -110,6 +110,7 @@ class Delta(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     REFUSAL_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     choice_index: _builtins.int
     role: _builtins.str
     content: _builtins.str
@@ -118,6 +119,10 @@ class Delta(_message.Message):
     """Set on the delta that ends a choice."""
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[_chat_pb2.ToolCall]: ...
+    @_builtins.property
+    def logprobs(self) -> _chat_pb2.Logprobs:
+        """The log probabilities of this delta's tokens, when asked for and returned."""
+
     def __init__(
         self,
         *,
@@ -127,10 +132,11 @@ class Delta(_message.Message):
         tool_calls: _abc.Iterable[_chat_pb2.ToolCall] | None = ...,
         refusal: _builtins.str = ...,
         finish_reason: _builtins.str = ...,
+        logprobs: _chat_pb2.Logprobs | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice_index", b"choice_index", "content", b"content", "finish_reason", b"finish_reason", "refusal", b"refusal", "role", b"role", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice_index", b"choice_index", "content", b"content", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "refusal", b"refusal", "role", b"role", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -154,6 +160,7 @@ class Final(_message.Message):
     TIMING_FIELD_NUMBER: _builtins.int
     SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
     COST_USD_NANOS_FIELD_NUMBER: _builtins.int
+    DEGRADED_REASON_FIELD_NUMBER: _builtins.int
     model_served: _builtins.str
     provider: _builtins.str
     response_id: _builtins.str
@@ -163,6 +170,11 @@ class Final(_message.Message):
     cost_usd_nanos: _builtins.int
     """The exact cost in nano-USD (1e-9 USD), as the ledger prices it; cost_usd is
     derived from it. A cache hit of this answer saved this much.
+    """
+    degraded_reason: _builtins.str
+    """Set when this is not the model's answer to this request but a stand-in served
+    because no deployment could answer (a stored answer, a template): why, safe for
+    clients. The gateway reports the answer as sluice.status "degraded".
     """
     @_builtins.property
     def choices(self) -> _containers.RepeatedCompositeFieldContainer[_chat_pb2.Choice]: ...
@@ -183,10 +195,11 @@ class Final(_message.Message):
         timing: _chat_pb2.Timing | None = ...,
         system_fingerprint: _builtins.str = ...,
         cost_usd_nanos: _builtins.int = ...,
+        degraded_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "cost_usd", b"cost_usd", "cost_usd_nanos", b"cost_usd_nanos", "created_unix", b"created_unix", "model_served", b"model_served", "provider", b"provider", "response_id", b"response_id", "system_fingerprint", b"system_fingerprint", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "cost_usd", b"cost_usd", "cost_usd_nanos", b"cost_usd_nanos", "created_unix", b"created_unix", "degraded_reason", b"degraded_reason", "model_served", b"model_served", "provider", b"provider", "response_id", b"response_id", "system_fingerprint", b"system_fingerprint", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -240,12 +253,22 @@ class StreamOpened(_message.Message):
     CREATED_UNIX_FIELD_NUMBER: _builtins.int
     STREAM_FIELD_NUMBER: _builtins.int
     INCLUDE_USAGE_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    DIALECT_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     team_id: _builtins.str
     model_requested: _builtins.str
     created_unix: _builtins.int
     stream: _builtins.bool
     include_usage: _builtins.bool
+    dialect: _builtins.str
+    """The public API the request came through ("openai", "anthropic"; empty: openai):
+    a resume renders the stream in it.
+    """
+    @_builtins.property
+    def checks(self) -> Global___AnswerChecks:
+        """What the answer is checked against, so that a resume reports the same status."""
+
     def __init__(
         self,
         *,
@@ -255,14 +278,59 @@ class StreamOpened(_message.Message):
         created_unix: _builtins.int = ...,
         stream: _builtins.bool = ...,
         include_usage: _builtins.bool = ...,
+        checks: Global___AnswerChecks | None = ...,
+        dialect: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "include_usage", b"include_usage", "key_id", b"key_id", "model_requested", b"model_requested", "stream", b"stream", "team_id", b"team_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "created_unix", b"created_unix", "dialect", b"dialect", "include_usage", b"include_usage", "key_id", b"key_id", "model_requested", b"model_requested", "stream", b"stream", "team_id", b"team_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamOpened: _TypeAlias = StreamOpened  # noqa: Y015
+
+@_typing.final
+class AnswerChecks(_message.Message):
+    """What the gateway checks an answer against for its ``sluice.status``: the JSON schema
+    of response_format, whether the caller sees logprobs, and its confidence thresholds.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    REVIEW_THRESHOLD_FIELD_NUMBER: _builtins.int
+    MIN_CONFIDENCE_FIELD_NUMBER: _builtins.int
+    RESPONSE_SCHEMA_JSON_FIELD_NUMBER: _builtins.int
+    logprobs: _builtins.bool
+    """The caller asked for logprobs (they are returned in its answer)."""
+    review_threshold: _builtins.float
+    """Below this confidence the answer is marked requires_human_review."""
+    min_confidence: _builtins.float
+    """Below this confidence the request fails with insufficient_confidence (422)."""
+    response_schema_json: _builtins.str
+    """response_format's JSON schema, as JSON text; empty: no schema to validate."""
+    def __init__(
+        self,
+        *,
+        logprobs: _builtins.bool = ...,
+        review_threshold: _builtins.float | None = ...,
+        min_confidence: _builtins.float | None = ...,
+        response_schema_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_confidence", b"_min_confidence", "_review_threshold", b"_review_threshold", "min_confidence", b"min_confidence", "review_threshold", b"review_threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_confidence", b"_min_confidence", "_review_threshold", b"_review_threshold", "logprobs", b"logprobs", "min_confidence", b"min_confidence", "response_schema_json", b"response_schema_json", "review_threshold", b"review_threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__min_confidence: _TypeAlias = _typing.Literal["min_confidence"]  # noqa: Y015
+    _WhichOneofArgType__min_confidence: _TypeAlias = _typing.Literal["_min_confidence", b"_min_confidence"]  # noqa: Y015
+    _WhichOneofReturnType__review_threshold: _TypeAlias = _typing.Literal["review_threshold"]  # noqa: Y015
+    _WhichOneofArgType__review_threshold: _TypeAlias = _typing.Literal["_review_threshold", b"_review_threshold"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_confidence) -> _WhichOneofReturnType__min_confidence | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__review_threshold) -> _WhichOneofReturnType__review_threshold | None: ...
+
+Global___AnswerChecks: _TypeAlias = AnswerChecks  # noqa: Y015
 
 @_typing.final
 class StreamEvent(_message.Message):

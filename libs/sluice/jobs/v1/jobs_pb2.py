@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from sluice.common.v1 import chat_pb2 as sluice_dot_common_dot_v1_dot_chat__pb2
+from sluice.inference.v1 import inference_pb2 as sluice_dot_inference_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sluice/jobs/v1/jobs.proto\x12\x0esluice.jobs.v1\x1a\x1bsluice/common/v1/chat.proto\"m\n\x0eWebhookAttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12\x12\n\nat_unix_ms\x18\x02 \x01(\x03\x12\x13\n\x0bstatus_code\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nevent_type\x18\x05 \x01(\t\"\xed\x05\n\tJobRecord\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12)\n\x06status\x18\x04 \x01(\x0e\x32\x19.sluice.jobs.v1.JobStatus\x12.\n\x07request\x18\x05 \x01(\x0b\x32\x1d.sluice.common.v1.ChatRequest\x12\x10\n\x08priority\x18\x06 \x01(\t\x12\x13\n\x0bwebhook_url\x18\x07 \x01(\t\x12\x39\n\x08metadata\x18\x08 \x03(\x0b\x32\'.sluice.jobs.v1.JobRecord.MetadataEntry\x12\x17\n\x0f\x63reated_unix_ms\x18\t \x01(\x03\x12\x17\n\x0fstarted_unix_ms\x18\n \x01(\x03\x12\x18\n\x10\x66inished_unix_ms\x18\x0b \x01(\x03\x12\x17\n\x0f\x65xpires_unix_ms\x18\x0c \x01(\x03\x12\x10\n\x08\x61ttempts\x18\r \x01(\r\x12\x0e\n\x06worker\x18\x0e \x01(\t\x12\x13\n\x0bresult_json\x18\x0f \x01(\x0c\x12&\n\x05usage\x18\x10 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x11 \x01(\x01\x12(\n\x05\x65rror\x18\x12 \x01(\x0b\x32\x19.sluice.common.v1.Problem\x12\x18\n\x10\x63\x61ncel_requested\x18\x13 \x01(\x08\x12\x15\n\rwork_sequence\x18\x14 \x01(\x04\x12\x16\n\x0ereservation_id\x18\x15 \x01(\t\x12\x10\n\x08trace_id\x18\x16 \x01(\t\x12\x16\n\x0ewebhook_status\x18\x17 \x01(\t\x12:\n\x12webhook_deliveries\x18\x18 \x03(\x0b\x32\x1e.sluice.jobs.v1.WebhookAttempt\x12\x12\n\nwebhook_id\x18\x19 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x91\x01\n\x0fWebhookDelivery\x12\x12\n\nwebhook_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\x12\n\nevent_type\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xbb\x02\n\x11IdempotencyRecord\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .sluice.jobs.v1.IdempotencyState\x12\r\n\x05route\x18\x04 \x01(\t\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x03\x12\x17\n\x0f\x65xpires_unix_ms\x18\x07 \x01(\x03\x12\x0e\n\x06status\x18\x08 \x01(\x05\x12\'\n\x07headers\x18\t \x03(\x0b\x32\x16.sluice.jobs.v1.Header\x12\x0c\n\x04\x62ody\x18\n \x01(\x0c\x12\r\n\x05model\x18\x0b \x01(\t\x12\x15\n\rinclude_usage\x18\x0c \x01(\x08\x12\x0e\n\x06job_id\x18\r \x01(\t*\xa5\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATUS_QUEUED\x10\x01\x12\x1a\n\x16JOB_STATUS_IN_PROGRESS\x10\x02\x12\x18\n\x14JOB_STATUS_COMPLETED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05*w\n\x10IdempotencyState\x12!\n\x1dIDEMPOTENCY_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bIDEMPOTENCY_STATE_IN_FLIGHT\x10\x01\x12\x1f\n\x1bIDEMPOTENCY_STATE_COMPLETED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sluice/jobs/v1/jobs.proto\x12\x0esluice.jobs.v1\x1a\x1bsluice/common/v1/chat.proto\x1a#sluice/inference/v1/inference.proto\"m\n\x0eWebhookAttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12\x12\n\nat_unix_ms\x18\x02 \x01(\x03\x12\x13\n\x0bstatus_code\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nevent_type\x18\x05 \x01(\t\"\xb1\x06\n\tJobRecord\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12)\n\x06status\x18\x04 \x01(\x0e\x32\x19.sluice.jobs.v1.JobStatus\x12.\n\x07request\x18\x05 \x01(\x0b\x32\x1d.sluice.common.v1.ChatRequest\x12\x10\n\x08priority\x18\x06 \x01(\t\x12\x13\n\x0bwebhook_url\x18\x07 \x01(\t\x12\x39\n\x08metadata\x18\x08 \x03(\x0b\x32\'.sluice.jobs.v1.JobRecord.MetadataEntry\x12\x17\n\x0f\x63reated_unix_ms\x18\t \x01(\x03\x12\x17\n\x0fstarted_unix_ms\x18\n \x01(\x03\x12\x18\n\x10\x66inished_unix_ms\x18\x0b \x01(\x03\x12\x17\n\x0f\x65xpires_unix_ms\x18\x0c \x01(\x03\x12\x10\n\x08\x61ttempts\x18\r \x01(\r\x12\x0e\n\x06worker\x18\x0e \x01(\t\x12\x13\n\x0bresult_json\x18\x0f \x01(\x0c\x12&\n\x05usage\x18\x10 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x11 \x01(\x01\x12(\n\x05\x65rror\x18\x12 \x01(\x0b\x32\x19.sluice.common.v1.Problem\x12\x18\n\x10\x63\x61ncel_requested\x18\x13 \x01(\x08\x12\x15\n\rwork_sequence\x18\x14 \x01(\x04\x12\x16\n\x0ereservation_id\x18\x15 \x01(\t\x12\x10\n\x08trace_id\x18\x16 \x01(\t\x12\x16\n\x0ewebhook_status\x18\x17 \x01(\t\x12:\n\x12webhook_deliveries\x18\x18 \x03(\x0b\x32\x1e.sluice.jobs.v1.WebhookAttempt\x12\x12\n\nwebhook_id\x18\x19 \x01(\t\x12\x0f\n\x07\x64ialect\x18\x1a \x01(\t\x12\x31\n\x06\x63hecks\x18\x1b \x01(\x0b\x32!.sluice.inference.v1.AnswerChecks\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x91\x01\n\x0fWebhookDelivery\x12\x12\n\nwebhook_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\x12\n\nevent_type\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xcc\x02\n\x11IdempotencyRecord\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .sluice.jobs.v1.IdempotencyState\x12\r\n\x05route\x18\x04 \x01(\t\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x03\x12\x17\n\x0f\x65xpires_unix_ms\x18\x07 \x01(\x03\x12\x0e\n\x06status\x18\x08 \x01(\x05\x12\'\n\x07headers\x18\t \x03(\x0b\x32\x16.sluice.jobs.v1.Header\x12\x0c\n\x04\x62ody\x18\n \x01(\x0c\x12\r\n\x05model\x18\x0b \x01(\t\x12\x15\n\rinclude_usage\x18\x0c \x01(\x08\x12\x0e\n\x06job_id\x18\r \x01(\t\x12\x0f\n\x07\x64ialect\x18\x0e \x01(\t*\xa5\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATUS_QUEUED\x10\x01\x12\x1a\n\x16JOB_STATUS_IN_PROGRESS\x10\x02\x12\x18\n\x14JOB_STATUS_COMPLETED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05*w\n\x10IdempotencyState\x12!\n\x1dIDEMPOTENCY_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bIDEMPOTENCY_STATE_IN_FLIGHT\x10\x01\x12\x1f\n\x1bIDEMPOTENCY_STATE_COMPLETED\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +35,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBRECORD_METADATAENTRY']._loaded_options = None
   _globals['_JOBRECORD_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATUS']._serialized_start=1443
-  _globals['_JOBSTATUS']._serialized_end=1608
-  _globals['_IDEMPOTENCYSTATE']._serialized_start=1610
-  _globals['_IDEMPOTENCYSTATE']._serialized_end=1729
-  _globals['_WEBHOOKATTEMPT']._serialized_start=74
-  _globals['_WEBHOOKATTEMPT']._serialized_end=183
-  _globals['_JOBRECORD']._serialized_start=186
-  _globals['_JOBRECORD']._serialized_end=935
-  _globals['_JOBRECORD_METADATAENTRY']._serialized_start=888
-  _globals['_JOBRECORD_METADATAENTRY']._serialized_end=935
-  _globals['_WEBHOOKDELIVERY']._serialized_start=938
-  _globals['_WEBHOOKDELIVERY']._serialized_end=1083
-  _globals['_HEADER']._serialized_start=1085
-  _globals['_HEADER']._serialized_end=1122
-  _globals['_IDEMPOTENCYRECORD']._serialized_start=1125
-  _globals['_IDEMPOTENCYRECORD']._serialized_end=1440
+  _globals['_JOBSTATUS']._serialized_start=1565
+  _globals['_JOBSTATUS']._serialized_end=1730
+  _globals['_IDEMPOTENCYSTATE']._serialized_start=1732
+  _globals['_IDEMPOTENCYSTATE']._serialized_end=1851
+  _globals['_WEBHOOKATTEMPT']._serialized_start=111
+  _globals['_WEBHOOKATTEMPT']._serialized_end=220
+  _globals['_JOBRECORD']._serialized_start=223
+  _globals['_JOBRECORD']._serialized_end=1040
+  _globals['_JOBRECORD_METADATAENTRY']._serialized_start=993
+  _globals['_JOBRECORD_METADATAENTRY']._serialized_end=1040
+  _globals['_WEBHOOKDELIVERY']._serialized_start=1043
+  _globals['_WEBHOOKDELIVERY']._serialized_end=1188
+  _globals['_HEADER']._serialized_start=1190
+  _globals['_HEADER']._serialized_end=1227
+  _globals['_IDEMPOTENCYRECORD']._serialized_start=1230
+  _globals['_IDEMPOTENCYRECORD']._serialized_end=1562
 # @@protoc_insertion_point(module_scope)

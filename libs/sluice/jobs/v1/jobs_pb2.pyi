@@ -11,6 +11,7 @@ from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from sluice.common.v1 import chat_pb2 as _chat_pb2
+from sluice.inference.v1 import inference_pb2 as _inference_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -148,6 +149,8 @@ class JobRecord(_message.Message):
     WEBHOOK_STATUS_FIELD_NUMBER: _builtins.int
     WEBHOOK_DELIVERIES_FIELD_NUMBER: _builtins.int
     WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    DIALECT_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     key_id: _builtins.str
     team_id: _builtins.str
@@ -172,6 +175,10 @@ class JobRecord(_message.Message):
     webhook_status: _builtins.str
     """pending, delivered, failed, disabled, refused; empty without a webhook."""
     webhook_id: _builtins.str
+    dialect: _builtins.str
+    """The public API the job was submitted through ("openai", "anthropic"; empty:
+    openai): result_json is an answer of its shape.
+    """
     @_builtins.property
     def request(self) -> _chat_pb2.ChatRequest: ...
     @_builtins.property
@@ -184,6 +191,12 @@ class JobRecord(_message.Message):
 
     @_builtins.property
     def webhook_deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookAttempt]: ...
+    @_builtins.property
+    def checks(self) -> _inference_pb2.AnswerChecks:
+        """What the answer is checked against (sluice.status): the caller's confidence
+        thresholds and the response_format schema.
+        """
+
     def __init__(
         self,
         *,
@@ -212,10 +225,12 @@ class JobRecord(_message.Message):
         webhook_status: _builtins.str = ...,
         webhook_deliveries: _abc.Iterable[Global___WebhookAttempt] | None = ...,
         webhook_id: _builtins.str = ...,
+        dialect: _builtins.str = ...,
+        checks: _inference_pb2.AnswerChecks | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "request", b"request", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "error", b"error", "request", b"request", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "cost_usd", b"cost_usd", "created_unix_ms", b"created_unix_ms", "error", b"error", "expires_unix_ms", b"expires_unix_ms", "finished_unix_ms", b"finished_unix_ms", "job_id", b"job_id", "key_id", b"key_id", "metadata", b"metadata", "priority", b"priority", "request", b"request", "reservation_id", b"reservation_id", "result_json", b"result_json", "started_unix_ms", b"started_unix_ms", "status", b"status", "team_id", b"team_id", "trace_id", b"trace_id", "usage", b"usage", "webhook_deliveries", b"webhook_deliveries", "webhook_id", b"webhook_id", "webhook_status", b"webhook_status", "webhook_url", b"webhook_url", "work_sequence", b"work_sequence", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "checks", b"checks", "cost_usd", b"cost_usd", "created_unix_ms", b"created_unix_ms", "dialect", b"dialect", "error", b"error", "expires_unix_ms", b"expires_unix_ms", "finished_unix_ms", b"finished_unix_ms", "job_id", b"job_id", "key_id", b"key_id", "metadata", b"metadata", "priority", b"priority", "request", b"request", "reservation_id", b"reservation_id", "result_json", b"result_json", "started_unix_ms", b"started_unix_ms", "status", b"status", "team_id", b"team_id", "trace_id", b"trace_id", "usage", b"usage", "webhook_deliveries", b"webhook_deliveries", "webhook_id", b"webhook_id", "webhook_status", b"webhook_status", "webhook_url", b"webhook_url", "work_sequence", b"work_sequence", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -306,6 +321,7 @@ class IdempotencyRecord(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     INCLUDE_USAGE_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
+    DIALECT_FIELD_NUMBER: _builtins.int
     fingerprint: _builtins.str
     """sha256 of the route and the canonical request body."""
     request_id: _builtins.str
@@ -320,6 +336,10 @@ class IdempotencyRecord(_message.Message):
     include_usage: _builtins.bool
     job_id: _builtins.str
     """Set when the request became a job (respond-async): the replay is its 202."""
+    dialect: _builtins.str
+    """The public API of the route ("openai", "anthropic"; empty: openai): an answer
+    completed from the lifecycle stream is rendered in its shape.
+    """
     @_builtins.property
     def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Header]: ...
     def __init__(
@@ -338,10 +358,11 @@ class IdempotencyRecord(_message.Message):
         model: _builtins.str = ...,
         include_usage: _builtins.bool = ...,
         job_id: _builtins.str = ...,
+        dialect: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "created_unix_ms", b"created_unix_ms", "expires_unix_ms", b"expires_unix_ms", "fingerprint", b"fingerprint", "headers", b"headers", "include_usage", b"include_usage", "job_id", b"job_id", "model", b"model", "request_id", b"request_id", "route", b"route", "state", b"state", "status", b"status", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "created_unix_ms", b"created_unix_ms", "dialect", b"dialect", "expires_unix_ms", b"expires_unix_ms", "fingerprint", b"fingerprint", "headers", b"headers", "include_usage", b"include_usage", "job_id", b"job_id", "model", b"model", "request_id", b"request_id", "route", b"route", "state", b"state", "status", b"status", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -16,6 +16,7 @@ from sluice.inference.v1 import inference_pb2
 from sluice.limiter.v1 import limiter_pb2
 
 from services.gateway.domain.tenancy.audit import RequestNotes
+from services.gateway.domain.verdict import AnswerTally, Checks, Verdict, assess
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -49,6 +50,15 @@ class RequestMeta:
     prompt_tokens: int = 0
     # The request's audit notes, which get the final usage and cost.
     notes: RequestNotes | None = None
+    # What the answer is judged against, the answer as seen so far (stream deltas) and,
+    # once judged, the verdict (domain.verdict): the sluice status of the answer.
+    checks: Checks = field(default_factory=Checks)
+    tally: AnswerTally = field(default_factory=AnswerTally)
+    verdict: Verdict | None = None
+    # Set when a schema repair was tried: its request id and whether it succeeded.
+    repair: dict[str, Any] | None = None
+    # The finished answer, once rendered.
+    answered: inference_pb2.Final | None = None
 
     @property
     def completion_id(self) -> str:
@@ -105,13 +115,31 @@ def sluice_object(
     return sluice
 
 
+def judge(meta: RequestMeta, final: inference_pb2.Final) -> Verdict:
+    """The verdict on a finished answer: its choices (a whole answer) or the deltas the
+    relay saw (a stream, whose ``Final`` carries none)."""
+    if final.choices:
+        meta.tally.set_choices(final.choices)
+    meta.verdict = assess(meta.tally, meta.checks, degraded=final.degraded_reason)
+    return meta.verdict
+
+
+def interrupted_sluice(meta: RequestMeta) -> dict[str, Any]:
+    """The status members of a stream that broke after output: what the client holds is
+    a prefix (``truncated``), or nothing usable (``failed``)."""
+    verdict = assess(meta.tally, meta.checks, interrupted=True)
+    return {"request_id": meta.request_id, **verdict.to_json()}
+
+
 def final_sluice(
     meta: RequestMeta, final: inference_pb2.Final, *, cache_hit: bool
 ) -> dict[str, Any]:
     if meta.notes is not None:
         meta.notes.usage = final.usage
         meta.notes.cost_usd = 0.0 if cache_hit else final.cost_usd
-    return sluice_object(
+    meta.answered = final
+    verdict = meta.verdict or judge(meta, final)
+    sluice = sluice_object(
         meta,
         usage=final.usage,
         model_served=final.model_served or meta.model_requested,
@@ -120,6 +148,10 @@ def final_sluice(
         cost_usd=0.0 if cache_hit else final.cost_usd,
         timing=None if cache_hit else final.timing,
     )
+    sluice.update(verdict.to_json())
+    if meta.repair is not None:
+        sluice["repair"] = meta.repair
+    return sluice
 
 
 class StreamRenderer(Protocol):
@@ -165,7 +197,10 @@ class Dialect:
     stream, the error body of a stream that fails mid-way, and the rate-limit headers.
     Everything else (admission, cache, work, relay, cost, tracing) is the same."""
 
+    name: str
     body: BodyRenderer
     stream: StreamRendererFactory
     error: ErrorRenderer
     limit_headers: LimitHeaders
+    # The media type of ``error``'s bodies.
+    error_media_type: str

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sluice.errors import ErrorCode, SluiceError
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
@@ -89,3 +89,17 @@ def invalid_field(param: str, detail: str) -> SluiceError:
         param=param,
         details={"errors": [{"loc": param, "type": "value_error", "msg": detail}]},
     )
+
+
+class SluiceHintsIn(BaseModel):
+    """The request body's ``sluice`` object (both dialects): what the caller asks of
+    the answer. Never passed on to a provider."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Below this confidence the answer is marked requires_human_review.
+    review_threshold: float | None = Field(default=None, ge=0, le=1)
+    # Below this confidence the request fails with 422 insufficient_confidence.
+    min_confidence: float | None = Field(default=None, ge=0, le=1)
+    # One repair call when the answer breaks response_format's JSON schema.
+    schema_repair: bool | None = None

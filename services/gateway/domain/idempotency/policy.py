@@ -139,3 +139,5 @@ class IdempotentRequest:
     include_usage: bool = False
     # True for routes whose response is known at once (job submission).
     quick: bool = False
+    # The route's public API (``Dialect.name``): stored answers and errors take its shape.
+    dialect: str = "openai"

@@ -15,7 +15,7 @@ from sluice.jobs.v1 import jobs_pb2
 
 from services.gateway.domain.clock import now_ms
 from services.gateway.domain.dialects.common import SSE_HEARTBEAT, RequestMeta
-from services.gateway.domain.dialects.openai.response import completion_body
+from services.gateway.domain.dialects.registry import dialect_named
 from services.gateway.domain.exchange import JOB_ID_HEADER, JSON, SSE, Answer, RequestContext
 from services.gateway.domain.idempotency.policy import (
     ATTACH_WAIT_SECONDS,
@@ -29,11 +29,9 @@ from services.gateway.domain.idempotency.policy import (
 )
 from services.gateway.domain.ports import IdempotencyStore, LifecycleLog, StreamStore
 from services.gateway.domain.problems import (
-    PROBLEM_CONTENT_TYPE,
     GatewayError,
     failure_error,
     problem_headers,
-    render_problem,
 )
 from services.gateway.domain.relay.resume import StreamResumer
 from services.gateway.domain.work import tokens_so_far
@@ -76,6 +74,7 @@ class Idempotency:
             expires_unix_ms=now + int(self.settings.idempotency_ttl_seconds * 1000),
             model=req.model,
             include_usage=req.include_usage,
+            dialect=req.dialect,
         )
         for _ in range(5):
             revision = await self.store.create(kv_key, record)
@@ -185,11 +184,12 @@ class Idempotency:
             await self._release(kv_key, revision)
             return
         ctx = req.ctx
+        dialect = dialect_named(req.dialect)
         answer = Answer(
             status=err.status,
             headers=problem_headers(err),
-            media_type=PROBLEM_CONTENT_TYPE,
-            body=render_problem(
+            media_type=dialect.error_media_type,
+            body=dialect.error(
                 err, instance=ctx.instance, request_id=ctx.request_id, trace_id=ctx.trace_id
             ),
         )
@@ -333,18 +333,21 @@ class Idempotency:
             done.status = 200
             done.headers.append(jobs_pb2.Header(name="content-type", value=SSE))
             return done
+        dialect = dialect_named(record.dialect)
         if finished.HasField("final"):
             meta = RequestMeta(record.request_id, "", record.model)
+            # Judged by what the answer itself says (finish reasons, refusals): the
+            # request's schema and the caller's thresholds left with the first gateway.
             done.status = 200
-            done.body = completion_body(meta, finished.final, cache_hit=False)
+            done.body = dialect.body(meta, finished.final, cache_hit=False)
             done.headers.append(jobs_pb2.Header(name="content-type", value=JSON))
             return done
         err = failure_error(finished.failure, {})
         done.status = err.status
-        done.body = render_problem(
+        done.body = dialect.error(
             err, instance=ctx.instance, request_id=record.request_id, trace_id=""
         )
-        done.headers.append(jobs_pb2.Header(name="content-type", value=PROBLEM_CONTENT_TYPE))
+        done.headers.append(jobs_pb2.Header(name="content-type", value=dialect.error_media_type))
         return done
 
     async def _queued(self, request_id: str) -> bool:

@@ -17,8 +17,10 @@ from sluice.pricing import PriceTable
 
 from services.gateway.domain.clock import now_ms
 from services.gateway.domain.dialects.common import RequestMeta
-from services.gateway.domain.dialects.openai.response import completion_body, openai_usage
-from services.gateway.domain.problems import problem_body
+from services.gateway.domain.dialects.openai.response import openai_usage
+from services.gateway.domain.dialects.registry import dialect_named
+from services.gateway.domain.problems import insufficient_confidence, problem_body
+from services.gateway.domain.verdict import AnswerHints, Checks, checks_for
 
 Status = jobs_pb2.JobStatus
 STATUS_NAMES: dict[int, str] = {
@@ -87,9 +89,24 @@ class JobRenderer:
             record.status = Status.JOB_STATUS_COMPLETED
             meta = RequestMeta(record.job_id, record.trace_id, record.request.model)
             meta.created = record.created_unix_ms // 1000
-            record.result_json = completion_body(meta, final, cache_hit=False)
+            # Judged against what the caller asked (a record written before the checks
+            # were kept: the request's schema) and shaped as the API it came through.
+            if record.HasField("checks"):
+                meta.checks = Checks.from_proto(record.checks)
+            else:
+                meta.checks = checks_for(
+                    record.request, AnswerHints(), review_threshold=None, schema_repair=False
+                )
+            body = dialect_named(record.dialect).body
+            record.result_json = body(meta, final, cache_hit=False)
             record.usage.CopyFrom(final.usage)
             record.cost_usd = final.cost_usd
+            verdict = meta.verdict
+            if verdict is not None and verdict.insufficient:
+                # Below the caller's minimum: failed as the request would have been,
+                # the answer (made and billed) still in result_json.
+                record.status = Status.JOB_STATUS_FAILED
+                record.error.CopyFrom(insufficient_confidence(verdict, meta.checks, {}).to_proto())
         else:
             failure = finished.failure
             cancelled = failure.problem.code == ErrorCode.CANCELLED

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 from sluice import canonical
+from sluice.common.v1 import chat_pb2
 from sluice.errors import ErrorCode, SluiceError
 from sluice.inference.v1 import inference_pb2, lifecycle_pb2
 from sluice.jobs.v1 import jobs_pb2
@@ -29,7 +30,6 @@ from sluice.topology import PriorityClass
 from services.gateway.domain.admission import admitted_headers, cache_policy, reserve_request
 from services.gateway.domain.chat import ChatService
 from services.gateway.domain.clock import now_ms
-from services.gateway.domain.dialects.openai.request import to_chat_request
 from services.gateway.domain.exchange import JOB_ID_HEADER, JSON, Answer
 from services.gateway.domain.jobs.records import (
     EVENT_TYPES,
@@ -40,7 +40,7 @@ from services.gateway.domain.jobs.records import (
     Status,
     new_job_id,
 )
-from services.gateway.domain.jobs.request import JobCreateRequest, Prefer
+from services.gateway.domain.jobs.request import JobSpec, Prefer
 from services.gateway.domain.jobs.webhooks import (
     AllowList,
     WebhookRefused,
@@ -58,6 +58,7 @@ from services.gateway.domain.ports import (
 )
 from services.gateway.domain.problems import GatewayError
 from services.gateway.domain.tenancy.policy import check_model_allowed
+from services.gateway.domain.verdict import checks_for
 from services.gateway.domain.work import CacheInstruction, build_work, tokens_so_far
 from services.gateway.settings import GatewaySettings
 
@@ -163,7 +164,7 @@ class JobService:
     async def submit(
         self,
         key: keys_pb2.ApiKeyRecord,
-        spec: JobCreateRequest,
+        spec: JobSpec,
         *,
         priority: PriorityClass,
         trace_id: str,
@@ -172,8 +173,17 @@ class JobService:
         end_user: str = "",
     ) -> Submitted:
         settings = self.settings
-        request = to_chat_request(spec.request)
+        request = chat_pb2.ChatRequest()
+        request.CopyFrom(spec.request)
         check_model_allowed(key, request.model)
+        self.chat.guard.inspect(request, self.chat.catalog.model(request.model))
+        # A job's answer is judged when it finishes (JobRenderer): no repair, since
+        # nobody waits to see the first answer.
+        checks = checks_for(
+            request, spec.hints, review_threshold=settings.review_threshold, schema_repair=False
+        )
+        if checks.wants_confidence:
+            request.sampling.logprobs = True
         end_user, all_tags = request_labels(request, tags, end_user)
         # Jobs run streamed at the worker: the token events are the job's progress.
         request.stream = True
@@ -210,6 +220,8 @@ class JobService:
             expires_unix_ms=created_ms + int(settings.job_retention_seconds * 1000),
             reservation_id=reservation.reservation_id,
             trace_id=trace_id,
+            dialect=spec.dialect,
+            checks=checks.to_proto(),
         )
         # A job's answer fills the exact cache as a chat completion's would, so the same
         # request later is answered from it. Jobs do not read the cache: a hit would
@@ -432,7 +444,7 @@ class JobService:
     async def respond(
         self,
         key: keys_pb2.ApiKeyRecord,
-        spec: JobCreateRequest,
+        spec: JobSpec,
         *,
         prefer: Prefer,
         priority: PriorityClass,

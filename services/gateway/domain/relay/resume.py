@@ -27,12 +27,12 @@ from sluice.inference.v1 import inference_pb2
 from sluice.keys.v1 import keys_pb2
 from sluice.replay import History
 
-from services.gateway.domain.dialects.common import RequestMeta, final_sluice, sse_retry
-from services.gateway.domain.dialects.openai.response import SseRelay
+from services.gateway.domain.dialects.common import RequestMeta, StreamRenderer, sse_retry
+from services.gateway.domain.dialects.registry import dialect_named
 from services.gateway.domain.exchange import SSE_HEADERS, Answer
 from services.gateway.domain.ports import StreamStore
-from services.gateway.domain.problems import failure_error
 from services.gateway.domain.relay.sse import StreamRelay
+from services.gateway.domain.verdict import Checks
 from services.gateway.settings import GatewaySettings
 
 # Request ids are one NATS subject token: no dots, wildcards or spaces.
@@ -70,23 +70,21 @@ def _not_found() -> SluiceError:
 def render_replay(
     history: History,
     after: int,
-    relay: SseRelay,
+    relay: StreamRenderer,
     meta: RequestMeta,
-    problem: Callable[[inference_pb2.Failure], bytes],
+    ending: Callable[[inference_pb2.StreamEvent], bytes],
 ) -> tuple[bytes, bool]:
-    """SSE bytes for the stored events after ``after``, and whether the stream ended."""
+    """SSE bytes for the stored events after ``after``, and whether the stream ended.
+    ``ending`` renders the final or failure event (with the answer's status)."""
     out: list[bytes] = []
     for event in history.events:
         if event.HasField("delta"):
+            meta.tally.add_delta(event.delta)
             rendered = relay.delta(event.sequence, event.delta)
             if event.sequence > after:
                 out.append(rendered)
-        elif event.sequence > after:
-            if event.HasField("final"):
-                sluice = final_sluice(meta, event.final, cache_hit=False)
-                out.append(relay.final(event.sequence, event.final, sluice))
-            else:
-                out.append(relay.failure(event.sequence, problem(event.failure)))
+        elif event.sequence > after and (event.HasField("final") or event.HasField("failure")):
+            out.append(ending(event))
     return b"".join(out), history.terminal is not None
 
 
@@ -124,12 +122,15 @@ class StreamResumer:
         meta = RequestMeta(request_id, trace_id, opened.model_requested)
         if opened.created_unix:
             meta.created = opened.created_unix
-        renderer = SseRelay(meta, include_usage=opened.include_usage)
+        meta.checks = Checks.from_proto(opened.checks)
+        # In the dialect the stream was opened in (an Anthropic stream resumes as one).
+        dialect = dialect_named(opened.dialect)
+        renderer = dialect.stream(meta, include_usage=opened.include_usage)
 
-        def problem(failure: inference_pb2.Failure) -> bytes:
-            return self.relay.problem(failure_error(failure, {}), meta, instance)
+        def ending(event: inference_pb2.StreamEvent) -> bytes:
+            return self.relay.ending(renderer, meta, event, instance, dialect.error)
 
-        prelude, ended = render_replay(history, after, renderer, meta, problem)
+        prelude, ended = render_replay(history, after, renderer, meta, ending)
         headers = dict(SSE_HEADERS)
         headers["x-sluice-resumed-after"] = str(after)
         if ended:
@@ -152,5 +153,6 @@ class StreamResumer:
             instance=instance,
             prelude=prelude,
             wait_first=True,
+            render_error=dialect.error,
         )
         return Answer.sse(stream, headers)

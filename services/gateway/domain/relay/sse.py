@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from sluice.deltas import can_join, mergeable
+from sluice.deltas import can_join, join, mergeable
 from sluice.errors import SluiceError
 from sluice.inference.v1 import inference_pb2
 from sluice.metrics import Instruments
@@ -18,10 +18,17 @@ from services.gateway.domain.dialects.common import (
     RequestMeta,
     StreamRenderer,
     final_sluice,
+    interrupted_sluice,
     sse_retry,
 )
 from services.gateway.domain.ports import LiveEvents, StreamStore
-from services.gateway.domain.problems import failure_error, render_problem, timeout_error
+from services.gateway.domain.problems import (
+    failure_error,
+    insufficient_confidence,
+    render_problem,
+    timeout_error,
+    with_member,
+)
 from services.gateway.domain.relay.reader import Backfill, DeadlineExceeded, EventReader
 from services.gateway.settings import GatewaySettings
 
@@ -101,17 +108,11 @@ class StreamRelay:
                         if meta.ttft_ms is None:
                             meta.ttft_ms = (time.perf_counter() - meta.started) * 1000
                         event, pending = await self._batch(reader, event)
+                        meta.tally.add_delta(event.delta)
                         out.append(relay.delta(event.sequence, event.delta))
-                    elif event.HasField("final"):
+                    elif event.HasField("final") or event.HasField("failure"):
                         ended = True
-                        sluice = final_sluice(meta, event.final, cache_hit=False)
-                        out.append(relay.final(event.sequence, event.final, sluice))
-                        break
-                    elif event.HasField("failure"):
-                        ended = True
-                        err = failure_error(event.failure, {})
-                        problem = self.problem(err, meta, instance, render_error)
-                        out.append(relay.failure(event.sequence, problem))
+                        out.append(self.ending(relay, meta, event, instance, render_error))
                         break
                     if pending is not None:
                         event = pending
@@ -157,7 +158,7 @@ class StreamRelay:
             if merged is None:
                 merged = inference_pb2.StreamEvent()
                 merged.CopyFrom(event)
-            merged.delta.content += nxt.delta.content
+            join(merged.delta, nxt.delta)
             merged.sequence = nxt.sequence
             count += 1
         return merged or event, None
@@ -177,6 +178,32 @@ class StreamRelay:
         if reader.backfilled:
             self.instruments.stream_backfilled.add(reader.backfilled)
             reader.backfilled = 0
+
+    def ending(
+        self,
+        relay: StreamRenderer,
+        meta: RequestMeta,
+        event: inference_pb2.StreamEvent,
+        instance: str,
+        render_error: ErrorRenderer = render_problem,
+    ) -> bytes:
+        """The last event of a stream, with the answer's ``sluice`` status: the final
+        chunk, or an error event. A stream that broke after output says, in the error
+        event's ``sluice``, that what the client holds is a prefix; an answer below the
+        caller's minimum confidence ends with ``insufficient_confidence`` instead."""
+        if event.HasField("final"):
+            sluice = final_sluice(meta, event.final, cache_hit=False)
+            verdict = meta.verdict
+            if verdict is None or not verdict.insufficient:
+                return relay.final(event.sequence, event.final, sluice)
+            err: SluiceError = insufficient_confidence(verdict, meta.checks, {})
+            problem = self.problem(err, meta, instance, render_error)
+            return relay.failure(event.sequence, with_member(problem, "sluice", sluice))
+        err = failure_error(event.failure, {})
+        problem = self.problem(err, meta, instance, render_error)
+        if meta.tally.has_output:
+            problem = with_member(problem, "sluice", interrupted_sluice(meta))
+        return relay.failure(event.sequence, problem)
 
     def problem(
         self,

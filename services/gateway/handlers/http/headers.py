@@ -14,8 +14,10 @@ from services.gateway.domain.admission import DisconnectPolicy
 from services.gateway.domain.chat import ChatOptions
 from services.gateway.domain.dialects.common import Dialect
 from services.gateway.domain.dialects.openai.response import OPENAI
+from services.gateway.domain.dialects.parsing import SluiceHintsIn
 from services.gateway.domain.jobs.request import Prefer
 from services.gateway.domain.labels import TAGS_HEADER, parse_tags
+from services.gateway.domain.verdict import AnswerHints
 from services.gateway.domain.work import resolve_priority
 from services.gateway.settings import GatewaySettings, SemanticCacheMode
 
@@ -23,6 +25,9 @@ PRIORITY_HEADER = "x-sluice-priority"
 IDEMPOTENCY_HEADER = "idempotency-key"
 DISCONNECT_HEADER = "x-sluice-on-disconnect"
 SEMANTIC_HEADER = "x-sluice-semantic-cache"
+REVIEW_HEADER = "x-sluice-review-threshold"
+MIN_CONFIDENCE_HEADER = "x-sluice-min-confidence"
+REPAIR_HEADER = "x-sluice-schema-repair"
 
 
 def _invalid(header: str, detail: str) -> SluiceError:
@@ -49,6 +54,38 @@ def semantic_wanted(mode: SemanticCacheMode, value: str | None) -> bool:
     if choice not in ("on", "off"):
         raise _invalid(SEMANTIC_HEADER, f"{SEMANTIC_HEADER} must be 'on' or 'off'.")
     return choice == "on" and mode is not SemanticCacheMode.OFF
+
+
+def _fraction(headers: Mapping[str, str], name: str) -> float | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        number = float(value.strip())
+    except ValueError:
+        number = -1.0
+    if not 0.0 <= number <= 1.0:
+        raise _invalid(name, f"{name} must be a number from 0 to 1.")
+    return number
+
+
+def answer_hints(headers: Mapping[str, str], body: SluiceHintsIn | None) -> AnswerHints:
+    """What the caller asks of the answer: a header wins over the body's ``sluice``."""
+    body = body or SluiceHintsIn()
+    repair = headers.get(REPAIR_HEADER)
+    schema_repair = body.schema_repair
+    if repair is not None:
+        choice = repair.strip().lower()
+        if choice not in ("on", "off"):
+            raise _invalid(REPAIR_HEADER, f"{REPAIR_HEADER} must be 'on' or 'off'.")
+        schema_repair = choice == "on"
+    review = _fraction(headers, REVIEW_HEADER)
+    minimum = _fraction(headers, MIN_CONFIDENCE_HEADER)
+    return AnswerHints(
+        review_threshold=review if review is not None else body.review_threshold,
+        min_confidence=minimum if minimum is not None else body.min_confidence,
+        schema_repair=schema_repair,
+    )
 
 
 def parse_prefer(values: list[str]) -> Prefer:
@@ -106,8 +143,10 @@ def chat_options(
     instance: str,
     dialect: Dialect = OPENAI,
     end_user: str = "",
+    hints: SluiceHintsIn | None = None,
 ) -> ChatOptions:
-    """How a chat request asked to be handled, from its headers."""
+    """How a chat request asked to be handled, from its headers (and the body's
+    ``sluice`` object)."""
     return ChatOptions(
         dialect=dialect,
         cache_control=headers.get("cache-control", ""),
@@ -119,6 +158,7 @@ def chat_options(
         lifecycle_events=IDEMPOTENCY_HEADER in headers,
         tags=tags_of(headers),
         end_user=end_user,
+        hints=answer_hints(headers, hints),
     )
 
 

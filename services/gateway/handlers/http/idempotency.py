@@ -34,6 +34,7 @@ async def idempotent(
     route: str,
     run: Callable[[], Awaitable[Answer]],
     job: bool,
+    dialect: str = "openai",
 ) -> Answer:
     """Runs ``run`` under the request's ``Idempotency-Key``, if it sent one."""
     raw_key = headers.get(IDEMPOTENCY_HEADER)
@@ -54,5 +55,6 @@ async def idempotent(
         model=str(chat.get("model", "")),
         include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
         quick=job,
+        dialect=dialect,
     )
     return await idempotency.run(request, run)

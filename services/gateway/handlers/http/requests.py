@@ -3,6 +3,7 @@ within the size limit."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from litestar import Request
@@ -100,10 +101,15 @@ async def authenticate(
 
 
 async def authenticated_body(
-    request: Request[Any, Any, Any], keys: Authenticator, limit: int, scope: Scope
+    request: Request[Any, Any, Any],
+    keys: Authenticator,
+    limit: int,
+    scope: Scope,
+    scrub: Callable[[str], str] | None = None,
 ) -> tuple[Caller, bytes]:
     """A POST's caller, then its JSON body (in that order: an unknown caller is refused
-    before anything is read)."""
+    before anything is read). ``scrub`` cleans the body kept as an audited prompt (the
+    input guard's rules)."""
     caller = await authenticate_caller(request, keys, scope)
     check_content_type(request.headers.get("content-type"))
     body = await read_body(request, limit)
@@ -111,4 +117,6 @@ async def authenticated_body(
     if notes.audit_prompts:
         # Only for keys whose policy asks: the body as sent is the prompt of record.
         notes.prompt = body.decode("utf-8", "replace")
+        if scrub is not None:
+            notes.prompt = scrub(notes.prompt)
     return caller, body

@@ -1,12 +1,22 @@
 """Provider adapters of the inference worker (``ChatProvider``s), one pooled client per
-configured provider: ``openai_compat`` over the wire format of ``wire``."""
+configured provider: ``openai_compat`` over the wire format of ``wire`` (kind
+``openai``), ``anthropic`` for Anthropic-compatible Messages APIs (kind ``anthropic``)."""
 
 from __future__ import annotations
 
-from sluice.catalog import Catalog
+from sluice.catalog import Catalog, ProviderConfig
 
-from services.inference_worker.adapters.providers.openai_compat import build_provider
+from services.inference_worker.adapters.providers.anthropic import AnthropicProvider
+from services.inference_worker.adapters.providers.openai_compat import OpenAICompatProvider
 from services.inference_worker.domain.upstream import ChatProvider
+
+
+def build_provider(config: ProviderConfig) -> ChatProvider:
+    if config.kind == "openai":
+        return OpenAICompatProvider(config)
+    if config.kind == "anthropic":
+        return AnthropicProvider(config)
+    raise ValueError(f"provider {config.name!r} has unsupported kind {config.kind!r}")
 
 
 class ProviderPool:

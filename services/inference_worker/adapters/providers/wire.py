@@ -176,6 +176,49 @@ def usage_from_json(data: Any) -> chat_pb2.Usage | None:
     return usage
 
 
+def _token_bytes(item: dict[str, Any]) -> bytes:
+    raw = item.get("bytes")
+    if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
+        return bytes(raw)
+    return b""
+
+
+def _token_logprob(item: Any) -> chat_pb2.TokenLogprob | None:
+    if not isinstance(item, dict):
+        return None
+    logprob = item.get("logprob")
+    if not isinstance(logprob, int | float):
+        return None
+    out = chat_pb2.TokenLogprob(
+        token=str(item.get("token") or ""), logprob=float(logprob), bytes=_token_bytes(item)
+    )
+    for top in item.get("top_logprobs") or ():
+        if isinstance(top, dict) and isinstance(top.get("logprob"), int | float):
+            out.top_logprobs.append(
+                chat_pb2.TopLogprob(
+                    token=str(top.get("token") or ""),
+                    logprob=float(top["logprob"]),
+                    bytes=_token_bytes(top),
+                )
+            )
+    return out
+
+
+def logprobs_from_json(data: Any) -> chat_pb2.Logprobs | None:
+    """A choice's ``logprobs`` object (``content`` and ``refusal`` token lists), or None
+    when the provider sent none."""
+    if not isinstance(data, dict):
+        return None
+    out = chat_pb2.Logprobs()
+    for name in ("content", "refusal"):
+        target = getattr(out, name)
+        for item in data.get(name) or ():
+            parsed = _token_logprob(item)
+            if parsed is not None:
+                target.append(parsed)
+    return out
+
+
 def choices_from_json(data: dict[str, Any]) -> list[chat_pb2.Choice]:
     choices: list[chat_pb2.Choice] = []
     for position, item in enumerate(data.get("choices") or ()):
@@ -183,21 +226,23 @@ def choices_from_json(data: dict[str, Any]) -> list[chat_pb2.Choice]:
         content = message.get("content")
         if isinstance(content, list):  # some servers answer with typed parts
             content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-        choices.append(
-            chat_pb2.Choice(
-                index=int(item.get("index", position) or 0),
-                content=str(content or ""),
-                tool_calls=tool_calls_from_json(message.get("tool_calls")),
-                finish_reason=str(item.get("finish_reason") or ""),
-                refusal=str(message.get("refusal") or ""),
-            )
+        choice = chat_pb2.Choice(
+            index=int(item.get("index", position) or 0),
+            content=str(content or ""),
+            tool_calls=tool_calls_from_json(message.get("tool_calls")),
+            finish_reason=str(item.get("finish_reason") or ""),
+            refusal=str(message.get("refusal") or ""),
         )
+        logprobs = logprobs_from_json(item.get("logprobs"))
+        if logprobs is not None:
+            choice.logprobs.CopyFrom(logprobs)
+        choices.append(choice)
     return choices
 
 
 def delta_from_json(choice: dict[str, Any]) -> inference_pb2.Delta:
     delta = choice.get("delta") or {}
-    return inference_pb2.Delta(
+    out = inference_pb2.Delta(
         choice_index=int(choice.get("index") or 0),
         role=str(delta.get("role") or ""),
         content=str(delta.get("content") or ""),
@@ -205,6 +250,10 @@ def delta_from_json(choice: dict[str, Any]) -> inference_pb2.Delta:
         refusal=str(delta.get("refusal") or ""),
         finish_reason=str(choice.get("finish_reason") or ""),
     )
+    logprobs = logprobs_from_json(choice.get("logprobs"))
+    if logprobs is not None and (logprobs.content or logprobs.refusal):
+        out.logprobs.CopyFrom(logprobs)
+    return out
 
 
 def count_choices(choices: list[chat_pb2.Choice]) -> int:

@@ -29,7 +29,7 @@ Request
   there is no prompt cache here to warm. ``top_k`` has no field in ``SamplingParams``;
   it travels in ``extra_json`` like a pass-through member of the OpenAI route
   (llama.cpp and vLLM honour it; OpenAI itself answers 400).
-- Other members (``thinking``, ``service_tier``, ``output_config``, ...) and the
+- Other members (``thinking``, ``service_tier``, ...) and the
   ``anthropic-beta`` header are accepted and ignored: they name Anthropic features,
   which an OpenAI-compatible provider would only turn into a 400.
 
@@ -38,9 +38,13 @@ Answer
   ``content_filter`` or a refusal -> ``refusal``, anything else ``end_turn``. Providers
   speaking OpenAI's API do not say whether a stop sequence ended the text, so
   ``stop_sequence`` is always null and never the reason.
+- ``cache_control`` breakpoints (``ephemeral``, optional ``ttl``) on text, image,
+  tool_use and tool_result blocks, system blocks and tools are kept on the canonical
+  request (``cache_control_json``) and passed to Anthropic deployments (``kind:
+  anthropic``); OpenAI-compatible providers ignore them.
 - ``usage.input_tokens`` leaves out cached prompt tokens, which are reported as
-  ``cache_read_input_tokens`` (Anthropic counts them apart); nothing is written to a
-  prompt cache, so ``cache_creation_input_tokens`` is 0. A stream's ``message_start``
+  ``cache_read_input_tokens`` (Anthropic counts them apart). Cache writes are counted
+  as plain input tokens, so ``cache_creation_input_tokens`` is 0. A stream's ``message_start``
   carries the prompt as the gateway counted it, its ``message_delta`` the provider's
   counts.
 - The ``sluice`` object rides on the message, or on the stream's ``message_delta``
@@ -50,8 +54,12 @@ Answer
   ``title``, ``status``, ``detail``, ``instance``, ``details``), as
   ``application/json``: the top-level ``type`` must be ``"error"``, so the body cannot
   also be a problem+json document.
-- Streams carry no ``id:`` fields: ``GET /v1/streams/{id}`` replays in the OpenAI
-  dialect only, so there is nothing to resume with.
+- Streams carry ``id: <request_id>:<n>`` on the last event of each worker event, as
+  chat completions do: ``GET /v1/streams/{id}`` (``Last-Event-ID``) resumes them in
+  this dialect.
+- Structured outputs (``output_config.format`` or ``output_format``, a JSON schema)
+  become ``response_format`` ``json_schema``: the provider is asked for it and the
+  answer is validated against it (``sluice.status``).
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ from sluice.common.v1 import chat_pb2
 from sluice.errors import ErrorCode, SluiceError
 
 from services.gateway.domain.dialects.parsing import (
+    SluiceHintsIn,
     dumps_sorted,
     invalid_field,
     parse_model,
@@ -105,7 +114,25 @@ class _Nested(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class TextBlock(_Nested):
+class CacheControl(_Nested):
+    """A prompt-cache breakpoint: passed on to Anthropic deployments as sent."""
+
+    type: Literal["ephemeral"]
+    ttl: Literal["5m", "1h"] | None = None
+
+    def json_text(self) -> str:
+        return dumps_sorted(self.model_dump(exclude_none=True))
+
+
+class _Cacheable(_Nested):
+    cache_control: CacheControl | None = None
+
+    @property
+    def cache_control_json(self) -> str:
+        return self.cache_control.json_text() if self.cache_control is not None else ""
+
+
+class TextBlock(_Cacheable):
     type: Literal["text"]
     text: str
 
@@ -117,19 +144,19 @@ class ImageSource(_Nested):
     url: str | None = None
 
 
-class ImageBlock(_Nested):
+class ImageBlock(_Cacheable):
     type: Literal["image"]
     source: ImageSource
 
 
-class ToolUseBlock(_Nested):
+class ToolUseBlock(_Cacheable):
     type: Literal["tool_use"]
     id: str = Field(min_length=1)
     name: str = Field(min_length=1)
     input: dict[str, Any] = Field(default_factory=dict)
 
 
-class ToolResultBlock(_Nested):
+class ToolResultBlock(_Cacheable):
     type: Literal["tool_result"]
     tool_use_id: str = Field(min_length=1)
     # A string or text and image blocks, validated one by one like message content.
@@ -165,7 +192,7 @@ class MessageParam(_Nested):
     content: str | list[dict[str, Any]]
 
 
-class ToolParam(_Nested):
+class ToolParam(_Cacheable):
     # Absent or "custom" for a client-side tool; anything else is a server tool.
     type: str | None = None
     name: str = Field(min_length=1)
@@ -183,6 +210,16 @@ class ToolChoiceParam(_Nested):
         if self.type == "tool" and not self.name:
             raise ValueError("a tool_choice of type 'tool' must name the tool")
         return self
+
+
+class OutputFormat(_Nested):
+    type: Literal["json_schema"]
+    # "schema" shadows a BaseModel attribute, hence the alias.
+    json_schema: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(_Nested):
+    format: OutputFormat | None = None
 
 
 class MetadataParam(_Nested):
@@ -206,6 +243,12 @@ class MessagesRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=0)
     stream: bool | None = None
     metadata: MetadataParam | None = None
+    # Structured outputs: ``output_config.format`` (or the earlier beta's
+    # ``output_format``), ``{"type": "json_schema", "schema": {...}}``.
+    output_config: OutputConfig | None = None
+    output_format: OutputFormat | None = None
+    # Sluice's own member, as on chat completions.
+    sluice: SluiceHintsIn | None = None
 
 
 def parse_messages_body(raw: bytes) -> MessagesRequest:
@@ -255,6 +298,7 @@ def _content_message(role: str, parts: list[chat_pb2.ContentPart]) -> chat_pb2.M
     message = chat_pb2.Message(role=role)
     if len(parts) == 1 and parts[0].type == "text":
         message.text = parts[0].text
+        message.cache_control_json = parts[0].cache_control_json
     else:
         message.parts.extend(parts)
     return message
@@ -275,6 +319,8 @@ def _tool_message(block: ToolResultBlock, loc: str) -> chat_pb2.Message:
         if not parts:
             message.text = ""
     message.tool_call_id = block.tool_use_id
+    if block.cache_control_json:
+        message.cache_control_json = block.cache_control_json
     return message
 
 
@@ -287,9 +333,15 @@ def _user_turn(index: int, content: str | list[dict[str, Any]]) -> list[chat_pb2
         loc = f"messages.{index}.content.{j}"
         block = _block(raw, loc, _USER_BLOCKS, "a user turn")
         if isinstance(block, TextBlock):
-            run.append(chat_pb2.ContentPart(type="text", text=block.text))
+            run.append(
+                chat_pb2.ContentPart(
+                    type="text", text=block.text, cache_control_json=block.cache_control_json
+                )
+            )
         elif isinstance(block, ImageBlock):
-            run.append(_image_part(block, loc))
+            part = _image_part(block, loc)
+            part.cache_control_json = block.cache_control_json
+            run.append(part)
         elif isinstance(block, ToolResultBlock):
             if run:
                 messages.append(_content_message("user", run))
@@ -308,6 +360,9 @@ def _assistant_turn(index: int, content: str | list[dict[str, Any]]) -> chat_pb2
     texts: list[str] = []
     for j, raw in enumerate(content):
         block = _block(raw, f"messages.{index}.content.{j}", _ASSISTANT_BLOCKS, "an assistant turn")
+        if isinstance(block, (TextBlock, ToolUseBlock)) and block.cache_control_json:
+            # The turn reaches providers as one message: the marker goes on its end.
+            message.cache_control_json = block.cache_control_json
         if isinstance(block, TextBlock):
             texts.append(block.text)
         elif isinstance(block, ToolUseBlock):
@@ -332,7 +387,11 @@ def _system_message(system: str | list[dict[str, Any]]) -> chat_pb2.Message | No
     for k, raw in enumerate(system):
         block = _block(raw, f"system.{k}", _SYSTEM_BLOCKS, "system")
         if isinstance(block, TextBlock):
-            parts.append(chat_pb2.ContentPart(type="text", text=block.text))
+            parts.append(
+                chat_pb2.ContentPart(
+                    type="text", text=block.text, cache_control_json=block.cache_control_json
+                )
+            )
     return _content_message("system", parts) if parts else None
 
 
@@ -382,6 +441,7 @@ def anthropic_to_chat_request(body: MessagesRequest) -> chat_pb2.ChatRequest:
                 name=tool.name,
                 description=tool.description or "",
                 parameters_json=dumps_sorted(tool.input_schema),
+                cache_control_json=tool.cache_control_json,
             )
         )
     if body.tool_choice is not None:
@@ -391,4 +451,10 @@ def anthropic_to_chat_request(body: MessagesRequest) -> chat_pb2.ChatRequest:
 
     if body.metadata is not None and body.metadata.user_id:
         req.user = body.metadata.user_id
+    output = body.output_config.format if body.output_config is not None else None
+    output = output or body.output_format
+    if output is not None:
+        req.response_format.type = "json_schema"
+        req.response_format.schema_name = "output"
+        req.response_format.schema_json = dumps_sorted(output.json_schema)
     return req

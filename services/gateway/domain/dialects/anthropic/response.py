@@ -131,6 +131,7 @@ class MessageStreamRelay:
     def __init__(self, meta: RequestMeta, *, include_usage: bool = False) -> None:
         # include_usage is an OpenAI option: this stream always ends with its usage.
         self.meta = meta
+        self._id = b"id: %s:" % meta.request_id.encode()
         self._started = False
         self._last_index = -1
         self._open: int | None = None
@@ -221,13 +222,22 @@ class MessageStreamRelay:
         out.extend(self._tool(call) for call in calls)
         return out
 
+    def _tagged(self, sequence: int, out: list[bytes]) -> bytes:
+        """The events of one stream event, the last carrying ``id: <request>:<n>`` (as
+        on chat completions), so that ``Last-Event-ID`` resumes after a whole group."""
+        body = b"".join(out)
+        if not body or sequence <= 0:
+            return body
+        # Before the blank line that ends the last event: a field of that event.
+        return body[:-1] + self._id + b"%d\n\n" % sequence
+
     def delta(self, sequence: int, d: inference_pb2.Delta) -> bytes:
         out = self._opening()
         if d.choice_index == 0:
             out.extend(self._answer(d.content, d.refusal, d.tool_calls))
             if d.finish_reason:
                 self._finish = d.finish_reason
-        return b"".join(out)
+        return self._tagged(sequence, out)
 
     def final(self, sequence: int, final: inference_pb2.Final, sluice: dict[str, Any]) -> bytes:
         out = self._opening()
@@ -249,7 +259,7 @@ class MessageStreamRelay:
         }
         out.append(_event(b"message_delta", delta))
         out.append(_MESSAGE_STOP)
-        return b"".join(out)
+        return self._tagged(sequence, out)
 
     def replay(self, final: inference_pb2.Final, sluice: dict[str, Any]) -> bytes:
         usage = anthropic_usage(final.usage)
@@ -257,7 +267,7 @@ class MessageStreamRelay:
         return self._start(usage) + self.final(0, final, sluice)
 
     def failure(self, sequence: int, problem_json: bytes) -> bytes:
-        return b"event: error\ndata: %s\n\n" % problem_json
+        return self._tagged(sequence, [b"event: error\ndata: %s\n\n" % problem_json])
 
     def heartbeat(self) -> bytes:
         return b"".join(self._opening()) + _PING
@@ -291,8 +301,10 @@ def render_error(err: SluiceError, *, instance: str, request_id: str, trace_id: 
 
 
 ANTHROPIC = Dialect(
+    name="anthropic",
     body=message_body,
     stream=MessageStreamRelay,
     error=render_error,
     limit_headers=anthropic_rate_limit_headers,
+    error_media_type="application/json",
 )

@@ -15,6 +15,7 @@ from sluice.common.v1 import chat_pb2
 
 from services.gateway.domain.dialects.parsing import (
     SORTED_KEYS,
+    SluiceHintsIn,
     dumps_sorted,
     invalid_field,
     parse_model,
@@ -102,6 +103,8 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     parallel_tool_calls: bool | None = None
+    # Sluice's own member: what the caller asks of the answer (never sent upstream).
+    sluice: SluiceHintsIn | None = None
 
 
 def _parts(index: int, parts: list[dict[str, Any]]) -> list[chat_pb2.ContentPart]:

@@ -19,7 +19,7 @@ from services.gateway.domain.dialects.common import (
     final_sluice,
 )
 from services.gateway.domain.dialects.ratelimit import rate_limit_headers
-from services.gateway.domain.problems import render_problem
+from services.gateway.domain.problems import PROBLEM_CONTENT_TYPE, render_problem
 
 
 def openai_usage(u: chat_pb2.Usage) -> dict[str, Any]:
@@ -43,6 +43,35 @@ def _tool_calls_full(calls: Iterable[chat_pb2.ToolCall]) -> list[dict[str, Any]]
     ]
 
 
+def _token_json(token: chat_pb2.TokenLogprob) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "token": token.token,
+        "logprob": token.logprob,
+        "bytes": list(token.bytes) if token.bytes else None,
+    }
+    out["top_logprobs"] = [
+        {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes) if t.bytes else None}
+        for t in token.top_logprobs
+    ]
+    return out
+
+
+def logprobs_json(logprobs: chat_pb2.Logprobs) -> dict[str, Any]:
+    """OpenAI's ``choices[].logprobs`` object."""
+    return {
+        "content": [_token_json(t) for t in logprobs.content] or None,
+        "refusal": [_token_json(t) for t in logprobs.refusal] or None,
+    }
+
+
+def _choice_logprobs(meta: RequestMeta, holder: Any) -> dict[str, Any] | None:
+    # Only for a caller who asked: the gateway may ask the provider on its own, to
+    # measure confidence.
+    if not meta.checks.logprobs or not holder.HasField("logprobs"):
+        return None
+    return logprobs_json(holder.logprobs)
+
+
 def completion_body(meta: RequestMeta, final: inference_pb2.Final, *, cache_hit: bool) -> bytes:
     choices = []
     for c in final.choices:
@@ -58,7 +87,7 @@ def completion_body(meta: RequestMeta, final: inference_pb2.Final, *, cache_hit:
                 "index": c.index,
                 "message": message,
                 "finish_reason": c.finish_reason or "stop",
-                "logprobs": None,
+                "logprobs": _choice_logprobs(meta, c),
             }
         )
     body = {
@@ -155,6 +184,7 @@ class SseRelay:
             refusal=d.refusal,
             finish_reason=d.finish_reason,
         )
+        choice["logprobs"] = _choice_logprobs(self.meta, d)
         return self._event(sequence, self._chunk([choice]))
 
     def final(self, sequence: int, final: inference_pb2.Final, sluice: dict[str, Any]) -> bytes:
@@ -199,6 +229,7 @@ class SseRelay:
             choice = self._choice_delta(
                 c.index, content=c.content, tool_calls=c.tool_calls, refusal=c.refusal
             )
+            choice["logprobs"] = _choice_logprobs(self.meta, c)
             events.append(self._event(sequence, self._chunk([choice])))
         events.append(self.final(sequence + 1, final, sluice))
         return b"".join(events)
@@ -211,8 +242,10 @@ class SseRelay:
 
 
 OPENAI = Dialect(
+    name="openai",
     body=completion_body,
     stream=SseRelay,
     error=render_problem,
     limit_headers=rate_limit_headers,
+    error_media_type=PROBLEM_CONTENT_TYPE,
 )

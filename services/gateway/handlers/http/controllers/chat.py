@@ -10,7 +10,7 @@ from litestar import Controller, Request, Response, post
 from services.gateway.domain.dialects.common import RequestMeta
 from services.gateway.domain.dialects.openai.request import parse_body, to_chat_request
 from services.gateway.domain.exchange import Answer
-from services.gateway.domain.jobs.request import JobCreateRequest
+from services.gateway.domain.jobs.request import JobSpec
 from services.gateway.domain.tenancy.policy import Scope, require_scope
 from services.gateway.handlers.http import headers as h
 from services.gateway.handlers.http.deps import deps_of
@@ -53,7 +53,11 @@ class ChatController(Controller):
         deps = deps_of(request)
         ctx = request_context(request.scope)
         caller, raw = await authenticated_body(
-            request, deps.keys, deps.settings.max_body_bytes, Scope.CHAT
+            request,
+            deps.keys,
+            deps.settings.max_body_bytes,
+            Scope.CHAT,
+            scrub=deps.chat.guard.scrub,
         )
         key = caller.key
         headers = request.headers
@@ -66,7 +70,7 @@ class ChatController(Controller):
                 require_scope(key, Scope.JOBS)
                 return await deps.jobs.respond(
                     key,
-                    JobCreateRequest(request=body),
+                    JobSpec(to_chat_request(body), hints=h.answer_hints(headers, body.sluice)),
                     prefer=prefer,
                     priority=h.job_priority(key, headers, prefer),
                     trace_id=ctx.trace_id,
@@ -74,7 +78,12 @@ class ChatController(Controller):
                     end_user=caller.end_user,
                 )
             options = h.chat_options(
-                headers, key, deps.settings, instance=ctx.instance, end_user=caller.end_user
+                headers,
+                key,
+                deps.settings,
+                instance=ctx.instance,
+                end_user=caller.end_user,
+                hints=body.sluice,
             )
             meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model, notes=ctx.notes)
             return await deps.chat.complete(key, to_chat_request(body), meta, options)

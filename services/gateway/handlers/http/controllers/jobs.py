@@ -50,7 +50,11 @@ class JobsController(Controller):
         deps = deps_of(request)
         ctx = request_context(request.scope)
         caller, raw = await authenticated_body(
-            request, deps.keys, deps.settings.max_body_bytes, Scope.JOBS
+            request,
+            deps.keys,
+            deps.settings.max_body_bytes,
+            Scope.JOBS,
+            scrub=deps.chat.guard.scrub,
         )
         key = caller.key
         headers = request.headers
@@ -59,7 +63,7 @@ class JobsController(Controller):
         async def run() -> Answer:
             return await deps.jobs.respond(
                 key,
-                parse_job_body(raw),
+                parse_job_body(raw).spec(),
                 prefer=prefer,
                 priority=h.job_priority(key, headers, prefer),
                 trace_id=ctx.trace_id,

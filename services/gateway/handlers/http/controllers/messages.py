@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, Response, post
-from sluice.errors import ErrorCode, SluiceError
 
 from services.gateway.domain.dialects.anthropic.request import (
     VERSION_HEADER,
@@ -15,9 +14,12 @@ from services.gateway.domain.dialects.anthropic.request import (
 )
 from services.gateway.domain.dialects.anthropic.response import ANTHROPIC
 from services.gateway.domain.dialects.common import RequestMeta
-from services.gateway.domain.tenancy.policy import Scope
+from services.gateway.domain.exchange import Answer
+from services.gateway.domain.jobs.request import JobSpec
+from services.gateway.domain.tenancy.policy import Scope, require_scope
 from services.gateway.handlers.http import headers as h
 from services.gateway.handlers.http.deps import deps_of
+from services.gateway.handlers.http.idempotency import idempotent
 from services.gateway.handlers.http.middleware import request_context
 from services.gateway.handlers.http.requests import (
     authenticate_caller,
@@ -25,6 +27,7 @@ from services.gateway.handlers.http.requests import (
     read_body,
 )
 from services.gateway.handlers.http.responses import to_response
+from services.gateway.handlers.http.routes import MESSAGES_ROUTE
 
 
 class MessagesController(Controller):
@@ -52,9 +55,13 @@ class MessagesController(Controller):
         ``RateLimit`` fields, ``retry-after`` on 429. Errors are Anthropic error bodies
         (``{"type": "error", "error": {...}}``) with Sluice's ``code`` and ``trace_id``.
         ``Cache-Control``, ``X-Sluice-Semantic-Cache``, ``x-sluice-priority`` and
-        ``x-sluice-on-disconnect`` work as on chat completions. ``Idempotency-Key`` is
-        refused (400): its stored replays are chat completions. ``Prefer:
-        respond-async`` is not applied here (a job answers as a chat completion). Needs
+        ``x-sluice-on-disconnect`` work as on chat completions, and so do
+        ``Idempotency-Key`` (one run, the same message replayed, 409 while the first
+        runs, 422 for another body), resumable streams (``id:`` on the events,
+        ``GET /v1/streams/{id}`` with ``Last-Event-ID`` answers in this dialect) and
+        ``Prefer: respond-async`` / ``wait=N`` (a job whose result is a ``message``;
+        needs the ``jobs`` scope). The ``sluice`` status (status, errors, confidence,
+        requires_human_review) rides on every message, as on chat completions. Needs
         the ``chat`` scope; the key's model allow-list applies."""
         deps = deps_of(request)
         ctx = request_context(request.scope)
@@ -63,27 +70,56 @@ class MessagesController(Controller):
         headers = request.headers
         check_version(headers.get(VERSION_HEADER))
         check_content_type(headers.get("content-type"))
-        if h.IDEMPOTENCY_HEADER in headers:
-            raise SluiceError(
-                ErrorCode.INVALID_REQUEST,
-                "Idempotency-Key is supported on /v1/chat/completions only.",
-                param="Idempotency-Key",
-            )
         raw = await read_body(request, deps.settings.max_body_bytes)
         if ctx.notes.audit_prompts:
-            ctx.notes.prompt = raw.decode("utf-8", "replace")
-        body = parse_messages_body(raw)
-        ctx.notes.model = body.model
-        options = h.chat_options(
+            ctx.notes.prompt = deps.chat.guard.scrub(raw.decode("utf-8", "replace"))
+        prefer = h.prefer_of(headers)
+
+        async def run() -> Answer:
+            body = parse_messages_body(raw)
+            ctx.notes.model = body.model
+            chat_request = anthropic_to_chat_request(body)
+            if prefer.as_job:
+                require_scope(key, Scope.JOBS)
+                answer = await deps.jobs.respond(
+                    key,
+                    JobSpec(
+                        chat_request,
+                        dialect=ANTHROPIC.name,
+                        hints=h.answer_hints(headers, body.sluice),
+                    ),
+                    prefer=prefer,
+                    priority=h.job_priority(key, headers, prefer),
+                    trace_id=ctx.trace_id,
+                    tags=h.tags_of(headers),
+                    end_user=caller.end_user,
+                )
+                answer.headers["request-id"] = ctx.request_id
+                return answer
+            options = h.chat_options(
+                headers,
+                key,
+                deps.settings,
+                instance=ctx.instance,
+                dialect=ANTHROPIC,
+                end_user=caller.end_user,
+                hints=body.sluice,
+            )
+            meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model, notes=ctx.notes)
+            answer = await deps.chat.complete(key, chat_request, meta, options)
+            # Where the SDK looks for the request id (``message._request_id``).
+            answer.headers["request-id"] = ctx.request_id
+            return answer
+
+        answer = await idempotent(
+            deps.idempotency,
             headers,
-            key,
-            deps.settings,
-            instance=ctx.instance,
-            dialect=ANTHROPIC,
-            end_user=caller.end_user,
+            key=key,
+            ctx=ctx,
+            raw=raw,
+            route=MESSAGES_ROUTE,
+            run=run,
+            job=prefer.as_job,
+            dialect=ANTHROPIC.name,
         )
-        meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model, notes=ctx.notes)
-        answer = await deps.chat.complete(key, anthropic_to_chat_request(body), meta, options)
-        # Where the SDK looks for the request id (``message._request_id``).
-        answer.headers["request-id"] = ctx.request_id
         return to_response(answer)
