@@ -33,7 +33,8 @@ from sluice.topology import PriorityClass, Streams, Subjects
 
 from services.inference_worker.adapters.providers import ProviderPool
 from services.inference_worker.adapters.sink import NatsEventSink
-from services.inference_worker.domain.circuit import CircuitRegistry
+from services.inference_worker.adapters.breakers import SharedBreakers
+from services.inference_worker.domain.circuit import BreakerPolicy, CircuitRegistry
 from services.inference_worker.domain.engine import InferenceEngine
 from services.inference_worker.handlers.nats import WorkConsumer
 from services.inference_worker.settings import RetrySettings, WorkerSettings
@@ -135,12 +136,15 @@ class Worker:
     pool: ProviderPool
     engine: InferenceEngine
     consumer: WorkConsumer
+    shared: SharedBreakers | None = None
     stopped: bool = False
 
     async def stop(self, grace: float = 5.0) -> None:
         if not self.stopped:
             self.stopped = True
             await self.consumer.stop(grace)
+            if self.shared is not None:
+                await self.shared.stop()
             await self.pool.close()
 
 
@@ -178,6 +182,8 @@ async def make_worker(
 
     async def make(**overrides: Any) -> Worker:
         retry = overrides.pop("retry", RetrySettings(attempts=2, base_delay_ms=10, max_delay_ms=50))
+        # Opt in: the bucket outlives a test on the session's server.
+        share = overrides.pop("shared_breakers", False)
         settings = WorkerSettings(
             concurrency=overrides.pop("concurrency", 8),
             # Short polls: a stopping test worker waits for its open pulls to expire.
@@ -192,8 +198,19 @@ async def make_worker(
         )
         catalog = Catalog.load(config_dir / "providers.yaml")
         circuits = CircuitRegistry(
-            settings.circuit_failure_threshold, settings.circuit_cooldown_seconds
+            BreakerPolicy(
+                window=settings.circuit_window,
+                min_calls=settings.circuit_min_calls,
+                failure_rate=settings.circuit_failure_rate,
+                consecutive=settings.circuit_failure_threshold,
+                cooldown_seconds=settings.circuit_cooldown_seconds,
+                probes=settings.circuit_probes,
+            )
         )
+        shared = None
+        if share:
+            shared = SharedBreakers(bus, circuits, settings.common.instance_id)
+            await shared.start()
         pool = ProviderPool(catalog)
         engine = InferenceEngine(
             catalog=catalog,
@@ -207,7 +224,7 @@ async def make_worker(
         )
         consumer = WorkConsumer(bus, engine, settings)
         await consumer.start()
-        worker = Worker(bus, settings, catalog, circuits, pool, engine, consumer)
+        worker = Worker(bus, settings, catalog, circuits, pool, engine, consumer, shared)
         made.append(worker)
         return worker
 
