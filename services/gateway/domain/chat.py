@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from sluice import canonical
+from sluice import canonical, tokens
 from sluice.catalog import Catalog
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
@@ -38,6 +38,7 @@ from services.gateway.domain.ports import Admission, CacheLookup, StreamStore, W
 from services.gateway.domain.problems import failure_error, timeout_error
 from services.gateway.domain.relay.reader import DeadlineExceeded, EventReader
 from services.gateway.domain.relay.sse import StreamRelay
+from services.gateway.domain.routing import Resolution, facts_of, resolve
 from services.gateway.domain.tenancy.policy import check_model_allowed
 from services.gateway.domain.tenancy.resolve import Tenancy
 from services.gateway.domain.work import CacheInstruction, build_work, opened_event
@@ -61,6 +62,16 @@ class ChatOptions:
     tags: tuple[str, ...] = ()
     # The end user a JWT vouches for (its ``sub``); else the request's own ``user``.
     end_user: str = ""
+    # The x-sluice-route header: routing rules may match on it.
+    route_hint: str = ""
+
+
+# Set on an answer served by a route's last resort.
+STATUS_HEADER = "x-sluice-status"
+# The deployment that answered (non-streamed answers; a stream's headers leave first).
+DEPLOYMENT_HEADER = "x-sluice-deployment"
+# How much longer than the route's deadline the gateway waits for the worker's report.
+ROUTE_DEADLINE_GRACE_SECONDS = 1.0
 
 
 class ChatService:
@@ -99,7 +110,8 @@ class ChatService:
         """A request already normalised by its front door, answered in its dialect."""
         meta.model_requested = request.model
         check_model_allowed(key, request.model)
-        budget = self.budget(request)
+        routed, budget = await self.route(key, request, options.route_hint)
+        meta.route, meta.route_rule = routed.route.name, routed.rule
         end_user, tags = request_labels(request, options.tags, options.end_user)
         meta.prompt_tokens = budget.prompt_tokens
         policy = cache_policy(self.settings.cache_mode, request.sampling, options.cache_control)
@@ -123,6 +135,7 @@ class ChatService:
         )
         headers = admitted_headers(reservation, options.dialect.limit_headers)
         headers["x-sluice-cache"] = meta.cache
+        headers.update(routed.response_headers())
         if cached is not None:
             return await self._answer_from_cache(
                 key=key,
@@ -151,7 +164,50 @@ class ChatService:
             end_user=end_user,
             tags=tags,
         )
+        self._route_work(work, routed, key, request, cache_key)
         return await self._run(key, work, meta, headers, options)
+
+    async def route(
+        self, key: keys_pb2.ApiKeyRecord, request: chat_pb2.ChatRequest, hint: str
+    ) -> tuple[Resolution, TokenBudget]:
+        """The route that serves the request (rules, then lifecycle) and the request's
+        token budget on it, or the error a client must fix."""
+        prompt = tokens.count_chat(request)
+        tier = ""
+        if any(rule.tiers for rule in self.catalog.rules):
+            tier = await self.tenancy.tier_of(key)
+        routed = resolve(self.catalog, request.model, facts_of(request, prompt, tier, hint))
+        budget = check_model(
+            self.catalog,
+            request,
+            self.settings.default_max_output_tokens,
+            model=routed.route,
+            prompt=prompt,
+        )
+        return routed, budget
+
+    def _route_work(
+        self,
+        work: inference_pb2.InferenceWork,
+        routed: Resolution,
+        key: keys_pb2.ApiKeyRecord,
+        request: chat_pb2.ChatRequest,
+        cache_key: str,
+    ) -> None:
+        """The route on the work item, its deadline (the route's when shorter than the
+        gateway's), and the key a last resort may find a stored answer under."""
+        route = routed.route
+        work.route, work.route_rule = route.name, routed.rule
+        if route.deadline_seconds is not None:
+            work.deadline_unix_nanos = min(
+                work.deadline_unix_nanos,
+                work.enqueued_unix_nanos + int(route.deadline_seconds * 1e9),
+            )
+        resort = route.last_resort
+        if resort is not None and resort.cache:
+            work.last_resort_cache_key = cache_key or canonical.cache_key(
+                request, scope=key.team_id
+            )
 
     async def _admit(
         self,
@@ -212,6 +268,8 @@ class ChatService:
             trace_id=meta.trace_id,
             end_user=labels[0],
             tags=labels[1],
+            route=meta.route,
+            route_rule=meta.route_rule,
         )
         # What the answer cost when it was made is what this hit saved: exact when the
         # entry carries it (an entry cached before it did leaves the field unset, and
@@ -242,7 +300,15 @@ class ChatService:
         options: ChatOptions,
     ) -> Answer:
         request = work.request
-        deadline = time.monotonic() + self.settings.request_timeout_seconds
+        # The worker reports the route's deadline itself (model_timeout, with what it
+        # tried); the gateway waits a little longer so that its report arrives.
+        timeout = min(
+            self.settings.request_timeout_seconds,
+            (work.deadline_unix_nanos - work.enqueued_unix_nanos) / 1e9
+            + ROUTE_DEADLINE_GRACE_SECONDS,
+        )
+        deadline = time.monotonic() + timeout
+        meta.deadline_ms = int(timeout * 1000)
         opened = opened_event(meta.request_id, key, request, meta.created)
         try:
             live = await self.streams.open(opened)
@@ -275,7 +341,7 @@ class ChatService:
             first = await reader.next(self.settings.sse_heartbeat_seconds)
         except DeadlineExceeded:
             await live.close()
-            raise timeout_error(headers) from None
+            raise timeout_error(headers, meta.elapsed_ms(), meta.deadline_ms) from None
         except BaseException:
             await live.close()
             if options.on_disconnect is DisconnectPolicy.CANCEL:
@@ -284,6 +350,8 @@ class ChatService:
         if first is not None and first.HasField("failure"):
             await live.close()
             raise failure_error(first.failure, headers)
+        if first is not None and first.HasField("delta") and first.delta.degraded:
+            headers[STATUS_HEADER] = "degraded"
         renderer = options.dialect.stream(meta, include_usage=request.include_usage)
         stream = self.relay.relay(
             reader=reader,
@@ -304,12 +372,17 @@ class ChatService:
                 # Quiet for a heartbeat's time: the reader looks in the store, then waits on.
                 event = await reader.next(self.settings.sse_heartbeat_seconds)
             except DeadlineExceeded:
-                raise timeout_error(headers) from None
+                raise timeout_error(headers, meta.elapsed_ms(), meta.deadline_ms) from None
             finally:
                 self.relay.count_backfilled(reader)
             if event is None:
                 continue
             if event.HasField("final"):
-                return dialect.body(meta, event.final, cache_hit=False)
+                final = event.final
+                if final.deployment:
+                    headers[DEPLOYMENT_HEADER] = final.deployment
+                if final.status == "degraded":
+                    headers[STATUS_HEADER] = "degraded"
+                return dialect.body(meta, final, cache_hit=False)
             if event.HasField("failure"):
                 raise failure_error(event.failure, headers)

@@ -49,6 +49,14 @@ class RequestMeta:
     prompt_tokens: int = 0
     # The request's audit notes, which get the final usage and cost.
     notes: RequestNotes | None = None
+    # The route that serves it and the routing rule that chose it (domain.routing).
+    route: str = ""
+    route_rule: str = ""
+    # How long the gateway waits for the answer.
+    deadline_ms: int | None = None
+
+    def elapsed_ms(self) -> int:
+        return int((time.perf_counter() - self.started) * 1000)
 
     @property
     def completion_id(self) -> str:
@@ -111,7 +119,7 @@ def final_sluice(
     if meta.notes is not None:
         meta.notes.usage = final.usage
         meta.notes.cost_usd = 0.0 if cache_hit else final.cost_usd
-    return sluice_object(
+    sluice = sluice_object(
         meta,
         usage=final.usage,
         model_served=final.model_served or meta.model_requested,
@@ -120,6 +128,12 @@ def final_sluice(
         cost_usd=0.0 if cache_hit else final.cost_usd,
         timing=None if cache_hit else final.timing,
     )
+    if final.deployment and not cache_hit:
+        sluice["deployment"] = final.deployment
+    if final.status:
+        # A route's last resort answered (a stored or template answer): degraded.
+        sluice["status"] = final.status
+    return sluice
 
 
 class StreamRenderer(Protocol):

@@ -16,6 +16,7 @@ from services.gateway.domain.dialects.common import Dialect
 from services.gateway.domain.dialects.openai.response import OPENAI
 from services.gateway.domain.jobs.request import Prefer
 from services.gateway.domain.labels import TAGS_HEADER, parse_tags
+from services.gateway.domain.routing import ROUTE_HEADER
 from services.gateway.domain.work import resolve_priority
 from services.gateway.settings import GatewaySettings, SemanticCacheMode
 
@@ -119,6 +120,7 @@ def chat_options(
         lifecycle_events=IDEMPOTENCY_HEADER in headers,
         tags=tags_of(headers),
         end_user=end_user,
+        route_hint=headers.get(ROUTE_HEADER, "").strip()[:100],
     )
 
 
