@@ -434,10 +434,16 @@ def parse_catalog(text: str, source: str = "providers.yaml") -> Catalog:
         node = model_nodes[name]
         for fallback in model.fallbacks:
             if fallback not in models:
-                raise r.fail(node, f"model {name!r} falls back to unknown model {fallback!r}")
+                raise r.fail(
+                    _value_of(node, "fallbacks"),
+                    f"model {name!r} falls back to unknown model {fallback!r}",
+                )
         replacement = model.lifecycle.replacement
         if replacement and replacement not in models:
-            raise r.fail(node, f"model {name!r}: replacement {replacement!r} is not a model")
+            raise r.fail(
+                _value_of(node, "replacement"),
+                f"model {name!r}: replacement {replacement!r} is not a model",
+            )
     for name, deployment in deployments.items():
         replacement = deployment.lifecycle.replacement
         if replacement and replacement not in deployments and replacement not in models:
@@ -456,6 +462,15 @@ def parse_catalog(text: str, source: str = "providers.yaml") -> Catalog:
             seen.add(rule.name)
             rules.append(rule)
     return Catalog(providers, models, deployments, tuple(rules), deployment_routes)
+
+
+def _value_of(node: yaml.Node, key: str) -> yaml.Node:
+    """The value node of ``key`` in a mapping node (the mapping itself when absent)."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+                return value_node
+    return node
 
 
 def _provider(r: _Reader, name: str, node: yaml.Node) -> ProviderConfig:
