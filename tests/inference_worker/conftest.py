@@ -31,9 +31,9 @@ from sluice.settings import CommonSettings
 from sluice.telemetry import setup_telemetry
 from sluice.topology import PriorityClass, Streams, Subjects
 
+from services.inference_worker.adapters.breakers import SharedBreakers
 from services.inference_worker.adapters.providers import ProviderPool
 from services.inference_worker.adapters.sink import NatsEventSink
-from services.inference_worker.adapters.breakers import SharedBreakers
 from services.inference_worker.domain.circuit import BreakerPolicy, CircuitRegistry
 from services.inference_worker.domain.engine import InferenceEngine
 from services.inference_worker.handlers.nats import WorkConsumer
@@ -81,6 +81,65 @@ models:
   keyless:
     provider: keyless
     upstream_model: sim-fast
+  route-chain:
+    deadline_seconds: 8
+    chain:
+      - name: rc-slow
+        provider: sim
+        upstream_model: sim-fast
+        ttft_timeout_seconds: 0.3
+        timeout_seconds: 0.5
+        attempts: 1
+        params: {{sim: {{ttft_ms: 1500, output_tokens: 8}}}}
+      - name: rc-ok
+        provider: sim-backup
+        upstream_model: sim-fast
+  route-cut:
+    chain:
+      - name: cut-first
+        provider: sim
+        upstream_model: sim-fast
+        params: {{sim: {{fault: cut, cut_after: 3, output_tokens: 12}}}}
+      - name: cut-spare
+        provider: sim-backup
+        upstream_model: sim-fast
+  route-resort:
+    last_resort: {{template: "Busy; try later.", cache: true}}
+    chain:
+      - {{name: rr-dead, provider: dead, upstream_model: x, attempts: 1}}
+  route-client:
+    last_resort: {{template: "Busy; try later."}}
+    chain:
+      - {{name: rcl-sim, provider: sim, upstream_model: sim-fast}}
+  route-503:
+    last_resort: {{cache: false, retry_after_seconds: 9}}
+    chain:
+      - {{name: r503-dead, provider: dead, upstream_model: x, attempts: 1}}
+  route-deadline:
+    deadline_seconds: 0.6
+    chain:
+      - name: rd-slow
+        provider: sim
+        upstream_model: sim-fast
+        params: {{sim: {{ttft_ms: 3000}}}}
+  route-budget:
+    retry_budget: {{seconds: 0}}
+    chain:
+      - name: rb-fail
+        provider: sim
+        upstream_model: sim-fast
+        attempts: 3
+        params: {{sim: {{fault: "500"}}}}
+      - {{name: rb-ok, provider: sim-backup, upstream_model: sim-fast}}
+  route-usd:
+    retry_budget: {{usd: 0}}
+    chain:
+      - name: ru-fail
+        provider: sim
+        upstream_model: sim-fast
+        attempts: 1
+        params: {{sim: {{fault: "503"}}}}
+      - {{name: ru-ok, provider: sim-backup, upstream_model: sim-fast}}
 """
 
 

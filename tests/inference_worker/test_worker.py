@@ -4,9 +4,9 @@ simulated provider."""
 from __future__ import annotations
 
 import asyncio
-import time
 import secrets
 import statistics
+import time
 import uuid
 
 import pytest

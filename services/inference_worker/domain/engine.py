@@ -424,7 +424,10 @@ class InferenceEngine:
         """504 model_timeout: how long the request has run and what its deadline was."""
         began = req.picked_up - req.queue_wait_us / 1e6
         elapsed_ms = int((time.monotonic() - began) * 1000)
-        deadline_ms = int(((req.deadline or time.monotonic()) - began) * 1000)
+        if req.deadline_budget_s is not None:
+            deadline_ms = round(req.deadline_budget_s * 1000)
+        else:
+            deadline_ms = round(((req.deadline or time.monotonic()) - began) * 1000)
         route = req.route.name if req.route is not None else req.work.request.model
         return UpstreamFailure(
             SluiceError(
@@ -743,7 +746,7 @@ class InferenceEngine:
         ) as span:
             try:
                 try:
-                    async with asyncio.timeout(
+                    async with asyncio.timeout_at(
                         None if first_bound is None else loop.time() + first_bound
                     ) as bound:
                         on_delta: Callable[[inference_pb2.Delta], Awaitable[None]] | None = None
