@@ -74,6 +74,12 @@ DEPLOYMENT_HEADER = "x-sluice-deployment"
 ROUTE_DEADLINE_GRACE_SECONDS = 1.0
 
 
+def cache_scope(team_id: str, asked: str, route: str) -> str:
+    """The exact cache's scope: the team, and the route when a rule or a sunset chose
+    another than the model asked for (the answers of two routes are not the same)."""
+    return team_id if route == asked else f"{team_id}|route:{route}"
+
+
 class ChatService:
     def __init__(
         self,
@@ -116,7 +122,8 @@ class ChatService:
         meta.prompt_tokens = budget.prompt_tokens
         policy = cache_policy(self.settings.cache_mode, request.sampling, options.cache_control)
         cacheable = policy.lookup or policy.store
-        cache_key = canonical.cache_key(request, scope=key.team_id) if cacheable else ""
+        scope = cache_scope(key.team_id, request.model, routed.route.name)
+        cache_key = canonical.cache_key(request, scope=scope) if cacheable else ""
         # Only for requests the exact cache takes, and only when asked: otherwise the
         # messages carry empty fields and nobody embeds anything.
         query = (
@@ -205,9 +212,8 @@ class ChatService:
             )
         resort = route.last_resort
         if resort is not None and resort.cache:
-            work.last_resort_cache_key = cache_key or canonical.cache_key(
-                request, scope=key.team_id
-            )
+            scope = cache_scope(key.team_id, request.model, route.name)
+            work.last_resort_cache_key = cache_key or canonical.cache_key(request, scope=scope)
 
     async def _admit(
         self,
