@@ -62,7 +62,7 @@ class WorkerSettings(BaseSettings):
     # bounds); closed again by circuit_probes successful probe(s) after the cooldown.
     circuit_failure_threshold: int = Field(default=5, ge=1)
     circuit_window: int = Field(default=20, ge=1)
-    circuit_min_calls: int = Field(default=5, ge=1)
+    circuit_min_calls: int = Field(default=10, ge=1)
     circuit_failure_rate: float = Field(default=0.5, gt=0.0, le=1.0)
     circuit_cooldown_seconds: float = Field(default=15.0, gt=0.0)
     circuit_probes: int = Field(default=1, ge=1)

@@ -42,8 +42,9 @@ async def test_interrupted_stream_is_not_retried_and_marks_its_deployment(
     assert result.deltas, "output reached the client before the cut"
     assert result.failure.problem.code == "upstream_stream_interrupted"
     breaker = worker.circuits.get("cut-first")
-    assert breaker.current() is CircuitState.OPEN and breaker.reason == "stream_interrupted"
-    # The next request avoids the deployment.
+    assert breaker.avoided() and breaker.reason == "stream_interrupted"
+    assert breaker.failures_total == 1
+    # The next request avoids the deployment: the other one answers, first try.
     result = await run(bus, new_work(model="route-cut", stream=True))
     assert (result.final.deployment, result.final.attempts) == ("cut-spare", 1)
 

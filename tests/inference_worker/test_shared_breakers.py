@@ -43,6 +43,9 @@ models:
 """
 
 
+started: list[ServiceProcess] = []
+
+
 @pytest.fixture
 async def stack(nats_server: EmbeddedNats, sim_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
     config = tmp_path / "config"
@@ -64,6 +67,10 @@ async def stack(nats_server: EmbeddedNats, sim_url: str, tmp_path: Path) -> Asyn
         yield stack
     finally:
         stack.stop_all()
+        # Stack keeps one process per service name: stop the other worker too.
+        for proc in started:
+            if proc.process.poll() is None:
+                proc.stop()
 
 
 async def deployments(stack: Stack, proc: ServiceProcess) -> dict[str, inference_pb2.BreakerRecord]:
@@ -95,6 +102,7 @@ async def test_a_breaker_opened_for_latency_by_one_worker_is_honoured_by_another
         await kv.purge(name)
     first = stack.start(ServiceName.INFERENCE_WORKER)
     second = stack.start(ServiceName.INFERENCE_WORKER)
+    started.extend((first, second))
     await asyncio.gather(wait_serving(stack, first), wait_serving(stack, second))
 
     result = await run(bus, new_work(model="shared-route"), timeout=15)

@@ -95,6 +95,23 @@ def test_an_interrupted_stream_trips_at_once_and_shared_state_is_followed() -> N
     assert remote.current() is CircuitState.CLOSED
 
 
+def test_an_interrupted_stream_marks_its_deployment_avoided_and_shares_it() -> None:
+    clock = Clock()
+    circuits, changes = registry(clock, cooldown_seconds=8)
+    breaker = circuits.get("heavy")
+    breaker.mark_interrupted()
+    # Not open (a route with nothing else still uses it), but tried after the others.
+    assert breaker.current() is CircuitState.CLOSED and breaker.avoided()
+    assert changes[-1].reason == "stream_interrupted" and changes[-1].avoid_for == 8
+    step = CATALOG.models["main"].steps[0]
+    assert {Balancer(circuits).order(step)[0].name for _ in range(30)} == {"light"}
+    other, _ = registry(clock)
+    other.get("heavy").apply_shared(CircuitState.CLOSED, 0, "stream_interrupted", 8)
+    assert other.get("heavy").avoided()
+    clock.now += 8
+    assert not breaker.avoided()
+
+
 def test_success_of_a_call_begun_before_the_breaker_opened_does_not_close_it() -> None:
     clock = Clock()
     circuits, _ = registry(clock, consecutive=1, cooldown_seconds=5)

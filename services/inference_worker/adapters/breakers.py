@@ -69,6 +69,9 @@ class SharedBreakers:
             worker=self._worker,
             changed_unix_nanos=now,
             failure_rate=transition.failure_rate,
+            avoid_until_unix_nanos=now + int(transition.avoid_for * 1e9)
+            if transition.avoid_for > 0
+            else 0,
         )
         task = asyncio.get_running_loop().create_task(self._write(record))
         self._writes.add(task)
@@ -99,9 +102,11 @@ class SharedBreakers:
             state = CircuitState(record.state)
         except ValueError:
             return
-        open_for = max(0.0, (record.open_until_unix_nanos - time.time_ns()) / 1e9)
+        now = time.time_ns()
+        open_for = max(0.0, (record.open_until_unix_nanos - now) / 1e9)
+        avoid_for = max(0.0, (record.avoid_until_unix_nanos - now) / 1e9)
         self._circuits.get(record.deployment, record.provider).apply_shared(
-            state, open_for, record.reason
+            state, open_for, record.reason, avoid_for
         )
         self.applied += 1
 
@@ -122,6 +127,9 @@ def breaker_records(circuits: CircuitRegistry) -> list[inference_pb2.BreakerReco
                 else 0,
                 reason=breaker.reason,
                 failure_rate=breaker.failure_rate(),
+                avoid_until_unix_nanos=now + int(breaker.avoid_for() * 1e9)
+                if breaker.avoided()
+                else 0,
             )
         )
     return out

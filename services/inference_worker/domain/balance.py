@@ -5,7 +5,7 @@ times as often as one of weight 1), so that load spreads as configured and every
 deployment stays a fallback for the others. ``latency``: the lowest smoothed latency
 (time to first token, or the whole answer when not streamed) first; a deployment not
 yet measured goes first so that it gets measured. Either way, deployments whose breaker
-is open go last: they are skipped quickly, and tried only when nothing else is left.
+is open go last (they are skipped quickly), after those marked avoided.
 """
 
 from __future__ import annotations
@@ -29,11 +29,17 @@ class Balancer:
                 deployments.sort(key=self._latency)
             else:
                 deployments = self._weighted(deployments)
-        return sorted(deployments, key=self._is_open)
+        return sorted(deployments, key=self._rank)
 
-    def _is_open(self, deployment: Deployment) -> bool:
+    def avoided(self, deployment: Deployment) -> bool:
         breaker = self._circuits.breakers.get(deployment.name)
-        return breaker is not None and breaker.current() is CircuitState.OPEN
+        return breaker is not None and breaker.avoided()
+
+    def _rank(self, deployment: Deployment) -> tuple[bool, bool]:
+        breaker = self._circuits.breakers.get(deployment.name)
+        if breaker is None:
+            return (False, False)
+        return (breaker.current() is CircuitState.OPEN, breaker.avoided())
 
     def _latency(self, deployment: Deployment) -> float:
         breaker = self._circuits.breakers.get(deployment.name)

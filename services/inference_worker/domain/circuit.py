@@ -7,7 +7,9 @@ it. The breaker opens when ``consecutive`` calls in a row fail, or when at least
 ``min_calls`` were seen and the share of failures reaches ``failure_rate``; it stays
 open for ``cooldown_seconds``, then lets ``probes`` calls through (half-open): a probe
 that succeeds closes it, one that fails opens it again. A stream cut after output
-reached the client opens it at once (``trip``): the next request avoids the deployment.
+reached the client counts as a failure and marks the deployment avoided for a cooldown
+(``mark_interrupted``): the next requests try every other deployment of their route
+first, and use it only when nothing else answers.
 
 Every change of state is handed to ``on_change`` (the worker writes it to the
 ``sluice_breakers`` bucket); what another worker wrote arrives through ``apply_shared``,
@@ -38,7 +40,7 @@ class TripReason(StrEnum):
 @dataclass(frozen=True)
 class BreakerPolicy:
     window: int = 20
-    min_calls: int = 5
+    min_calls: int = 10
     failure_rate: float = 0.5
     consecutive: int = 5
     cooldown_seconds: float = 15.0
@@ -55,6 +57,8 @@ class Transition:
     open_for: float
     reason: str
     failure_rate: float
+    # Seconds the deployment is tried only after every other one (stream interrupted).
+    avoid_for: float = 0.0
 
 
 @dataclass
@@ -74,6 +78,7 @@ class CircuitBreaker:
     latency_ewma: float | None = None
     _outcomes: deque[bool] = field(default_factory=deque, repr=False)
     _open_until: float = field(default=0.0, repr=False)
+    _avoid_until: float = field(default=0.0, repr=False)
     _probes: int = field(default=0, repr=False)
 
     # --- reading --------------------------------------------------------------------
@@ -89,6 +94,13 @@ class CircuitBreaker:
         if self.state is not CircuitState.OPEN:
             return 0.0
         return max(0.0, self._open_until - self.clock())
+
+    def avoided(self) -> bool:
+        """Marked after a stream it served broke: tried after every other deployment."""
+        return self.clock() < self._avoid_until
+
+    def avoid_for(self) -> float:
+        return max(0.0, self._avoid_until - self.clock())
 
     def failure_rate(self) -> float:
         return sum(self._outcomes) / len(self._outcomes) if self._outcomes else 0.0
@@ -149,13 +161,28 @@ class CircuitBreaker:
             self._close()
 
     def trip(self, reason: TripReason) -> None:
-        """Open now, whatever the counts: the next requests avoid this deployment."""
+        """Open now, whatever the counts."""
         self._open(reason, self.policy.cooldown_seconds)
+
+    def mark_interrupted(self) -> None:
+        """A stream this deployment served broke after output reached the client: the
+        failure counts, and for a cooldown the next requests try every other deployment
+        of their route first (a route with no other still uses it, rather than fail)."""
+        self._avoid_until = self.clock() + self.policy.cooldown_seconds
+        was_open = self.state is CircuitState.OPEN
+        self.record_failure(TripReason.STREAM_INTERRUPTED)
+        if not was_open and self.state is not CircuitState.OPEN:
+            self.reason = str(TripReason.STREAM_INTERRUPTED)
+            self._notify(0.0)
 
     # --- shared state ---------------------------------------------------------------
 
-    def apply_shared(self, state: CircuitState, open_for: float, reason: str) -> None:
+    def apply_shared(
+        self, state: CircuitState, open_for: float, reason: str, avoid_for: float = 0.0
+    ) -> None:
         """Another worker's view: follow it without announcing it again."""
+        if avoid_for > 0:
+            self._avoid_until = self.clock() + avoid_for
         if state is CircuitState.OPEN and open_for > 0:
             self.state = CircuitState.OPEN
             self._open_until = self.clock() + open_for
@@ -200,6 +227,7 @@ class CircuitBreaker:
                     open_for,
                     self.reason,
                     self.failure_rate(),
+                    self.avoid_for(),
                 )
             )
 

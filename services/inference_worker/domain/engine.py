@@ -399,7 +399,27 @@ class InferenceEngine:
 
         last: UpstreamFailure | None = None
         last_target: _Target | None = None
+        for target in self._targets(route):
+            outcome, failure = await self._try_deployment(req, target)
+            if outcome is not None:
+                return outcome
+            assert failure is not None
+            last, last_target = failure, target
+            if not failure.try_fallback or self._past_deadline(req) or _budget_spent(failure):
+                return await self._exhausted(req, last, last_target)
+        if last is None:
+            last = UpstreamFailure(
+                SluiceError(ErrorCode.UPSTREAM_UNAVAILABLE, "no deployment is available")
+            )
+        return await self._exhausted(req, last, last_target)
+
+    def _targets(self, route: ModelConfig) -> list[_Target]:
+        """The deployments to try, in order: each step's as balanced, a sunset one
+        replaced, each once; those marked avoided (a stream of theirs broke lately)
+        after all the others."""
         tried: set[str] = set()
+        first: list[_Target] = []
+        deferred: list[_Target] = []
         for served, step in self.catalog.chain(route):
             for deployment in self.balancer.order(step):
                 live = self._live(deployment)
@@ -407,18 +427,8 @@ class InferenceEngine:
                     continue
                 tried.add(live.name)
                 target = _Target(route, served, live)
-                outcome, failure = await self._try_deployment(req, target)
-                if outcome is not None:
-                    return outcome
-                assert failure is not None
-                last, last_target = failure, target
-                if not failure.try_fallback or self._past_deadline(req) or _budget_spent(failure):
-                    return await self._exhausted(req, last, last_target)
-        if last is None:
-            last = UpstreamFailure(
-                SluiceError(ErrorCode.UPSTREAM_UNAVAILABLE, "no deployment is available")
-            )
-        return await self._exhausted(req, last, last_target)
+                (deferred if self.balancer.avoided(live) else first).append(target)
+        return first + deferred
 
     def _deadline_failure(self, req: _Request, when: str) -> UpstreamFailure:
         """504 model_timeout: how long the request has run and what its deadline was."""
@@ -598,17 +608,17 @@ class InferenceEngine:
                 failure = exc
                 if req.first_failure_at is None:
                     req.first_failure_at = time.monotonic()
-                if exc.latency:
+                if exc.relayed and exc.counts_against_circuit:
+                    # Output reached the client: no retry can hide this any more, and
+                    # the next requests try the route's other deployments first.
+                    breaker.mark_interrupted()
+                elif exc.latency:
                     breaker.record_failure(TripReason.LATENCY)
                 elif exc.counts_against_circuit:
                     breaker.record_failure(TripReason.ERRORS)
                 else:
                     breaker.record_neutral()
                 if exc.relayed:
-                    # Output reached the client: no retry can hide this any more, and
-                    # the next requests avoid this deployment.
-                    if exc.counts_against_circuit:
-                        breaker.trip(TripReason.STREAM_INTERRUPTED)
                     return await self._fail(req, exc, target), None
                 if exc.latency and self._past_deadline(req):
                     return None, self._deadline_failure(req, "while a deployment was slow")

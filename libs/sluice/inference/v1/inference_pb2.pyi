@@ -415,6 +415,7 @@ class BreakerRecord(_message.Message):
     WORKER_FIELD_NUMBER: _builtins.int
     CHANGED_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     FAILURE_RATE_FIELD_NUMBER: _builtins.int
+    AVOID_UNTIL_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     deployment: _builtins.str
     provider: _builtins.str
     state: _builtins.str
@@ -428,6 +429,11 @@ class BreakerRecord(_message.Message):
     changed_unix_nanos: _builtins.int
     failure_rate: _builtins.float
     """Failures over calls in the breaker's window when it changed."""
+    avoid_until_unix_nanos: _builtins.int
+    """Until when (Unix nanoseconds) requests try the deployment only after every other
+    deployment of their route: a stream it was serving broke after output reached the
+    client (reason stream_interrupted).
+    """
     def __init__(
         self,
         *,
@@ -439,10 +445,11 @@ class BreakerRecord(_message.Message):
         worker: _builtins.str = ...,
         changed_unix_nanos: _builtins.int = ...,
         failure_rate: _builtins.float = ...,
+        avoid_until_unix_nanos: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_unix_nanos", b"changed_unix_nanos", "deployment", b"deployment", "failure_rate", b"failure_rate", "open_until_unix_nanos", b"open_until_unix_nanos", "provider", b"provider", "reason", b"reason", "state", b"state", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avoid_until_unix_nanos", b"avoid_until_unix_nanos", "changed_unix_nanos", b"changed_unix_nanos", "deployment", b"deployment", "failure_rate", b"failure_rate", "open_until_unix_nanos", b"open_until_unix_nanos", "provider", b"provider", "reason", b"reason", "state", b"state", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
