@@ -202,3 +202,41 @@ async def test_readyz_is_degraded_while_a_breaker_is_open(stack: FullStack) -> N
     opened = {d["deployment"]: d for d in report["open_deployments"]}
     assert opened["down-dead"]["state"] == "open" and opened["down-dead"]["reason"] == "errors"
     assert "down" in report["routes_down"] and "main" not in report["routes_down"]
+
+
+async def test_a_rule_never_opens_a_route_the_key_may_not_use(stack: FullStack) -> None:
+    secret = "sk-sluice-routes-allow-" + "0" * 16
+    await stack.add_key(
+        secret, key_id="routes-allow", team_id="routes-other", scopes=["chat"], model_allow=["main"]
+    )
+    async with stack.client(secret) as http:
+
+        async def allowed() -> httpx.Response | None:
+            resp = await http.post("/v1/chat/completions", json=body("main", "allow-list"))
+            return resp if resp.status_code == 200 else None
+
+        await wait_for(allowed, what="the new key")
+        hinted = await http.post(
+            "/v1/chat/completions",
+            json=body("main", "allow-list"),
+            headers={"x-sluice-route": "cheap"},
+        )
+    assert hinted.status_code == 403
+    assert hinted.json()["code"] == "model_not_allowed" and "cheap" in hinted.json()["detail"]
+
+
+async def test_jobs_follow_routes_and_lifecycle(stack: FullStack) -> None:
+    async with stack.client() as http:
+        retired = await http.post("/v1/jobs", json={"request": body("gone-pin")})
+        assert retired.status_code == 410 and retired.json()["code"] == "model_retired"
+        job = await http.post("/v1/jobs", json={"request": body("gone", "a job")})
+        assert job.status_code == 202, job.text
+        job_id = job.json()["id"]
+
+        async def done() -> dict[str, Any] | None:
+            found: dict[str, Any] = (await http.get(f"/v1/jobs/{job_id}")).json()
+            return found if found["status"] in {"completed", "failed"} else None
+
+        finished = await wait_for(done, what="the job")
+    assert finished["status"] == "completed", finished
+    assert finished["result"]["model"] == "main"

@@ -171,7 +171,7 @@ class ChatService:
             end_user=end_user,
             tags=tags,
         )
-        self._route_work(work, routed, key, request, cache_key)
+        self.route_work(work, routed, key, request, cache_key)
         return await self._run(key, work, meta, headers, options)
 
     async def route(
@@ -184,6 +184,9 @@ class ChatService:
         if any(rule.tiers for rule in self.catalog.rules):
             tier = await self.tenancy.tier_of(key)
         routed = resolve(self.catalog, request.model, facts_of(request, prompt, tier, hint))
+        if routed.route.name != request.model:
+            # A rule (or the hint a client sends) never opens a route the key may not use.
+            check_model_allowed(key, routed.route.name)
         budget = check_model(
             self.catalog,
             request,
@@ -193,19 +196,22 @@ class ChatService:
         )
         return routed, budget
 
-    def _route_work(
+    def route_work(
         self,
         work: inference_pb2.InferenceWork,
         routed: Resolution,
         key: keys_pb2.ApiKeyRecord,
         request: chat_pb2.ChatRequest,
         cache_key: str,
+        *,
+        queued: bool = False,
     ) -> None:
         """The route on the work item, its deadline (the route's when shorter than the
-        gateway's), and the key a last resort may find a stored answer under."""
+        gateway's; not for ``queued`` work, a job, whose deadline the worker counts from
+        its pickup), and the key a last resort may find a stored answer under."""
         route = routed.route
         work.route, work.route_rule = route.name, routed.rule
-        if route.deadline_seconds is not None:
+        if route.deadline_seconds is not None and not queued:
             work.deadline_unix_nanos = min(
                 work.deadline_unix_nanos,
                 work.enqueued_unix_nanos + int(route.deadline_seconds * 1e9),

@@ -388,8 +388,11 @@ class InferenceEngine:
             )
         req.route = route
         if route.deadline_seconds is not None:
-            # The route's deadline counts from the request's arrival, not its pickup.
+            # The route's deadline counts from the request's arrival (its caller waits),
+            # a batch job's from its pickup (it queues by design).
             began = req.picked_up - req.queue_wait_us / 1e6
+            if work.priority == chat_pb2.PRIORITY_BATCH:
+                began = req.picked_up
             route_deadline = began + route.deadline_seconds
             if req.deadline is None or route_deadline < req.deadline:
                 req.deadline = route_deadline
