@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 from sluice import grpc_edge
@@ -132,6 +133,19 @@ async def test_a_breaker_opened_for_latency_by_one_worker_is_honoured_by_another
     print(f"honoured by the other worker {lag * 1000:.0f} ms after it opened")
     assert lag < 1.0, f"honoured {lag:.3f} s after it opened"
     assert held.open_until_unix_nanos > time.time_ns() + 50e9
+
+    # And in its metrics: 2 is open.
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{other.metrics_port}/metrics") as resp,
+    ):
+        exposition = await resp.text()
+    [line] = [
+        x
+        for x in exposition.splitlines()
+        if x.startswith("sluice_breaker_state") and 'deployment="shared-slow"' in x
+    ]
+    assert float(line.rsplit(" ", 1)[1]) == 2.0
 
     # Every request now goes straight to the healthy deployment, whichever worker takes it.
     results = await asyncio.gather(
