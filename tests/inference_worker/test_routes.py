@@ -18,13 +18,16 @@ async def test_slow_deployment_is_cut_at_its_bound_and_the_next_answers(
     worker = await make_worker(circuit_failure_threshold=2)
     for stream in (True, False):
         work = new_work(model="route-chain", stream=stream)
+        # As the gateway sends it when a routing rule chose the route.
+        work.route, work.route_rule = "route-chain", "a-rule"
         result = await run(bus, work)
         final = result.final
         assert (final.deployment, final.attempts, final.model_served) == ("rc-ok", 2, "route-chain")
         # Nothing of the slow deployment reached the stream.
         assert all(e.WhichOneof("body") != "failure" for e in result.events)
         [usage] = await usage_events(bus, work.key_id)
-        assert (usage.route, usage.deployment, usage.attempts) == ("route-chain", "rc-ok", 2)
+        assert (usage.route, usage.route_rule) == ("route-chain", "a-rule")
+        assert (usage.deployment, usage.attempts) == ("rc-ok", 2)
         assert usage.outcome == "completed"
     slow = worker.circuits.get("rc-slow")
     # Two attempts over the bound (the first token's, then the whole answer's): open.
