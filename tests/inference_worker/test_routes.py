@@ -23,8 +23,12 @@ async def test_slow_deployment_is_cut_at_its_bound_and_the_next_answers(
         result = await run(bus, work)
         final = result.final
         assert (final.deployment, final.attempts, final.model_served) == ("rc-ok", 2, "route-chain")
-        # Nothing of the slow deployment reached the stream.
+        # Nothing of the slow deployment reached the stream; the first delta names who
+        # answered.
         assert all(e.WhichOneof("body") != "failure" for e in result.events)
+        if stream:
+            assert result.deltas[0].deployment == "rc-ok"
+            assert not any(d.deployment for d in result.deltas[1:])
         [usage] = await usage_events(bus, work.key_id)
         assert (usage.route, usage.route_rule) == ("route-chain", "a-rule")
         assert (usage.deployment, usage.attempts) == ("rc-ok", 2)

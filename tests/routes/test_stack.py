@@ -109,6 +109,11 @@ async def test_route_rule_and_deployment_are_named(stack: FullStack) -> None:
         assert "x-sluice-route-rule" not in plain.headers
         assert plain.headers["x-sluice-deployment"] == "main-sim"
         assert plain.json()["sluice"]["deployment"] == "main-sim"
+        async with http.stream(
+            "POST", "/v1/chat/completions", json=body("main", "streamed", stream=True)
+        ) as streamed:
+            assert streamed.headers["x-sluice-deployment"] == "main-sim"
+            await streamed.aread()
         hinted = await http.post(
             "/v1/chat/completions", json=body("main"), headers={"x-sluice-route": "cheap"}
         )
@@ -170,6 +175,7 @@ async def test_last_resort_stored_answer_then_template_then_503(stack: FullStack
                 "POST", "/v1/chat/completions", json={**other, "stream": True}
             ) as streamed:
                 assert streamed.headers["x-sluice-status"] == "degraded"
+                assert streamed.headers["x-sluice-deployment"] == "last_resort:template"
                 text = (await streamed.aread()).decode()
             assert "Busy; try later." in text and "[DONE]" in text
         finally:

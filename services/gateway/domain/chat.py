@@ -68,7 +68,7 @@ class ChatOptions:
 
 # Set on an answer served by a route's last resort.
 STATUS_HEADER = "x-sluice-status"
-# The deployment that answered (non-streamed answers; a stream's headers leave first).
+# The deployment that answered (a stream's: the one that sent its first token).
 DEPLOYMENT_HEADER = "x-sluice-deployment"
 # How much longer than the route's deadline the gateway waits for the worker's report.
 ROUTE_DEADLINE_GRACE_SECONDS = 1.0
@@ -362,8 +362,11 @@ class ChatService:
         if first is not None and first.HasField("failure"):
             await live.close()
             raise failure_error(first.failure, headers)
-        if first is not None and first.HasField("delta") and first.delta.degraded:
-            headers[STATUS_HEADER] = "degraded"
+        if first is not None and first.HasField("delta"):
+            if first.delta.deployment:
+                headers[DEPLOYMENT_HEADER] = first.delta.deployment
+            if first.delta.degraded:
+                headers[STATUS_HEADER] = "degraded"
         renderer = options.dialect.stream(meta, include_usage=request.include_usage)
         stream = self.relay.relay(
             reader=reader,

@@ -208,6 +208,12 @@ class _DeltaRelay:
 
     async def _publish(self, delta: inference_pb2.Delta) -> None:
         req = self._req
+        if req.sequence == 0 and req.target is not None:
+            # A copy: the provider keeps the delta it handed over.
+            first = inference_pb2.Delta()
+            first.CopyFrom(delta)
+            first.deployment = req.target.deployment.name
+            delta = first
         req.relayed.add(delta)
         req.sequence += 1
         await self._sink.stream_event(
@@ -524,6 +530,7 @@ class InferenceEngine:
                             refusal=choice.refusal,
                             finish_reason=choice.finish_reason or "stop",
                             degraded=True,
+                            deployment=label if req.sequence == 1 else "",
                         ),
                     ),
                 )

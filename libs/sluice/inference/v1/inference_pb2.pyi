@@ -127,6 +127,7 @@ class Delta(_message.Message):
     REFUSAL_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
     choice_index: _builtins.int
     role: _builtins.str
     content: _builtins.str
@@ -137,6 +138,10 @@ class Delta(_message.Message):
     """Set on the deltas of a last-resort answer (a cached or template answer served
     after every deployment of the route failed): the gateway marks the response
     degraded before its status line is sent.
+    """
+    deployment: _builtins.str
+    """Set on the first delta of an answer: the deployment serving it (the gateway names
+    it in x-sluice-deployment before a stream's status line is sent).
     """
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[_chat_pb2.ToolCall]: ...
@@ -150,10 +155,11 @@ class Delta(_message.Message):
         refusal: _builtins.str = ...,
         finish_reason: _builtins.str = ...,
         degraded: _builtins.bool = ...,
+        deployment: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice_index", b"choice_index", "content", b"content", "degraded", b"degraded", "finish_reason", b"finish_reason", "refusal", b"refusal", "role", b"role", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice_index", b"choice_index", "content", b"content", "degraded", b"degraded", "deployment", b"deployment", "finish_reason", b"finish_reason", "refusal", b"refusal", "role", b"role", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
