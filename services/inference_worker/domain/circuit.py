@@ -120,6 +120,10 @@ class CircuitBreaker:
             return True
         return False
 
+    def release(self) -> None:
+        """A call that was allowed but never finished (cancelled): its probe is free."""
+        self._probes = max(0, self._probes - 1)
+
     def observe_latency(self, seconds: float) -> None:
         self.latency_ewma = (
             seconds if self.latency_ewma is None else 0.8 * self.latency_ewma + 0.2 * seconds

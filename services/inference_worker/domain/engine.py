@@ -593,6 +593,11 @@ class InferenceEngine:
         failure: UpstreamFailure | None = None
         attempts = deployment.attempts or max(1, self.retry.attempts)
         for attempt in range(1, attempts + 1):
+            if self._past_deadline(req):
+                return None, self._deadline_failure(req, "before the provider answered")
+            spent, cost = self._budget_check(req, target)
+            if spent is not None:
+                return None, spent
             if not breaker.allow():
                 return None, UpstreamFailure(
                     SluiceError(
@@ -606,14 +611,14 @@ class InferenceEngine:
                         retry_after_ms=max(1000, int(breaker.open_for() * 1000)),
                     )
                 )
-            if self._past_deadline(req):
-                return None, self._deadline_failure(req, "before the provider answered")
-            spent = self._budget_spent(req, target)
-            if spent is not None:
-                return None, spent
+            req.retry_spend_nanos += cost
             req.attempts += 1
             try:
                 answer = await self._call(req, target, attempt)
+            except asyncio.CancelledError:
+                # A cancelled call says nothing of the deployment; a probe it held is free.
+                breaker.release()
+                raise
             except UpstreamFailure as exc:
                 failure = exc
                 if req.first_failure_at is None:
@@ -647,44 +652,37 @@ class InferenceEngine:
             return await self._complete(req, target, answer), None
         return None, failure
 
-    def _budget_spent(self, req: _Request, target: _Target) -> UpstreamFailure | None:
+    def _budget_check(self, req: _Request, target: _Target) -> tuple[UpstreamFailure | None, int]:
         """A call after the first must fit the route's retry budget: started within its
         seconds of the first failure, and its cost (the prompt and the output asked for,
-        at the route's prices) within its dollars with the retries before it."""
+        at the route's prices) within its dollars with the retries before it. Returns
+        the failure, or the call's cost to count once it is made."""
         route = req.route
         if req.attempts == 0 or route is None:
-            return None
+            return None, 0
         if route.retry_budget_seconds is not None and req.first_failure_at is not None:
             used = time.monotonic() - req.first_failure_at
             if used > route.retry_budget_seconds:
-                return _budget_failure(
-                    "seconds",
-                    {
-                        "used_ms": int(used * 1000),
-                        "budget_ms": int(route.retry_budget_seconds * 1000),
-                    },
-                )
-        if route.retry_budget_usd is not None:
-            request = req.work.request
-            usage = chat_pb2.Usage(
-                input_tokens=tokens.count_chat(request),
-                output_tokens=request.sampling.max_tokens
-                if request.sampling.HasField("max_tokens")
-                else 0,
-            )
-            cost = self.prices.price(target.served, usage).total_nanos
-            budget = int(route.retry_budget_usd * NANOS_PER_USD)
-            if req.retry_spend_nanos + cost > budget:
-                return _budget_failure(
-                    "usd",
-                    {
-                        "spent_usd_nanos": req.retry_spend_nanos,
-                        "next_call_usd_nanos": cost,
-                        "budget_usd_nanos": budget,
-                    },
-                )
-            req.retry_spend_nanos += cost
-        return None
+                details = {
+                    "used_ms": int(used * 1000),
+                    "budget_ms": int(route.retry_budget_seconds * 1000),
+                }
+                return _budget_failure("seconds", details), 0
+        if route.retry_budget_usd is None:
+            return None, 0
+        request = req.work.request
+        asked = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else 0
+        usage = chat_pb2.Usage(input_tokens=tokens.count_chat(request), output_tokens=asked)
+        cost = self.prices.price(target.served, usage).total_nanos
+        budget = int(route.retry_budget_usd * NANOS_PER_USD)
+        if req.retry_spend_nanos + cost > budget:
+            details = {
+                "spent_usd_nanos": req.retry_spend_nanos,
+                "next_call_usd_nanos": cost,
+                "budget_usd_nanos": budget,
+            }
+            return _budget_failure("usd", details), 0
+        return None, cost
 
     def _missing_key(self, provider: str) -> UpstreamFailure | None:
         """A deployment that needs a key this process was not given fails at once, by
