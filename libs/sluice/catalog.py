@@ -204,7 +204,7 @@ class Catalog:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise CatalogError(f"{path}: cannot read it ({exc.strerror})") from None
-        return parse_catalog(text, path.name)
+        return parse_catalog(text, str(path))
 
     def model(self, name: str) -> ModelConfig | None:
         """The route named ``name``, or an exact pin of the deployment of that name."""

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -25,6 +26,7 @@ from nats.aio.msg import Msg
 
 from sluice import __version__, grpc_edge
 from sluice.bus import Bus
+from sluice.catalog import CatalogError
 from sluice.common.v1 import chat_pb2
 from sluice.consumers import ConsumerBroker
 from sluice.logging import configure_logging
@@ -183,10 +185,16 @@ class ServiceRuntime:
 
 
 def run_service(main: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-    """Entry point helper: run ``main`` on uvloop when available."""
+    """Entry point helper: run ``main`` on uvloop when available. A mistake in the
+    catalogue ends the process with its file and line, not a traceback."""
     try:
-        import uvloop
+        try:
+            import uvloop
 
-        uvloop.run(main())
-    except ImportError:  # pragma: no cover - uvloop is a declared dependency
-        asyncio.run(main())
+            uvloop.run(main())
+        except ImportError:  # pragma: no cover - uvloop is a declared dependency
+            asyncio.run(main())
+    except CatalogError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from None

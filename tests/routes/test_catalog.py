@@ -3,6 +3,10 @@ that name the file and the line."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -144,3 +148,31 @@ def test_mistakes_name_the_file_and_line(body: str, line: int, words: str) -> No
 def test_a_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
     with pytest.raises(CatalogError, match=r"providers\.yaml: cannot read it"):
         Catalog.load(tmp_path / "providers.yaml")
+
+
+def test_a_service_started_on_a_bad_catalogue_names_the_line_and_stops(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "config", tmp_path, dirs_exist_ok=True)
+    text = (tmp_path / "providers.yaml").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    line = next(i for i, x in enumerate(lines) if x.strip().startswith("ttft_timeout_seconds:"))
+    lines[line] = lines[line].split(":")[0] + ": soon"
+    (tmp_path / "providers.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    env = {
+        **os.environ,
+        "SLUICE_CONFIG_DIR": str(tmp_path),
+        "SLUICE_STATE_DIR": str(tmp_path / "state"),
+        "SLUICE_NATS_URL": "nats://127.0.0.1:1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "services.inference_worker"],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert f"providers.yaml:{line + 1}: " in done.stderr
+    assert "ttft_timeout_seconds must be a number" in done.stderr
+    assert "Traceback" not in done.stderr
