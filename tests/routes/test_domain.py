@@ -112,6 +112,17 @@ def test_an_interrupted_stream_marks_its_deployment_avoided_and_shares_it() -> N
     assert not breaker.avoided()
 
 
+def test_a_probe_that_was_never_made_is_released() -> None:
+    clock = Clock()
+    circuits, _ = registry(clock, consecutive=1, cooldown_seconds=5)
+    breaker = circuits.get("d")
+    breaker.record_failure()
+    clock.now += 5
+    assert breaker.allow() and not breaker.allow()
+    breaker.release()  # the probe's call was cancelled
+    assert breaker.allow()
+
+
 def test_success_of_a_call_begun_before_the_breaker_opened_does_not_close_it() -> None:
     clock = Clock()
     circuits, _ = registry(clock, consecutive=1, cooldown_seconds=5)
