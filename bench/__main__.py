@@ -16,7 +16,9 @@ provider calls and latency, coalesced and not, bench/coalesce.py), ``priority``
 bench/semcache.py, no product) and ``consumers`` (CPU per message of faststream against
 nats-py, core request/reply and JetStream pulls, bench/consumers.py, on a NATS server of
 its own) and ``ledger`` (usage events per second the cost-trackers drain into SQLite and
-PostgreSQL, bench/ledger.py, on a NATS and a PostgreSQL server of their own).
+PostgreSQL, bench/ledger.py, on a NATS and a PostgreSQL server of their own) and ``chaos``
+(a route whose primary fails 5% of its calls and stalls 5%, over the simulator: share
+answered and p99 against the primary's, bench/chaos.py, on a product of its own).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import Any
 import aiohttp
 from sluice.devtools.embedded import free_port
 
-from bench import coalesce, consumers, jobs, ledger, resume, semcache, spans, streams
+from bench import chaos, coalesce, consumers, jobs, ledger, resume, semcache, spans, streams
 from bench.load import (
     Sample,
     Target,
@@ -664,6 +666,23 @@ async def main_async(args: argparse.Namespace) -> int:
                         open_rate=args.stream_open_rate,
                     )
                 )
+    if "chaos" in only:
+        with tempfile.TemporaryDirectory(prefix="sluice-bench-config-") as config:
+            async with running(chaos.product_env(Path(config))) as product:
+                section(
+                    f"Chaos: a route's primary fails {chaos.ERROR_RATE:.0%} (5xx) and stalls "
+                    f"{chaos.STALL_RATE:.0%} of its calls, {args.chaos_rate:g} requests/s for "
+                    f"{args.chaos_seconds:g} s each run (bench/chaos.py)"
+                )
+                print(
+                    await chaos.chaos_table(
+                        product.gateway,
+                        product.simulator,
+                        API_KEY,
+                        rate=args.chaos_rate,
+                        seconds=args.chaos_seconds,
+                    )
+                )
     if "spans" in only:
         section("Tracing: one span, started, ended and serialised (bench/spans.py)")
         print(spans.spans_table())
@@ -702,12 +721,13 @@ SECTIONS = (
     "semcache",
     "consumers",
     "ledger",
+    "chaos",
 )
 # Full run, and --quick: (seconds, job seconds, reconnects, batch jobs, interactive
 # seconds, streams, stream tokens/s, stream seconds, consumer rounds, consumer requests,
-# consumer messages, ledger rounds, ledger events).
-FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0, 5, 5000, 8192, 3, 20000)
-QUICK = (3.0, 2.0, 50, 300, 5.0, 200, 10.0, 5.0, 3, 1000, 2048, 1, 5000)
+# consumer messages, ledger rounds, ledger events, chaos seconds).
+FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0, 5, 5000, 8192, 3, 20000, 25.0)
+QUICK = (3.0, 2.0, 50, 300, 5.0, 200, 10.0, 5.0, 3, 1000, 2048, 1, 5000, 8.0)
 
 
 def _sections(value: str) -> set[str]:
@@ -772,6 +792,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--ledger-events", type=int, help="usage events per ledger run (20000; quick 5000)"
     )
+    parser.add_argument(
+        "--chaos-rate", type=float, default=40, help="chaos requests per second (40)"
+    )
+    parser.add_argument("--chaos-seconds", type=float, help="per chaos run (25; quick 8)")
     args = parser.parse_args(argv)
     names = (
         "seconds",
@@ -787,6 +811,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "consumer_messages",
         "ledger_rounds",
         "ledger_events",
+        "chaos_seconds",
     )
     for name, value in zip(names, QUICK if args.quick else FULL, strict=True):
         if getattr(args, name) is None:

@@ -63,6 +63,8 @@ class ErrorCode(StrEnum):
     INSUFFICIENT_CONFIDENCE = "insufficient_confidence"
     CONTENT_FILTER_TRIGGERED = "content_filter_triggered"
     UNSUPPORTED_CONTENT = "unsupported_content"
+    MODEL_TIMEOUT = "model_timeout"
+    MODEL_RETIRED = "model_retired"
 
 
 CATALOGUE: dict[ErrorCode, ErrorSpec] = {
@@ -191,6 +193,25 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "overloaded_error",
         retryable=True,
         rpc_code=code_pb2.UNAVAILABLE,
+    ),
+    ErrorCode.MODEL_TIMEOUT: ErrorSpec(
+        504,
+        "Model deadline passed",
+        "The route's total deadline (details.deadline_ms) passed before any deployment "
+        "answered: retry later, ask for fewer tokens, or submit the request as a job.",
+        "api_error",
+        "api_error",
+        retryable=True,
+        rpc_code=code_pb2.DEADLINE_EXCEEDED,
+    ),
+    ErrorCode.MODEL_RETIRED: ErrorSpec(
+        410,
+        "Model retired",
+        "This model passed its sunset date: ask for the model named in details.replacement "
+        "(GET /v1/models lists what is served).",
+        "invalid_request_error",
+        "not_found_error",
+        rpc_code=code_pb2.FAILED_PRECONDITION,
     ),
     ErrorCode.UPSTREAM_TIMEOUT: ErrorSpec(
         504,

@@ -7,7 +7,7 @@ reader turns dots into underscores and appends units (``gen_ai_client_token_usag
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -124,3 +124,36 @@ def instruments() -> Instruments:
             description="Stream events the live relay missed and read back from the store",
         ),
     )
+
+
+Reading = tuple[float, Mapping[str, str]]
+
+
+class _Gauges:
+    """Observable gauges read from callbacks, one instrument per name for the process
+    (several services, or several workers in a test, may register readers)."""
+
+    def __init__(self) -> None:
+        self._readers: dict[str, list[Callable[[], Iterable[Reading]]]] = {}
+
+    def add(
+        self, name: str, unit: str, description: str, reader: Callable[[], Iterable[Reading]]
+    ) -> None:
+        readers = self._readers.get(name)
+        if readers is None:
+            readers = self._readers[name] = []
+
+            def observe(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+                return [
+                    metrics.Observation(value, dict(attrs))
+                    for read in list(readers)
+                    for value, attrs in read()
+                ]
+
+            metrics.get_meter("sluice").create_observable_gauge(
+                name, callbacks=[observe], unit=unit, description=description
+            )
+        readers.append(reader)
+
+
+GAUGES = _Gauges()

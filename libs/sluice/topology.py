@@ -306,6 +306,13 @@ class Buckets:
         description="Standard Webhooks signing secret by team; disabled endpoints",
     )
 
+    # One BreakerRecord per deployment, written by the worker whose breaker changed
+    # state; every worker watches it (a deployment one replica finds failing or slow is
+    # skipped by all), and the gateway's /readyz reads it.
+    BREAKERS = BucketSpec(
+        "sluice_breakers", description="BreakerRecord by deployment name (shared breakers)"
+    )
+
     ALL: tuple[BucketSpec, ...] = (
         API_KEYS,
         EXACT_CACHE,
@@ -315,6 +322,7 @@ class Buckets:
         WEBHOOK_SECRETS,
         TEAMS,
         COALESCE,
+        BREAKERS,
     )
 
 

@@ -29,7 +29,7 @@ from services.gateway.adapters.job_store import KvJobStore
 from services.gateway.adapters.keys import KvKeyStore, bootstrap_admin_key, bootstrap_dev_key
 from services.gateway.adapters.lifecycle import NatsLifecycle
 from services.gateway.adapters.limiter import LimiterClient
-from services.gateway.adapters.readiness import Readiness
+from services.gateway.adapters.readiness import BreakerBoard, Readiness
 from services.gateway.adapters.streams import NatsStreams
 from services.gateway.adapters.teams import KvTeamStore
 from services.gateway.adapters.usage import UsageClient
@@ -203,6 +203,8 @@ async def assemble(
         schedule=settings.webhook_retry_schedule,
         record=jobs.record_webhook_attempt,
     )
+    # The deployments' breakers as the workers share them (/readyz).
+    breakers = BreakerBoard(bus)
     api = ApiDeps(
         settings=settings,
         keys=authenticator,
@@ -210,7 +212,7 @@ async def assemble(
         resumer=resumer,
         jobs=jobs,
         idempotency=idempotency,
-        readiness=Readiness(bus, settings.readiness_cache_seconds),
+        readiness=Readiness(bus, settings.readiness_cache_seconds, breakers=breakers),
         instruments=inst,
         models_body=models_list_body(catalog),
         usage=UsageReports(UsageClient(bus, settings.usage_timeout_seconds)),
@@ -218,6 +220,7 @@ async def assemble(
         admin=AdminService(teams=teams, keys=keys, audit_log=audit_log, tiers=tiers),
     )
     consumers: list[Consumer] = [
+        breakers,
         job_tracker(broker, jobs),  # type: ignore[list-item]
         webhook_sender(broker, deliverer),  # type: ignore[list-item]
     ]

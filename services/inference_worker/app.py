@@ -16,9 +16,10 @@ from sluice.pricing import PriceTable
 from sluice.service import ServiceRuntime
 from sluice.topology import ServiceName
 
+from services.inference_worker.adapters.breakers import SharedBreakers, breaker_gauge
 from services.inference_worker.adapters.providers import ProviderPool
 from services.inference_worker.adapters.sink import NatsEventSink
-from services.inference_worker.domain.circuit import CircuitRegistry
+from services.inference_worker.domain.circuit import BreakerPolicy, CircuitRegistry
 from services.inference_worker.domain.engine import InferenceEngine
 from services.inference_worker.handlers.grpc import provider_health_service
 from services.inference_worker.handlers.nats import WorkConsumer
@@ -34,8 +35,16 @@ class WorkerService:
         self.catalog = Catalog.load(config_dir / "providers.yaml")
         self.prices = PriceTable.load(config_dir / "prices.yaml")
         self.circuits = CircuitRegistry(
-            settings.circuit_failure_threshold, settings.circuit_cooldown_seconds
+            BreakerPolicy(
+                window=settings.circuit_window,
+                min_calls=settings.circuit_min_calls,
+                failure_rate=settings.circuit_failure_rate,
+                consecutive=settings.circuit_failure_threshold,
+                cooldown_seconds=settings.circuit_cooldown_seconds,
+                probes=settings.circuit_probes,
+            )
         )
+        self.shared: SharedBreakers | None = None
         self.pool = ProviderPool(self.catalog)
         self.runtime = ServiceRuntime(
             ServiceName.INFERENCE_WORKER,
@@ -48,6 +57,9 @@ class WorkerService:
 
     async def start(self) -> None:
         bus = await self.runtime.start([provider_health_service(self.catalog, self.circuits)])
+        self.shared = SharedBreakers(bus, self.circuits, self.settings.common.instance_id)
+        await self.shared.start()
+        breaker_gauge(self.circuits)
         sink = NatsEventSink(
             bus,
             usage_timeout=self.settings.usage_publish_timeout_seconds,
@@ -79,6 +91,8 @@ class WorkerService:
             # Leave a second of the runtime's grace for the nak and pool closing.
             grace = max(0.0, self.settings.common.shutdown_grace_seconds - 1.0)
             await self.consumer.stop(grace)
+        if self.shared is not None:
+            await self.shared.stop()
         await self.pool.close()
 
     async def stop(self) -> None:

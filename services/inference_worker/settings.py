@@ -56,7 +56,15 @@ class WorkerSettings(BaseSettings):
     pending_poll_seconds: float = 5.0
     usage_publish_timeout_seconds: float = 5.0
     usage_publish_attempts: int = 5
-    circuit_failure_threshold: int = 5
-    circuit_cooldown_seconds: float = 15.0
+    # Breakers, one per deployment (domain/circuit.py): open after this many failures in
+    # a row, or when at least circuit_min_calls of the last circuit_window calls were
+    # seen and circuit_failure_rate of them failed (errors, or slower than the route's
+    # bounds); closed again by circuit_probes successful probe(s) after the cooldown.
+    circuit_failure_threshold: int = Field(default=5, ge=1)
+    circuit_window: int = Field(default=20, ge=1)
+    circuit_min_calls: int = Field(default=10, ge=1)
+    circuit_failure_rate: float = Field(default=0.5, gt=0.0, le=1.0)
+    circuit_cooldown_seconds: float = Field(default=15.0, gt=0.0)
+    circuit_probes: int = Field(default=1, ge=1)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     common: CommonSettings = Field(default_factory=CommonSettings)

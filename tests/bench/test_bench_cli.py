@@ -43,8 +43,14 @@ def test_consumer_options_follow_the_presets() -> None:
 
 def test_ledger_options_follow_the_presets() -> None:
     full, quick = parse_args([]), parse_args(["--quick", "--ledger-events", "3000"])
-    assert (full.ledger_rounds, full.ledger_events) == FULL[11:]
+    assert (full.ledger_rounds, full.ledger_events) == FULL[11:13]
     assert (quick.ledger_rounds, quick.ledger_events) == (QUICK[11], 3000)
+
+
+def test_chaos_options_follow_the_presets() -> None:
+    full, quick = parse_args(["--only", "chaos"]), parse_args(["--quick", "--chaos-rate", "10"])
+    assert full.only == {"chaos"} and (full.chaos_seconds, full.chaos_rate) == (FULL[13], 40)
+    assert (quick.chaos_seconds, quick.chaos_rate) == (QUICK[13], 10)
 
 
 @pytest.mark.slow

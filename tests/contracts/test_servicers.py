@@ -142,7 +142,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
         cache_admin_service(lambda: cache),
         usage_service(ledger, feed),
         provider_health_service(
-            Catalog.load(REPO / "config" / "providers.yaml"), CircuitRegistry(5, 15.0)
+            Catalog.load(REPO / "config" / "providers.yaml"), CircuitRegistry()
         ),
     ]
     server = grpc_edge.server(TOKEN, tracer=provider.get_tracer("test"))

@@ -238,9 +238,12 @@ async def test_silent_worker_times_out_with_504(bus, tmp_path):
     gw.fake.scenario = silent
     try:
         async with gw.authed() as http:
-            assert_problem(await http.post(CHAT, json=chat_body()), 504, "upstream_timeout")
+            problem = assert_problem(await http.post(CHAT, json=chat_body()), 504, "model_timeout")
+            # How long it ran and what the deadline was (the request timeout here).
+            assert problem["details"]["deadline_ms"] == 400
+            assert problem["details"]["elapsed_ms"] >= 400
             resp = await http.post(CHAT, json=chat_body(stream=True))
-            assert_problem(resp, 504, "upstream_timeout")
+            assert_problem(resp, 504, "model_timeout")
     finally:
         await gw.fake.stop()
 

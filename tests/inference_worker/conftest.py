@@ -31,9 +31,10 @@ from sluice.settings import CommonSettings
 from sluice.telemetry import setup_telemetry
 from sluice.topology import PriorityClass, Streams, Subjects
 
+from services.inference_worker.adapters.breakers import SharedBreakers
 from services.inference_worker.adapters.providers import ProviderPool
 from services.inference_worker.adapters.sink import NatsEventSink
-from services.inference_worker.domain.circuit import CircuitRegistry
+from services.inference_worker.domain.circuit import BreakerPolicy, CircuitRegistry
 from services.inference_worker.domain.engine import InferenceEngine
 from services.inference_worker.handlers.nats import WorkConsumer
 from services.inference_worker.settings import RetrySettings, WorkerSettings
@@ -80,6 +81,65 @@ models:
   keyless:
     provider: keyless
     upstream_model: sim-fast
+  route-chain:
+    deadline_seconds: 8
+    chain:
+      - name: rc-slow
+        provider: sim
+        upstream_model: sim-fast
+        ttft_timeout_seconds: 0.3
+        timeout_seconds: 0.5
+        attempts: 1
+        params: {{sim: {{ttft_ms: 1500, output_tokens: 8}}}}
+      - name: rc-ok
+        provider: sim-backup
+        upstream_model: sim-fast
+  route-cut:
+    chain:
+      - name: cut-first
+        provider: sim
+        upstream_model: sim-fast
+        params: {{sim: {{fault: cut, cut_after: 3, output_tokens: 12}}}}
+      - name: cut-spare
+        provider: sim-backup
+        upstream_model: sim-fast
+  route-resort:
+    last_resort: {{template: "Busy; try later.", cache: true}}
+    chain:
+      - {{name: rr-dead, provider: dead, upstream_model: x, attempts: 1}}
+  route-client:
+    last_resort: {{template: "Busy; try later."}}
+    chain:
+      - {{name: rcl-sim, provider: sim, upstream_model: sim-fast}}
+  route-503:
+    last_resort: {{cache: false, retry_after_seconds: 9}}
+    chain:
+      - {{name: r503-dead, provider: dead, upstream_model: x, attempts: 1}}
+  route-deadline:
+    deadline_seconds: 0.6
+    chain:
+      - name: rd-slow
+        provider: sim
+        upstream_model: sim-fast
+        params: {{sim: {{ttft_ms: 3000}}}}
+  route-budget:
+    retry_budget: {{seconds: 0}}
+    chain:
+      - name: rb-fail
+        provider: sim
+        upstream_model: sim-fast
+        attempts: 3
+        params: {{sim: {{fault: "500"}}}}
+      - {{name: rb-ok, provider: sim-backup, upstream_model: sim-fast}}
+  route-usd:
+    retry_budget: {{usd: 0}}
+    chain:
+      - name: ru-fail
+        provider: sim
+        upstream_model: sim-fast
+        attempts: 1
+        params: {{sim: {{fault: "503"}}}}
+      - {{name: ru-ok, provider: sim-backup, upstream_model: sim-fast}}
 """
 
 
@@ -135,12 +195,15 @@ class Worker:
     pool: ProviderPool
     engine: InferenceEngine
     consumer: WorkConsumer
+    shared: SharedBreakers | None = None
     stopped: bool = False
 
     async def stop(self, grace: float = 5.0) -> None:
         if not self.stopped:
             self.stopped = True
             await self.consumer.stop(grace)
+            if self.shared is not None:
+                await self.shared.stop()
             await self.pool.close()
 
 
@@ -178,6 +241,8 @@ async def make_worker(
 
     async def make(**overrides: Any) -> Worker:
         retry = overrides.pop("retry", RetrySettings(attempts=2, base_delay_ms=10, max_delay_ms=50))
+        # Opt in: the bucket outlives a test on the session's server.
+        share = overrides.pop("shared_breakers", False)
         settings = WorkerSettings(
             concurrency=overrides.pop("concurrency", 8),
             # Short polls: a stopping test worker waits for its open pulls to expire.
@@ -192,8 +257,19 @@ async def make_worker(
         )
         catalog = Catalog.load(config_dir / "providers.yaml")
         circuits = CircuitRegistry(
-            settings.circuit_failure_threshold, settings.circuit_cooldown_seconds
+            BreakerPolicy(
+                window=settings.circuit_window,
+                min_calls=settings.circuit_min_calls,
+                failure_rate=settings.circuit_failure_rate,
+                consecutive=settings.circuit_failure_threshold,
+                cooldown_seconds=settings.circuit_cooldown_seconds,
+                probes=settings.circuit_probes,
+            )
         )
+        shared = None
+        if share:
+            shared = SharedBreakers(bus, circuits, settings.common.instance_id)
+            await shared.start()
         pool = ProviderPool(catalog)
         engine = InferenceEngine(
             catalog=catalog,
@@ -207,7 +283,7 @@ async def make_worker(
         )
         consumer = WorkConsumer(bus, engine, settings)
         await consumer.start()
-        worker = Worker(bus, settings, catalog, circuits, pool, engine, consumer)
+        worker = Worker(bus, settings, catalog, circuits, pool, engine, consumer, shared)
         made.append(worker)
         return worker
 

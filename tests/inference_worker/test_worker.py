@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import statistics
+import time
 import uuid
 
 import pytest
@@ -283,7 +284,8 @@ async def test_circuit_opens_and_is_reported(bus: Bus, make_worker: WorkerFactor
     for _ in range(2):
         result = await run(bus, new_work(model="dead-chain"))
         assert result.final.model_served == "sim-fast"
-    breaker = worker.circuits.get("dead")
+    # Breakers are per deployment; a one-deployment model's deployment is named after it.
+    breaker = worker.circuits.get("dead-chain")
     assert breaker.current() is CircuitState.OPEN
     # While open, the dead provider is skipped without a call.
     calls = breaker.requests_total
@@ -296,13 +298,19 @@ async def test_circuit_opens_and_is_reported(bus: Bus, make_worker: WorkerFactor
     states = {p.provider: p for p in health.providers}
     assert states["dead"].circuit == "open" and states["dead"].failures_total >= 3
     assert states["sim"].circuit == "closed" and "sim-fast" in states["sim"].models
+    deployments = {d.deployment: d for d in health.deployments}
+    assert deployments["dead-chain"].state == "open"
+    assert deployments["dead-chain"].reason == "errors"
+    assert deployments["dead-chain"].open_until_unix_nanos > time.time_ns()
 
 
 async def test_deadline_passed_in_queue(bus: Bus, make_worker: WorkerFactory) -> None:
     await make_worker()
     work = new_work(deadline_s=-1)
     result = await run(bus, work)
-    assert result.failure.problem.code == "upstream_timeout"
+    problem = result.failure.problem
+    assert problem.code == "model_timeout" and problem.http_status == 504
+    assert int(problem.details["elapsed_ms"]) >= int(problem.details["deadline_ms"])
 
 
 async def test_shutdown_naks_unfinished_work_and_another_worker_restarts_it(

@@ -63,7 +63,14 @@ class FullStack:
         return int(stats["by_id"].get(sim_id, 0))
 
     async def add_key(
-        self, secret: str, *, key_id: str, team_id: str, scopes: list[str], tier: str = ""
+        self,
+        secret: str,
+        *,
+        key_id: str,
+        team_id: str,
+        scopes: list[str],
+        tier: str = "",
+        model_allow: list[str] | None = None,
     ) -> None:
         """A second API key, written straight into the key bucket as the gateway reads it."""
         bus = await Bus.connect(self.nats.url, "tests-keys")
@@ -77,6 +84,7 @@ class FullStack:
                 name=key_id,
                 scopes=scopes,
                 tier=tier,
+                model_allow=model_allow or [],
                 created_unix=int(time.time()),
             )
             await kv.put(digest, record.SerializeToString())

@@ -32,7 +32,14 @@ gateway's tokenizer over the message contents (plus OpenAI's chat framing), outp
 tokens as the number of tokens emitted. ``GET /_sim/stats`` returns request counts
 (total and by ``sim.id``), and per ``sim.id`` the tokens streamed, the streams the
 client closed early (``aborted_by_id``) and the requests that carried a prefill;
-``POST /_sim/reset`` clears them.
+``POST /_sim/reset`` clears them (and the chaos below).
+
+Chaos by upstream model, for drills and the chaos benchmark: ``POST /_sim/chaos`` with
+``{"models": {"<model>": {"error_rate": 0.05, "stall_rate": 0.05, "stall_ms": 3000,
+"seed": 1}}}`` makes that share of the calls naming the model (without a ``sim.fault``
+of their own) fail with a 500 or 503, and that share hold their response headers for
+``stall_ms`` (a provider gone slow); ``{"models": {}}`` ends it. ``GET /_sim/stats``
+counts the injected faults by model (``chaos_by_model``).
 
 Run ``sluice simulator --port 8090`` or, in-process, ``await start_simulator(port)``.
 """
@@ -146,9 +153,11 @@ class SimStats:
     tokens_by_id: Counter[str] = field(default_factory=Counter)
     aborted_by_id: Counter[str] = field(default_factory=Counter)
     prefill_by_id: Counter[str] = field(default_factory=Counter)
+    chaos_by_model: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "chaos_by_model": dict(self.chaos_by_model),
             "total": self.total,
             "by_id": dict(self.by_id),
             "faults": dict(self.faults),
@@ -179,6 +188,24 @@ class Plan:
     # The answer's text when sim.replies chose one.
     reply: str | None = None
     logprob: float = -0.05
+
+
+@dataclass(frozen=True)
+class Chaos:
+    """Faults drawn at random for the calls naming one upstream model."""
+
+    error_rate: float = 0.0
+    stall_rate: float = 0.0
+    stall_ms: float = 3000.0
+    rng: random.Random = field(default_factory=random.Random, compare=False)
+
+    def draw(self) -> tuple[str, float] | None:
+        roll = self.rng.random()
+        if roll < self.error_rate:
+            return ("500" if self.rng.random() < 0.5 else "503"), 0.0
+        if roll < self.error_rate + self.stall_rate:
+            return "connect_timeout", self.stall_ms
+        return None
 
 
 class SimError(Exception):
@@ -279,6 +306,7 @@ class Simulator:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.stats = SimStats()
+        self.chaos: dict[str, Chaos] = {}
         self._models_body = _ENCODER.encode(
             {
                 "object": "list",
@@ -295,6 +323,7 @@ class Simulator:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/_sim/stats", self.get_stats)
         app.router.add_post("/_sim/reset", self.reset)
+        app.router.add_post("/_sim/chaos", self.set_chaos)
         app.router.add_get("/health", self.health)
         return app
 
@@ -311,6 +340,30 @@ class Simulator:
 
     async def reset(self, _request: web.Request) -> web.Response:
         self.stats = SimStats()
+        self.chaos = {}
+        return web.Response(body=b"{}", headers=_JSON_HEADERS)
+
+    async def set_chaos(self, request: web.Request) -> web.Response:
+        try:
+            body = _DECODER.decode(await request.read())
+            models = body["models"]
+            chaos = {
+                str(name): Chaos(
+                    error_rate=float(spec.get("error_rate", 0.0)),
+                    stall_rate=float(spec.get("stall_rate", 0.0)),
+                    stall_ms=float(spec.get("stall_ms", 3000.0)),
+                    rng=random.Random(spec.get("seed")),
+                )
+                for name, spec in models.items()
+            }
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError):
+            return SimError(
+                400,
+                'expected {"models": {"<model>": {"error_rate": r, "stall_rate": r, '
+                '"stall_ms": ms, "seed": n}}}',
+                "invalid_request_error",
+            ).response()
+        self.chaos = chaos
         return web.Response(body=b"{}", headers=_JSON_HEADERS)
 
     # --- chat -----------------------------------------------------------------------
@@ -337,6 +390,14 @@ class Simulator:
                     400, "sim.fail_times needs sim.id", "invalid_request_error", param="sim.id"
                 )
             fault = (fault or "500") if self.stats.by_id[sim_id] <= _int(fail_times, 0) else None
+        hold_ms = _float(sim.get("hold_ms"), cfg.hold_ms)
+        chaos = self.chaos.get(str(body.get("model", "")))
+        if fault is None and chaos is not None:
+            drawn = chaos.draw()
+            if drawn is not None:
+                fault, stall = drawn
+                hold_ms = stall or hold_ms
+                self.stats.chaos_by_model[str(body.get("model", ""))] += 1
         if fault is not None:
             self.stats.faults[fault] += 1
         replies = sim.get("replies")
@@ -356,7 +417,7 @@ class Simulator:
             output_tokens=output,
             fault=fault,
             retry_after_ms=_int(sim.get("retry_after_ms"), cfg.retry_after_ms),
-            hold_ms=_float(sim.get("hold_ms"), cfg.hold_ms),
+            hold_ms=hold_ms,
             stall_ms=_float(sim.get("stall_ms"), cfg.stall_ms),
             stall_after=_int(sim.get("stall_after"), max(1, output // 2)),
             cut_after=_int(sim.get("cut_after"), max(1, output // 2)),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from sluice import canonical, tokens
-from sluice.catalog import Catalog
+from sluice.catalog import Catalog, ModelConfig
 from sluice.common.v1 import chat_pb2
 from sluice.errors import ErrorCode, SluiceError
 from sluice.keys.v1 import keys_pb2
@@ -29,17 +29,24 @@ class TokenBudget:
 
 
 def check_model(
-    catalog: Catalog, request: chat_pb2.ChatRequest, default_max_output_tokens: int
+    catalog: Catalog,
+    request: chat_pb2.ChatRequest,
+    default_max_output_tokens: int,
+    *,
+    model: ModelConfig | None = None,
+    prompt: int | None = None,
 ) -> TokenBudget:
-    """The request's token budget on its model, or the error a client must fix."""
-    model = catalog.model(request.model)
+    """The request's token budget on its model (``model``: the route it was resolved
+    to), or the error a client must fix."""
+    model = model or catalog.model(request.model)
     if model is None:
         raise SluiceError(
             ErrorCode.MODEL_NOT_FOUND,
             f"The model '{request.model[:100]}' is not served here.",
             param="model",
         )
-    prompt = tokens.count_chat(request)
+    if prompt is None:
+        prompt = tokens.count_chat(request)
     asked = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else 0
     limits = {
         "prompt_tokens": prompt,

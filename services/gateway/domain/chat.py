@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from sluice import canonical
+from sluice import canonical, tokens
 from sluice.catalog import Catalog
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
@@ -52,6 +52,7 @@ from services.gateway.domain.problems import (
 )
 from services.gateway.domain.relay.reader import DeadlineExceeded, EventReader
 from services.gateway.domain.relay.sse import StreamRelay
+from services.gateway.domain.routing import Resolution, facts_of, resolve
 from services.gateway.domain.tenancy.policy import check_model_allowed
 from services.gateway.domain.tenancy.resolve import Tenancy
 from services.gateway.domain.verdict import (
@@ -85,6 +86,22 @@ class ChatOptions:
     end_user: str = ""
     # What the caller asked of the answer: confidence thresholds, schema repair.
     hints: AnswerHints = field(default_factory=AnswerHints)
+    # The x-sluice-route header: routing rules may match on it.
+    route_hint: str = ""
+
+
+# Set on an answer served by a route's last resort.
+STATUS_HEADER = "x-sluice-status"
+# The deployment that answered (a stream's: the one that sent its first token).
+DEPLOYMENT_HEADER = "x-sluice-deployment"
+# How much longer than the route's deadline the gateway waits for the worker's report.
+ROUTE_DEADLINE_GRACE_SECONDS = 1.0
+
+
+def cache_scope(team_id: str, asked: str, route: str) -> str:
+    """The exact cache's scope: the team, and the route when a rule or a sunset chose
+    another than the model asked for (the answers of two routes are not the same)."""
+    return team_id if route == asked else f"{team_id}|route:{route}"
 
 
 class ChatService:
@@ -140,12 +157,14 @@ class ChatService:
             # Confidence is measured from logprobs: asked of the provider (and part of
             # the cache key), returned to the caller only if it asked for them.
             request.sampling.logprobs = True
-        budget = self.budget(request)
+        routed, budget = await self.route(key, request, options.route_hint)
+        meta.route, meta.route_rule = routed.route.name, routed.rule
         end_user, tags = request_labels(request, options.tags, options.end_user)
         meta.prompt_tokens = budget.prompt_tokens
         policy = cache_policy(self.settings.cache_mode, request.sampling, options.cache_control)
         cacheable = policy.lookup or policy.store
-        cache_key = canonical.cache_key(request, scope=key.team_id) if cacheable else ""
+        scope = cache_scope(key.team_id, request.model, routed.route.name)
+        cache_key = canonical.cache_key(request, scope=scope) if cacheable else ""
         # Only for requests the exact cache takes, and only when asked: otherwise the
         # messages carry empty fields and nobody embeds anything.
         query = (
@@ -166,6 +185,7 @@ class ChatService:
         headers["x-sluice-cache"] = meta.cache
         if inspected.redacted:
             headers["x-sluice-guard"] = "redacted=" + inspected.header
+        headers.update(routed.response_headers())
         if cached is not None:
             return await self._answer_from_cache(
                 key=key,
@@ -218,6 +238,7 @@ class ChatService:
             end_user=end_user,
             tags=tags,
         )
+        self.route_work(work, routed, key, request, cache_key)
         if release is None:
             return await self._run(key, work, meta, headers, options)
         # The leader's claim ends with its answer: later identical requests find it in
@@ -232,6 +253,53 @@ class ChatService:
         else:
             answer.stream = _then(answer.stream, release)
         return answer
+
+    async def route(
+        self, key: keys_pb2.ApiKeyRecord, request: chat_pb2.ChatRequest, hint: str
+    ) -> tuple[Resolution, TokenBudget]:
+        """The route that serves the request (rules, then lifecycle) and the request's
+        token budget on it, or the error a client must fix."""
+        prompt = tokens.count_chat(request)
+        tier = ""
+        if any(rule.tiers for rule in self.catalog.rules):
+            tier = await self.tenancy.tier_of(key)
+        routed = resolve(self.catalog, request.model, facts_of(request, prompt, tier, hint))
+        if routed.route.name != request.model:
+            # A rule (or the hint a client sends) never opens a route the key may not use.
+            check_model_allowed(key, routed.route.name)
+        budget = check_model(
+            self.catalog,
+            request,
+            self.settings.default_max_output_tokens,
+            model=routed.route,
+            prompt=prompt,
+        )
+        return routed, budget
+
+    def route_work(
+        self,
+        work: inference_pb2.InferenceWork,
+        routed: Resolution,
+        key: keys_pb2.ApiKeyRecord,
+        request: chat_pb2.ChatRequest,
+        cache_key: str,
+        *,
+        queued: bool = False,
+    ) -> None:
+        """The route on the work item, its deadline (the route's when shorter than the
+        gateway's; not for ``queued`` work, a job, whose deadline the worker counts from
+        its pickup), and the key a last resort may find a stored answer under."""
+        route = routed.route
+        work.route, work.route_rule = route.name, routed.rule
+        if route.deadline_seconds is not None and not queued:
+            work.deadline_unix_nanos = min(
+                work.deadline_unix_nanos,
+                work.enqueued_unix_nanos + int(route.deadline_seconds * 1e9),
+            )
+        resort = route.last_resort
+        if resort is not None and resort.cache:
+            scope = cache_scope(key.team_id, request.model, route.name)
+            work.last_resort_cache_key = cache_key or canonical.cache_key(request, scope=scope)
 
     async def _admit(
         self,
@@ -325,6 +393,8 @@ class ChatService:
             trace_id=meta.trace_id,
             end_user=labels[0],
             tags=labels[1],
+            route=meta.route,
+            route_rule=meta.route_rule,
         )
         # What the answer cost when it was made is what this hit saved: exact when the
         # entry carries it (an entry cached before it did leaves the field unset, and
@@ -419,7 +489,7 @@ class ChatService:
         if not request.stream:
             try:
                 if terminal is None:
-                    final = await self._wait_final(reader, headers)
+                    final = await self._wait_final(reader, meta, headers)
                 elif terminal.HasField("failure"):
                     raise failure_error(terminal.failure, headers)
                 else:
@@ -489,7 +559,15 @@ class ChatService:
         options: ChatOptions,
     ) -> Answer:
         request = work.request
-        deadline = time.monotonic() + self.settings.request_timeout_seconds
+        # The worker reports the route's deadline itself (model_timeout, with what it
+        # tried); the gateway waits a little longer so that its report arrives.
+        timeout = min(
+            self.settings.request_timeout_seconds,
+            (work.deadline_unix_nanos - work.enqueued_unix_nanos) / 1e9
+            + ROUTE_DEADLINE_GRACE_SECONDS,
+        )
+        deadline = time.monotonic() + timeout
+        meta.deadline_ms = int(timeout * 1000)
         opened = opened_event(
             meta.request_id,
             key,
@@ -513,7 +591,7 @@ class ChatService:
         reader = self.relay.reader(meta.request_id, live, deadline)
         if not request.stream:
             try:
-                final = await self._wait_final(reader, headers)
+                final = await self._wait_final(reader, meta, headers)
             except asyncio.CancelledError:
                 # The client went away while waiting for the whole answer.
                 if options.on_disconnect is DisconnectPolicy.CANCEL:
@@ -534,7 +612,7 @@ class ChatService:
             first = await reader.next(self.settings.sse_heartbeat_seconds)
         except DeadlineExceeded:
             await live.close()
-            raise timeout_error(headers) from None
+            raise timeout_error(headers, meta.elapsed_ms(), meta.deadline_ms) from None
         except BaseException:
             await live.close()
             if options.on_disconnect is DisconnectPolicy.CANCEL:
@@ -543,6 +621,11 @@ class ChatService:
         if first is not None and first.HasField("failure"):
             await live.close()
             raise failure_error(first.failure, headers)
+        if first is not None and first.HasField("delta"):
+            if first.delta.deployment:
+                headers[DEPLOYMENT_HEADER] = first.delta.deployment
+            if first.delta.degraded:
+                headers[STATUS_HEADER] = "degraded"
         renderer = options.dialect.stream(meta, include_usage=request.include_usage)
         stream = self.relay.relay(
             reader=reader,
@@ -604,6 +687,8 @@ class ChatService:
             end_user=work.end_user,
             tags=tuple(work.tags),
         )
+        # The repair goes where the answer came from: the same route and rule.
+        repair_work.route, repair_work.route_rule = work.route, work.route_rule
         deadline = time.monotonic() + self.settings.request_timeout_seconds
         try:
             live = await self.streams.open(
@@ -616,7 +701,7 @@ class ChatService:
         try:
             await self.queue.enqueue(repair_work, options.priority)
             reader = self.relay.reader(repair_id, live, deadline)
-            repaired = await self._wait_final(reader, {})
+            repaired = await self._wait_final(reader, meta, {})
         except SluiceError as err:
             meta.repair["error"] = str(err.code)
             return final
@@ -635,20 +720,25 @@ class ChatService:
         return combined
 
     async def _wait_final(
-        self, reader: EventReader, headers: dict[str, str]
+        self, reader: EventReader, meta: RequestMeta, headers: dict[str, str]
     ) -> inference_pb2.Final:
         while True:
             try:
                 # Quiet for a heartbeat's time: the reader looks in the store, then waits on.
                 event = await reader.next(self.settings.sse_heartbeat_seconds)
             except DeadlineExceeded:
-                raise timeout_error(headers) from None
+                raise timeout_error(headers, meta.elapsed_ms(), meta.deadline_ms) from None
             finally:
                 self.relay.count_backfilled(reader)
             if event is None:
                 continue
             if event.HasField("final"):
-                return event.final
+                final = event.final
+                if final.deployment:
+                    headers[DEPLOYMENT_HEADER] = final.deployment
+                if final.degraded_reason:
+                    headers[STATUS_HEADER] = "degraded"
+                return final
             if event.HasField("failure"):
                 raise failure_error(event.failure, headers)
 

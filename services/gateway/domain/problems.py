@@ -99,10 +99,20 @@ def failure_error(failure: inference_pb2.Failure, headers: dict[str, str]) -> Ga
     )
 
 
-def timeout_error(headers: dict[str, str]) -> GatewayError:
+def timeout_error(
+    headers: dict[str, str], elapsed_ms: int | None = None, deadline_ms: int | None = None
+) -> GatewayError:
+    """504 model_timeout: no answer before the request's deadline (the route's, or the
+    gateway's request timeout), with how long it ran and what the deadline was."""
+    details: dict[str, int] = {}
+    if elapsed_ms is not None:
+        details["elapsed_ms"] = elapsed_ms
+    if deadline_ms is not None:
+        details["deadline_ms"] = deadline_ms
     return GatewayError(
-        ErrorCode.UPSTREAM_TIMEOUT,
+        ErrorCode.MODEL_TIMEOUT,
         "No answer arrived before the request deadline.",
+        details=details,
         headers=headers,
     )
 

@@ -10,7 +10,7 @@ import logging
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from sluice.bus import Bus
+from sluice.bus import NATS_FAILURES, Bus
 from sluice.cache.v1 import cache_pb2
 from sluice.cost.v1 import cost_pb2
 from sluice.inference.v1 import inference_pb2, lifecycle_pb2
@@ -21,8 +21,16 @@ log = logging.getLogger(__name__)
 
 
 class NatsEventSink:
-    def __init__(self, bus: Bus, *, usage_timeout: float, usage_attempts: int) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        usage_timeout: float,
+        usage_attempts: int,
+        cache_timeout: float = 0.5,
+    ) -> None:
         self.bus = bus
+        self.cache_timeout = cache_timeout
         self.usage_timeout = usage_timeout
         self.usage_attempts = max(1, usage_attempts)
 
@@ -48,6 +56,20 @@ class NatsEventSink:
 
     async def cache_store(self, store: cache_pb2.StoreRequest) -> None:
         await self.bus.publish(Subjects.CACHE_STORE, store)
+
+    async def cached_answer(self, cache_key: str, request_id: str) -> inference_pb2.Final | None:
+        try:
+            reply = await self.bus.request(
+                Subjects.CACHE_LOOKUP,
+                cache_pb2.LookupRequest(cache_key=cache_key, request_id=request_id),
+                cache_pb2.LookupResponse,
+                timeout=self.cache_timeout,
+            )
+        except NATS_FAILURES as exc:
+            # A last resort that cannot be had: the template or the 503 follows.
+            log.warning("last-resort cache lookup failed: %s", type(exc).__name__)
+            return None
+        return reply.answer if reply.hit and reply.HasField("answer") else None
 
     async def history(self, request_id: str) -> History | None:
         return await read_history(self.bus, request_id)

@@ -78,6 +78,8 @@ class UpstreamFailure(Exception):
     upstream_status: int = 0
     # Set for failures that retrying the same provider cannot fix (bad credentials...).
     permanent: bool = False
+    # Set when the attempt was ended for slowness (a bound of the deployment passed).
+    latency: bool = False
 
     def __post_init__(self) -> None:
         super().__init__(self.error.detail)

@@ -1,5 +1,6 @@
-"""gRPC ``ProviderHealthService``: circuit state and counters of each provider, behind
-the shared edge (``sluice.grpc_edge``) like every RPC."""
+"""gRPC ``ProviderHealthService``: each provider's summary and every deployment's
+breaker as this worker holds it (shared state included), behind the shared edge
+(``sluice.grpc_edge``) like every RPC."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import grpc
 from sluice.catalog import Catalog
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 
-from services.inference_worker.domain.circuit import CircuitRegistry
+from services.inference_worker.adapters.breakers import breaker_records
+from services.inference_worker.domain.circuit import CircuitRegistry, CircuitState
 
 
 class ProviderHealthServicer(inference_pb2_grpc.ProviderHealthServiceServicer):
@@ -26,20 +28,38 @@ class ProviderHealthServicer(inference_pb2_grpc.ProviderHealthServiceServicer):
     ) -> inference_pb2.ProviderHealthResponse:
         states = []
         for name, config in sorted(self.catalog.providers.items()):
-            models = sorted(m.name for m in self.catalog.models.values() if m.provider == name)
-            breaker = self.circuits.get(name)
+            models = sorted(
+                m.name
+                for m in self.catalog.models.values()
+                if any(d.provider == name for d in m.deployments())
+            )
+            # The provider's circuit: open when every deployment on it is open.
+            breakers = [
+                b
+                for d in self.catalog.deployments.values()
+                if d.provider == name and (b := self.circuits.breakers.get(d.name)) is not None
+            ]
+            circuit = CircuitState.CLOSED
+            if breakers:
+                seen = {b.current() for b in breakers}
+                if seen == {CircuitState.OPEN}:
+                    circuit = CircuitState.OPEN
+                elif seen != {CircuitState.CLOSED}:
+                    circuit = CircuitState.HALF_OPEN
             states.append(
                 inference_pb2.ProviderState(
                     provider=name,
                     base_url=config.base_url,
-                    circuit=str(breaker.current()),
-                    consecutive_failures=breaker.consecutive_failures,
+                    circuit=str(circuit),
+                    consecutive_failures=max((b.consecutive_failures for b in breakers), default=0),
                     models=models,
-                    requests_total=breaker.requests_total,
-                    failures_total=breaker.failures_total,
+                    requests_total=sum(b.requests_total for b in breakers),
+                    failures_total=sum(b.failures_total for b in breakers),
                 )
             )
-        return inference_pb2.ProviderHealthResponse(providers=states)
+        return inference_pb2.ProviderHealthResponse(
+            providers=states, deployments=breaker_records(self.circuits)
+        )
 
 
 def provider_health_service(

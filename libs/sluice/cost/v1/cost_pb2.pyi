@@ -75,6 +75,10 @@ class UsageEvent(_message.Message):
     END_USER_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     CACHE_SAVED_USD_NANOS_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    ROUTE_RULE_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     key_id: _builtins.str
     team_id: _builtins.str
@@ -96,6 +100,15 @@ class UsageEvent(_message.Message):
     which is what the hit saved. Unset for an answer cached before this field existed:
     the cost-tracker then prices the answer's usage at today's prices.
     """
+    route: _builtins.str
+    """The route that served the request (a catalogue model name), the routing rule that
+    chose it (empty: none; the model asked for), and the deployment that answered
+    ("last_resort:cache" or "last_resort:template" for a degraded answer).
+    """
+    route_rule: _builtins.str
+    deployment: _builtins.str
+    attempts: _builtins.int
+    """Provider calls made for the request (retries and fallbacks included)."""
     @_builtins.property
     def usage(self) -> _chat_pb2.Usage: ...
     @_builtins.property
@@ -122,10 +135,14 @@ class UsageEvent(_message.Message):
         end_user: _builtins.str = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
         cache_saved_usd_nanos: _builtins.int | None = ...,
+        route: _builtins.str = ...,
+        route_rule: _builtins.str = ...,
+        deployment: _builtins.str = ...,
+        attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_saved_usd_nanos", b"_cache_saved_usd_nanos", "cache_saved_usd_nanos", b"cache_saved_usd_nanos", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_saved_usd_nanos", b"_cache_saved_usd_nanos", "cache_hit", b"cache_hit", "cache_saved_usd_nanos", b"cache_saved_usd_nanos", "end_user", b"end_user", "key_id", b"key_id", "model_requested", b"model_requested", "model_served", b"model_served", "occurred_unix_nanos", b"occurred_unix_nanos", "outcome", b"outcome", "provider", b"provider", "request_id", b"request_id", "reservation_id", b"reservation_id", "tags", b"tags", "team_id", b"team_id", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_saved_usd_nanos", b"_cache_saved_usd_nanos", "attempts", b"attempts", "cache_hit", b"cache_hit", "cache_saved_usd_nanos", b"cache_saved_usd_nanos", "deployment", b"deployment", "end_user", b"end_user", "key_id", b"key_id", "model_requested", b"model_requested", "model_served", b"model_served", "occurred_unix_nanos", b"occurred_unix_nanos", "outcome", b"outcome", "provider", b"provider", "request_id", b"request_id", "reservation_id", b"reservation_id", "route", b"route", "route_rule", b"route_rule", "tags", b"tags", "team_id", b"team_id", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache_saved_usd_nanos: _TypeAlias = _typing.Literal["cache_saved_usd_nanos"]  # noqa: Y015
     _WhichOneofArgType__cache_saved_usd_nanos: _TypeAlias = _typing.Literal["_cache_saved_usd_nanos", b"_cache_saved_usd_nanos"]  # noqa: Y015

@@ -41,6 +41,9 @@ class InferenceWork(_message.Message):
     SEMANTIC_SCOPE_FIELD_NUMBER: _builtins.int
     END_USER_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    ROUTE_RULE_FIELD_NUMBER: _builtins.int
+    LAST_RESORT_CACHE_KEY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     key_id: _builtins.str
     team_id: _builtins.str
@@ -68,6 +71,16 @@ class InferenceWork(_message.Message):
     """Who the request was made for and how the caller labelled it: copied onto the
     usage event (cost_pb2.UsageEvent end_user, tags).
     """
+    route: _builtins.str
+    """The route (a model name of the catalogue) the gateway resolved the request to, and
+    the routing rule that chose it (empty: the model asked for, no rule). Empty route:
+    the worker serves request.model.
+    """
+    route_rule: _builtins.str
+    last_resort_cache_key: _builtins.str
+    """Exact-cache key of this request, sent when the route's last resort may answer
+    from the cache (a stored answer for the same request) after every deployment failed.
+    """
     @_builtins.property
     def request(self) -> _chat_pb2.ChatRequest: ...
     @_builtins.property
@@ -91,10 +104,13 @@ class InferenceWork(_message.Message):
         semantic_scope: _builtins.str = ...,
         end_user: _builtins.str = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
+        route: _builtins.str = ...,
+        route_rule: _builtins.str = ...,
+        last_resort_cache_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cache_ttl_seconds", b"cache_ttl_seconds", "deadline_unix_nanos", b"deadline_unix_nanos", "end_user", b"end_user", "enqueued_unix_nanos", b"enqueued_unix_nanos", "key_id", b"key_id", "lifecycle_events", b"lifecycle_events", "priority", b"priority", "request", b"request", "request_id", b"request_id", "reservation_id", b"reservation_id", "semantic_scope", b"semantic_scope", "semantic_text", b"semantic_text", "stream_subject", b"stream_subject", "tags", b"tags", "team_id", b"team_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cache_ttl_seconds", b"cache_ttl_seconds", "deadline_unix_nanos", b"deadline_unix_nanos", "end_user", b"end_user", "enqueued_unix_nanos", b"enqueued_unix_nanos", "key_id", b"key_id", "last_resort_cache_key", b"last_resort_cache_key", "lifecycle_events", b"lifecycle_events", "priority", b"priority", "request", b"request", "request_id", b"request_id", "reservation_id", b"reservation_id", "route", b"route", "route_rule", b"route_rule", "semantic_scope", b"semantic_scope", "semantic_text", b"semantic_text", "stream_subject", b"stream_subject", "tags", b"tags", "team_id", b"team_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -111,12 +127,23 @@ class Delta(_message.Message):
     REFUSAL_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
+    DEGRADED_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
     choice_index: _builtins.int
     role: _builtins.str
     content: _builtins.str
     refusal: _builtins.str
     finish_reason: _builtins.str
     """Set on the delta that ends a choice."""
+    degraded: _builtins.bool
+    """Set on the deltas of a last-resort answer (a cached or template answer served
+    after every deployment of the route failed): the gateway marks the response
+    degraded before its status line is sent.
+    """
+    deployment: _builtins.str
+    """Set on the first delta of an answer: the deployment serving it (the gateway names
+    it in x-sluice-deployment before a stream's status line is sent).
+    """
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[_chat_pb2.ToolCall]: ...
     @_builtins.property
@@ -133,10 +160,12 @@ class Delta(_message.Message):
         refusal: _builtins.str = ...,
         finish_reason: _builtins.str = ...,
         logprobs: _chat_pb2.Logprobs | None = ...,
+        degraded: _builtins.bool = ...,
+        deployment: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice_index", b"choice_index", "content", b"content", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "refusal", b"refusal", "role", b"role", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice_index", b"choice_index", "content", b"content", "degraded", b"degraded", "deployment", b"deployment", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "refusal", b"refusal", "role", b"role", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -161,6 +190,8 @@ class Final(_message.Message):
     SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
     COST_USD_NANOS_FIELD_NUMBER: _builtins.int
     DEGRADED_REASON_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     model_served: _builtins.str
     provider: _builtins.str
     response_id: _builtins.str
@@ -176,6 +207,12 @@ class Final(_message.Message):
     because no deployment could answer (a stored answer, a template): why, safe for
     clients. The gateway reports the answer as sluice.status "degraded".
     """
+    deployment: _builtins.str
+    """The deployment of the route that answered (a name from the catalogue), or
+    "last_resort:cache" / "last_resort:template".
+    """
+    attempts: _builtins.int
+    """Provider calls made for this answer, the successful one included."""
     @_builtins.property
     def choices(self) -> _containers.RepeatedCompositeFieldContainer[_chat_pb2.Choice]: ...
     @_builtins.property
@@ -196,10 +233,12 @@ class Final(_message.Message):
         system_fingerprint: _builtins.str = ...,
         cost_usd_nanos: _builtins.int = ...,
         degraded_reason: _builtins.str = ...,
+        deployment: _builtins.str = ...,
+        attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "cost_usd", b"cost_usd", "cost_usd_nanos", b"cost_usd_nanos", "created_unix", b"created_unix", "degraded_reason", b"degraded_reason", "model_served", b"model_served", "provider", b"provider", "response_id", b"response_id", "system_fingerprint", b"system_fingerprint", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "choices", b"choices", "cost_usd", b"cost_usd", "cost_usd_nanos", b"cost_usd_nanos", "created_unix", b"created_unix", "degraded_reason", b"degraded_reason", "deployment", b"deployment", "model_served", b"model_served", "provider", b"provider", "response_id", b"response_id", "system_fingerprint", b"system_fingerprint", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -430,20 +469,83 @@ class ProviderState(_message.Message):
 Global___ProviderState: _TypeAlias = ProviderState  # noqa: Y015
 
 @_typing.final
+class BreakerRecord(_message.Message):
+    """The breaker of one deployment, as every worker shares it through the
+    sluice_breakers bucket (key: the deployment name). Written by the worker whose
+    breaker changed state; every worker (and the gateway's /readyz) reads it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    OPEN_UNTIL_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    CHANGED_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    FAILURE_RATE_FIELD_NUMBER: _builtins.int
+    AVOID_UNTIL_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    provider: _builtins.str
+    state: _builtins.str
+    """closed, open or half_open."""
+    open_until_unix_nanos: _builtins.int
+    """While open: until when (Unix nanoseconds) no call goes to the deployment."""
+    reason: _builtins.str
+    """Why it opened: errors, latency or stream_interrupted."""
+    worker: _builtins.str
+    """The worker instance that wrote it."""
+    changed_unix_nanos: _builtins.int
+    failure_rate: _builtins.float
+    """Failures over calls in the breaker's window when it changed."""
+    avoid_until_unix_nanos: _builtins.int
+    """Until when (Unix nanoseconds) requests try the deployment only after every other
+    deployment of their route: a stream it was serving broke after output reached the
+    client (reason stream_interrupted).
+    """
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        state: _builtins.str = ...,
+        open_until_unix_nanos: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        worker: _builtins.str = ...,
+        changed_unix_nanos: _builtins.int = ...,
+        failure_rate: _builtins.float = ...,
+        avoid_until_unix_nanos: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avoid_until_unix_nanos", b"avoid_until_unix_nanos", "changed_unix_nanos", b"changed_unix_nanos", "deployment", b"deployment", "failure_rate", b"failure_rate", "open_until_unix_nanos", b"open_until_unix_nanos", "provider", b"provider", "reason", b"reason", "state", b"state", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BreakerRecord: _TypeAlias = BreakerRecord  # noqa: Y015
+
+@_typing.final
 class ProviderHealthResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROVIDERS_FIELD_NUMBER: _builtins.int
+    DEPLOYMENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def providers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProviderState]: ...
+    @_builtins.property
+    def deployments(self) -> _containers.RepeatedCompositeFieldContainer[Global___BreakerRecord]:
+        """Every deployment's breaker as this worker holds it (shared state included)."""
+
     def __init__(
         self,
         *,
         providers: _abc.Iterable[Global___ProviderState] | None = ...,
+        deployments: _abc.Iterable[Global___BreakerRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["providers", b"providers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments", "providers", b"providers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

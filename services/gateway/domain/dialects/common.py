@@ -59,6 +59,14 @@ class RequestMeta:
     repair: dict[str, Any] | None = None
     # The finished answer, once rendered.
     answered: inference_pb2.Final | None = None
+    # The route that serves it and the routing rule that chose it (domain.routing).
+    route: str = ""
+    route_rule: str = ""
+    # How long the gateway waits for the answer.
+    deadline_ms: int | None = None
+
+    def elapsed_ms(self) -> int:
+        return int((time.perf_counter() - self.started) * 1000)
 
     @property
     def completion_id(self) -> str:
@@ -151,6 +159,8 @@ def final_sluice(
     sluice.update(verdict.to_json())
     if meta.repair is not None:
         sluice["repair"] = meta.repair
+    if final.deployment and not cache_hit:
+        sluice["deployment"] = final.deployment
     return sluice
 
 

@@ -28,7 +28,7 @@ from sluice.keys.v1 import keys_pb2
 from sluice.topology import PriorityClass
 
 from services.gateway.domain.admission import admitted_headers, cache_policy, reserve_request
-from services.gateway.domain.chat import ChatService
+from services.gateway.domain.chat import ChatService, cache_scope
 from services.gateway.domain.clock import now_ms
 from services.gateway.domain.exchange import JOB_ID_HEADER, JSON, Answer
 from services.gateway.domain.jobs.records import (
@@ -188,7 +188,7 @@ class JobService:
         # Jobs run streamed at the worker: the token events are the job's progress.
         request.stream = True
         request.include_usage = True
-        budget = self.chat.budget(request)
+        routed, budget = await self.chat.route(key, request, "")
         url = spec.webhook_url
         if url:
             try:
@@ -227,9 +227,10 @@ class JobService:
         # request later is answered from it. Jobs do not read the cache: a hit would
         # need a job that finishes without a worker, which the lifecycle does not have.
         cache = None
+        scope = cache_scope(key.team_id, request.model, routed.route.name)
         if cache_policy(settings.cache_mode, request.sampling, "").store:
             cache = CacheInstruction(
-                canonical.cache_key(request, scope=key.team_id), settings.cache_ttl_seconds
+                canonical.cache_key(request, scope=scope), settings.cache_ttl_seconds
             )
         work = build_work(
             request_id=job_id,
@@ -243,6 +244,7 @@ class JobService:
             end_user=end_user,
             tags=all_tags,
         )
+        self.chat.route_work(work, routed, key, request, cache.key if cache else "", queued=True)
         try:
             revision = await self.store.create(record)
         except SluiceError:

@@ -28,6 +28,13 @@ class Tenancy:
         tier = self.tiers.get(team.tier) if team is not None else None
         return entitlements(key, team, tier, end_user=end_user, priority=priority)
 
+    async def tier_of(self, key: keys_pb2.ApiKeyRecord) -> str:
+        """The tier of the key's team ('' for keys outside a stored team)."""
+        team = await self.teams.get(key.team_id) if key.team_id else None
+        if team is None:
+            return ""
+        return team.tier or self.tiers.default
+
     async def fill(
         self,
         reserve: limiter_pb2.ReserveRequest,

@@ -12,6 +12,7 @@ from sluice.metrics import Instruments
 
 from services.gateway.domain.chat import ChatService
 from services.gateway.domain.estimate import Estimator
+from services.gateway.domain.health import OpenBreaker
 from services.gateway.domain.idempotency.service import Idempotency
 from services.gateway.domain.jobs.service import JobService
 from services.gateway.domain.relay.resume import StreamResumer
@@ -24,6 +25,10 @@ from services.gateway.settings import GatewaySettings
 class ReadinessCheck(Protocol):
     async def check(self) -> dict[str, bool]:
         """Each service's readiness, by name."""
+        ...
+
+    def open_breakers(self) -> list[OpenBreaker]:
+        """Deployments whose shared breaker is open or half-open."""
         ...
 
 

@@ -17,6 +17,7 @@ from services.gateway.domain.dialects.openai.response import OPENAI
 from services.gateway.domain.dialects.parsing import SluiceHintsIn
 from services.gateway.domain.jobs.request import Prefer
 from services.gateway.domain.labels import TAGS_HEADER, parse_tags
+from services.gateway.domain.routing import ROUTE_HEADER
 from services.gateway.domain.verdict import AnswerHints
 from services.gateway.domain.work import resolve_priority
 from services.gateway.settings import GatewaySettings, SemanticCacheMode
@@ -159,6 +160,7 @@ def chat_options(
         tags=tags_of(headers),
         end_user=end_user,
         hints=answer_hints(headers, hints),
+        route_hint=headers.get(ROUTE_HEADER, "").strip()[:100],
     )
 
 

@@ -10,6 +10,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sluice.errors import ErrorCode, SluiceError
 
 from services.gateway.domain.exchange import JSON
+from services.gateway.domain.health import Readiness as Health
+from services.gateway.domain.health import report
 from services.gateway.handlers.http.deps import deps_of
 from services.gateway.handlers.http.middleware import request_context
 from services.gateway.handlers.http.problems import problem_response
@@ -25,19 +27,21 @@ class OpsController(Controller):
 
     @get("/readyz", operation_id="getReadiness", summary="Readiness")
     async def readyz(self, request: Request[Any, Any, Any]) -> Response[bytes]:
-        """200 when NATS is connected and every Sluice service answers ready over NATS."""
-        services = await deps_of(request).readiness.check()
-        ready = bool(services) and all(services.values())
-        if ready:
-            return Response(
-                orjson.dumps({"status": "ready", "services": services}), media_type=JSON
-            )
+        """``ready`` (200) when NATS is connected, every Sluice service answers ready
+        over NATS and no deployment's breaker is open; ``degraded`` (200) when some are
+        open (named in ``open_deployments``, with the routes none of whose deployments
+        is usable in ``routes_down``); ``down`` (503) when a service is not ready."""
+        deps = deps_of(request)
+        services = await deps.readiness.check()
+        found = report(deps.chat.catalog, services, deps.readiness.open_breakers())
+        if found.status is not Health.DOWN:
+            return Response(orjson.dumps(found.as_dict()), media_type=JSON)
         err = SluiceError(
             ErrorCode.SERVICE_UNAVAILABLE,
             "Not every service is ready: "
             + ", ".join(sorted(s for s, ok in services.items() if not ok))
             + ".",
-            details={"services": services},
+            details=found.as_dict(),
             retry_after_ms=1000,
         )
         return problem_response(err, request_context(request.scope))
