@@ -45,6 +45,7 @@ class ErrorCode(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     RATE_LIMITED = "rate_limited"
+    BUDGET_EXCEEDED = "budget_exceeded"
     UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
@@ -160,6 +161,16 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "rate_limit_error",
         "rate_limit_error",
         retryable=True,
+        rpc_code=code_pb2.RESOURCE_EXHAUSTED,
+    ),
+    ErrorCode.BUDGET_EXCEEDED: ErrorSpec(
+        429,
+        "Budget used up",
+        "The USD budget named in details.policy is spent for this period; wait for the "
+        "time in Retry-After (the next UTC day or month) or ask an administrator to raise it.",
+        "insufficient_quota",
+        "rate_limit_error",
+        retryable=False,
         rpc_code=code_pb2.RESOURCE_EXHAUSTED,
     ),
     ErrorCode.UPSTREAM_RATE_LIMITED: ErrorSpec(

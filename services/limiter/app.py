@@ -14,11 +14,12 @@ import logging
 
 from sluice.consumers import DurableConsumer
 from sluice.cost.v1 import cost_pb2
+from sluice.pricing import PriceTable
 from sluice.service import ServiceRuntime
 from sluice.topology import Consumers, ServiceName
 
 from services.limiter.adapters import KvSnapshotStore
-from services.limiter.domain.admission import Admission, Clock, LimiterMetrics, wall_ms
+from services.limiter.domain.admission import Admission, Clock, LimiterMetrics, Prices, wall_ms
 from services.limiter.domain.snapshots import Snapshots
 from services.limiter.domain.windows import Limiter
 from services.limiter.handlers.grpc import quota_service
@@ -39,7 +40,13 @@ class LimiterService:
             metrics_port=settings.metrics_port,
         )
         self.limiter = Limiter(settings.limiter_config())
-        self.admission = Admission(self.limiter, LimiterMetrics(), clock)
+        self.admission = Admission(
+            self.limiter,
+            LimiterMetrics(),
+            clock,
+            prices=Prices(PriceTable.load(settings.prices_file)),
+            batch_share=settings.batch_share,
+        )
         self.snapshots: Snapshots | None = None
         self.reconciler: DurableConsumer[cost_pb2.UsageEvent] | None = None
         self._snapshot_task: asyncio.Task[None] | None = None

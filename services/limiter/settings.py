@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sluice.settings import CommonSettings
@@ -49,7 +51,18 @@ class LimiterSettings(BaseSettings):
     # `python -m bench --only overhead --against`).
     reconcile_window_seconds: float = Field(default=0.25, ge=0, le=5)
 
+    # Batch-class work (priority batch) is admitted only within this share of each
+    # limit and budget of every level, so interactive work keeps the rest.
+    batch_share: float = Field(default=0.5, gt=0, le=1)
+    # The price table reservations are priced with (default: prices.yaml in the config
+    # directory, the one the worker and the cost-tracker use).
+    prices_path: Path | None = None
+
     common: CommonSettings = Field(default_factory=CommonSettings)
+
+    @property
+    def prices_file(self) -> Path:
+        return self.prices_path or self.common.config_dir / "prices.yaml"
 
     @model_validator(mode="after")
     def _window_divides(self) -> LimiterSettings:
