@@ -130,9 +130,10 @@ class Entitlements:
 
     @property
     def beyond_key(self) -> bool:
-        """Whether anything applies beyond the key's own rates: a team or end-user
-        level, or a budget (admission leases are only for requests without them)."""
-        return self.team.any or self.end_user.any or self.key.budgets.any
+        """Whether anything applies beyond the key's own "tpm" and "rpm": a level's
+        limit or budget, the key's own included (admission leases are only for
+        requests without them)."""
+        return self.team.any or self.end_user.any or self.key.any
 
     def fill(self, reserve: limiter_pb2.ReserveRequest) -> None:
         reserve.key_limits.CopyFrom(self.key.limits.to_proto())
