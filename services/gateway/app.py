@@ -153,7 +153,8 @@ async def assemble(
     lifecycle = NatsLifecycle(bus, settings.publish_timeout_seconds)
     secrets = KvWebhookSecrets(await bus.kv(Buckets.WEBHOOK_SECRETS))
     limiter = LeasingLimiter(
-        LimiterClient(bus, settings.limiter_timeout_seconds), settings.admission_lease_requests
+        LimiterClient(bus, settings.limiter_timeout_seconds, settings.limiter_wait_seconds),
+        settings.admission_lease_requests,
     )
     relay = StreamRelay(settings, streams, inst)
     chat = ChatService(

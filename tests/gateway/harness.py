@@ -73,7 +73,7 @@ class FakeServices:
     bus: Bus
     reserve: limiter_pb2.ReserveResponse = field(
         default_factory=lambda: limiter_pb2.ReserveResponse(
-            allowed=True, reservation_id="res-1", policies=POLICIES, reserved_tokens=100
+            allowed=True, reservation_id="p0.res-1", policies=POLICIES, reserved_tokens=100
         )
     )
     cache_answer: inference_pb2.Final | None = None
@@ -131,8 +131,8 @@ class FakeServices:
             task.add_done_callback(self._tasks.discard)
 
         self._subs = [
-            await nc.subscribe(Subjects.LIMITER_RESERVE, cb=on_reserve),
-            await nc.subscribe(Subjects.LIMITER_COMMIT, cb=on_commit),
+            await nc.subscribe(Subjects.LIMITER_RESERVE_ALL, cb=on_reserve),
+            await nc.subscribe(Subjects.LIMITER_COMMIT_ALL, cb=on_commit),
             await nc.subscribe(Subjects.CACHE_LOOKUP, cb=on_lookup),
             await nc.subscribe(Subjects.infer("interactive"), cb=on_work),
         ]

@@ -74,7 +74,7 @@ async def test_non_streaming_completion(gw: Gateway):
     work = gw.fake.work[-1]
     assert work.request_id == s["request_id"]
     assert work.priority == chat_pb2.PRIORITY_INTERACTIVE
-    assert work.reservation_id == "res-1"
+    assert work.reservation_id == "p0.res-1"
     assert work.request.extra_json == '{"reasoning_effort":"low"}'
     assert work.deadline_unix_nanos > work.enqueued_unix_nanos
     assert work.cache_key == ""  # temperature 0.7: not cacheable
@@ -308,7 +308,7 @@ async def test_cache_hit_answers_without_work_and_bills_zero(gw: Gateway):
 
     events = await gw.fake.usage_events(gw.record.key_id)
     hit = next(e for e in events if e.request_id == body["sluice"]["request_id"])
-    assert hit.cache_hit and hit.outcome == "completed" and hit.reservation_id == "res-1"
+    assert hit.cache_hit and hit.outcome == "completed" and hit.reservation_id == "p0.res-1"
     assert hit.usage.output_tokens == 3 and hit.team_id == gw.record.team_id
 
 

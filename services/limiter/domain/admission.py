@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from opentelemetry import metrics, trace
 from sluice.common.v1 import chat_pb2
@@ -34,6 +35,13 @@ from services.limiter.domain.windows import (
 )
 
 Clock = Callable[[], int]
+
+
+class OpenCount(Protocol):
+    """What the open-reservations gauge reads (a ``Limiter``, or a replica's sum)."""
+
+    @property
+    def open_reservations(self) -> int: ...
 
 
 def wall_ms() -> int:
@@ -133,7 +141,7 @@ class LimiterMetrics:
     decisions: Counter[tuple[str, str]] = field(default_factory=Counter)
     settlements: Counter[tuple[str, str]] = field(default_factory=Counter)
 
-    def register(self, limiter: Limiter, meter: metrics.Meter | None = None) -> LimiterMetrics:
+    def register(self, limiter: OpenCount, meter: metrics.Meter | None = None) -> LimiterMetrics:
         meter = meter or metrics.get_meter("sluice.limiter")
 
         def observe_open(_options: metrics.CallbackOptions) -> list[metrics.Observation]:

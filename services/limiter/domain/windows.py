@@ -726,6 +726,9 @@ class Limiter:
         rid = share.lease_id if share is not None else reservation_id
         return rid in self._reservations or rid in self._closed_leases
 
+    def tracks(self, key_id: str) -> bool:
+        return key_id in self._keys
+
     def forgotten(self, reservation_id: str) -> bool:
         """Whether a reservation was settled or expired here (recently)."""
         return reservation_id in self._done
