@@ -55,7 +55,7 @@ class KvLeases:
     async def heartbeat(self, member: str) -> set[str]:
         await self._kv.put(f"member.{member}", member.encode())
         try:
-            keys = await self._kv.keys(filters=["member.*"])
+            keys = [k for k in await self._kv.keys() if k.startswith("member.")]
         except NoKeysError:
             keys = []
         return {k.removeprefix("member.") for k in keys}

@@ -4,9 +4,9 @@ and close leases off it.
 Each request goes to the subject of its partition (``sluice.partitions``: by team, else
 key), which only the partition's owner serves; a release or a lease's close goes to the
 partition its reservation id names. While a partition has no owner (a replica handing it
-over, or the lease of a killed one not yet lapsed), the request finds no responder and
-is sent again, for up to ``wait_seconds``: a takeover delays requests instead of
-refusing them.
+over, or the lease of a killed one not yet lapsed), the request finds no responder (or,
+sent to an owner as it died, no answer) and is sent again, for up to ``wait_seconds``: a
+takeover delays requests instead of refusing them.
 """
 
 from __future__ import annotations
@@ -54,12 +54,14 @@ class LimiterClient:
                     timeout=self._timeout,
                     span_name=RESERVE_SPAN,
                 )
-            except NoRespondersError:
-                # The partition is between owners: ask again shortly.
+            except (NoRespondersError, TimeoutError) as exc:
+                # The partition is between owners (no responder), or its owner died with
+                # this request in hand (no answer): ask again shortly. A slow owner that
+                # did decide holds that reservation until its TTL: the safe side.
                 pause = RETRY_PAUSES[min(attempt, len(RETRY_PAUSES) - 1)]
                 attempt += 1
                 if time.monotonic() + pause > deadline:
-                    log.warning("limiter partition of %s has no owner", subject)
+                    log.warning("limiter reserve on %s failed: %s", subject, type(exc).__name__)
                     raise unavailable("The rate limiter did not answer.") from None
                 self.owner_waits += 1
                 await asyncio.sleep(pause)
