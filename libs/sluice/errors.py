@@ -52,6 +52,7 @@ class ErrorCode(StrEnum):
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_STREAM_INTERRUPTED = "upstream_stream_interrupted"
     SERVICE_UNAVAILABLE = "service_unavailable"
+    LIMITER_UNAVAILABLE = "limiter_unavailable"
     INTERNAL_ERROR = "internal_error"
     IDEMPOTENCY_KEY_IN_USE = "idempotency_key_in_use"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
@@ -222,6 +223,16 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         503,
         "Gateway temporarily unavailable",
         "Retry after the time in Retry-After; a Sluice service is not answering.",
+        "api_error",
+        "overloaded_error",
+        retryable=True,
+        rpc_code=code_pb2.UNAVAILABLE,
+    ),
+    ErrorCode.LIMITER_UNAVAILABLE: ErrorSpec(
+        503,
+        "Rate limiter unavailable",
+        "Retry after the time in Retry-After; the rate limiter is not answering and this "
+        "team's tier admits nothing it cannot count (limiter_failure: fail_closed).",
         "api_error",
         "overloaded_error",
         retryable=True,

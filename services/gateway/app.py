@@ -35,6 +35,7 @@ from services.gateway.adapters.webhooks import KvWebhookSecrets, WebhookClient
 from services.gateway.adapters.work_queue import JetStreamQueues
 from services.gateway.domain.chat import ChatService
 from services.gateway.domain.estimate import Estimator
+from services.gateway.domain.fail_open import FailOpenAllowance
 from services.gateway.domain.idempotency.service import Idempotency
 from services.gateway.domain.jobs.delivery import WebhookDeliverer
 from services.gateway.domain.jobs.records import JobRenderer
@@ -166,6 +167,9 @@ async def assemble(
         streams=streams,
         relay=relay,
         tenancy=tenancy,
+        fail_open=FailOpenAllowance(
+            settings.fail_open_share, settings.fail_open_requests_per_minute
+        ),
     )
     resumer = StreamResumer(settings, streams, relay)
     prices = _prices(settings)

@@ -458,10 +458,11 @@ async def test_an_admitted_request_warns_when_a_budget_is_past_80_percent(gw: Ga
 
 
 async def test_silent_limiter_fails_closed_with_503(gw: Gateway):
+    # A key outside any tiered team fails closed (the default).
     gw.fake.limiter_online = False
     async with gw.authed() as http:
         resp = await http.post(CHAT, json=chat_body())
-    assert_problem(resp, 503, "service_unavailable")
+    assert_problem(resp, 503, "limiter_unavailable")
     assert resp.headers["retry-after"] == "1"
     assert not gw.fake.work
 
@@ -545,6 +546,31 @@ async def test_missing_or_wrong_key_is_401(gw: Gateway, headers, detail_hint):
     problem = assert_problem(resp, 401, "unauthorized")
     assert detail_hint in problem["detail"]
     assert problem["error"]["type"] == "authentication_error"
+
+
+async def test_a_key_that_cuts_gives_the_worker_the_spend_ceiling(gw: Gateway, bus):
+    ceiling = limiter_pb2.ReserveResponse(
+        allowed=True,
+        reservation_id="p0.r-9",
+        policies=POLICIES,
+        spend_ceiling_usd_nanos=123_456,
+    )
+    gw.fake.reserve = ceiling
+    async with gw.authed() as http:
+        assert (await http.post(CHAT, json=chat_body())).status_code == 200
+    # finish (the default): the request runs to its end whatever the ceiling.
+    assert gw.fake.work[-1].spend_ceiling_usd_nanos == 0
+    from services.gateway.domain.keys import hash_secret
+
+    secret = "sk-cut-" + secrets.token_hex(4)
+    record = keys_pb2.ApiKeyRecord()
+    record.CopyFrom(gw.record)
+    record.key_id, record.secret_sha256 = "cut" + secrets.token_hex(3), hash_secret(secret)
+    record.on_budget_exhausted = "cut"
+    await (await bus.kv(Buckets.API_KEYS)).put(record.secret_sha256, record.SerializeToString())
+    async with gw.http(authorization=f"Bearer {secret}") as http:
+        assert (await http.post(CHAT, json=chat_body())).status_code == 200
+    assert gw.fake.work[-1].spend_ceiling_usd_nanos == 123_456
 
 
 async def test_x_api_key_and_disabled_keys(gw: Gateway, bus):

@@ -181,3 +181,11 @@ def semantic_query(request: chat_pb2.ChatRequest, team_id: str) -> SemanticQuery
     if text is None:
         return NO_SEMANTIC
     return SemanticQuery(text, canonical.semantic_scope(request, team_id))
+
+
+def spend_ceiling(key: keys_pb2.ApiKeyRecord, reservation: limiter_pb2.ReserveResponse) -> int:
+    """The cost past which the worker cuts this request: the limiter's spend ceiling for
+    a key whose ``on_budget_exhausted`` is ``cut``; 0 (finish) otherwise."""
+    if key.on_budget_exhausted != "cut":
+        return 0
+    return max(0, reservation.spend_ceiling_usd_nanos)

@@ -19,6 +19,7 @@ from sluice.keys.v1 import keys_pb2
 from sluice.limiter.v1 import limiter_pb2
 from sluice.topology import PriorityClass
 
+from services.gateway.domain import fail_open
 from services.gateway.domain.admission import (
     NO_SEMANTIC,
     DisconnectPolicy,
@@ -29,10 +30,12 @@ from services.gateway.domain.admission import (
     check_model,
     reserve_request,
     semantic_query,
+    spend_ceiling,
 )
 from services.gateway.domain.dialects.common import Dialect, RequestMeta, final_sluice
 from services.gateway.domain.dialects.openai.response import OPENAI
 from services.gateway.domain.exchange import Answer
+from services.gateway.domain.fail_open import FailOpenAllowance
 from services.gateway.domain.labels import request_labels
 from services.gateway.domain.ports import Admission, CacheLookup, StreamStore, WorkQueue
 from services.gateway.domain.problems import failure_error, timeout_error
@@ -40,6 +43,7 @@ from services.gateway.domain.relay.reader import DeadlineExceeded, EventReader
 from services.gateway.domain.relay.sse import StreamRelay
 from services.gateway.domain.tenancy.policy import check_model_allowed
 from services.gateway.domain.tenancy.resolve import Tenancy
+from services.gateway.domain.tenancy.tiers import LimiterFailure
 from services.gateway.domain.work import CacheInstruction, build_work, opened_event
 from services.gateway.settings import GatewaySettings
 
@@ -75,8 +79,11 @@ class ChatService:
         streams: StreamStore,
         relay: StreamRelay,
         tenancy: Tenancy,
+        fail_open: FailOpenAllowance | None = None,
     ) -> None:
         self.tenancy = tenancy
+        # While the limiter does not answer, for the tiers that fail open.
+        self.fail_open = fail_open
         self.settings = settings
         self.catalog = catalog
         self.limiter = limiter
@@ -84,6 +91,12 @@ class ChatService:
         self.queue = queue
         self.streams = streams
         self.relay = relay
+
+    async def reserve(
+        self, request: limiter_pb2.ReserveRequest, failure: LimiterFailure
+    ) -> limiter_pb2.ReserveResponse:
+        """The limiter's decision, or while it does not answer the tier's choice."""
+        return await fail_open.reserve(self.limiter, request, failure, self.fail_open)
 
     def budget(self, request: chat_pb2.ChatRequest) -> TokenBudget:
         """The request's token budget on its model, or the error a client must fix."""
@@ -150,6 +163,7 @@ class ChatService:
             cache=cache,
             end_user=end_user,
             tags=tags,
+            spend_ceiling_usd_nanos=spend_ceiling(key, reservation),
         )
         return await self._run(key, work, meta, headers, options)
 
@@ -167,16 +181,16 @@ class ChatService:
         """Reserve, and look the cache up at the same time (``lookup_key`` empty: no
         lookup)."""
         reserve = reserve_request(key, request, meta.request_id, budget)
-        await self.tenancy.fill(
+        entitled = await self.tenancy.fill(
             reserve, key, end_user=options.end_user or request.user, priority=options.priority
         )
         if not lookup_key:
-            return await self.limiter.reserve(reserve), None
+            return await self.reserve(reserve, entitled.limiter_failure), None
         lookup_task = asyncio.create_task(
             self.cache.lookup(lookup_key, meta.request_id, semantic.text, semantic.scope)
         )
         try:
-            reservation = await self.limiter.reserve(reserve)
+            reservation = await self.reserve(reserve, entitled.limiter_failure)
         except BaseException:
             lookup_task.cancel()
             raise

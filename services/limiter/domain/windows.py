@@ -666,13 +666,15 @@ class Limiter:
         cost_nanos: int,
         now_ms: int,
     ) -> None:
-        """Usage of a request this state holds no reservation of (made before its
-        snapshot by an owner whose journal did not reach here): counted as spent at
-        ``now_ms``, so that nothing spent is forgotten."""
+        """Usage of a request this state holds no reservation of (one a gateway admitted
+        on its own while the limiter was down, or whose journal entry was lost with its
+        owner): the request and what it used and cost, counted at ``now_ms``, so that
+        nothing spent is forgotten."""
         current = self._bucket(now_ms)
         state = self._state(key_id, current)
         state.tokens.add(current, input_tokens + output_tokens)
         for scope_state in [state, *(self._state(s, current) for s in scopes)]:
+            scope_state.requests.add(current, 1)
             scope_state.input.add(current, input_tokens)
             scope_state.output.add(current, output_tokens)
             if cost_nanos:

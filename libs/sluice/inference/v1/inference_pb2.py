@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sluice.common.v1 import chat_pb2 as sluice_dot_common_dot_v1_dot_chat__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#sluice/inference/v1/inference.proto\x12\x13sluice.inference.v1\x1a\x1bsluice/common/v1/chat.proto\"\xa3\x03\n\rInferenceWork\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12.\n\x07request\x18\x04 \x01(\x0b\x32\x1d.sluice.common.v1.ChatRequest\x12,\n\x08priority\x18\x05 \x01(\x0e\x32\x1a.sluice.common.v1.Priority\x12\x16\n\x0estream_subject\x18\x06 \x01(\t\x12\x16\n\x0ereservation_id\x18\x07 \x01(\t\x12\x1b\n\x13\x65nqueued_unix_nanos\x18\x08 \x01(\x03\x12\x1b\n\x13\x64\x65\x61\x64line_unix_nanos\x18\t \x01(\x03\x12\x11\n\tcache_key\x18\n \x01(\t\x12\x19\n\x11\x63\x61\x63he_ttl_seconds\x18\x0b \x01(\x03\x12\x18\n\x10lifecycle_events\x18\x0c \x01(\x08\x12\x15\n\rsemantic_text\x18\r \x01(\t\x12\x16\n\x0esemantic_scope\x18\x0e \x01(\t\x12\x10\n\x08\x65nd_user\x18\x0f \x01(\t\x12\x0c\n\x04tags\x18\x10 \x03(\t\"\x94\x01\n\x05\x44\x65lta\x12\x14\n\x0c\x63hoice_index\x18\x01 \x01(\x05\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12.\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1a.sluice.common.v1.ToolCall\x12\x0f\n\x07refusal\x18\x05 \x01(\t\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\"\x9d\x02\n\x05\x46inal\x12)\n\x07\x63hoices\x18\x01 \x03(\x0b\x32\x18.sluice.common.v1.Choice\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x14\n\x0cmodel_served\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x13\n\x0bresponse_id\x18\x05 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x07 \x01(\x01\x12(\n\x06timing\x18\x08 \x01(\x0b\x32\x18.sluice.common.v1.Timing\x12\x1a\n\x12system_fingerprint\x18\t \x01(\t\x12\x16\n\x0e\x63ost_usd_nanos\x18\n \x01(\x03\"\x8d\x01\n\x07\x46\x61ilure\x12*\n\x07problem\x18\x01 \x01(\x0b\x32\x19.sluice.common.v1.Problem\x12.\n\rpartial_usage\x18\x02 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x14\n\x0cmodel_served\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\"\x85\x01\n\x0cStreamOpened\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07team_id\x18\x02 \x01(\t\x12\x17\n\x0fmodel_requested\x18\x03 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x04 \x01(\x03\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x15\n\rinclude_usage\x18\x06 \x01(\x08\"\xfb\x01\n\x0bStreamEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12+\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x1a.sluice.inference.v1.DeltaH\x00\x12+\n\x05\x66inal\x18\x04 \x01(\x0b\x32\x1a.sluice.inference.v1.FinalH\x00\x12/\n\x07\x66\x61ilure\x18\x05 \x01(\x0b\x32\x1c.sluice.inference.v1.FailureH\x00\x12\x33\n\x06opened\x18\x06 \x01(\x0b\x32!.sluice.inference.v1.StreamOpenedH\x00\x42\x06\n\x04\x62ody\"\x17\n\x15ProviderHealthRequest\"\xa2\x01\n\rProviderState\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x02 \x01(\t\x12\x0f\n\x07\x63ircuit\x18\x03 \x01(\t\x12\x1c\n\x14\x63onsecutive_failures\x18\x04 \x01(\x03\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x16\n\x0erequests_total\x18\x06 \x01(\x03\x12\x16\n\x0e\x66\x61ilures_total\x18\x07 \x01(\x03\"O\n\x16ProviderHealthResponse\x12\x35\n\tproviders\x18\x01 \x03(\x0b\x32\".sluice.inference.v1.ProviderState2\x85\x01\n\x15ProviderHealthService\x12l\n\x11GetProviderHealth\x12*.sluice.inference.v1.ProviderHealthRequest\x1a+.sluice.inference.v1.ProviderHealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#sluice/inference/v1/inference.proto\x12\x13sluice.inference.v1\x1a\x1bsluice/common/v1/chat.proto\"\xc4\x03\n\rInferenceWork\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12.\n\x07request\x18\x04 \x01(\x0b\x32\x1d.sluice.common.v1.ChatRequest\x12,\n\x08priority\x18\x05 \x01(\x0e\x32\x1a.sluice.common.v1.Priority\x12\x16\n\x0estream_subject\x18\x06 \x01(\t\x12\x16\n\x0ereservation_id\x18\x07 \x01(\t\x12\x1b\n\x13\x65nqueued_unix_nanos\x18\x08 \x01(\x03\x12\x1b\n\x13\x64\x65\x61\x64line_unix_nanos\x18\t \x01(\x03\x12\x11\n\tcache_key\x18\n \x01(\t\x12\x19\n\x11\x63\x61\x63he_ttl_seconds\x18\x0b \x01(\x03\x12\x18\n\x10lifecycle_events\x18\x0c \x01(\x08\x12\x15\n\rsemantic_text\x18\r \x01(\t\x12\x16\n\x0esemantic_scope\x18\x0e \x01(\t\x12\x10\n\x08\x65nd_user\x18\x0f \x01(\t\x12\x0c\n\x04tags\x18\x10 \x03(\t\x12\x1f\n\x17spend_ceiling_usd_nanos\x18\x11 \x01(\x03\"\x94\x01\n\x05\x44\x65lta\x12\x14\n\x0c\x63hoice_index\x18\x01 \x01(\x05\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12.\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1a.sluice.common.v1.ToolCall\x12\x0f\n\x07refusal\x18\x05 \x01(\t\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\"\x9d\x02\n\x05\x46inal\x12)\n\x07\x63hoices\x18\x01 \x03(\x0b\x32\x18.sluice.common.v1.Choice\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x14\n\x0cmodel_served\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x13\n\x0bresponse_id\x18\x05 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x07 \x01(\x01\x12(\n\x06timing\x18\x08 \x01(\x0b\x32\x18.sluice.common.v1.Timing\x12\x1a\n\x12system_fingerprint\x18\t \x01(\t\x12\x16\n\x0e\x63ost_usd_nanos\x18\n \x01(\x03\"\x8d\x01\n\x07\x46\x61ilure\x12*\n\x07problem\x18\x01 \x01(\x0b\x32\x19.sluice.common.v1.Problem\x12.\n\rpartial_usage\x18\x02 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x14\n\x0cmodel_served\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\"\x85\x01\n\x0cStreamOpened\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07team_id\x18\x02 \x01(\t\x12\x17\n\x0fmodel_requested\x18\x03 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x04 \x01(\x03\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x15\n\rinclude_usage\x18\x06 \x01(\x08\"\xfb\x01\n\x0bStreamEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12+\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x1a.sluice.inference.v1.DeltaH\x00\x12+\n\x05\x66inal\x18\x04 \x01(\x0b\x32\x1a.sluice.inference.v1.FinalH\x00\x12/\n\x07\x66\x61ilure\x18\x05 \x01(\x0b\x32\x1c.sluice.inference.v1.FailureH\x00\x12\x33\n\x06opened\x18\x06 \x01(\x0b\x32!.sluice.inference.v1.StreamOpenedH\x00\x42\x06\n\x04\x62ody\"\x17\n\x15ProviderHealthRequest\"\xa2\x01\n\rProviderState\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x02 \x01(\t\x12\x0f\n\x07\x63ircuit\x18\x03 \x01(\t\x12\x1c\n\x14\x63onsecutive_failures\x18\x04 \x01(\x03\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x16\n\x0erequests_total\x18\x06 \x01(\x03\x12\x16\n\x0e\x66\x61ilures_total\x18\x07 \x01(\x03\"O\n\x16ProviderHealthResponse\x12\x35\n\tproviders\x18\x01 \x03(\x0b\x32\".sluice.inference.v1.ProviderState2\x85\x01\n\x15ProviderHealthService\x12l\n\x11GetProviderHealth\x12*.sluice.inference.v1.ProviderHealthRequest\x1a+.sluice.inference.v1.ProviderHealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,23 +33,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.inference.v1.inferen
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFERENCEWORK']._serialized_start=90
-  _globals['_INFERENCEWORK']._serialized_end=509
-  _globals['_DELTA']._serialized_start=512
-  _globals['_DELTA']._serialized_end=660
-  _globals['_FINAL']._serialized_start=663
-  _globals['_FINAL']._serialized_end=948
-  _globals['_FAILURE']._serialized_start=951
-  _globals['_FAILURE']._serialized_end=1092
-  _globals['_STREAMOPENED']._serialized_start=1095
-  _globals['_STREAMOPENED']._serialized_end=1228
-  _globals['_STREAMEVENT']._serialized_start=1231
-  _globals['_STREAMEVENT']._serialized_end=1482
-  _globals['_PROVIDERHEALTHREQUEST']._serialized_start=1484
-  _globals['_PROVIDERHEALTHREQUEST']._serialized_end=1507
-  _globals['_PROVIDERSTATE']._serialized_start=1510
-  _globals['_PROVIDERSTATE']._serialized_end=1672
-  _globals['_PROVIDERHEALTHRESPONSE']._serialized_start=1674
-  _globals['_PROVIDERHEALTHRESPONSE']._serialized_end=1753
-  _globals['_PROVIDERHEALTHSERVICE']._serialized_start=1756
-  _globals['_PROVIDERHEALTHSERVICE']._serialized_end=1889
+  _globals['_INFERENCEWORK']._serialized_end=542
+  _globals['_DELTA']._serialized_start=545
+  _globals['_DELTA']._serialized_end=693
+  _globals['_FINAL']._serialized_start=696
+  _globals['_FINAL']._serialized_end=981
+  _globals['_FAILURE']._serialized_start=984
+  _globals['_FAILURE']._serialized_end=1125
+  _globals['_STREAMOPENED']._serialized_start=1128
+  _globals['_STREAMOPENED']._serialized_end=1261
+  _globals['_STREAMEVENT']._serialized_start=1264
+  _globals['_STREAMEVENT']._serialized_end=1515
+  _globals['_PROVIDERHEALTHREQUEST']._serialized_start=1517
+  _globals['_PROVIDERHEALTHREQUEST']._serialized_end=1540
+  _globals['_PROVIDERSTATE']._serialized_start=1543
+  _globals['_PROVIDERSTATE']._serialized_end=1705
+  _globals['_PROVIDERHEALTHRESPONSE']._serialized_start=1707
+  _globals['_PROVIDERHEALTHRESPONSE']._serialized_end=1786
+  _globals['_PROVIDERHEALTHSERVICE']._serialized_start=1789
+  _globals['_PROVIDERHEALTHSERVICE']._serialized_end=1922
 # @@protoc_insertion_point(module_scope)

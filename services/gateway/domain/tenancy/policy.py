@@ -16,7 +16,7 @@ from sluice.tenancy.v1 import tenancy_pb2
 from sluice.topology import PriorityClass
 
 from services.gateway.domain.tenancy.limits import Allowance, Budgets, Limits
-from services.gateway.domain.tenancy.tiers import Tier
+from services.gateway.domain.tenancy.tiers import LimiterFailure, Tier
 
 
 class Scope(StrEnum):
@@ -127,6 +127,8 @@ class Entitlements:
     end_user_id: str
     end_user: Allowance
     priority: PriorityClass
+    # What the request gets while the limiter does not answer (the tier's choice).
+    limiter_failure: LimiterFailure = LimiterFailure.FAIL_CLOSED
 
     @property
     def beyond_key(self) -> bool:
@@ -182,4 +184,5 @@ def entitlements(
         end_user_id=end_user,
         end_user=user_level,
         priority=priority,
+        limiter_failure=tier.limiter_failure if tier is not None else LimiterFailure.FAIL_CLOSED,
     )
