@@ -46,6 +46,7 @@ from sluice.partitions import partition_of
 
 from services.limiter.domain.admission import Admission
 from services.limiter.domain.windows import (
+    Snapshot,
     decode_snapshot,
     encode_snapshot,
     reservation_from_record,
@@ -115,13 +116,17 @@ class Partition:
 
     # --- snapshots and rebuilds -----------------------------------------------------
 
-    def snapshot(self) -> bytes:
-        """The state and its marks, encoded (zlib JSON: milliseconds for a partition)."""
+    def copy(self) -> Snapshot:
+        """The state and its marks, copied (on the event loop: integers only)."""
         limiter = self.admission.limiter
         now = self.admission.clock()
         limiter.expire(now)
         marks = {JOURNAL_MARK: self.journal_mark, USAGE_MARK: self.usage_mark}
-        return encode_snapshot(limiter.snapshot(now, marks))
+        return limiter.snapshot(now, marks)
+
+    def snapshot(self) -> bytes:
+        """The state and its marks, encoded (zlib JSON)."""
+        return encode_snapshot(self.copy())
 
     def restore(self, data: bytes | None) -> int:
         """Load a snapshot (absent or unreadable: empty state); returns its time (ms)."""

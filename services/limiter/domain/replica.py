@@ -22,7 +22,7 @@ from sluice.partitions import id_prefix, partition_of
 
 from services.limiter.domain.admission import Admission, Clock, LimiterMetrics, Prices
 from services.limiter.domain.partitions import Journal, Ownership, Partition, rebuild
-from services.limiter.domain.windows import Limiter, LimiterConfig
+from services.limiter.domain.windows import Limiter, LimiterConfig, encode_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,10 @@ class Replica:
         self.rebuilds = 0
 
     # --- usage --------------------------------------------------------------------------
+
+    def serves(self, event: cost_pb2.UsageEvent) -> bool:
+        """Whether the event's partition is served here."""
+        return partition_of(event.team_id, event.key_id, self.partitions) in self.served
 
     def on_usage(self, sequence: int, event: cost_pb2.UsageEvent) -> None:
         self.usage_position = max(self.usage_position, sequence)
@@ -180,10 +184,13 @@ class Replica:
         """Stop serving, write the final snapshot, then free the lease for its
         preferred owner."""
         partition = self.served.get(number)
+        if partition is not None:
+            partition.usage_mark = max(partition.usage_mark, self.usage_position)
         await self._stop_serving(number)
         if partition is not None:
             try:
-                await self.snapshots.save(number, await asyncio.to_thread(partition.snapshot))
+                data = await asyncio.to_thread(encode_snapshot, partition.copy())
+                await self.snapshots.save(number, data)
             except Exception:
                 log.warning("final snapshot of partition %d failed", number, exc_info=True)
         await self.ownership.release(number)
@@ -201,9 +208,9 @@ class Replica:
         for number, partition in list(self.served.items()):
             # Everything the live feed delivered for this partition is applied.
             partition.usage_mark = max(partition.usage_mark, self.usage_position)
-            data = partition.snapshot()
+            copy = partition.copy()
             try:
-                await self.snapshots.save(number, data)
+                await self.snapshots.save(number, await asyncio.to_thread(encode_snapshot, copy))
             except Exception:
                 log.warning("snapshot of partition %d failed", number, exc_info=True)
 

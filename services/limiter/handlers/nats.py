@@ -17,6 +17,9 @@ import logging
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+from sluice import telemetry
 from sluice.bus import Bus
 from sluice.cost.v1 import cost_pb2
 from sluice.limiter.v1 import limiter_pb2
@@ -67,14 +70,20 @@ class PartitionServer:
 
 
 class UsageFeed:
-    """Every usage event from the stream position given, to ``Replica.on_usage``."""
+    """Every usage event from the stream position given, to ``Replica.on_usage``. The
+    replica serving the event's partition settles it in a CONSUMER span continued from
+    the event's headers (the request's trace reaches the limiter); the others skip it
+    without one."""
 
     def __init__(self, bus: Bus, replica: Replica) -> None:
         self.bus = bus
         self.replica = replica
         self._sub: Subscription | None = None
+        self._tracer = trace.get_tracer("sluice.limiter")
 
     async def start(self, after: int) -> None:
+        name = f"{Subjects.USAGE_ALL} process"
+
         async def on_message(msg: Msg) -> None:
             event = cost_pb2.UsageEvent()
             try:
@@ -82,7 +91,21 @@ class UsageFeed:
             except Exception:  # an undecodable event counts for nobody
                 log.warning("undecodable usage event skipped")
                 return
-            self.replica.on_usage(msg.metadata.sequence.stream, event)
+            sequence = msg.metadata.sequence.stream
+            if not self.replica.serves(event):
+                self.replica.on_usage(sequence, event)
+                return
+            with self._tracer.start_as_current_span(
+                name,
+                context=telemetry.extract(msg.headers),
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    **telemetry.messaging_attributes(msg.subject, "process"),
+                    "sluice.key_id": event.key_id,
+                    "sluice.request_id": event.request_id,
+                },
+            ):
+                self.replica.on_usage(sequence, event)
 
         self._sub = await self.bus.follow(
             Subjects.USAGE_ALL, Streams.USAGE.name, on_message, start_sequence=after + 1
