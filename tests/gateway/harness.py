@@ -81,6 +81,7 @@ class FakeServices:
     cache_similarity: float | None = None
     cache_online: bool = True
     limiter_online: bool = True
+    reserve_attempts: int = 0
     scenario: Scenario = reply_final
     reserves: list[limiter_pb2.ReserveRequest] = field(default_factory=list)
     commits: list[limiter_pb2.CommitRequest] = field(default_factory=list)
@@ -94,6 +95,7 @@ class FakeServices:
         nc = self.bus.nc
 
         async def on_reserve(msg):
+            self.reserve_attempts += 1
             if not self.limiter_online:
                 return
             req = limiter_pb2.ReserveRequest()
@@ -205,6 +207,7 @@ async def build_gateway(bus: Bus, tmp: Path, **overrides) -> Gateway:
         request_timeout_seconds=overrides.pop("request_timeout_seconds", 5.0),
         cache_timeout_seconds=0.2,
         limiter_timeout_seconds=0.3,
+        limiter_wait_seconds=overrides.pop("limiter_wait_seconds", 1.0),
         **overrides,
     )
     kv = await bus.kv(Buckets.API_KEYS)

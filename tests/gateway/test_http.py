@@ -465,6 +465,14 @@ async def test_silent_limiter_fails_closed_with_503(gw: Gateway):
     assert_problem(resp, 503, "limiter_unavailable")
     assert resp.headers["retry-after"] == "1"
     assert not gw.fake.work
+    # The partition was asked again for the whole wait; the next request asks it once.
+    waited = gw.fake.reserve_attempts
+    assert waited > 1
+    async with gw.authed() as http:
+        assert_problem(await http.post(CHAT, json=chat_body()), 503, "limiter_unavailable")
+        assert gw.fake.reserve_attempts == waited + 1
+        gw.fake.limiter_online = True
+        assert (await http.post(CHAT, json=chat_body())).status_code == 200
 
 
 # --- bad input --------------------------------------------------------------------------

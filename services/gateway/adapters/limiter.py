@@ -40,20 +40,30 @@ class LimiterClient:
         self._wait_seconds = wait_seconds
         self._background: set[asyncio.Task[None]] = set()
         self.owner_waits = 0
+        # Partitions that did not answer for a whole wait, until when not to wait again.
+        self._down_until: dict[int, float] = {}
 
     async def reserve(self, request: limiter_pb2.ReserveRequest) -> limiter_pb2.ReserveResponse:
-        subject = Subjects.limiter_reserve(partition_of(request.team_id, request.key_id))
-        deadline = time.monotonic() + self._wait_seconds
+        partition = partition_of(request.team_id, request.key_id)
+        subject = Subjects.limiter_reserve(partition)
+        now = time.monotonic()
+        # A partition that stayed without an answer for a whole wait is asked once per
+        # request, without waiting again, until it answers: an outage of the limiter
+        # costs each request one attempt, not the wait.
+        down = self._down_until.get(partition, 0.0) > now
+        deadline = now if down else now + self._wait_seconds
         attempt = 0
         while True:
             try:
-                return await self._bus.request(
+                reply = await self._bus.request(
                     subject,
                     request,
                     limiter_pb2.ReserveResponse,
                     timeout=self._timeout,
                     span_name=RESERVE_SPAN,
                 )
+                self._down_until.pop(partition, None)
+                return reply
             except (NoRespondersError, TimeoutError) as exc:
                 # The partition is between owners (no responder), or its owner died with
                 # this request in hand (no answer): ask again shortly. A slow owner that
@@ -62,6 +72,7 @@ class LimiterClient:
                 attempt += 1
                 if time.monotonic() + pause > deadline:
                     log.warning("limiter reserve on %s failed: %s", subject, type(exc).__name__)
+                    self._down_until[partition] = time.monotonic() + self._wait_seconds
                     raise unavailable("The rate limiter did not answer.") from None
                 self.owner_waits += 1
                 await asyncio.sleep(pause)
