@@ -192,7 +192,7 @@ async def test_usage_events_reconcile_reservations_once(limiter: LimiterUnderTes
     assert tpm_of(quota).remaining == TPM - 120  # b was a cache hit: zero tokens
     assert next(p for p in quota.policies if p.name == "rpm").remaining == RPM - 2
 
-    # Spans (flushed at stop): each reserve, on its partition's subject, tagged.
+    # Spans (flushed at stop): each reserve on its partition's subject, each settlement.
     assert limiter.process is not None and limiter.process.stop() == 0
     spans = [
         json.loads(line)
@@ -201,7 +201,15 @@ async def test_usage_events_reconcile_reservations_once(limiter: LimiterUnderTes
     mine = [s for s in spans if s["attributes"].get("sluice.key_id") == key]
     subject = Subjects.limiter_reserve(partition_of("", key))
     reserves = [s for s in mine if s["name"] == f"{subject} process"]
+    usages = [s for s in mine if s["name"] == f"{Subjects.USAGE_ALL} process"]
     assert len(reserves) == 2 and all(s["attributes"]["sluice.limiter.allowed"] for s in reserves)
+    # Each usage event in a CONSUMER span of the partition's owner.
+    assert len(usages) == 3 and all(s["kind"] == "CONSUMER" for s in usages)
+    assert sorted(s["attributes"]["sluice.limiter.reservation_found"] for s in usages) == [
+        False,
+        True,
+        True,
+    ]
 
 
 async def test_get_quota_of_an_unknown_key_and_without_key(limiter: LimiterUnderTest) -> None:
