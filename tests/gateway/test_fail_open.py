@@ -66,3 +66,11 @@ def test_tiers_name_their_limiter_failure_and_refuse_another_word() -> None:
     assert table.tiers["b"].limiter_failure is LimiterFailure.FAIL_CLOSED
     with pytest.raises(ValueError, match=r"tiers.yaml:3: limiter_failure of tier 'a'"):
         parse_tiers("tiers:\n  a:\n    limiter_failure: maybe\n")
+
+
+def test_a_tier_may_set_its_batch_share_within_zero_and_one() -> None:
+    table = parse_tiers("tiers:\n  a:\n    batch_share: 0.25\n  b: {}\n")
+    assert table.tiers["a"].batch_share == 0.25 and table.tiers["b"].batch_share == 0.0
+    for bad in ("0", "1.5", "yes", "half"):
+        with pytest.raises(ValueError, match=r"tiers.yaml:3: batch_share of tier 'a'"):
+            parse_tiers(f"tiers:\n  a:\n    batch_share: {bad}\n")

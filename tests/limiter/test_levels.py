@@ -252,3 +252,12 @@ def test_usage_of_an_unknown_reservation_is_charged_only_when_asked_and_once() -
     # Settled here already: a second event of it is not an unknown spend.
     h.apply_usage(used(settled.reservation_id, "k9", "t9", i=1, o=1), charge_unknown=True)
     assert h.limiter.spent("team:t9", now[0]) == (3_000, 3_000)
+
+
+def test_the_tiers_batch_share_wins_over_the_configured_one() -> None:
+    h, _ = make(batch_share=0.5)
+    limits = tenancy_pb2.Limits(requests_per_minute=4)
+    request = ask(team_limits=limits, priority="batch")
+    request.batch_share = 0.25
+    assert h.reserve(request).allowed
+    assert h.reserve(request).denied_by == "team.requests_per_minute"

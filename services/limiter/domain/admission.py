@@ -213,7 +213,7 @@ class Admission:
             lease_tokens=request.lease_tokens,
             lease_requests=request.lease_requests,
             levels=levels_of(request),
-            share=self.batch_share if request.priority == PriorityClass.BATCH else 1.0,
+            share=self._share(request),
             output_estimated=request.output_estimated,
             price=self.prices.pricer(request.model),
         )
@@ -247,6 +247,14 @@ class Admission:
             reserved_usd_nanos=decision.reserved_cost_nanos,
             reserved_output_tokens=decision.reserved_output_tokens,
         )
+
+    def _share(self, request: limiter_pb2.ReserveRequest) -> float:
+        """Batch work: the tier's share of each limit, else the configured one."""
+        if request.priority != PriorityClass.BATCH:
+            return 1.0
+        if 0 < request.batch_share <= 1:
+            return request.batch_share
+        return self.batch_share
 
     def commit(self, request: limiter_pb2.CommitRequest) -> limiter_pb2.CommitResponse:
         if request.close_lease:

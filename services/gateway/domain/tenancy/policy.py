@@ -129,6 +129,8 @@ class Entitlements:
     priority: PriorityClass
     # What the request gets while the limiter does not answer (the tier's choice).
     limiter_failure: LimiterFailure = LimiterFailure.FAIL_CLOSED
+    # The tier's share of each limit for batch work (0: the limiter's setting).
+    batch_share: float = 0.0
 
     @property
     def beyond_key(self) -> bool:
@@ -146,6 +148,7 @@ class Entitlements:
         reserve.end_user_limits.CopyFrom(self.end_user.limits.to_proto())
         reserve.end_user_budgets.CopyFrom(self.end_user.budgets.to_proto())
         reserve.priority = str(self.priority)
+        reserve.batch_share = self.batch_share
 
 
 def entitlements(
@@ -185,4 +188,5 @@ def entitlements(
         end_user=user_level,
         priority=priority,
         limiter_failure=tier.limiter_failure if tier is not None else LimiterFailure.FAIL_CLOSED,
+        batch_share=tier.batch_share if tier is not None else 0.0,
     )

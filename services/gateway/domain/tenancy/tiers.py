@@ -44,6 +44,8 @@ class Tier:
     team: Allowance = field(default_factory=Allowance)
     end_user: Allowance = field(default_factory=Allowance)
     limiter_failure: LimiterFailure = LimiterFailure.FAIL_CLOSED
+    # The share of each limit batch work is admitted within (0: the limiter's setting).
+    batch_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,9 @@ class _Reader:
 
     def tier(self, name: str, node: yaml.Node) -> Tier:
         parts = self.mapping(
-            node, f"tier {name!r}", {"priorities", "team", "end_user", "limiter_failure"}
+            node,
+            f"tier {name!r}",
+            {"priorities", "team", "end_user", "limiter_failure", "batch_share"},
         )
         priorities = frozenset(PriorityClass)
         if "priorities" in parts:
@@ -171,7 +175,21 @@ class _Reader:
                     f"{self.at(f_node)}: limiter_failure of tier {name!r} must be "
                     f"{' or '.join(f.value for f in LimiterFailure)}, not {text!r}"
                 ) from None
-        return Tier(name, priorities, team, end_user, failure)
+        batch_share = 0.0
+        if "batch_share" in parts:
+            b_node = parts["batch_share"][1]
+            value = self.value(b_node, "batch_share")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (0 < value <= 1)
+            ):
+                raise TierFileError(
+                    f"{self.at(b_node)}: batch_share of tier {name!r} must be a number "
+                    f"above 0 and at most 1, not {value!r}"
+                )
+            batch_share = float(value)
+        return Tier(name, priorities, team, end_user, failure, batch_share)
 
     def allowance(self, node: yaml.Node, what: str) -> Allowance:
         parts = self.mapping(node, what, {"limits", "budgets"})
