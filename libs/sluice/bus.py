@@ -242,6 +242,20 @@ class Bus:
         )
         return sub
 
+    async def pull_ephemeral(
+        self, stream: str, subject: str, *, start_sequence: int, inactive_seconds: float = 60.0
+    ) -> JetStreamContext.PullSubscription:
+        """An ephemeral pull consumer of ``subject`` from stream sequence
+        ``start_sequence``, without acks (the caller keeps its own position); the server
+        removes it after ``inactive_seconds`` without a fetch."""
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(1, start_sequence),
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=inactive_seconds,
+        )
+        return await self.js.pull_subscribe(subject, stream=stream, config=config)
+
     async def stream_last_sequence(self, stream: str) -> int:
         """The sequence of the last message ``stream`` stored (0: none yet)."""
         info = await self.js.stream_info(stream)

@@ -74,7 +74,13 @@ class LimiterService:
         # After the runtime set up telemetry, so the instruments reach its meter.
         self.metrics.register(replica)
         replica.usage_position = await usage.last_sequence()
-        self.feed = UsageFeed(bus, replica)
+        self.feed = UsageFeed(
+            bus,
+            replica,
+            batch=self.settings.reconcile_batch,
+            window=self.settings.reconcile_window_seconds,
+            fetch_timeout=self.settings.fetch_timeout_seconds,
+        )
         await self.feed.start(replica.usage_position)
         await replica.round()
         await replica.settled()

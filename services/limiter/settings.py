@@ -40,6 +40,13 @@ class LimiterSettings(BaseSettings):
     # stops serving its partitions, and a dead replica's partitions are free after it.
     lease_seconds: float = Field(default=2.0, gt=0)
     renew_seconds: float = Field(default=0.5, gt=0)
+    # The usage feed fetches up to reconcile_batch events at a time and, after a smaller
+    # batch, waits reconcile_window_seconds before the next fetch: events are handled
+    # many per wake-up (the limiter's CPU is mostly per wake-up), and a reservation is
+    # settled up to that much later, holding what it reserved until then.
+    reconcile_batch: int = Field(default=256, ge=1, le=10_000)
+    reconcile_window_seconds: float = Field(default=0.25, ge=0, le=5)
+    fetch_timeout_seconds: float = Field(default=1.0, gt=0)
     # Batch-class work (priority batch) is admitted only within this share of each
     # limit and budget of every level, so interactive work keeps the rest.
     batch_share: float = Field(default=0.5, gt=0, le=1)
