@@ -211,11 +211,28 @@ class Bus:
             return False
 
     async def follow(
-        self, subject: str, stream: str, cb: MessageCallback, *, new_only: bool = False
+        self,
+        subject: str,
+        stream: str,
+        cb: MessageCallback,
+        *,
+        new_only: bool = False,
+        start_sequence: int = 0,
     ) -> Subscription:
         """Every message ``stream`` holds on ``subject``, from the first (``new_only``:
-        from the next one stored), then each new one as it is stored: an ephemeral
-        ordered consumer (no acks, nothing left behind)."""
+        from the next one stored; ``start_sequence``: from that stream sequence), then
+        each new one as it is stored: an ephemeral ordered consumer (no acks, nothing
+        left behind)."""
+        if start_sequence:
+            sub = await self.js.subscribe(
+                subject,
+                stream=stream,
+                cb=cb,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                config=ConsumerConfig(opt_start_seq=start_sequence),
+            )
+            return sub
         sub = await self.js.subscribe(
             subject,
             stream=stream,
@@ -224,6 +241,25 @@ class Bus:
             deliver_policy=DeliverPolicy.NEW if new_only else DeliverPolicy.ALL,
         )
         return sub
+
+    async def pull_ephemeral(
+        self, stream: str, subject: str, *, start_sequence: int, inactive_seconds: float = 60.0
+    ) -> JetStreamContext.PullSubscription:
+        """An ephemeral pull consumer of ``subject`` from stream sequence
+        ``start_sequence``, without acks (the caller keeps its own position); the server
+        removes it after ``inactive_seconds`` without a fetch."""
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(1, start_sequence),
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=inactive_seconds,
+        )
+        return await self.js.pull_subscribe(subject, stream=stream, config=config)
+
+    async def stream_last_sequence(self, stream: str) -> int:
+        """The sequence of the last message ``stream`` stored (0: none yet)."""
+        info = await self.js.stream_info(stream)
+        return int(info.state.last_seq or 0)
 
     async def read_stream(
         self,

@@ -45,12 +45,14 @@ class ErrorCode(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     RATE_LIMITED = "rate_limited"
+    BUDGET_EXCEEDED = "budget_exceeded"
     UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_STREAM_INTERRUPTED = "upstream_stream_interrupted"
     SERVICE_UNAVAILABLE = "service_unavailable"
+    LIMITER_UNAVAILABLE = "limiter_unavailable"
     INTERNAL_ERROR = "internal_error"
     IDEMPOTENCY_KEY_IN_USE = "idempotency_key_in_use"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
@@ -167,6 +169,16 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         retryable=True,
         rpc_code=code_pb2.RESOURCE_EXHAUSTED,
     ),
+    ErrorCode.BUDGET_EXCEEDED: ErrorSpec(
+        429,
+        "Budget used up",
+        "The USD budget named in details.policy is spent for this period; wait for the "
+        "time in Retry-After (the next UTC day or month) or ask an administrator to raise it.",
+        "insufficient_quota",
+        "rate_limit_error",
+        retryable=False,
+        rpc_code=code_pb2.RESOURCE_EXHAUSTED,
+    ),
     ErrorCode.UPSTREAM_RATE_LIMITED: ErrorSpec(
         429,
         "Provider rate limit reached",
@@ -235,6 +247,16 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         503,
         "Gateway temporarily unavailable",
         "Retry after the time in Retry-After; a Sluice service is not answering.",
+        "api_error",
+        "overloaded_error",
+        retryable=True,
+        rpc_code=code_pb2.UNAVAILABLE,
+    ),
+    ErrorCode.LIMITER_UNAVAILABLE: ErrorSpec(
+        503,
+        "Rate limiter unavailable",
+        "Retry after the time in Retry-After; the rate limiter is not answering and this "
+        "team's tier admits nothing it cannot count (limiter_failure: fail_closed).",
         "api_error",
         "overloaded_error",
         retryable=True,

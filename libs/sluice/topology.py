@@ -39,14 +39,26 @@ class PriorityClass(StrEnum):
     SYSTEM = "system"
 
 
+# The limiter's state is split into this many partitions (by team, else key:
+# sluice.partitions), each owned by one limiter replica at a time through a lease in
+# Buckets.LIMITER_OWNERS. The gateway and the limiter must agree on it.
+LIMITER_PARTITIONS = 16
+
+
 class Subjects:
     """Subjects of the data path. Payloads are the proto messages named beside each."""
 
-    # request/reply: limiter_pb2.ReserveRequest -> ReserveResponse
-    LIMITER_RESERVE = f"{PREFIX}.limiter.reserve"
-    # request/reply: limiter_pb2.CommitRequest -> CommitResponse (the gateway releases a
-    # reservation it will not use; actual usage arrives through the usage stream)
-    LIMITER_COMMIT = f"{PREFIX}.limiter.commit"
+    # request/reply, one subject per partition, served by its owner only:
+    # limiter_pb2.ReserveRequest -> ReserveResponse
+    LIMITER_RESERVE_ALL = f"{PREFIX}.limiter.reserve.*"
+    # request/reply, per partition: limiter_pb2.CommitRequest -> CommitResponse (the
+    # gateway releases a reservation it will not use; actual usage arrives through the
+    # usage stream)
+    LIMITER_COMMIT_ALL = f"{PREFIX}.limiter.commit.*"
+    # core publish captured by SLUICE_LIMITER_JOURNAL: what a partition's owner changed
+    # other than by usage (reservations, releases, closed leases), JSON, one subject per
+    # partition; a new owner replays it over the partition's last snapshot
+    LIMITER_JOURNAL_ALL = f"{PREFIX}.limiter.journal.*"
     # request/reply: cache_pb2.LookupRequest -> LookupResponse
     CACHE_LOOKUP = f"{PREFIX}.cache.lookup"
     # publish: cache_pb2.StoreRequest
@@ -74,6 +86,18 @@ class Subjects:
     SPEND_ALERT_ALL = f"{PREFIX}.alert.spend.>"
     # core publish captured by SLUICE_AUDIT: tenancy_pb2.AuditEvent, by team and kind
     AUDIT_ALL = f"{PREFIX}.audit.>"
+
+    @staticmethod
+    def limiter_reserve(partition: int) -> str:
+        return f"{PREFIX}.limiter.reserve.{partition}"
+
+    @staticmethod
+    def limiter_commit(partition: int) -> str:
+        return f"{PREFIX}.limiter.commit.{partition}"
+
+    @staticmethod
+    def limiter_journal(partition: int) -> str:
+        return f"{PREFIX}.limiter.journal.{partition}"
 
     @staticmethod
     def infer(priority: PriorityClass | str) -> str:
@@ -208,7 +232,26 @@ class Streams:
         description="spend alerts by team",
     )
 
-    ALL: tuple[StreamSpec, ...] = (INFER, STREAMS, USAGE, LIFECYCLE, WEBHOOKS, AUDIT, ALERTS)
+    # The limiter partitions' journals: kept past the reservation TTL (10 min), so a new
+    # owner finds every reservation still open since the partition's last snapshot.
+    LIMITER_JOURNAL = StreamSpec(
+        name="SLUICE_LIMITER_JOURNAL",
+        subjects=(Subjects.LIMITER_JOURNAL_ALL,),
+        max_age_seconds=15 * 60,
+        duplicate_window_seconds=0.0,
+        description="limiter reservations and releases by partition, for takeovers",
+    )
+
+    ALL: tuple[StreamSpec, ...] = (
+        INFER,
+        STREAMS,
+        USAGE,
+        LIFECYCLE,
+        WEBHOOKS,
+        AUDIT,
+        ALERTS,
+        LIMITER_JOURNAL,
+    )
 
 
 class Consumers:
@@ -224,12 +267,10 @@ class Consumers:
         )
         for cls in PriorityClass
     }
-    # The usage consumers ack each event, not each batch (AckAll): measured, it saves NATS
-    # messages but no CPU, and the cost-trackers share their durable (why that
-    # rules AckAll out: services/cost_tracker/handlers/nats.py).
-    LIMITER_USAGE = ConsumerSpec(
-        stream=Streams.USAGE.name, durable="limiter-reconcile", filter_subject=Subjects.USAGE_ALL
-    )
+    # The cost-trackers' usage consumer acks each event, not each batch (AckAll):
+    # measured, it saves NATS messages but no CPU, and the cost-trackers share their
+    # durable (why that rules AckAll out: services/cost_tracker/handlers/nats.py). The
+    # limiter reads the usage stream without a durable (services/limiter/handlers/nats.py).
     COST_USAGE = ConsumerSpec(
         stream=Streams.USAGE.name, durable="cost-ledger", filter_subject=Subjects.USAGE_ALL
     )
@@ -280,7 +321,16 @@ class Buckets:
         "sluice_exact_cache", ttl_seconds=3600.0, description="cached Final by request hash"
     )
     LIMITER_SNAPSHOTS = BucketSpec(
-        "sluice_limiter_snapshots", description="limiter window state, for restarts"
+        "sluice_limiter_snapshots",
+        description="limiter state by partition (p<n>), with its journal and usage marks",
+    )
+    # "p.<n>": the replica that owns partition n (renewed by revision, so a lapsed owner
+    # cannot renew over its successor); "member.<id>": each live replica. An entry not
+    # renewed within the TTL disappears: that is how a dead replica's partitions free up.
+    LIMITER_OWNERS = BucketSpec(
+        "sluice_limiter_owners",
+        ttl_seconds=2.0,
+        description="limiter partition leases and live replicas",
     )
 
     JOBS = BucketSpec(
@@ -317,6 +367,7 @@ class Buckets:
         API_KEYS,
         EXACT_CACHE,
         LIMITER_SNAPSHOTS,
+        LIMITER_OWNERS,
         JOBS,
         IDEMPOTENCY,
         WEBHOOK_SECRETS,

@@ -37,6 +37,7 @@ from services.gateway.adapters.webhooks import KvWebhookSecrets, WebhookClient
 from services.gateway.adapters.work_queue import JetStreamQueues
 from services.gateway.domain.chat import ChatService
 from services.gateway.domain.estimate import Estimator
+from services.gateway.domain.fail_open import FailOpenAllowance
 from services.gateway.domain.idempotency.service import Idempotency
 from services.gateway.domain.jobs.delivery import WebhookDeliverer
 from services.gateway.domain.jobs.records import JobRenderer
@@ -155,7 +156,8 @@ async def assemble(
     lifecycle = NatsLifecycle(bus, settings.publish_timeout_seconds)
     secrets = KvWebhookSecrets(await bus.kv(Buckets.WEBHOOK_SECRETS))
     limiter = LeasingLimiter(
-        LimiterClient(bus, settings.limiter_timeout_seconds), settings.admission_lease_requests
+        LimiterClient(bus, settings.limiter_timeout_seconds, settings.limiter_wait_seconds),
+        settings.admission_lease_requests,
     )
     relay = StreamRelay(settings, streams, inst)
     claims = None
@@ -174,6 +176,9 @@ async def assemble(
         tenancy=tenancy,
         claims=claims,
         guard=load_guard(settings.guard_file, settings.common.config_dir),
+        fail_open=FailOpenAllowance(
+            settings.fail_open_share, settings.fail_open_requests_per_minute
+        ),
     )
     resumer = StreamResumer(settings, streams, relay)
     prices = _prices(settings)

@@ -115,6 +115,14 @@ class GatewaySettings(BaseSettings):
     # Bound on the whole request; the worker gets the same absolute deadline.
     request_timeout_seconds: float = 300.0
     limiter_timeout_seconds: float = 1.0
+    # How long a request waits for its limiter partition to have an owner again (a
+    # replica handing it over, or a killed one's lease lapsing) before a 503.
+    limiter_wait_seconds: float = Field(default=5.0, ge=0)
+    # Tiers with limiter_failure: fail_open, while the limiter does not answer: this
+    # gateway admits this share of each requests-per-minute limit (the key's own
+    # default when it sets none: fail_open_requests_per_minute).
+    fail_open_share: float = Field(default=0.1, gt=0, le=1)
+    fail_open_requests_per_minute: int = Field(default=600, gt=0)
     # Admission leases (services/gateway/domain/leases.py): how many requests of a key one
     # lease asks room for; 0 asks the limiter on every request.
     admission_lease_requests: int = Field(default=32, ge=0)

@@ -1,28 +1,30 @@
-"""Wiring of the limiter: settings -> snapshot store -> limiter and admission -> NATS
-handlers, usage consumer and ``QuotaService`` on the runtime.
+"""Wiring of the limiter: settings -> snapshot store, leases, journal, usage log ->
+replica -> partition server, usage feed and ``QuotaService`` on the runtime.
 
-Start order: restore the snapshot *before* serving, so a restarted limiter never admits
-against an empty window. Stop order (after the runtime stops taking requests): finish the
-usage batch in hand, take a final snapshot, then the runtime drains NATS.
+Start order: the usage feed starts at the stream's current end (a partition taken later
+reads what it lacks up to there itself), then ownership rounds run every
+``renew_seconds``: each takes, rebuilds and serves the partitions this replica is
+preferred for, and hands over the others. Ready once the first round is done. Stop
+order (after the runtime stops taking requests): the rounds stop, the usage feed stops,
+each partition is handed over with a final snapshot, and the replica leaves.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import logging
 
-from sluice.consumers import DurableConsumer
-from sluice.cost.v1 import cost_pb2
+from sluice.pricing import PriceTable
 from sluice.service import ServiceRuntime
-from sluice.topology import Consumers, ServiceName
+from sluice.topology import LIMITER_PARTITIONS, Buckets, ServiceName
 
-from services.limiter.adapters import KvSnapshotStore
-from services.limiter.domain.admission import Admission, Clock, LimiterMetrics, wall_ms
-from services.limiter.domain.snapshots import Snapshots
-from services.limiter.domain.windows import Limiter
+from services.limiter.adapters import BusJournal, KvLeases, KvSnapshotStore, UsageLog
+from services.limiter.domain.admission import Clock, LimiterMetrics, Prices, wall_ms
+from services.limiter.domain.partitions import Ownership
+from services.limiter.domain.replica import Replica
 from services.limiter.handlers.grpc import quota_service
-from services.limiter.handlers.nats import AdmissionHandlers, usage_reconciler
+from services.limiter.handlers.nats import PartitionServer, UsageFeed
 from services.limiter.settings import LimiterSettings
 
 log = logging.getLogger(__name__)
@@ -38,54 +40,96 @@ class LimiterService:
             grpc_port=settings.grpc_port,
             metrics_port=settings.metrics_port,
         )
-        self.limiter = Limiter(settings.limiter_config())
-        self.admission = Admission(self.limiter, LimiterMetrics(), clock)
-        self.snapshots: Snapshots | None = None
-        self.reconciler: DurableConsumer[cost_pb2.UsageEvent] | None = None
-        self._snapshot_task: asyncio.Task[None] | None = None
+        self.metrics = LimiterMetrics()
+        self.prices = Prices(PriceTable.load(settings.prices_file))
+        self.replica: Replica | None = None
+        self.feed: UsageFeed | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        bus = await self.runtime.start([quota_service(self.admission)])
-        self.snapshots = Snapshots(
-            self.limiter,
-            await KvSnapshotStore.open(bus, self.settings.snapshot_key),
-            self.clock,
-            interval_seconds=self.settings.snapshot_interval_seconds,
+        bus = await self.runtime.start([quota_service(lambda: self.replica)])
+        await bus.set_bucket_ttl(Buckets.LIMITER_OWNERS, self.settings.lease_seconds)
+        journal = BusJournal(bus)
+        usage = UsageLog(bus)
+        ownership = Ownership(
+            await KvLeases.open(bus),
+            self.settings.common.instance_id,
+            LIMITER_PARTITIONS,
+            self.settings.lease_seconds,
         )
-        await self.snapshots.restore()
+        self.replica = replica = Replica(
+            config=self.settings.limiter_config(),
+            prices=self.prices,
+            batch_share=self.settings.batch_share,
+            metrics=self.metrics,
+            clock=self.clock,
+            ownership=ownership,
+            snapshots=await KvSnapshotStore.open(bus),
+            journal=journal,
+            usage=usage,
+            partitions=LIMITER_PARTITIONS,
+        )
+        replica.server = PartitionServer(bus)
         # After the runtime set up telemetry, so the instruments reach its meter.
-        self.admission.metrics.register(self.limiter)
-        await AdmissionHandlers(self.admission).serve(bus)
-        self.reconciler = usage_reconciler(
-            self.runtime.consumer_broker(),
-            self.admission,
-            dataclasses.replace(Consumers.LIMITER_USAGE, durable=self.settings.consumer_durable),
+        self.metrics.register(replica)
+        replica.usage_position = await usage.last_sequence()
+        self.feed = UsageFeed(
+            bus,
+            replica,
             batch=self.settings.reconcile_batch,
-            fetch_timeout=self.settings.fetch_timeout_seconds,
             window=self.settings.reconcile_window_seconds,
+            fetch_timeout=self.settings.fetch_timeout_seconds,
         )
-        await self.reconciler.start()
-        self._snapshot_task = asyncio.create_task(
-            self.snapshots.run(self._stopping), name="limiter-snapshots"
-        )
+        await self.feed.start(replica.usage_position)
+        await replica.round()
+        await replica.settled()
+        self._tasks = [
+            asyncio.create_task(self._rounds(), name="limiter-ownership"),
+            asyncio.create_task(self._snapshots(), name="limiter-snapshots"),
+        ]
         self.runtime.on_stop(self._on_stop)
         await self.runtime.mark_ready()
+
+    async def _rounds(self) -> None:
+        assert self.replica is not None
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.renew_seconds)
+            if self._stopping.is_set():
+                return
+            try:
+                await self.replica.round()
+            except Exception:
+                log.exception("limiter ownership round failed")
+
+    async def _snapshots(self) -> None:
+        assert self.replica is not None
+        interval = self.settings.snapshot_interval_seconds
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+            if self._stopping.is_set():
+                return
+            try:
+                await self.replica.save_snapshots()
+            except Exception:
+                log.warning("limiter snapshots failed; will retry", exc_info=True)
 
     async def stop(self) -> None:
         """Graceful stop, as on SIGTERM."""
         await self.runtime.shutdown()
 
     async def _on_stop(self) -> None:
-        # Intake is stopped, and the runtime has stopped the usage consumer, settling the
-        # batch in hand (its broker stops before the stop hooks): the snapshot below
-        # holds every settlement whose ack was sent.
+        # Intake is stopped (the runtime ended the partitions' subscriptions): no new
+        # reservation; the final snapshots hold every one made.
         self._stopping.set()
-        if self._snapshot_task is not None:
-            await asyncio.gather(self._snapshot_task, return_exceptions=True)
-        if self.snapshots is not None:
-            await self.snapshots.save()
-            log.info("limiter final snapshot written")
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.feed is not None:
+            await self.feed.stop()
+        if self.replica is not None:
+            await self.replica.stop()
+            log.info("limiter partitions handed over with their final snapshots")
 
 
 async def main() -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sluice.settings import CommonSettings
-from sluice.topology import DEFAULT_PORTS, Consumers, ServiceName
+from sluice.topology import DEFAULT_PORTS, ServiceName
 
 from services.limiter.domain.windows import LimiterConfig
 
@@ -30,30 +32,39 @@ class LimiterSettings(BaseSettings):
     # the share of what the key has left that one lease may take (1/divisor).
     lease_ttl_ms: int = Field(default=2_000, gt=0)
     lease_divisor: int = Field(default=8, ge=1)
-    # Spend recorded since the last snapshot is what a crash (not a SIGTERM) forgets.
-    snapshot_interval_seconds: float = Field(default=5.0, gt=0)
-    # KV key of this instance's snapshot in the limiter snapshots bucket.
-    snapshot_key: str = "default"
-    # The durable consumer on SLUICE_USAGE; another name reconciles independently.
-    consumer_durable: str = Consumers.LIMITER_USAGE.durable
+    # Each partition's snapshot is written this often by its owner; a takeover replays
+    # the journal and usage since the last one (more to read the longer the interval).
+    snapshot_interval_seconds: float = Field(default=2.0, gt=0)
+    # Partition leases (KV bucket sluice_limiter_owners, whose TTL is the lease time):
+    # renewed every renew_seconds; a replica that could not renew for lease_seconds
+    # stops serving its partitions, and a dead replica's partitions are free after it.
+    lease_seconds: float = Field(default=2.0, gt=0)
+    renew_seconds: float = Field(default=0.5, gt=0)
+    # The usage feed fetches up to reconcile_batch events at a time and, after a smaller
+    # batch, waits reconcile_window_seconds before the next fetch: events are handled
+    # many per wake-up (the limiter's CPU is mostly per wake-up), and a reservation is
+    # settled up to that much later, holding what it reserved until then.
     reconcile_batch: int = Field(default=256, ge=1, le=10_000)
-    # How long a fetch from an idle durable waits for usage events before it asks again
-    # (a stop does not wait for it: the consumer's stop ends the pending fetch).
-    fetch_timeout_seconds: float = Field(default=1.0, gt=0)
-    # After a batch smaller than reconcile_batch, wait this long before the next fetch,
-    # so usage is reconciled in batches rather than one fetch per event. A reservation
-    # (or lease share) is settled up to this much later; until then it holds what it
-    # reserved, so quotas only err on the safe side. 0 fetches again at once. A quarter of
-    # a second makes a batch of 25 events at 100 requests/s instead of 5: the consumer's
-    # cost is mostly per batch (half the limiter's CPU per request, measured A/B with
-    # `python -m bench --only overhead --against`).
     reconcile_window_seconds: float = Field(default=0.25, ge=0, le=5)
+    fetch_timeout_seconds: float = Field(default=1.0, gt=0)
+    # Batch-class work (priority batch) is admitted only within this share of each
+    # limit and budget of every level, so interactive work keeps the rest.
+    batch_share: float = Field(default=0.5, gt=0, le=1)
+    # The price table reservations are priced with (default: prices.yaml in the config
+    # directory, the one the worker and the cost-tracker use).
+    prices_path: Path | None = None
 
     common: CommonSettings = Field(default_factory=CommonSettings)
+
+    @property
+    def prices_file(self) -> Path:
+        return self.prices_path or self.common.config_dir / "prices.yaml"
 
     @model_validator(mode="after")
     def _window_divides(self) -> LimiterSettings:
         self.limiter_config()  # raises ValueError on an inconsistent window
+        if self.renew_seconds * 2 > self.lease_seconds:
+            raise ValueError("renew_seconds must be at most half of lease_seconds")
         return self
 
     def limiter_config(self) -> LimiterConfig:

@@ -38,8 +38,6 @@ from services.inference_worker.handlers.grpc import (
     ProviderHealthServicer,
     provider_health_service,
 )
-from services.limiter.domain.admission import Admission, LimiterMetrics, wall_ms
-from services.limiter.domain.windows import Limiter, LimiterConfig
 from services.limiter.handlers.grpc import QuotaServicer, quota_service
 from tests.cache.test_domain import DictStore
 
@@ -138,7 +136,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     feed.close()
     cache = Cache(DictStore(), default_ttl_seconds=60, max_ttl_seconds=3600)
     registrars: list[Callable[[grpc.aio.Server], None]] = [
-        quota_service(Admission(Limiter(LimiterConfig()), LimiterMetrics(), wall_ms)),
+        quota_service(lambda: None),
         cache_admin_service(lambda: cache),
         usage_service(ledger, feed),
         provider_health_service(

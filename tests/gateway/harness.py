@@ -73,7 +73,7 @@ class FakeServices:
     bus: Bus
     reserve: limiter_pb2.ReserveResponse = field(
         default_factory=lambda: limiter_pb2.ReserveResponse(
-            allowed=True, reservation_id="res-1", policies=POLICIES, reserved_tokens=100
+            allowed=True, reservation_id="p0.res-1", policies=POLICIES, reserved_tokens=100
         )
     )
     cache_answer: inference_pb2.Final | None = None
@@ -81,6 +81,7 @@ class FakeServices:
     cache_similarity: float | None = None
     cache_online: bool = True
     limiter_online: bool = True
+    reserve_attempts: int = 0
     scenario: Scenario = reply_final
     reserves: list[limiter_pb2.ReserveRequest] = field(default_factory=list)
     commits: list[limiter_pb2.CommitRequest] = field(default_factory=list)
@@ -94,6 +95,7 @@ class FakeServices:
         nc = self.bus.nc
 
         async def on_reserve(msg):
+            self.reserve_attempts += 1
             if not self.limiter_online:
                 return
             req = limiter_pb2.ReserveRequest()
@@ -131,8 +133,8 @@ class FakeServices:
             task.add_done_callback(self._tasks.discard)
 
         self._subs = [
-            await nc.subscribe(Subjects.LIMITER_RESERVE, cb=on_reserve),
-            await nc.subscribe(Subjects.LIMITER_COMMIT, cb=on_commit),
+            await nc.subscribe(Subjects.LIMITER_RESERVE_ALL, cb=on_reserve),
+            await nc.subscribe(Subjects.LIMITER_COMMIT_ALL, cb=on_commit),
             await nc.subscribe(Subjects.CACHE_LOOKUP, cb=on_lookup),
             await nc.subscribe(Subjects.infer("interactive"), cb=on_work),
         ]
@@ -205,6 +207,7 @@ async def build_gateway(bus: Bus, tmp: Path, **overrides) -> Gateway:
         request_timeout_seconds=overrides.pop("request_timeout_seconds", 5.0),
         cache_timeout_seconds=0.2,
         limiter_timeout_seconds=0.3,
+        limiter_wait_seconds=overrides.pop("limiter_wait_seconds", 1.0),
         **overrides,
     )
     kv = await bus.kv(Buckets.API_KEYS)

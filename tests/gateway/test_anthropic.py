@@ -624,7 +624,7 @@ async def test_sdk_non_streaming_message(gw: Gateway):
     reserve = gw.fake.reserves[-1]
     assert reserve.max_output_tokens == 16 and reserve.input_tokens > 5
     work = gw.fake.work[-1]
-    assert work.request_id == rid and work.reservation_id == "res-1"
+    assert work.request_id == rid and work.reservation_id == "p0.res-1"
     request = work.request
     assert [m.role for m in request.messages] == ["system", "user"]
     assert request.sampling.max_tokens == 16 and request.user == "u-1"

@@ -74,7 +74,7 @@ async def test_non_streaming_completion(gw: Gateway):
     work = gw.fake.work[-1]
     assert work.request_id == s["request_id"]
     assert work.priority == chat_pb2.PRIORITY_INTERACTIVE
-    assert work.reservation_id == "res-1"
+    assert work.reservation_id == "p0.res-1"
     assert work.request.extra_json == '{"reasoning_effort":"low"}'
     assert work.deadline_unix_nanos > work.enqueued_unix_nanos
     assert work.cache_key == ""  # temperature 0.7: not cacheable
@@ -311,7 +311,7 @@ async def test_cache_hit_answers_without_work_and_bills_zero(gw: Gateway):
 
     events = await gw.fake.usage_events(gw.record.key_id)
     hit = next(e for e in events if e.request_id == body["sluice"]["request_id"])
-    assert hit.cache_hit and hit.outcome == "completed" and hit.reservation_id == "res-1"
+    assert hit.cache_hit and hit.outcome == "completed" and hit.reservation_id == "p0.res-1"
     assert hit.usage.output_tokens == 3 and hit.team_id == gw.record.team_id
 
 
@@ -372,13 +372,110 @@ async def test_rate_limited_gets_429_with_headers_and_no_work(gw: Gateway):
         )
 
 
+async def test_a_refusal_by_a_team_limit_names_it_in_the_problem_and_headers(gw: Gateway):
+    team = limiter_pb2.PolicyState(
+        name="team.output_tokens_per_minute",
+        quota=500,
+        remaining=20,
+        window_seconds=60,
+        reset_ms=4000,
+        unit="output_tokens",
+    )
+    gw.fake.reserve = limiter_pb2.ReserveResponse(
+        allowed=False,
+        denied_by=team.name,
+        retry_after_ms=4000,
+        policies=[*POLICIES, team],
+    )
+    async with gw.authed() as http:
+        resp = await http.post(CHAT, json=chat_body())
+    problem = assert_problem(resp, 429, "rate_limited")
+    assert problem["details"] == {
+        "policy": "team.output_tokens_per_minute",
+        "retry_after_ms": 4000,
+        "limit": 500,
+        "unit": "output_tokens",
+    }
+    assert "team.output_tokens_per_minute" in problem["detail"]
+    assert resp.headers["retry-after"] == "4"
+    assert resp.headers["ratelimit"] == '"team.output_tokens_per_minute";r=20;t=4'
+    assert '"team.output_tokens_per_minute";q=500;w=60' in resp.headers["ratelimit-policy"]
+    # The tightest token policy is the team's output tokens: OpenAI's token headers show it.
+    assert resp.headers["x-ratelimit-limit-tokens"] == "500"
+    assert resp.headers["x-ratelimit-remaining-tokens"] == "20"
+    assert not gw.fake.work
+
+
+async def test_a_spent_budget_is_budget_exceeded_not_rate_limited(gw: Gateway):
+    day = limiter_pb2.PolicyState(
+        name="key.usd_per_day",
+        quota=1_000_000_000,
+        remaining=0,
+        window_seconds=86_400,
+        reset_ms=3_600_000,
+        unit="usd_nanos",
+    )
+    gw.fake.reserve = limiter_pb2.ReserveResponse(
+        allowed=False,
+        denied_by=day.name,
+        retry_after_ms=3_600_000,
+        budget_exceeded=True,
+        policies=[*POLICIES, day],
+    )
+    async with gw.authed() as http:
+        resp = await http.post(CHAT, json=chat_body())
+    problem = assert_problem(resp, 429, "budget_exceeded")
+    assert problem["details"]["policy"] == "key.usd_per_day"
+    assert problem["details"]["unit"] == "usd_nanos"
+    assert resp.headers["retry-after"] == "3600"
+    # A budget is money, not a rate: not a RateLimit policy; past 80 % it is a warning.
+    assert "usd_per_day" not in resp.headers["ratelimit-policy"]
+    assert resp.headers["x-sluice-budget-warning"] == "key.usd_per_day=1.00"
+    assert not gw.fake.work
+
+
+async def test_an_admitted_request_warns_when_a_budget_is_past_80_percent(gw: Gateway):
+    def month(remaining: int) -> limiter_pb2.PolicyState:
+        return limiter_pb2.PolicyState(
+            name="team.usd_per_month",
+            quota=100_000,
+            remaining=remaining,
+            window_seconds=30 * 86_400,
+            reset_ms=1,
+            unit="usd_nanos",
+        )
+
+    gw.fake.reserve = limiter_pb2.ReserveResponse(
+        allowed=True, reservation_id="r-1", policies=[*POLICIES, month(25_000)]
+    )
+    async with gw.authed() as http:
+        resp = await http.post(CHAT, json=chat_body())
+        assert resp.status_code == 200
+        assert "x-sluice-budget-warning" not in resp.headers
+        gw.fake.reserve = limiter_pb2.ReserveResponse(
+            allowed=True, reservation_id="r-2", policies=[*POLICIES, month(15_000)]
+        )
+        resp = await http.post(CHAT, json=chat_body())
+    assert resp.status_code == 200
+    assert resp.headers["x-sluice-budget-warning"] == "team.usd_per_month=0.85"
+
+
 async def test_silent_limiter_fails_closed_with_503(gw: Gateway):
+    # A key outside any tiered team fails closed (the default).
     gw.fake.limiter_online = False
     async with gw.authed() as http:
         resp = await http.post(CHAT, json=chat_body())
-    assert_problem(resp, 503, "service_unavailable")
+    assert_problem(resp, 503, "limiter_unavailable")
     assert resp.headers["retry-after"] == "1"
     assert not gw.fake.work
+    # The partition was asked again for the whole wait; the next request asks it once.
+    waited = gw.fake.reserve_attempts
+    assert waited > 1
+    async with gw.authed() as http:
+        assert_problem(await http.post(CHAT, json=chat_body()), 503, "limiter_unavailable")
+        assert gw.fake.reserve_attempts == waited + 1
+        gw.fake.limiter_online = True
+        assert (await http.post(CHAT, json=chat_body())).status_code == 200
 
 
 # --- bad input --------------------------------------------------------------------------
@@ -460,6 +557,31 @@ async def test_missing_or_wrong_key_is_401(gw: Gateway, headers, detail_hint):
     problem = assert_problem(resp, 401, "unauthorized")
     assert detail_hint in problem["detail"]
     assert problem["error"]["type"] == "authentication_error"
+
+
+async def test_a_key_that_cuts_gives_the_worker_the_spend_ceiling(gw: Gateway, bus):
+    ceiling = limiter_pb2.ReserveResponse(
+        allowed=True,
+        reservation_id="p0.r-9",
+        policies=POLICIES,
+        spend_ceiling_usd_nanos=123_456,
+    )
+    gw.fake.reserve = ceiling
+    async with gw.authed() as http:
+        assert (await http.post(CHAT, json=chat_body())).status_code == 200
+    # finish (the default): the request runs to its end whatever the ceiling.
+    assert gw.fake.work[-1].spend_ceiling_usd_nanos == 0
+    from services.gateway.domain.keys import hash_secret
+
+    secret = "sk-cut-" + secrets.token_hex(4)
+    record = keys_pb2.ApiKeyRecord()
+    record.CopyFrom(gw.record)
+    record.key_id, record.secret_sha256 = "cut" + secrets.token_hex(3), hash_secret(secret)
+    record.on_budget_exhausted = "cut"
+    await (await bus.kv(Buckets.API_KEYS)).put(record.secret_sha256, record.SerializeToString())
+    async with gw.http(authorization=f"Bearer {secret}") as http:
+        assert (await http.post(CHAT, json=chat_body())).status_code == 200
+    assert gw.fake.work[-1].spend_ceiling_usd_nanos == 123_456
 
 
 async def test_x_api_key_and_disabled_keys(gw: Gateway, bus):

@@ -248,6 +248,40 @@ async def test_cut_stream_bills_partial_usage(
     assert usage.outcome == "interrupted" and usage.usage == failure.partial_usage
 
 
+async def test_a_spend_ceiling_cuts_the_stream_with_budget_exceeded_and_partial_usage(
+    bus: Bus, make_worker: WorkerFactory
+) -> None:
+    """A key that cuts on a spent budget: past the spend ceiling the limiter gave, the
+    worker stops the generation, ends the stream with budget_exceeded and bills what was
+    produced (and a ceiling that is not reached changes nothing)."""
+    await make_worker()
+    prices = PriceTable.load(REPO / "config" / "prices.yaml")
+    work = new_work(stream=True, sim={"output_tokens": 40, "tokens_per_second": 400})
+    prompt = tokens.count_chat(work.request)
+
+    def cost(output_tokens: int) -> int:
+        usage = chat_pb2.Usage(input_tokens=prompt, output_tokens=output_tokens)
+        return prices.price("sim-fast", usage).total_nanos
+
+    # Room for the prompt and 10 output tokens, not 11.
+    work.spend_ceiling_usd_nanos = cost(10)
+    result = await run(bus, work)
+    kinds = [e.WhichOneof("body") for e in result.events]
+    assert kinds[-1] == "failure" and set(kinds[:-1]) == {"delta"}
+    failure = result.failure
+    assert failure.problem.code == "budget_exceeded"
+    relayed = tokens.count_text("".join(d.content for d in result.deltas))
+    assert failure.partial_usage.output_tokens == relayed
+    assert 10 < relayed < 40, relayed
+    assert cost(relayed) > work.spend_ceiling_usd_nanos
+    [usage] = await usage_events(bus, work.key_id)
+    assert usage.outcome == "cancelled" and usage.usage == failure.partial_usage
+
+    roomy = new_work(stream=True, sim={"output_tokens": 12, "tokens_per_second": 400})
+    roomy.spend_ceiling_usd_nanos = cost(1000)
+    assert (await run(bus, roomy)).final.usage.output_tokens == 12
+
+
 async def test_retry_before_first_token_is_invisible(
     bus: Bus, make_worker: WorkerFactory, simulator: Simulator
 ) -> None:

@@ -1,7 +1,8 @@
 """The limiter as a real process (``python -m services.limiter``) on the suite's NATS.
 
-Each test gets its own durable consumer and snapshot key, and unique key ids, because
-the NATS server (and the SLUICE_USAGE stream) is shared by the whole session.
+One limiter owns every partition here (several replicas: test_replicas.py). Each test
+uses unique key ids, because the NATS server (the SLUICE_USAGE stream, the partition
+snapshots) is shared by the whole session.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import nats.errors
 import pytest
 from opentelemetry.sdk.resources import Resource
 from sluice.bus import Bus
@@ -26,7 +28,8 @@ from sluice.cost.v1 import cost_pb2
 from sluice.devtools.embedded import EmbeddedNats
 from sluice.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from sluice.localtrace import LocalTracerProvider
-from sluice.topology import Buckets, Consumers, ServiceName, Subjects
+from sluice.partitions import partition_of, reservation_partition
+from sluice.topology import ServiceName, Subjects
 
 from tests.support.stack import ServiceProcess, Stack
 
@@ -36,12 +39,23 @@ TPM = 5000
 RPM = 50
 
 
+async def ask(bus: Bus, subject: str, request, reply_type, wait: float = 10.0):  # type: ignore[no-untyped-def]
+    """Request/reply to a partition's subject, asked again while it has no owner (a
+    restarted limiter takes a killed one's partitions once their leases lapse)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return await bus.request(subject, request, reply_type)
+        except nats.errors.NoRespondersError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 @dataclass
 class LimiterUnderTest:
     stack: Stack
     bus: Bus
-    durable: str
-    snapshot_key: str
     process: ServiceProcess | None = None
 
     async def start(self) -> ServiceProcess:
@@ -52,8 +66,9 @@ class LimiterUnderTest:
     async def reserve(
         self, key: str, tokens: int, tokens_per_minute: int = 0, requests_per_minute: int = 0
     ) -> limiter_pb2.ReserveResponse:
-        return await self.bus.request(
-            Subjects.LIMITER_RESERVE,
+        return await ask(
+            self.bus,
+            Subjects.limiter_reserve(partition_of("", key)),
             limiter_pb2.ReserveRequest(
                 key_id=key,
                 request_id=secrets.token_hex(8),
@@ -62,6 +77,13 @@ class LimiterUnderTest:
                 requests_per_minute=requests_per_minute,
             ),
             limiter_pb2.ReserveResponse,
+        )
+
+    async def commit(self, commit: limiter_pb2.CommitRequest) -> limiter_pb2.CommitResponse:
+        partition = reservation_partition(commit.reservation_id)
+        assert partition is not None
+        return await ask(
+            self.bus, Subjects.limiter_commit(partition), commit, limiter_pb2.CommitResponse
         )
 
     async def quota(self, key: str) -> limiter_pb2.GetQuotaResponse:
@@ -109,27 +131,20 @@ def tpm_of(
 async def limiter(
     nats_server: EmbeddedNats, bus: Bus, tmp_path: Path
 ) -> AsyncIterator[LimiterUnderTest]:
-    tag = secrets.token_hex(4)
-    durable, snapshot_key = f"limiter-test-{tag}", f"test-{tag}"
     stack = Stack(
         nats_url=nats_server.url,
         state_dir=tmp_path,
         extra_env={
-            "SLUICE_LIMITER_CONSUMER_DURABLE": durable,
-            "SLUICE_LIMITER_SNAPSHOT_KEY": snapshot_key,
             "SLUICE_LIMITER_DEFAULT_TOKENS_PER_MINUTE": str(TPM),
             "SLUICE_LIMITER_DEFAULT_REQUESTS_PER_MINUTE": str(RPM),
             "SLUICE_LIMITER_SNAPSHOT_INTERVAL_SECONDS": "0.3",
         },
     )
-    under_test = LimiterUnderTest(stack, bus, durable, snapshot_key)
+    under_test = LimiterUnderTest(stack, bus)
     try:
         yield under_test
     finally:
         stack.stop_all()
-        await bus.js.delete_consumer(Consumers.LIMITER_USAGE.stream, durable)
-        kv = await bus.kv(Buckets.LIMITER_SNAPSHOTS)
-        await kv.purge(snapshot_key)
 
 
 async def test_reserve_and_deny_over_nats(limiter: LimiterUnderTest) -> None:
@@ -147,11 +162,9 @@ async def test_reserve_and_deny_over_nats(limiter: LimiterUnderTest) -> None:
 
     # The gateway releases the reservation it will not use: the tokens come back.
     commit = limiter_pb2.CommitRequest(reservation_id=first.reservation_id, key_id=key)
-    assert (
-        await limiter.bus.request(Subjects.LIMITER_COMMIT, commit, limiter_pb2.CommitResponse)
-    ).found
-    again = await limiter.bus.request(Subjects.LIMITER_COMMIT, commit, limiter_pb2.CommitResponse)
-    assert not again.found
+    assert first.reservation_id.startswith(f"p{partition_of('', key)}.")
+    assert (await limiter.commit(commit)).found
+    assert not (await limiter.commit(commit)).found
     assert (await limiter.reserve(key, 100, tokens_per_minute=100)).allowed
 
     assert limiter.process is not None
@@ -179,16 +192,18 @@ async def test_usage_events_reconcile_reservations_once(limiter: LimiterUnderTes
     assert tpm_of(quota).remaining == TPM - 120  # b was a cache hit: zero tokens
     assert next(p for p in quota.policies if p.name == "rpm").remaining == RPM - 2
 
-    # Spans (flushed at stop): reserve and reconcile, tagged with the key and outcome.
+    # Spans (flushed at stop): each reserve on its partition's subject, each settlement.
     assert limiter.process is not None and limiter.process.stop() == 0
     spans = [
         json.loads(line)
         for line in (limiter.stack.state_dir / "spans" / "limiter.jsonl").read_text().splitlines()
     ]
     mine = [s for s in spans if s["attributes"].get("sluice.key_id") == key]
-    reserves = [s for s in mine if s["name"] == f"{Subjects.LIMITER_RESERVE} process"]
+    subject = Subjects.limiter_reserve(partition_of("", key))
+    reserves = [s for s in mine if s["name"] == f"{subject} process"]
     usages = [s for s in mine if s["name"] == f"{Subjects.USAGE_ALL} process"]
     assert len(reserves) == 2 and all(s["attributes"]["sluice.limiter.allowed"] for s in reserves)
+    # Each usage event in a CONSUMER span of the partition's owner.
     assert len(usages) == 3 and all(s["kind"] == "CONSUMER" for s in usages)
     assert sorted(s["attributes"]["sluice.limiter.reservation_found"] for s in usages) == [
         False,
@@ -258,11 +273,11 @@ async def test_spend_and_reservations_survive_a_graceful_restart(
 async def test_a_stop_settles_the_usage_in_hand_before_the_final_snapshot(
     limiter: LimiterUnderTest,
 ) -> None:
-    """SIGTERM while usage streams in: the consumer settles and acks the batch in hand
-    before the limiter writes its final snapshot, so every settlement acked before the
-    stop is in the snapshot and every other one is delivered again. After a restart all
-    reservations are settled, each at its actual usage; a settlement acked but missing
-    from the snapshot would leave its reservation open at the amount it reserved."""
+    """SIGTERM while usage streams in: the final snapshot holds every settlement applied
+    with the usage position it reached, and the next owner reads the usage stream from
+    there. After a restart all reservations are settled, each at its actual usage; a
+    settlement missed would leave its reservation open at the amount it reserved, one
+    applied twice would count its tokens twice."""
     process = await limiter.start()
     key = f"key-{secrets.token_hex(4)}"
     count, reserved, actual, quota = 300, 100, 10, 1_000_000
@@ -280,12 +295,10 @@ async def test_a_stop_settles_the_usage_in_hand_before_the_final_snapshot(
 
     await publish_all()
     assert await asyncio.to_thread(process.process.wait, 30) == 0
-    assert "limiter final snapshot written" in process.log()
+    assert "limiter partitions handed over with their final snapshots" in process.log()
 
     await limiter.start()
-    # Redelivered events arrive at once, or after the ack wait (30 s) for those a
-    # cancelled fetch had already brought.
-    quota_after = await limiter.wait_settled(key, timeout=45)
+    quota_after = await limiter.wait_settled(key, timeout=15)
     assert quota_after.open_reservations == 0
     assert tpm_of(quota_after).remaining == quota - count * actual
 
@@ -299,7 +312,9 @@ async def test_periodic_snapshot_survives_a_crash(limiter: LimiterUnderTest) -> 
     process.process.wait(10)
 
     await limiter.start()
-    quota = await limiter.quota(key)
-    assert tpm_of(quota).remaining == TPM - 2000 and quota.open_reservations == 1
+    # The partition is served again once the killed replica's lease lapsed (the reserve
+    # waits for that), with what was reserved before the crash.
     denied = await limiter.reserve(key, TPM - 1999)
     assert not denied.allowed and denied.denied_by == "tpm"
+    quota = await limiter.quota(key)
+    assert tpm_of(quota).remaining == TPM - 2000 and quota.open_reservations == 1

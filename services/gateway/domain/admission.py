@@ -114,24 +114,48 @@ def reserve_request(
         max_output_tokens=budget.reserve_tokens,
         tokens_per_minute=key.tokens_per_minute,
         requests_per_minute=key.requests_per_minute,
+        # No max_tokens: the limiter may hold the key's learned output instead.
+        output_estimated=not request.sampling.HasField("max_tokens"),
     )
 
 
 def admitted_headers(
     reservation: limiter_pb2.ReserveResponse, limit_headers: LimitHeaders = rate_limit_headers
 ) -> dict[str, str]:
-    """The rate-limit headers of an admitted request; a refusal raises ``rate_limited``."""
+    """The rate-limit headers of an admitted request; a refusal raises ``rate_limited``
+    naming the level and limit that bound, or ``budget_exceeded`` for a USD budget."""
     headers = limit_headers(reservation.policies, reservation.denied_by)
     if not reservation.allowed:
         retry_ms = max(reservation.retry_after_ms, 1)
+        policy = reservation.denied_by or "quota"
+        details: dict[str, object] = {"policy": policy, "retry_after_ms": retry_ms}
+        bound = next((p for p in reservation.policies if p.name == policy), None)
+        if bound is not None:
+            details["limit"] = bound.quota
+            details["unit"] = bound.unit or ("tokens" if policy == "tpm" else "requests")
+        if reservation.budget_exceeded:
+            raise GatewayError(
+                ErrorCode.BUDGET_EXCEEDED,
+                f"The budget '{policy}' is spent for this period.",
+                details=details,
+                retry_after_ms=retry_ms,
+                headers=headers,
+            )
         raise GatewayError(
             ErrorCode.RATE_LIMITED,
-            f"The '{reservation.denied_by or 'quota'}' limit of this key is used up.",
-            details={"policy": reservation.denied_by, "retry_after_ms": retry_ms},
+            _rate_refusal(policy),
+            details=details,
             retry_after_ms=retry_ms,
             headers=headers,
         )
     return headers
+
+
+def _rate_refusal(policy: str) -> str:
+    if policy in {"tpm", "rpm"}:
+        return f"The '{policy}' limit of this key is used up."
+    level, _, limit = policy.partition(".")
+    return f"The {level.replace('_', ' ')}'s limit '{limit}' is used up ({policy})."
 
 
 class DisconnectPolicy(StrEnum):
@@ -164,3 +188,11 @@ def semantic_query(request: chat_pb2.ChatRequest, team_id: str) -> SemanticQuery
     if text is None:
         return NO_SEMANTIC
     return SemanticQuery(text, canonical.semantic_scope(request, team_id))
+
+
+def spend_ceiling(key: keys_pb2.ApiKeyRecord, reservation: limiter_pb2.ReserveResponse) -> int:
+    """The cost past which the worker cuts this request: the limiter's spend ceiling for
+    a key whose ``on_budget_exhausted`` is ``cut``; 0 (finish) otherwise."""
+    if key.on_budget_exhausted != "cut":
+        return 0
+    return max(0, reservation.spend_ceiling_usd_nanos)

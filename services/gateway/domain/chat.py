@@ -21,6 +21,7 @@ from sluice.limiter.v1 import limiter_pb2
 from sluice.replay import History
 from sluice.topology import PriorityClass
 
+from services.gateway.domain import fail_open
 from services.gateway.domain.admission import (
     NO_SEMANTIC,
     DisconnectPolicy,
@@ -31,11 +32,13 @@ from services.gateway.domain.admission import (
     check_model,
     reserve_request,
     semantic_query,
+    spend_ceiling,
 )
 from services.gateway.domain.coalesce import coalesce_key
 from services.gateway.domain.dialects.common import Dialect, RequestMeta, final_sluice, judge
 from services.gateway.domain.dialects.openai.response import OPENAI
 from services.gateway.domain.exchange import Answer
+from services.gateway.domain.fail_open import FailOpenAllowance
 from services.gateway.domain.guard import Guard
 from services.gateway.domain.labels import request_labels
 from services.gateway.domain.ports import (
@@ -55,6 +58,7 @@ from services.gateway.domain.relay.sse import StreamRelay
 from services.gateway.domain.routing import Resolution, facts_of, resolve
 from services.gateway.domain.tenancy.policy import check_model_allowed
 from services.gateway.domain.tenancy.resolve import Tenancy
+from services.gateway.domain.tenancy.tiers import LimiterFailure
 from services.gateway.domain.verdict import (
     AnswerHints,
     AnswerTally,
@@ -118,11 +122,14 @@ class ChatService:
         tenancy: Tenancy,
         claims: CoalesceClaims | None = None,
         guard: Guard | None = None,
+        fail_open: FailOpenAllowance | None = None,
     ) -> None:
         self.tenancy = tenancy
         self.guard = guard or Guard()
         # None: no coalescing (SLUICE_GATEWAY_COALESCE off).
         self.claims = claims
+        # While the limiter does not answer, for the tiers that fail open.
+        self.fail_open = fail_open
         self.settings = settings
         self.catalog = catalog
         self.limiter = limiter
@@ -130,6 +137,12 @@ class ChatService:
         self.queue = queue
         self.streams = streams
         self.relay = relay
+
+    async def reserve(
+        self, request: limiter_pb2.ReserveRequest, failure: LimiterFailure
+    ) -> limiter_pb2.ReserveResponse:
+        """The limiter's decision, or while it does not answer the tier's choice."""
+        return await fail_open.reserve(self.limiter, request, failure, self.fail_open)
 
     def budget(self, request: chat_pb2.ChatRequest) -> TokenBudget:
         """The request's token budget on its model, or the error a client must fix."""
@@ -237,6 +250,7 @@ class ChatService:
             cache=cache,
             end_user=end_user,
             tags=tags,
+            spend_ceiling_usd_nanos=spend_ceiling(key, reservation),
         )
         self.route_work(work, routed, key, request, cache_key)
         if release is None:
@@ -315,16 +329,16 @@ class ChatService:
         """Reserve, and look the cache up at the same time (``lookup_key`` empty: no
         lookup)."""
         reserve = reserve_request(key, request, meta.request_id, budget)
-        await self.tenancy.fill(
+        entitled = await self.tenancy.fill(
             reserve, key, end_user=options.end_user or request.user, priority=options.priority
         )
         if not lookup_key:
-            return await self.limiter.reserve(reserve), None
+            return await self.reserve(reserve, entitled.limiter_failure), None
         lookup_task = asyncio.create_task(
             self.cache.lookup(lookup_key, meta.request_id, semantic.text, semantic.scope)
         )
         try:
-            reservation = await self.limiter.reserve(reserve)
+            reservation = await self.reserve(reserve, entitled.limiter_failure)
         except BaseException:
             lookup_task.cancel()
             raise

@@ -15,12 +15,14 @@ exceeds a quota. The price is that a lease held by one replica is briefly unavai
 another (at most its share, for at most its TTL), and a key with little left gets no
 lease at all and is admitted one request at a time, exactly as without leases.
 
-Leases are for a key's own rates only. A request whose reservation carries a team or
-end-user level, or a budget at any level (``leasable``), goes to the limiter every
-time: a lease granted under the key's room would admit past those levels, which the
-gateway cannot see, and an end user's request could spend from a lease obtained for
-another. Leases are held per key, team and end user (``lease_key``), so a key shared
-by teams or users (a JWT issuer's) never admits one caller from another's lease.
+Leases are for a key's own rates only ("tpm", "rpm"). A request whose reservation
+carries any level's limit or budget, the key's own included (``leasable``), goes to the
+limiter every time: a lease granted under the key's room would admit past those levels
+(a team's minute, a concurrency count, a day's dollars), whose room the gateway cannot
+see, and an end user's request could spend from a lease obtained for another. The
+limiter grants no lease to such a request either. Leases are held per key, team and
+end user (``lease_key``), so a key shared by teams or users (a JWT issuer's) never
+admits one caller from another's lease.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def _set(message: object) -> bool:
 def leasable(request: limiter_pb2.ReserveRequest) -> bool:
     """Whether only the key's own rates apply to this request (see the module doc)."""
     return not (
-        _set(request.team_limits)
+        _set(request.key_limits)
+        or _set(request.team_limits)
         or _set(request.team_budgets)
         or _set(request.end_user_limits)
         or _set(request.end_user_budgets)

@@ -63,11 +63,13 @@ def build_work(
     cache: CacheInstruction | None = None,
     end_user: str = "",
     tags: tuple[str, ...] = (),
+    spend_ceiling_usd_nanos: int = 0,
 ) -> inference_pb2.InferenceWork:
     """The work item; the worker gives up at ``timeout_seconds`` from now, queue time
     included. ``lifecycle_events``: the worker reports started/finished on
     ``SLUICE_LIFECYCLE`` (jobs and idempotent requests follow them). ``end_user`` and
-    ``tags`` travel on to the usage event (``domain.labels``)."""
+    ``tags`` travel on to the usage event (``domain.labels``). ``spend_ceiling_usd_nanos``:
+    the worker cuts the generation past that cost (a key that cuts on a spent budget)."""
     now_ns = time.time_ns()
     work = inference_pb2.InferenceWork(
         request_id=request_id,
@@ -82,6 +84,7 @@ def build_work(
         lifecycle_events=lifecycle_events,
         end_user=end_user,
         tags=tags,
+        spend_ceiling_usd_nanos=spend_ceiling_usd_nanos,
     )
     if cache is not None:
         work.cache_key = cache.key

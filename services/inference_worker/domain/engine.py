@@ -162,6 +162,13 @@ class _Request:
     # Cancel requested (and honoured); finishing: the terminal event is being published.
     cancelled: bool = False
     finishing: bool = False
+    # A spend ceiling (a key that cuts on a spent budget): the prompt's tokens and the
+    # output tokens relayed so far, counted as they leave, and whether it was passed.
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    cut: bool = False
+    # The task serving this delivery (what a cut cancels).
+    task: asyncio.Task[Outcome] | None = None
 
 
 class _DeltaRelay:
@@ -177,11 +184,15 @@ class _DeltaRelay:
     first delta is never held, so the time to first token does not change, and
     ``flush`` publishes what is held before any terminal event."""
 
-    def __init__(self, req: _Request, sink: EventSink) -> None:
+    def __init__(
+        self, req: _Request, sink: EventSink, over_ceiling: Callable[[_Request], bool] | None = None
+    ) -> None:
         self._req = req
         self._sink = sink
         self._held: inference_pb2.Delta | None = None
         self._flushes: set[asyncio.Task[None]] = set()
+        # Set for a request with a spend ceiling: checked after each delta leaves.
+        self._over_ceiling = over_ceiling
 
     async def __call__(self, delta: inference_pb2.Delta) -> None:
         held = self._held
@@ -231,6 +242,14 @@ class _DeltaRelay:
                 request_id=req.work.request_id, sequence=req.sequence, delta=delta
             ),
         )
+        if self._over_ceiling is not None and not req.cut:
+            req.output_tokens += tokens.count_text(delta.content) if delta.content else 0
+            if self._over_ceiling(req):
+                # The budget ran out mid-answer: stop the upstream call as a cancel does;
+                # ``process`` ends the request with budget_exceeded and its partial usage.
+                req.cut = req.cancelled = True
+                if req.task is not None:
+                    req.task.cancel()
 
 
 class InferenceEngine:
@@ -314,6 +333,7 @@ class InferenceEngine:
         # Its own task, so that a cancel stops the work (and the upstream call) without
         # cancelling the consumer's handler, which still acks.
         task = asyncio.create_task(self._process(req, delivery))
+        req.task = task
         self._running[work.request_id] = (req, task)
         try:
             return await task
@@ -761,7 +781,9 @@ class InferenceEngine:
             "gen_ai.request.model": deployment.upstream_model,
         }
 
-        relay = _DeltaRelay(req, self.sink)
+        relay = _DeltaRelay(
+            req, self.sink, self._over_ceiling if req.work.spend_ceiling_usd_nanos > 0 else None
+        )
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         first_bound = deployment.timeout_seconds
@@ -957,6 +979,17 @@ class InferenceEngine:
         log.info("request %s failed: %s (%s)", work.request_id, failure.code, failure.error.detail)
         return outcome
 
+    def _over_ceiling(self, req: _Request) -> bool:
+        """Whether the prompt and the output relayed so far cost more than the request's
+        spend ceiling, at the price table's prices for the model being called."""
+        if req.target is None:
+            return False
+        if not req.prompt_tokens:
+            req.prompt_tokens = tokens.count_chat(req.work.request)
+        usage = chat_pb2.Usage(input_tokens=req.prompt_tokens, output_tokens=req.output_tokens)
+        cost = self.prices.price(req.target.served, usage).total_nanos
+        return cost > req.work.spend_ceiling_usd_nanos
+
     async def _end_cancelled(self, req: _Request) -> Outcome:
         """The terminal event of a cancelled request, billing only what was produced."""
         work = req.work
@@ -968,6 +1001,18 @@ class InferenceEngine:
             usage.output_tokens = produced
         if req.takeover is not None:
             usage = whole_usage(req.takeover, work.request, usage)
+        if req.cut:
+            error = SluiceError(
+                ErrorCode.BUDGET_EXCEEDED,
+                "the budget ran out during the answer, which was cut there",
+                {
+                    "reason": "budget exhausted",
+                    "output_tokens": usage.output_tokens,
+                    "spend_ceiling_usd_nanos": work.spend_ceiling_usd_nanos,
+                },
+            )
+            failure = UpstreamFailure(error, usage=usage, relayed=bool(usage.output_tokens))
+            return await self._fail(req, failure, req.target, Outcome.CANCELLED)
         error = SluiceError(
             ErrorCode.CANCELLED,
             "the request was cancelled before it finished",

@@ -1,97 +1,185 @@
-"""The limiter on NATS: reserve and commit (request/reply, queue group ``limiter``) and
-the ``SLUICE_USAGE`` consumer that settles reservations with actual usage.
+"""The limiter on NATS: each served partition's reserve and commit subjects
+(request/reply, answered by the partition's owner alone) and the usage feed.
 
-The consumer is a ``sluice.consumers.DurableConsumer``: it settles each event inside a
-CONSUMER span continued from the event's headers and acks it after applying it, so a
-redelivery (a lost ack, a crash before the ack) finds the reservation already settled
-and changes nothing. An undecodable event can never be applied and is terminated.
-After a batch smaller than ``batch`` it lingers ``window`` seconds, so that usage is
-settled in batches rather than one fetch per event.
-
-**One ack per event, not AckAll.** Settling is idempotent and the limiter runs as one
-process, so acking each batch at once would be safe for the events; but it buys
-nothing measurable: at 100 requests/s (``python -m bench --only overhead --rates 100
---seconds 10``, medians of four alternated runs) AckAll takes the limiter from 1.23 to
-0.42 NATS messages sent per request and its CPU from 0.485 to 0.465 ms per request
-(0.47 to 0.485 streaming), inside the runs' spread of about 0.08 ms. Against that, a
-switch needs a new durable (JetStream cannot change a consumer's ack policy), which
-starts at the beginning of ``SLUICE_USAGE`` or needs the old one's position carried
-over, and nothing keeps two limiters from pulling at once during a rollout (the
-Deployment uses the default rolling update, which starts the new pod before it stops
-the old). Worth revisiting if usage grows to thousands of events a second.
+**The usage feed** is an ephemeral consumer on ``SLUICE_USAGE`` that every replica runs
+from the position it started at: each replica sees every usage event in stream order
+and applies those of the partitions it serves (``Replica.on_usage``). No acks and no
+durable: where a partition stands in the stream is part of its snapshot
+(its usage mark), so a replica that takes a partition over reads the events it lacks
+from there, and nothing depends on which replica saw what. (Before partitions the
+limiter settled usage from a durable consumer shared by its replicas, which hands each
+event to one of them: with partitions, that one need not own the event's partition.)
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
 from opentelemetry import trace
-from sluice.bus import Bus
-from sluice.consumers import ConsumerBroker, Delivery, DurableConsumer
+from opentelemetry.trace import SpanKind
+from sluice import telemetry
+from sluice.bus import NATS_FAILURES, Bus
 from sluice.cost.v1 import cost_pb2
 from sluice.limiter.v1 import limiter_pb2
-from sluice.topology import ConsumerSpec, Subjects
+from sluice.topology import Streams, Subjects
 
-from services.limiter.domain.admission import Admission
+from services.limiter.domain.partitions import Partition
+from services.limiter.domain.replica import Replica
 
-QUEUE = "limiter"
+log = logging.getLogger(__name__)
 
 
-class AdmissionHandlers:
-    """``Bus.serve`` handlers: proto in, ``Admission`` call, proto out."""
+class PartitionServer:
+    """``Server``: subscribes a partition's subjects when it is served, ends them when
+    it is not."""
 
-    def __init__(self, admission: Admission) -> None:
-        self.admission = admission
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self._subs: dict[int, list[Subscription]] = {}
 
-    async def reserve(
-        self, request: limiter_pb2.ReserveRequest, _msg: Msg
-    ) -> limiter_pb2.ReserveResponse:
-        return self.admission.reserve(request)
+    async def serve(self, partition: Partition) -> None:
+        async def reserve(
+            request: limiter_pb2.ReserveRequest, _msg: Msg
+        ) -> limiter_pb2.ReserveResponse:
+            return await partition.reserve(request)
 
-    async def commit(
-        self, request: limiter_pb2.CommitRequest, _msg: Msg
-    ) -> limiter_pb2.CommitResponse:
-        return self.admission.commit(request)
+        async def commit(
+            request: limiter_pb2.CommitRequest, _msg: Msg
+        ) -> limiter_pb2.CommitResponse:
+            return await partition.commit(request)
 
-    async def serve(self, bus: Bus) -> None:
-        await bus.serve(
-            Subjects.LIMITER_RESERVE, limiter_pb2.ReserveRequest, self.reserve, queue=QUEUE
+        number = partition.number
+        await self.unserve(number)
+        self._subs[number] = [
+            await self.bus.serve(
+                Subjects.limiter_reserve(number), limiter_pb2.ReserveRequest, reserve
+            ),
+            await self.bus.serve(
+                Subjects.limiter_commit(number), limiter_pb2.CommitRequest, commit
+            ),
+        ]
+
+    async def unserve(self, number: int) -> None:
+        for sub in self._subs.pop(number, []):
+            try:
+                await self.bus.unserve(sub)
+            except Exception:  # a connection already gone has nothing left to end
+                log.debug("unserve failed", exc_info=True)
+
+
+class UsageFeed:
+    """Every usage event from the stream position given, to ``Replica.on_usage``, in
+    stream order. The replica serving the event's partition settles it in a CONSUMER
+    span continued from the event's headers (the request's trace reaches the limiter);
+    the others skip it without one.
+
+    An ephemeral pull consumer without acks, fetched in batches: after a batch smaller
+    than ``batch`` the feed waits ``window`` seconds, so that events are handled many
+    per wake-up rather than one (the limiter's CPU per request is mostly per wake-up).
+    A reservation is settled up to that much later and holds what it reserved until
+    then: the safe side. Should the consumer's sequence skip (a lost batch) or the
+    consumer go (the server removes an idle one), the feed starts a new one after the
+    last event it handled.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        replica: Replica,
+        *,
+        batch: int = 256,
+        window: float = 0.25,
+        fetch_timeout: float = 1.0,
+    ) -> None:
+        self.bus = bus
+        self.replica = replica
+        self.batch = batch
+        self.window = window
+        self.fetch_timeout = fetch_timeout
+        self._tracer = trace.get_tracer("sluice.limiter")
+        self._name = f"{Subjects.USAGE_ALL} process"
+        self._next = 1
+        self._task: asyncio.Task[None] | None = None
+        self.restarts = 0
+
+    async def start(self, after: int) -> None:
+        self._next = after + 1
+        sub = await self._subscribe()
+        self._task = asyncio.create_task(self._run(sub), name="limiter-usage-feed")
+
+    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+        return await self.bus.pull_ephemeral(
+            Streams.USAGE.name, Subjects.USAGE_ALL, start_sequence=self._next
         )
-        await bus.serve(
-            Subjects.LIMITER_COMMIT, limiter_pb2.CommitRequest, self.commit, queue=QUEUE
-        )
 
+    async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
+        consumer_seq = 0
+        while True:
+            try:
+                msgs = await sub.fetch(self.batch, timeout=self.fetch_timeout)
+            except NatsTimeoutError:
+                msgs = []
+            except NATS_FAILURES:
+                log.warning("usage feed fetch failed; starting over", exc_info=True)
+                sub, consumer_seq = await self._restart(sub), 0
+                continue
+            for msg in msgs:
+                meta = msg.metadata
+                if consumer_seq and meta.sequence.consumer != consumer_seq + 1:
+                    break  # a skipped delivery: start over after the last one handled
+                consumer_seq = meta.sequence.consumer
+                self._handle(msg, meta.sequence.stream)
+                self._next = meta.sequence.stream + 1
+            else:
+                if len(msgs) < self.batch and self.window:
+                    await asyncio.sleep(self.window)
+                continue
+            log.warning("usage feed skipped a delivery; starting over at %d", self._next)
+            sub, consumer_seq = await self._restart(sub), 0
 
-class UsageReconciler:
-    """Settles each usage event's reservation (``Admission.apply_usage``), in the
-    message's CONSUMER span, which the settlement tags with what it found."""
+    async def _restart(
+        self, sub: JetStreamContext.PullSubscription
+    ) -> JetStreamContext.PullSubscription:
+        self.restarts += 1
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        while True:
+            try:
+                return await self._subscribe()
+            except NATS_FAILURES:
+                await asyncio.sleep(1.0)
 
-    def __init__(self, admission: Admission) -> None:
-        self.admission = admission
+    def _handle(self, msg: Msg, sequence: int) -> None:
+        event = cost_pb2.UsageEvent()
+        try:
+            event.ParseFromString(msg.data)
+        except Exception:  # an undecodable event counts for nobody
+            log.warning("undecodable usage event skipped")
+            return
+        if not self.replica.serves(event):
+            self.replica.on_usage(sequence, event)
+            return
+        with self._tracer.start_as_current_span(
+            self._name,
+            context=telemetry.extract(msg.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                **telemetry.messaging_attributes(msg.subject, "process"),
+                "sluice.key_id": event.key_id,
+                "sluice.request_id": event.request_id,
+            },
+        ):
+            self.replica.on_usage(sequence, event)
 
-    async def handle(self, event: cost_pb2.UsageEvent, delivery: Delivery) -> None:
-        delivery.span.set_attribute("sluice.key_id", event.key_id)
-        delivery.span.set_attribute("sluice.request_id", event.request_id)
-        self.admission.apply_usage(event)
-
-
-def usage_reconciler(
-    broker: ConsumerBroker,
-    admission: Admission,
-    spec: ConsumerSpec,
-    *,
-    batch: int,
-    fetch_timeout: float,
-    window: float,
-) -> DurableConsumer[cost_pb2.UsageEvent]:
-    """The durable consumer on ``SLUICE_USAGE`` that settles reservations."""
-    return DurableConsumer(
-        broker,
-        spec,
-        cost_pb2.UsageEvent,
-        UsageReconciler(admission).handle,
-        batch=batch,
-        window=window,
-        fetch_timeout=fetch_timeout,
-        tracer=trace.get_tracer("sluice.limiter"),
-        description="Reservations settled with each request's actual usage.",
-    )
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -44,6 +44,7 @@ class InferenceWork(_message.Message):
     ROUTE_FIELD_NUMBER: _builtins.int
     ROUTE_RULE_FIELD_NUMBER: _builtins.int
     LAST_RESORT_CACHE_KEY_FIELD_NUMBER: _builtins.int
+    SPEND_CEILING_USD_NANOS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     key_id: _builtins.str
     team_id: _builtins.str
@@ -81,6 +82,13 @@ class InferenceWork(_message.Message):
     """Exact-cache key of this request, sent when the route's last resort may answer
     from the cache (a stored answer for the same request) after every deployment failed.
     """
+    spend_ceiling_usd_nanos: _builtins.int
+    """Of a key whose budget_exhaustion is "cut": the most this request may cost before a
+    budget runs out (the limiter's spend ceiling), nano-USD. The worker stops the
+    generation once the prompt and the output so far, at the price table's prices,
+    cost more, and ends it with a budget_exceeded failure carrying the partial usage.
+    0: no ceiling (the request finishes).
+    """
     @_builtins.property
     def request(self) -> _chat_pb2.ChatRequest: ...
     @_builtins.property
@@ -107,10 +115,11 @@ class InferenceWork(_message.Message):
         route: _builtins.str = ...,
         route_rule: _builtins.str = ...,
         last_resort_cache_key: _builtins.str = ...,
+        spend_ceiling_usd_nanos: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cache_ttl_seconds", b"cache_ttl_seconds", "deadline_unix_nanos", b"deadline_unix_nanos", "end_user", b"end_user", "enqueued_unix_nanos", b"enqueued_unix_nanos", "key_id", b"key_id", "last_resort_cache_key", b"last_resort_cache_key", "lifecycle_events", b"lifecycle_events", "priority", b"priority", "request", b"request", "request_id", b"request_id", "reservation_id", b"reservation_id", "route", b"route", "route_rule", b"route_rule", "semantic_scope", b"semantic_scope", "semantic_text", b"semantic_text", "stream_subject", b"stream_subject", "tags", b"tags", "team_id", b"team_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cache_ttl_seconds", b"cache_ttl_seconds", "deadline_unix_nanos", b"deadline_unix_nanos", "end_user", b"end_user", "enqueued_unix_nanos", b"enqueued_unix_nanos", "key_id", b"key_id", "last_resort_cache_key", b"last_resort_cache_key", "lifecycle_events", b"lifecycle_events", "priority", b"priority", "request", b"request", "request_id", b"request_id", "reservation_id", b"reservation_id", "route", b"route", "route_rule", b"route_rule", "semantic_scope", b"semantic_scope", "semantic_text", b"semantic_text", "spend_ceiling_usd_nanos", b"spend_ceiling_usd_nanos", "stream_subject", b"stream_subject", "tags", b"tags", "team_id", b"team_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -42,6 +42,8 @@ class ReserveRequest(_message.Message):
     END_USER_LIMITS_FIELD_NUMBER: _builtins.int
     END_USER_BUDGETS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    OUTPUT_ESTIMATED_FIELD_NUMBER: _builtins.int
+    BATCH_SHARE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     key_id: _builtins.str
     team_id: _builtins.str
@@ -63,6 +65,14 @@ class ReserveRequest(_message.Message):
     """The end user (the request's `user`, or a JWT's `sub`); empty: none known."""
     priority: _builtins.str
     """interactive, batch or system: batch work is admitted within a share of each limit."""
+    output_estimated: _builtins.bool
+    """max_output_tokens is the gateway's default, not the request's max_tokens: the
+    limiter may reserve its learned estimate of the key's output instead (never more).
+    """
+    batch_share: _builtins.float
+    """The share of each limit batch work is admitted within, from the team's tier
+    (0: the limiter's SLUICE_LIMITER_BATCH_SHARE).
+    """
     @_builtins.property
     def key_limits(self) -> _tenancy_pb2.Limits:
         """What each level may use and spend, as the gateway resolved them (key record over
@@ -100,10 +110,12 @@ class ReserveRequest(_message.Message):
         end_user_limits: _tenancy_pb2.Limits | None = ...,
         end_user_budgets: _tenancy_pb2.Budgets | None = ...,
         priority: _builtins.str = ...,
+        output_estimated: _builtins.bool = ...,
+        batch_share: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_user_budgets", b"end_user_budgets", "end_user_limits", b"end_user_limits", "key_budgets", b"key_budgets", "key_limits", b"key_limits", "team_budgets", b"team_budgets", "team_limits", b"team_limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_user", b"end_user", "end_user_budgets", b"end_user_budgets", "end_user_limits", b"end_user_limits", "input_tokens", b"input_tokens", "key_budgets", b"key_budgets", "key_id", b"key_id", "key_limits", b"key_limits", "lease_requests", b"lease_requests", "lease_tokens", b"lease_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "priority", b"priority", "request_id", b"request_id", "requests_per_minute", b"requests_per_minute", "team_budgets", b"team_budgets", "team_id", b"team_id", "team_limits", b"team_limits", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_share", b"batch_share", "end_user", b"end_user", "end_user_budgets", b"end_user_budgets", "end_user_limits", b"end_user_limits", "input_tokens", b"input_tokens", "key_budgets", b"key_budgets", "key_id", b"key_id", "key_limits", b"key_limits", "lease_requests", b"lease_requests", "lease_tokens", b"lease_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "output_estimated", b"output_estimated", "priority", b"priority", "request_id", b"request_id", "requests_per_minute", b"requests_per_minute", "team_budgets", b"team_budgets", "team_id", b"team_id", "team_limits", b"team_limits", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -120,13 +132,20 @@ class PolicyState(_message.Message):
     REMAINING_FIELD_NUMBER: _builtins.int
     WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
     RESET_MS_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """"tpm" or "rpm"."""
+    """"tpm" or "rpm" (the key's own quotas), or a level's limit or budget:
+    "key.requests_per_minute", "team.output_tokens_per_minute", "end_user.usd_per_day".
+    """
     quota: _builtins.int
     remaining: _builtins.int
     window_seconds: _builtins.int
     reset_ms: _builtins.int
     """Milliseconds until the quota is fully available again."""
+    unit: _builtins.str
+    """What the quota counts: requests, tokens, input_tokens, output_tokens,
+    concurrent_requests or usd_nanos (a budget; window_seconds is its day or month).
+    """
     def __init__(
         self,
         *,
@@ -135,10 +154,11 @@ class PolicyState(_message.Message):
         remaining: _builtins.int = ...,
         window_seconds: _builtins.int = ...,
         reset_ms: _builtins.int = ...,
+        unit: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "quota", b"quota", "remaining", b"remaining", "reset_ms", b"reset_ms", "window_seconds", b"window_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "quota", b"quota", "remaining", b"remaining", "reset_ms", b"reset_ms", "unit", b"unit", "window_seconds", b"window_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -157,6 +177,10 @@ class ReserveResponse(_message.Message):
     LEASE_TOKENS_FIELD_NUMBER: _builtins.int
     LEASE_REQUESTS_FIELD_NUMBER: _builtins.int
     LEASE_TTL_MS_FIELD_NUMBER: _builtins.int
+    BUDGET_EXCEEDED_FIELD_NUMBER: _builtins.int
+    SPEND_CEILING_USD_NANOS_FIELD_NUMBER: _builtins.int
+    RESERVED_USD_NANOS_FIELD_NUMBER: _builtins.int
+    RESERVED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     reservation_id: _builtins.str
     denied_by: _builtins.str
@@ -170,6 +194,19 @@ class ReserveResponse(_message.Message):
     """
     lease_requests: _builtins.int
     lease_ttl_ms: _builtins.int
+    budget_exceeded: _builtins.bool
+    """The refusal is a budget (USD per day or month) used up, not a rate: it frees only
+    when the period ends. denied_by names it, e.g. "team.usd_per_day".
+    """
+    spend_ceiling_usd_nanos: _builtins.int
+    """The most this request may cost before a budget of any level runs out, nano-USD
+    (0: no budget applies). A key with budget_exhaustion "cut" stops there.
+    """
+    reserved_usd_nanos: _builtins.int
+    """What was held for this request: its worst-case cost and the output tokens reserved
+    (max_tokens, or the key's learned estimate when the request gave none).
+    """
+    reserved_output_tokens: _builtins.int
     @_builtins.property
     def policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyState]: ...
     def __init__(
@@ -184,10 +221,14 @@ class ReserveResponse(_message.Message):
         lease_tokens: _builtins.int = ...,
         lease_requests: _builtins.int = ...,
         lease_ttl_ms: _builtins.int = ...,
+        budget_exceeded: _builtins.bool = ...,
+        spend_ceiling_usd_nanos: _builtins.int = ...,
+        reserved_usd_nanos: _builtins.int = ...,
+        reserved_output_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "denied_by", b"denied_by", "lease_requests", b"lease_requests", "lease_tokens", b"lease_tokens", "lease_ttl_ms", b"lease_ttl_ms", "policies", b"policies", "reservation_id", b"reservation_id", "reserved_tokens", b"reserved_tokens", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "budget_exceeded", b"budget_exceeded", "denied_by", b"denied_by", "lease_requests", b"lease_requests", "lease_tokens", b"lease_tokens", "lease_ttl_ms", b"lease_ttl_ms", "policies", b"policies", "reservation_id", b"reservation_id", "reserved_output_tokens", b"reserved_output_tokens", "reserved_tokens", b"reserved_tokens", "reserved_usd_nanos", b"reserved_usd_nanos", "retry_after_ms", b"retry_after_ms", "spend_ceiling_usd_nanos", b"spend_ceiling_usd_nanos"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,12 @@ from sluice.jobs.v1 import jobs_pb2
 from sluice.keys.v1 import keys_pb2
 from sluice.topology import PriorityClass
 
-from services.gateway.domain.admission import admitted_headers, cache_policy, reserve_request
+from services.gateway.domain.admission import (
+    admitted_headers,
+    cache_policy,
+    reserve_request,
+    spend_ceiling,
+)
 from services.gateway.domain.chat import ChatService, cache_scope
 from services.gateway.domain.clock import now_ms
 from services.gateway.domain.exchange import JOB_ID_HEADER, JSON, Answer
@@ -201,10 +206,10 @@ class JobService:
         job_id = new_job_id()
         limiter = self.chat.limiter
         reserve = reserve_request(key, request, job_id, budget)
-        await self.chat.tenancy.fill(
+        entitled = await self.chat.tenancy.fill(
             reserve, key, end_user=end_user or request.user, priority=priority
         )
-        reservation = await limiter.reserve(reserve)
+        reservation = await self.chat.reserve(reserve, entitled.limiter_failure)
         admitted_headers(reservation)
         created_ms = now_ms()
         record = jobs_pb2.JobRecord(
@@ -243,6 +248,7 @@ class JobService:
             cache=cache,
             end_user=end_user,
             tags=all_tags,
+            spend_ceiling_usd_nanos=spend_ceiling(key, reservation),
         )
         self.chat.route_work(work, routed, key, request, cache.key if cache else "", queued=True)
         try:

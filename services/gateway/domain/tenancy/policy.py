@@ -16,7 +16,7 @@ from sluice.tenancy.v1 import tenancy_pb2
 from sluice.topology import PriorityClass
 
 from services.gateway.domain.tenancy.limits import Allowance, Budgets, Limits
-from services.gateway.domain.tenancy.tiers import Tier
+from services.gateway.domain.tenancy.tiers import LimiterFailure, Tier
 
 
 class Scope(StrEnum):
@@ -127,12 +127,17 @@ class Entitlements:
     end_user_id: str
     end_user: Allowance
     priority: PriorityClass
+    # What the request gets while the limiter does not answer (the tier's choice).
+    limiter_failure: LimiterFailure = LimiterFailure.FAIL_CLOSED
+    # The tier's share of each limit for batch work (0: the limiter's setting).
+    batch_share: float = 0.0
 
     @property
     def beyond_key(self) -> bool:
-        """Whether anything applies beyond the key's own rates: a team or end-user
-        level, or a budget (admission leases are only for requests without them)."""
-        return self.team.any or self.end_user.any or self.key.budgets.any
+        """Whether anything applies beyond the key's own "tpm" and "rpm": a level's
+        limit or budget, the key's own included (admission leases are only for
+        requests without them)."""
+        return self.team.any or self.end_user.any or self.key.any
 
     def fill(self, reserve: limiter_pb2.ReserveRequest) -> None:
         reserve.key_limits.CopyFrom(self.key.limits.to_proto())
@@ -143,6 +148,7 @@ class Entitlements:
         reserve.end_user_limits.CopyFrom(self.end_user.limits.to_proto())
         reserve.end_user_budgets.CopyFrom(self.end_user.budgets.to_proto())
         reserve.priority = str(self.priority)
+        reserve.batch_share = self.batch_share
 
 
 def entitlements(
@@ -181,4 +187,6 @@ def entitlements(
         end_user_id=end_user,
         end_user=user_level,
         priority=priority,
+        limiter_failure=tier.limiter_failure if tier is not None else LimiterFailure.FAIL_CLOSED,
+        batch_share=tier.batch_share if tier is not None else 0.0,
     )

@@ -6,6 +6,7 @@ instead of serving with limits nobody meant."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import yaml
@@ -27,12 +28,25 @@ class TierFileError(ConfigFileError):
     """What is wrong with the tiers file, and where."""
 
 
+class LimiterFailure(StrEnum):
+    """What a team's requests get while the limiter does not answer."""
+
+    # 503 limiter_unavailable: nothing is admitted that cannot be counted.
+    FAIL_CLOSED = "fail_closed"
+    # Each gateway admits within a conservative local allowance; the usage of what it
+    # admitted is counted by the limiter from the usage stream when it is back.
+    FAIL_OPEN = "fail_open"
+
+
 @dataclass(frozen=True)
 class Tier:
     name: str
     priorities: frozenset[PriorityClass] = frozenset(PriorityClass)
     team: Allowance = field(default_factory=Allowance)
     end_user: Allowance = field(default_factory=Allowance)
+    limiter_failure: LimiterFailure = LimiterFailure.FAIL_CLOSED
+    # The share of each limit batch work is admitted within (0: the limiter's setting).
+    batch_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -127,7 +141,11 @@ class _Reader:
         return yaml.safe_load(yaml.serialize(node))
 
     def tier(self, name: str, node: yaml.Node) -> Tier:
-        parts = self.mapping(node, f"tier {name!r}", {"priorities", "team", "end_user"})
+        parts = self.mapping(
+            node,
+            f"tier {name!r}",
+            {"priorities", "team", "end_user", "limiter_failure", "batch_share"},
+        )
         priorities = frozenset(PriorityClass)
         if "priorities" in parts:
             p_node = parts["priorities"][1]
@@ -152,7 +170,32 @@ class _Reader:
             if "end_user" in parts
             else Allowance()
         )
-        return Tier(name, priorities, team, end_user)
+        failure = LimiterFailure.FAIL_CLOSED
+        if "limiter_failure" in parts:
+            f_node = parts["limiter_failure"][1]
+            text = self.scalar(f_node, "limiter_failure")
+            try:
+                failure = LimiterFailure(text)
+            except ValueError:
+                raise TierFileError(
+                    f"{self.at(f_node)}: limiter_failure of tier {name!r} must be "
+                    f"{' or '.join(f.value for f in LimiterFailure)}, not {text!r}"
+                ) from None
+        batch_share = 0.0
+        if "batch_share" in parts:
+            b_node = parts["batch_share"][1]
+            value = self.value(b_node, "batch_share")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (0 < value <= 1)
+            ):
+                raise TierFileError(
+                    f"{self.at(b_node)}: batch_share of tier {name!r} must be a number "
+                    f"above 0 and at most 1, not {value!r}"
+                )
+            batch_share = float(value)
+        return Tier(name, priorities, team, end_user, failure, batch_share)
 
     def allowance(self, node: yaml.Node, what: str) -> Allowance:
         parts = self.mapping(node, what, {"limits", "budgets"})
