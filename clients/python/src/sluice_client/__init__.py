@@ -1,0 +1,102 @@
+"""Python client for the Sluice gateway.
+
+``Sluice`` (sync) and ``AsyncSluice`` (async): chat completions and Anthropic-style
+messages, plain and streamed, with streams that resume by themselves after a dropped
+connection; an ``Idempotency-Key`` per call reused by its retries; jobs; webhook
+signature checks; cost estimates and usage; typed errors carrying the trace id.
+"""
+
+from sluice_client._async import AsyncChatStream, AsyncMessageStream, AsyncSluice
+from sluice_client._base import RetryPolicy, __version__
+from sluice_client._sync import ChatStream, MessageStream, Sluice
+from sluice_client.errors import (
+    APIConnectionError,
+    BadRequest,
+    Cancelled,
+    Conflict,
+    ContextLengthExceeded,
+    Forbidden,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    InsufficientScope,
+    InternalError,
+    KeyExpired,
+    ModelNotAllowed,
+    ModelNotFound,
+    NotFound,
+    RateLimited,
+    ServiceUnavailable,
+    SluiceError,
+    StreamInterrupted,
+    Unauthorized,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamStreamInterrupted,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    raise_for_job,
+)
+from sluice_client.types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Estimate,
+    Job,
+    JobEvent,
+    JobList,
+    Message,
+    MessageStreamEvent,
+    ResponseInfo,
+    UsageReport,
+    WebhookEvent,
+)
+from sluice_client.webhooks import WebhookVerificationError, sign_webhook, verify_webhook
+
+__all__ = [
+    "APIConnectionError",
+    "AsyncChatStream",
+    "AsyncMessageStream",
+    "AsyncSluice",
+    "BadRequest",
+    "Cancelled",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatStream",
+    "Conflict",
+    "ContextLengthExceeded",
+    "Estimate",
+    "Forbidden",
+    "IdempotencyKeyInUse",
+    "IdempotencyKeyReused",
+    "InsufficientScope",
+    "InternalError",
+    "Job",
+    "JobEvent",
+    "JobList",
+    "KeyExpired",
+    "Message",
+    "MessageStream",
+    "MessageStreamEvent",
+    "ModelNotAllowed",
+    "ModelNotFound",
+    "NotFound",
+    "RateLimited",
+    "ResponseInfo",
+    "RetryPolicy",
+    "ServiceUnavailable",
+    "Sluice",
+    "SluiceError",
+    "StreamInterrupted",
+    "Unauthorized",
+    "UpstreamError",
+    "UpstreamRateLimited",
+    "UpstreamStreamInterrupted",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "UsageReport",
+    "WebhookEvent",
+    "WebhookVerificationError",
+    "__version__",
+    "raise_for_job",
+    "sign_webhook",
+    "verify_webhook",
+]
