@@ -11,7 +11,11 @@ from concurrent.futures import Future
 from typing import Any
 
 import pytest
+from sluice.bus import Bus
+from sluice.keys.v1 import keys_pb2
+from sluice.topology import Buckets
 
+from services.gateway.domain.keys import hash_secret
 from tests.support.full_stack import FullStack, full_stack
 
 CHAT_ONLY_KEY = "sk-sluice-client-chat-only-0123456789"
@@ -32,6 +36,25 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[FullS
             CHAT_ONLY_KEY, key_id="chat-only", team_id="client-team", scopes=["chat"]
         )
         yield running
+
+
+async def add_key_with_rpm(stack: FullStack, secret: str, *, requests_per_minute: int) -> None:
+    """A key of its own team allowed ``requests_per_minute``, written where the gateway
+    reads keys."""
+    bus = await Bus.connect(stack.nats.url, "tests-client-keys")
+    try:
+        kv = await bus.kv(Buckets.API_KEYS)
+        record = keys_pb2.ApiKeyRecord(
+            key_id="rpm-" + secret[-8:],
+            secret_sha256=hash_secret(secret),
+            team_id="rpm-team-" + secret[-8:],
+            name="rpm",
+            scopes=["chat"],
+            requests_per_minute=requests_per_minute,
+        )
+        await kv.put(record.secret_sha256, record.SerializeToString())
+    finally:
+        await bus.close()
 
 
 class CutProxy:
