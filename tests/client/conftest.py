@@ -61,7 +61,9 @@ class CutProxy:
     """A TCP proxy on 127.0.0.1 that runs its own event loop in a thread (so that sync
     and async clients alike can go through it) and can break connections on demand:
     ``cut()`` closes every open connection at once; ``cut_after(seconds)`` closes the
-    next connection that long after it opened; ``refuse`` closes new ones at once."""
+    next connection that long after it opened; ``cut_after_event(marker)`` closes the
+    next connection right after the first whole SSE event containing ``marker`` was
+    relayed to the client, whatever the timing; ``refuse`` closes new ones at once."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -70,6 +72,7 @@ class CutProxy:
         self.connections = 0
         self.cuts = 0
         self._pending_cut_after: float | None = None
+        self._pending_marker: bytes | None = None
         self._open: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -96,6 +99,9 @@ class CutProxy:
 
     def cut_after(self, seconds: float) -> None:
         self._pending_cut_after = seconds
+
+    def cut_after_event(self, marker: bytes) -> None:
+        self._pending_marker = marker
 
     def _call(self, coro: Any) -> Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -133,9 +139,23 @@ class CutProxy:
             delay, self._pending_cut_after = self._pending_cut_after, None
             timer = self._loop.call_later(delay, lambda: self._call(self._cut()))
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        marker, self._pending_marker = self._pending_marker, None
+
+        async def pipe(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, marker: bytes | None = None
+        ) -> None:
+            seen = b""
             try:
                 while chunk := await src.read(65536):
+                    if marker is not None:
+                        at = (seen + chunk).find(marker)
+                        end = (seen + chunk).find(b"\n\n", at) if at >= 0 else -1
+                        if end >= 0:
+                            dst.write(chunk[: end + 2 - len(seen)])
+                            await dst.drain()
+                            await self._cut()
+                            return
+                        seen += chunk
                     dst.write(chunk)
                     await dst.drain()
             except (ConnectionError, OSError):
@@ -143,7 +163,7 @@ class CutProxy:
             finally:
                 dst.transport.abort()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer, marker))
         if timer is not None:
             timer.cancel()
         self._open.discard(writer)

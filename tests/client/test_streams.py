@@ -221,3 +221,38 @@ async def test_streams_are_not_resumable_by_another_team(stack: FullStack) -> No
     ) as http:
         response = await http.get(f"/v1/streams/{stream.stream_id}")
     assert response.status_code == 404
+
+
+async def test_a_messages_stream_cut_mid_way_yields_every_token_exactly_once(
+    stack: FullStack, proxy: CutProxy
+) -> None:
+    """Messages events carry no ids: the client replays the stream and passes on only
+    what the caller has not had. The route takes no simulator settings, so the proxy
+    cuts by content: right after the first text delta reached the client."""
+    proxy.cut_after_event(b"event: content_block_delta")
+    async with AsyncSluice(DEV_KEY, base_url=proxy.url) as client:
+        stream = await client.messages.stream(model="sim-fast", max_tokens=50, messages=PROMPT)
+        events = [event async for event in stream]
+    assert proxy.cuts > 0 and proxy.connections == 2
+    kinds = [e.type for e in events]
+    assert kinds.count("message_start") == 1 and kinds[0] == "message_start"
+    assert kinds.count("message_delta") == 1 and kinds.count("message_stop") == 1
+    assert kinds[-1] == "message_stop"
+    extra = [e.model_extra or {} for e in events]
+    starts = [
+        x["index"] for e, x in zip(events, extra, strict=True) if e.type == "content_block_start"
+    ]
+    stops = [
+        x["index"] for e, x in zip(events, extra, strict=True) if e.type == "content_block_stop"
+    ]
+    assert starts == stops == [0]
+    assert stream.resumes == 1
+    assert stream.stream_id is not None
+    stored = await stored_stream(stack, stream.stream_id)
+    stored_text = "".join(
+        choice["delta"].get("content") or "" for _id, chunk in stored for choice in chunk["choices"]
+    )
+    assert stream.text == stored_text and stored_text
+    delta = next(x for e, x in zip(events, extra, strict=True) if e.type == "message_delta")
+    words = len(stream.text.split())
+    assert delta["usage"]["output_tokens"] == words

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 
 from sluice_client import _base, errors
+from sluice_client._messages import MessageTracker, ResumeMismatch
 from sluice_client._sse import ExactlyOnce, SseEvent, SseParser, split_id
 from sluice_client.types import (
     ChatCompletion,
@@ -384,7 +386,18 @@ class MessageStream(Iterator[MessageStreamEvent]):
         self.text = ""
 
     @property
+    def stream_id(self) -> str | None:
+        """The request id that names the stream."""
+        return self._resumable.stream_id
+
+    @property
+    def resumes(self) -> int:
+        """How many times the stream was resumed after a broken connection."""
+        return self._resumable.resumes
+
+    @property
     def response_info(self) -> ResponseInfo:
+        """The answer of the last connection (the first request's, or a resume's)."""
         return self._resumable.info
 
     def __iter__(self) -> MessageStream:
@@ -543,11 +556,11 @@ class _Messages:
         headers: Mapping[str, str] | None = None,
         **params: Any,
     ) -> MessageStream:
-        """A streamed message. Its events carry no ids, so a broken connection raises
-        ``StreamInterrupted`` (use ``chat.completions.stream`` to resume)."""
+        """A streamed message that resumes by itself after a dropped connection (the
+        stream is replayed and what was already yielded is skipped)."""
         body = _base.chat_body(model, messages, {"max_tokens": max_tokens, **params})
         body["stream"] = True
-        resumable = _NoResume(
+        resumable = _MessagesResumable(
             self._client,
             path=_base.MESSAGES_PATH,
             body=body,
@@ -559,16 +572,62 @@ class _Messages:
         return stream
 
 
-class _NoResume(_Resumable):
-    """A Messages stream: its events carry no ids, so a broken connection ends it."""
+class _MessagesResumable(_Resumable):
+    """A Messages stream. Its events carry no ids: after a broken connection it is
+    replayed from the start (as chat completion chunks) and only what the caller has not
+    had is passed on (``_messages``)."""
 
-    def _reconnect(
-        self, failures: int, state: ExactlyOnce, cause: Exception
-    ) -> tuple[int, httpx.Response]:
-        raise _base.interrupted(
-            "The connection broke mid-message; Messages streams cannot be resumed.",
-            self.stream_id,
-        ) from cause
+    def events(self) -> Iterator[SseEvent]:
+        tracker = MessageTracker()
+        failures = 0
+        replaying = False
+        response = self._post()
+        self.stream_id = _base.response_info(response, None).request_id
+        try:
+            while True:
+                self._response = response
+                self.info = _base.response_info(response, None)
+                parser = SseParser()
+                try:
+                    for chunk in response.iter_bytes():
+                        for event in parser.feed(chunk):
+                            _base.raise_for_event(event)
+                            if not replaying:
+                                tracker.observe(json.loads(event.data))
+                                failures = 0
+                                yield event
+                                if event.event == "message_stop":
+                                    return
+                                continue
+                            if event.data == "[DONE]":
+                                for fresh in tracker.replay_end():
+                                    yield fresh
+                                return
+                            for fresh in tracker.replay_chunk(json.loads(event.data)):
+                                failures = 0
+                                yield fresh
+                    raise _Ended
+                except (httpx.TransportError, _Ended) as exc:
+                    if self._closed:
+                        return
+                    response.close()
+                    if not tracker.started or self.stream_id is None:
+                        raise _base.interrupted(
+                            "The connection broke before the message started; it cannot "
+                            "be resumed.",
+                            self.stream_id,
+                        ) from exc
+                    failures, response = self._reconnect(failures, ExactlyOnce(), exc)
+                    replaying = True
+                    tracker.restart()
+                except ResumeMismatch as exc:
+                    raise _base.interrupted(
+                        f"The replayed message does not continue the streamed one: {exc}",
+                        self.stream_id,
+                    ) from exc
+        finally:
+            if self._response is not None:
+                self._response.close()
 
 
 class _Jobs:
