@@ -14,7 +14,7 @@ import httpx
 
 from sluice_client import _base, errors
 from sluice_client._messages import MessageTracker, ResumeMismatch
-from sluice_client._sse import ExactlyOnce, SseEvent, SseParser, split_id
+from sluice_client._sse import ExactlyOnce, SseEvent, SseParser, is_plain_delta, split_id
 from sluice_client.types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -283,6 +283,9 @@ class _Resumable:
                                 self.stream_id = ids[0]
                                 if not state.accept(ids[1]):
                                     continue
+                                state.mark(
+                                    single=event.event is None and is_plain_delta(event.data)
+                                )
                             failures = 0
                             _base.raise_for_event(event)
                             yield event

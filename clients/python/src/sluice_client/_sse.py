@@ -4,6 +4,7 @@ exactly once."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 
@@ -69,22 +70,42 @@ def split_id(event_id: str | None) -> tuple[str, int] | None:
     return stream, int(seq)
 
 
+def is_plain_delta(data: str) -> bool:
+    """Whether a chunk is a delta the gateway sends as one event of its own: choices,
+    none finishing, no usage, no ``sluice`` (the end of a stream is several events
+    under one sequence, each with one of these)."""
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return False
+    if not isinstance(chunk, dict) or chunk.get("usage") or chunk.get("sluice"):
+        return False
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return False
+    return all(isinstance(c, dict) and not c.get("finish_reason") for c in choices)
+
+
 @dataclass
 class ExactlyOnce:
     """Which events of a resumed stream are new.
 
-    The gateway numbers a stream's events (``id: <request_id>:<sequence>``); a delta is
-    one event, the end of the stream several events under one sequence (finish chunks,
-    the usage chunk, the ``sluice`` chunk). So a resume starts one sequence before the
-    last one seen (``resume_after``), and of the events under that last sequence the
-    first ``count`` (those already yielded) are dropped again: nothing is lost when a
-    connection broke between two events of one sequence, and nothing comes twice. Token
-    batching on the gateway (several deltas in one event, carrying the id of the last)
-    keeps this exact: a replay renders that last sequence as one event.
+    The gateway numbers a stream's events (``id: <request_id>:<sequence>``). A delta is
+    one event; the end of a stream may be several events under one sequence (finish
+    chunks, the usage chunk, the ``sluice`` chunk). So when the last event seen was a
+    delta (``mark(single=True)``) a resume starts after it; otherwise one sequence
+    before it, and of the events under the last sequence the first ``count`` (those
+    already yielded) are dropped again: nothing is lost when a connection broke between
+    two events of one sequence, and nothing comes twice. Starting after a delta matters
+    with token batching on the gateway (several deltas in one event, carrying the id of
+    the last): a live tail merged from before the resume point could otherwise repeat
+    text. Any replay from the start (a re-sent POST attaching to its first run) is
+    filtered the same way.
     """
 
     last: int = 0
     count: int = 0
+    single: bool = False
     _conn_seq: int = -1
     _conn_count: int = 0
 
@@ -99,13 +120,18 @@ class ExactlyOnce:
         if sequence < self.last:
             return False
         if sequence > self.last:
-            self.last, self.count = sequence, 1
+            self.last, self.count, self.single = sequence, 1, False
             return True
         if self._conn_count > self.count:
             self.count += 1
+            self.single = False
             return True
         return False
 
+    def mark(self, *, single: bool) -> None:
+        """Says whether the event just accepted is the whole of its sequence."""
+        self.single = single and self.count == 1
+
     @property
     def resume_after(self) -> int:
-        return max(0, self.last - 1)
+        return self.last if self.single else max(0, self.last - 1)
