@@ -20,6 +20,7 @@ from sluice_client import (
     verify_webhook,
 )
 
+from tests.client.conftest import CutProxy
 from tests.client.test_streams import PROMPT, slow
 from tests.support.full_stack import DEV_KEY, FullStack
 
@@ -122,3 +123,19 @@ def test_sync_jobs_wait_inline_and_cancel(stack: FullStack) -> None:
     with pytest.raises(Cancelled) as caught:
         raise_for_job(ended)
     assert caught.value.code == "cancelled"
+
+
+async def test_job_events_cut_mid_way_yield_each_token_once(
+    stack: FullStack, proxy: CutProxy
+) -> None:
+    proxy.cut_after_event(b"event: token")
+    async with AsyncSluice(DEV_KEY, base_url=proxy.url) as client:
+        job = await client.jobs.submit(chat(30, 40))
+        events = [event async for event in client.jobs.events(job.id)]
+        done = await client.jobs.wait(job.id, timeout=30)
+    assert proxy.cuts > 0 and proxy.connections >= 3  # submit, events, events again
+    sequences = [e.sequence or 0 for e in events if e.event == "token"]
+    assert sequences == sorted(set(sequences))
+    assert "".join(e.content or "" for e in events if e.event == "token") == done.text
+    assert len(done.text.split()) == 30
+    assert events[-1].job is not None and events[-1].job.status == "completed"

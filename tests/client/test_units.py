@@ -177,3 +177,14 @@ def test_the_signature_is_the_standard_webhooks_one() -> None:
         verify_webhook(SECRET, body, {**headers, "Webhook-Signature": "v1,AAAA"})
     with pytest.raises(WebhookVerificationError):
         verify_webhook(SECRET, body, {"Webhook-Id": "msg_1"})
+
+
+def test_an_unreachable_gateway_is_an_api_connection_error_after_the_retries() -> None:
+    from sluice.devtools.embedded import free_port
+    from sluice_client import APIConnectionError, RetryPolicy, Sluice
+
+    retry = RetryPolicy(max_retries=2, backoff_base=0.01, backoff_max=0.02)
+    client = Sluice("sk-any", base_url=f"http://127.0.0.1:{free_port()}", retry=retry)
+    with client, pytest.raises(APIConnectionError) as caught:
+        client.jobs.list()
+    assert "after 3 attempt(s)" in caught.value.detail

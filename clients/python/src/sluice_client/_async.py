@@ -726,22 +726,46 @@ class _Jobs:
 
     async def events(self, job_id: str) -> AsyncIterator[JobEvent]:
         """``status`` events (the job, at once and on every change) and ``token`` events
-        (each generated piece) until the job ends."""
-        response = await self._client._send(
-            "GET",
-            f"/v1/jobs/{job_id}/events",
-            headers={"Accept": "text/event-stream"},
-            stream=True,
-        )
-        try:
-            parser = SseParser()
-            async for chunk in response.aiter_bytes():
-                for event in parser.feed(chunk):
-                    item = _base.job_event_of(event)
-                    if item is not None:
+        (each generated piece) until the job ends. A broken connection is followed
+        again (bounded retries with backoff); tokens already yielded are skipped by
+        their sequence, so each comes once."""
+        retry = self._client.retry
+        last_token = 0
+        failures = 0
+        while True:
+            response = await self._client._send(
+                "GET",
+                f"/v1/jobs/{job_id}/events",
+                headers={"Accept": "text/event-stream"},
+                stream=True,
+            )
+            cause: Exception
+            try:
+                parser = SseParser()
+                async for chunk in response.aiter_bytes():
+                    for event in parser.feed(chunk):
+                        item = _base.job_event_of(event)
+                        if item is None:
+                            continue
+                        if item.event == "token":
+                            if (item.sequence or 0) <= last_token:
+                                continue
+                            last_token = item.sequence or 0
+                        failures = 0
                         yield item
-        finally:
-            await response.aclose()
+                        if item.job is not None and item.job.done:
+                            return
+                cause = _Ended()
+            except httpx.TransportError as exc:
+                cause = exc
+            finally:
+                await response.aclose()
+            failures += 1
+            if failures > retry.max_retries:
+                raise _base.interrupted(
+                    f"The events of job {job_id} broke off {failures} times in a row.", job_id
+                ) from cause
+            await asyncio.sleep(retry.delay(failures))
 
 
 class _Webhooks:
