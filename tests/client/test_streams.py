@@ -258,3 +258,19 @@ async def test_a_messages_stream_cut_mid_way_yields_every_token_exactly_once(
     delta = next(x for e, x in zip(events, extra, strict=True) if e.type == "message_delta")
     words = len(stream.text.split())
     assert delta["usage"]["output_tokens"] == words
+
+
+def test_sync_messages_stream_cut_mid_way(stack: FullStack, proxy: CutProxy) -> None:
+    proxy.cut_after_event(b"event: content_block_delta")
+    with Sluice(DEV_KEY, base_url=proxy.url) as client:
+        stream = client.messages.stream(model="sim-fast", max_tokens=50, messages=PROMPT)
+        kinds = [event.type for event in stream]
+    assert proxy.cuts > 0 and stream.resumes == 1
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert kinds.count("message_start") == kinds.count("message_stop") == 1
+    assert stream.stream_id is not None
+    stored = asyncio.run(stored_stream(stack, stream.stream_id))
+    stored_text = "".join(
+        choice["delta"].get("content") or "" for _id, chunk in stored for choice in chunk["choices"]
+    )
+    assert stream.text == stored_text and stored_text
