@@ -197,6 +197,7 @@ async def test_messages_plain_and_streamed(stack: FullStack) -> None:
 
 def test_sync_plain_chat_reports_ids(stack: FullStack) -> None:
     with Sluice(DEV_KEY, base_url=stack.gateway_url) as client:
+        assert "sim-fast" in [m.id for m in client.models()]
         answer = client.chat.completions.create(
             model="sim-fast", messages=PROMPT, max_tokens=8, sim=slow(8, 0)
         )

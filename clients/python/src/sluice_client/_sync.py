@@ -23,6 +23,7 @@ from sluice_client.types import (
     JobList,
     Message,
     MessageStreamEvent,
+    Model,
     ResponseInfo,
     UsageReport,
 )
@@ -142,7 +143,12 @@ class Sluice:
         response = self._send(method, path, **kw)
         return _base.parse_json(response), _base.response_info(response, idempotency_key)
 
-    # --- estimate and usage ---------------------------------------------------------
+    # --- models, estimate and usage ------------------------------------------------
+
+    def models(self) -> list[Model]:
+        """The models this gateway serves (``GET /v1/models``)."""
+        data, _info = self._json("GET", "/v1/models")
+        return [Model.model_validate(item) for item in data.get("data", [])]
 
     def estimate(
         self, *, model: str, messages: Iterable[Mapping[str, Any]], **params: Any

@@ -20,6 +20,7 @@ __all__ = [
     "JobProgress",
     "Message",
     "MessageStreamEvent",
+    "Model",
     "ResponseInfo",
     "UsageReport",
     "WebhookEvent",
@@ -148,6 +149,15 @@ class MessageStreamEvent(_Model):
         if self.type == "content_block_delta" and isinstance(delta, dict):
             return str(delta.get("text") or "")
         return ""
+
+
+class Model(_Model):
+    """A model the gateway serves (``GET /v1/models``)."""
+
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = ""
 
 
 class JobProgress(_Model):
