@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import httpx
@@ -44,6 +45,27 @@ async def test_a_call_cut_mid_way_is_retried_with_its_key_and_runs_once(
     assert info.idempotent_replayed
     assert info.idempotency_key
     assert await stack.sim_count(sim["id"]) == 1
+
+
+def test_a_long_call_cut_early_waits_for_its_first_run_past_the_retry_budget(
+    stack: FullStack, proxy: CutProxy
+) -> None:
+    """About five seconds upstream, cut after 0.3 s: the retries meet 409 (the first run
+    still going) more often than ``max_retries``; the client waits for the answer."""
+    sim = slow(50, 10)
+    proxy.cut_after(0.3)
+    statuses: list[int] = []
+    http = httpx.Client(
+        timeout=60, event_hooks={"response": [lambda r: statuses.append(r.status_code)]}
+    )
+    with http, Sluice(DEV_KEY, base_url=proxy.url, max_retries=2, http_client=http) as client:
+        answer = client.chat.completions.create(
+            model="sim-fast", messages=PROMPT, max_tokens=50, sim=sim
+        )
+    assert answer.response_info.idempotent_replayed
+    assert len(answer.text.split()) == 50
+    assert statuses.count(409) > 2 and statuses[-1] == 200
+    assert asyncio.run(stack.sim_count(sim["id"])) == 1
 
 
 def test_reused_key_raises(stack: FullStack) -> None:

@@ -44,7 +44,9 @@ class AsyncSluice:
     ``Idempotency-Key`` made per call and reused by its retries; broken connections,
     429, 503 and 409 (the first attempt still running) are retried up to
     ``max_retries`` times with backoff, honouring ``Retry-After``. Streams resume by
-    themselves after a dropped connection (``Last-Event-ID``)."""
+    themselves after a dropped connection (``Last-Event-ID``). While the first attempt
+    of a call still runs (409 ``idempotency_key_in_use``) the client waits for its
+    answer up to ``timeout`` seconds."""
 
     def __init__(
         self,
@@ -59,6 +61,7 @@ class AsyncSluice:
     ) -> None:
         self.base_url = _base.resolve_base_url(base_url)
         self.retry = retry or _base.RetryPolicy(max_retries=max_retries)
+        self.timeout = timeout
         self._headers = _base.default_headers(_base.resolve_api_key(api_key), headers)
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
@@ -119,6 +122,7 @@ class AsyncSluice:
         2xx; for ``stream`` its body still unread) or its typed error."""
         limit = self.retry.max_retries if retries is None else retries
         attempt = 0
+        waiting_since: float | None = None
         while True:
             request = self._build(method, path, json=json, params=params, headers=headers)
             try:
@@ -134,6 +138,13 @@ class AsyncSluice:
             content = await response.aread()
             await response.aclose()
             err = errors.from_response(response, content)
+            if isinstance(err, errors.IdempotencyKeyInUse) and limit > 0:
+                # The first attempt is still running: wait for its answer as long as the
+                # call itself may take, rather than count these against the retries.
+                waiting_since = waiting_since or time.monotonic()
+                if time.monotonic() - waiting_since < self.timeout:
+                    await asyncio.sleep(self.retry.delay(1, err.retry_after))
+                    continue
             attempt += 1
             if attempt > limit or not _base.is_retryable(err, response):
                 raise err
