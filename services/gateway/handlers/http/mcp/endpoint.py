@@ -1,0 +1,201 @@
+"""``/mcp``: the gateway's tools for agents over MCP's Streamable HTTP transport (the
+official ``mcp`` SDK), mounted in the Litestar app behind the same edge as every route.
+
+The caller is authenticated here, before the SDK sees the request: no key or a wrong
+one is the gateway's 401 problem+json, like any route's. The SDK then serves both
+protocol revisions: 2025-11-25 (``initialize`` handshake) and 2026-07-28 (per-request
+envelope, ``server/discover``). It runs stateless: no session lives in a replica, so
+any replica serves any request and a restart loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import mcp_types as types
+import orjson
+from litestar import Request
+from litestar.handlers import ASGIRouteHandler, asgi
+from litestar.types import Receive, Scope, Send
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel import Server
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from opentelemetry import context as otel_context
+from sluice import __version__
+from sluice.errors import ErrorCode, SluiceError
+
+from services.gateway.domain.problems import render_problem
+from services.gateway.domain.tenancy.policy import Caller
+from services.gateway.handlers.http.deps import ApiDeps
+from services.gateway.handlers.http.mcp.tools import BY_NAME, TOOLS, ToolCall, run_tool
+from services.gateway.handlers.http.middleware import request_context
+from services.gateway.handlers.http.requests import authenticate_caller
+from services.gateway.handlers.http.routes import MCP_ROUTE
+
+log = logging.getLogger(__name__)
+
+MCP_PATH = MCP_ROUTE
+SERVICE = "gateway"
+# What the edge learnt about the request, for the tool handlers (the SDK hands them the
+# HTTP request, whose scope this is).
+_CALLER = "sluice.mcp.caller"
+_OTEL = "sluice.mcp.otel"
+
+INSTRUCTIONS = (
+    "Sluice is an AI gateway. Call list_models for the model names, chat to ask one, "
+    "estimate_cost to price a request first, submit_job and get_job for long work, and "
+    "my_usage for what your team has spent. A failed call's text is a problem object "
+    "with a stable 'code', a 'fix' hint and the 'trace_id' to quote."
+)
+
+_TOOL_LIST = [
+    types.Tool(
+        name=tool.name,
+        title=tool.title,
+        description=tool.description,
+        input_schema=tool.args.model_json_schema(),
+        output_schema=tool.result.model_json_schema(),
+        annotations=types.ToolAnnotations(
+            title=tool.title,
+            read_only_hint=tool.read_only,
+            destructive_hint=tool.name == "cancel_job",
+            idempotent_hint=tool.read_only,
+            open_world_hint=False,
+        ),
+    )
+    for tool in TOOLS
+]
+_INPUT_SCHEMAS = {tool.name: tool.input_schema for tool in _TOOL_LIST}
+
+
+def _scope_of(ctx: ServerRequestContext[Any, Any]) -> Mapping[str, Any]:
+    request = ctx.request
+    scope = getattr(request, "scope", None)
+    if not isinstance(scope, Mapping) or not isinstance(scope.get(_CALLER), Caller):
+        # Only reachable if the SDK ran a handler without the HTTP request behind it.
+        raise SluiceError(ErrorCode.UNAUTHORIZED, "No API key was sent.")
+    return scope
+
+
+class McpEndpoint:
+    """The MCP server over the gateway's domain, and the ASGI app ``/mcp`` mounts."""
+
+    def __init__(self, deps: ApiDeps) -> None:
+        self.deps = deps
+        self.server: Server[Any] = Server(
+            "sluice",
+            version=__version__,
+            title="Sluice gateway",
+            instructions=INSTRUCTIONS,
+            get_tool_input_schema=_INPUT_SCHEMAS.get,
+            on_list_tools=self._list_tools,
+            on_call_tool=self._call_tool,
+        )
+        self.manager = StreamableHTTPSessionManager(
+            self.server,
+            # One JSON answer per POST: nothing to resume, nothing held between requests.
+            json_response=True,
+            stateless=True,
+            max_request_body_size=deps.settings.max_body_bytes,
+        )
+        self._running = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Runs the SDK's request manager (its task group) until ``stop``."""
+
+        async def serve() -> None:
+            async with self.manager.run():
+                self._running.set()
+                await self._stopping.wait()
+
+        self._task = asyncio.create_task(serve(), name="mcp")
+        running = asyncio.create_task(self._running.wait())
+        await asyncio.wait({self._task, running}, return_when=asyncio.FIRST_COMPLETED)
+        if not self._running.is_set():
+            running.cancel()
+            await self._task  # raises what stopped it
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+
+    # --- HTTP -----------------------------------------------------------------------
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Authenticate, then let the SDK answer. Errors before it takes over raise, so
+        the app's exception handler answers them as problem+json."""
+        request: Request[Any, Any, Any] = Request(scope, receive)
+        caller = await authenticate_caller(request, self.deps.keys, None)
+        if not self._running.is_set():
+            raise SluiceError(ErrorCode.SERVICE_UNAVAILABLE, "The MCP endpoint is not running.")
+        raw: dict[str, Any] = scope  # type: ignore[assignment]
+        raw[_CALLER] = caller
+        raw[_OTEL] = otel_context.get_current()
+        await self.manager.handle_request(raw, receive, send)  # type: ignore[arg-type]
+
+    # --- MCP ------------------------------------------------------------------------
+
+    async def _list_tools(
+        self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        _scope_of(ctx)
+        return types.ListToolsResult(tools=_TOOL_LIST)
+
+    async def _call_tool(
+        self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        scope = _scope_of(ctx)
+        rctx = request_context(scope)
+        tool = BY_NAME.get(params.name)
+        # The request's trace, whichever task the SDK runs the handler in.
+        token = otel_context.attach(scope[_OTEL])
+        try:
+            if tool is None:
+                raise SluiceError(
+                    ErrorCode.NOT_FOUND,
+                    f"No tool '{params.name[:64]}'; list_tools names them.",
+                    param="name",
+                )
+            call = ToolCall(self.deps, scope[_CALLER], rctx)
+            result = await run_tool(tool, call, params.arguments or {})
+            return types.CallToolResult(
+                content=[types.TextContent(type="text", text=orjson.dumps(result).decode())],
+                structured_content=result,
+            )
+        except Exception as exc:
+            return self._tool_error(exc, rctx)
+        finally:
+            otel_context.detach(token)
+
+    def _tool_error(self, exc: Exception, rctx: Any) -> types.CallToolResult:
+        """A tool error the model can read: the problem object, as the HTTP API has it."""
+        if isinstance(exc, SluiceError):
+            err = exc
+        else:
+            log.exception("unexpected error in an MCP tool (request %s)", rctx.request_id)
+            err = SluiceError(ErrorCode.INTERNAL_ERROR, "The gateway failed to serve this call.")
+        self.deps.instruments.errors.add(1, {"code": str(err.code), "service": SERVICE})
+        rctx.notes.code = str(err.code)
+        problem = render_problem(
+            err, instance=rctx.instance, request_id=rctx.request_id, trace_id=rctx.trace_id
+        )
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text=problem.decode())], is_error=True
+        )
+
+
+def mcp_mount(endpoint: McpEndpoint) -> ASGIRouteHandler:
+    """The Litestar route that hands ``/mcp`` to the endpoint."""
+
+    @asgi(MCP_PATH, is_mount=True, copy_scope=False)
+    async def handle_mcp(scope: Scope, receive: Receive, send: Send) -> None:
+        await endpoint.handle(scope, receive, send)
+
+    return handle_mcp

@@ -1,0 +1,241 @@
+"""``/mcp`` through every real process, with the official SDK's own client over
+Streamable HTTP, on both protocol revisions the gateway speaks: 2025-11-25 (the
+``initialize`` handshake) and 2026-07-28 (``server/discover`` and per-request envelopes).
+Tools answer from the real data path (the simulated provider behind the worker); keys,
+scopes and tenancy are the HTTP API's."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import httpx2
+import jsonschema
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp_types import CallToolResult
+
+from tests.mcp.conftest import McpStack
+from tests.support.full_stack import DEV_KEY, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LEGACY = "2025-11-25"
+MODERN = "2026-07-28"
+# How the SDK's client is made to ask for each revision: the handshake offers its newest
+# handshake revision (2025-11-25); "auto" probes server/discover at 2026-07-28.
+MODES = {LEGACY: "legacy", MODERN: "auto"}
+TOOLS = {
+    "chat",
+    "submit_job",
+    "get_job",
+    "cancel_job",
+    "estimate_cost",
+    "my_usage",
+    "list_models",
+}
+TERMINAL = {"completed", "failed", "cancelled"}
+CHAT = {
+    "model": "sim-fast",
+    "messages": [{"role": "user", "content": "Say hello to the agent."}],
+    "max_tokens": 8,
+}
+
+
+class Session:
+    def __init__(self, client: Client, versions: list[str | None]) -> None:
+        self.client = client
+        # MCP-Protocol-Version of every request the client sent.
+        self.versions = versions
+
+    async def call(self, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+        result = await self.client.call_tool(name, arguments or {})
+        assert not result.is_error, result.content
+        assert isinstance(result.structured_content, dict)
+        # The text block carries the same JSON for clients that read only text.
+        assert json.loads(result.content[0].text) == result.structured_content  # type: ignore[union-attr]
+        return result.structured_content
+
+    async def fail(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        result: CallToolResult = await self.client.call_tool(name, arguments)
+        assert result.is_error, result
+        problem: dict[str, Any] = json.loads(result.content[0].text)  # type: ignore[union-attr]
+        assert re.fullmatch(r"[0-9a-f]{32}", problem["trace_id"]), problem
+        assert problem["instance"].startswith("/mcp#req_")
+        return problem
+
+
+@asynccontextmanager
+async def session(stack: McpStack, revision: str, key: str = DEV_KEY) -> AsyncIterator[Session]:
+    versions: list[str | None] = []
+
+    async def record(request: httpx2.Request) -> None:
+        if request.method == "POST":
+            versions.append(request.headers.get("mcp-protocol-version"))
+
+    http = httpx2.AsyncClient(
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=httpx2.Timeout(30, read=60),
+        event_hooks={"request": [record]},
+    )
+    transport = streamable_http_client(stack.url, http_client=http)
+    async with http, Client(transport, mode=MODES[revision]) as client:
+        yield Session(client, versions)
+
+
+@pytest.fixture(params=[LEGACY, MODERN])
+def revision(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def test_a_round_trip_on_each_protocol_revision(mcp_stack: McpStack, revision: str) -> None:
+    async with session(mcp_stack, revision) as s:
+        client = s.client
+        # The revision asked for is the one negotiated.
+        assert client.protocol_version == revision
+        if revision == LEGACY:
+            init = client.session.initialize_result
+            assert init is not None and init.protocol_version == LEGACY
+            assert init.server_info.name == "sluice"
+            assert init.capabilities.tools is not None
+        else:
+            found = client.session.discover_result
+            assert found is not None
+            assert MODERN in found.supported_versions
+
+        listed = await client.list_tools()
+        tools = {t.name: t for t in listed.tools}
+        assert set(tools) == TOOLS
+        for tool in tools.values():
+            assert tool.description
+            assert tool.input_schema["type"] == "object"
+            assert tool.output_schema is not None and tool.output_schema["type"] == "object"
+        assert set(tools["chat"].input_schema["required"]) == {"model", "messages"}
+        assert tools["get_job"].annotations is not None
+        assert tools["get_job"].annotations.read_only_hint is True
+
+        models = await s.call("list_models")
+        assert "sim-fast" in {m["id"] for m in models["models"]}
+
+        answer = await s.call("chat", CHAT)
+        # The client checked the result against the output schema; so does the test.
+        jsonschema.validate(answer, tools["chat"].output_schema)
+        assert answer["text"].strip()
+        assert answer["model"] == "sim-fast"
+        assert answer["usage"]["prompt_tokens"] > 0 and answer["usage"]["completion_tokens"] > 0
+        sluice = answer["sluice"]
+        assert sluice["request_id"].startswith("req_") and sluice["provider"]
+        assert re.fullmatch(r"[0-9a-f]{32}", sluice["trace_id"])
+        assert answer["cost_usd"] == sluice["cost_usd"]
+
+        estimate = await s.call("estimate_cost", CHAT)
+        jsonschema.validate(estimate, tools["estimate_cost"].output_schema)
+        assert estimate["input_tokens"] == answer["usage"]["prompt_tokens"]
+        assert estimate["output_tokens"]["max"] == 8
+
+        job = await s.call("submit_job", {**CHAT, "metadata": {"via": "mcp"}})
+        jsonschema.validate(job, tools["submit_job"].output_schema)
+        assert job["id"].startswith("job_") and job["status"] in ("queued", "in_progress")
+        assert job["metadata"] == {"via": "mcp"}
+
+        async def done() -> dict[str, Any] | None:
+            polled = await s.call("get_job", {"job_id": job["id"]})
+            return polled if polled["status"] in TERMINAL else None
+
+        finished = await wait_for(done, timeout=30, interval=0.2, what="the job to end")
+        jsonschema.validate(finished, tools["get_job"].output_schema)
+        assert finished["status"] == "completed", finished
+        assert finished["result"]["choices"][0]["message"]["content"]
+        assert finished["usage"]["completion_tokens"] > 0
+
+        usage = await s.call("my_usage", {"group_by": ["model"]})
+        jsonschema.validate(usage, tools["my_usage"].output_schema)
+        assert usage["team_id"] and usage["group_by"] == ["model"]
+
+    # After the handshake (legacy) or from the first request on (modern), every request
+    # named the negotiated revision.
+    if revision == LEGACY:
+        assert s.versions[0] is None  # initialize
+        assert set(s.versions[1:]) == {LEGACY}
+    else:
+        assert set(s.versions) == {MODERN}
+
+
+async def test_tool_errors_are_problems_with_a_code_and_a_trace_id(
+    mcp_stack: McpStack, revision: str
+) -> None:
+    async with session(mcp_stack, revision) as s:
+        bad = await s.fail("chat", {"model": "sim-fast", "messages": []})
+        assert bad["code"] == "invalid_request" and "messages" in bad["detail"]
+        unknown = await s.fail("chat", {**CHAT, "model": "no-such-model"})
+        assert unknown["code"] == "model_not_found" and unknown["error"]["param"] == "model"
+        missing = await s.fail("get_job", {"job_id": "job_does_not_exist"})
+        assert missing["code"] == "not_found"
+        text = json.dumps([bad, unknown, missing])
+        assert "Traceback" not in text and DEV_KEY not in text
+
+
+async def test_a_wrong_key_or_none_is_refused_before_mcp(mcp_stack: McpStack) -> None:
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": LEGACY,
+            "capabilities": {},
+            "clientInfo": {"name": "test", "version": "0"},
+        },
+    }
+    headers = {"accept": "application/json, text/event-stream"}
+    async with httpx.AsyncClient(timeout=10) as http:
+        for extra in ({}, {"authorization": "Bearer sk-wrong"}, {"x-api-key": "sk-wrong"}):
+            r = await http.post(mcp_stack.url, json=init, headers={**headers, **extra})
+            assert r.status_code == 401, r.text
+            assert r.headers["content-type"].startswith("application/problem+json")
+            body = r.json()
+            assert body["code"] == "unauthorized"
+            assert re.fullmatch(r"[0-9a-f]{32}", body["trace_id"])
+            assert r.headers["x-request-id"] == body["instance"].split("#", 1)[1]
+        # x-api-key works as Authorization does.
+        r = await http.post(mcp_stack.url, json=init, headers={**headers, "x-api-key": DEV_KEY})
+        assert r.status_code == 200, r.text
+        assert r.json()["result"]["protocolVersion"] == LEGACY
+
+    # The SDK's client gets no session with a wrong key, on either revision.
+    for revision in (LEGACY, MODERN):
+        with pytest.raises(Exception):  # noqa: B017 (the SDK's error class varies by mode)
+            async with session(mcp_stack, revision, key="sk-wrong") as s:
+                await s.client.list_tools()
+
+
+async def test_a_key_without_the_jobs_scope_cannot_submit_jobs(mcp_stack: McpStack) -> None:
+    key = await mcp_stack.new_key(["chat"])
+    async with session(mcp_stack, MODERN, key=key["secret"]) as s:
+        assert (await s.call("chat", CHAT))["text"]
+        refused = await s.fail("submit_job", CHAT)
+        assert refused["code"] == "insufficient_scope"
+        assert refused["details"]["scope"] == "jobs"
+
+
+async def test_one_tenant_never_gets_another_tenants_job(
+    mcp_stack: McpStack, revision: str
+) -> None:
+    one = await mcp_stack.new_key(["chat", "jobs"])
+    two = await mcp_stack.new_key(["chat", "jobs"])
+    async with session(mcp_stack, revision, key=one["secret"]) as a:
+        job = await a.call("submit_job", CHAT)
+        assert (await a.call("get_job", {"job_id": job["id"]}))["id"] == job["id"]
+    async with session(mcp_stack, revision, key=two["secret"]) as b:
+        # Another team's job is as missing as one that never was.
+        seen = await b.fail("get_job", {"job_id": job["id"]})
+        assert seen["code"] == "not_found"
+        cancelled = await b.fail("cancel_job", {"job_id": job["id"]})
+        assert cancelled["code"] == "not_found"
+        assert job["id"] in seen["detail"] and one["team_id"] not in json.dumps(seen)
+        # Its usage is its own team's.
+        assert (await b.call("my_usage"))["team_id"] == two["team_id"]
