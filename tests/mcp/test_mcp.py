@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult
+from sluice.telemetry import spans_dir
 
 from tests.mcp.conftest import McpStack
 from tests.support.full_stack import DEV_KEY, wait_for
@@ -239,3 +241,40 @@ async def test_one_tenant_never_gets_another_tenants_job(
         assert job["id"] in seen["detail"] and one["team_id"] not in json.dumps(seen)
         # Its usage is its own team's.
         assert (await b.call("my_usage"))["team_id"] == two["team_id"]
+
+
+async def test_a_tool_call_is_one_trace_from_the_gateway_to_the_provider(
+    mcp_stack: McpStack, revision: str
+) -> None:
+    async with session(mcp_stack, revision) as s:
+        # A prompt of its own: never a cache hit, so the worker runs it.
+        prompt = f"Say hello to trace {secrets.token_hex(4)}."
+        answer = await s.call("chat", {**CHAT, "messages": [{"role": "user", "content": prompt}]})
+    trace_id = answer["sluice"]["trace_id"]
+    state = mcp_stack.stack.stack.state_dir
+
+    async def spans() -> list[dict[str, Any]] | None:
+        found = [
+            span
+            for path in spans_dir(state).glob("*.jsonl")
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if trace_id in line and (span := json.loads(line))["trace_id"] == trace_id
+        ]
+        services = {span["service"] for span in found}
+        return found if {"gateway", "inference-worker", "cost-tracker"} <= services else None
+
+    found = await wait_for(spans, timeout=15, interval=0.25, what="the call's spans")
+    by_id = {span["span_id"]: span for span in found}
+    (server,) = [x for x in found if x["name"] == "POST /mcp"]
+    # The SDK's span of the call, under the request's; the data path under it, one tree
+    # down to the provider call.
+    (call,) = [x for x in found if x["name"] == "tools/call chat"]
+    assert call["parent_span_id"] == server["span_id"]
+    (publish,) = [x for x in found if x["name"] == "sluice.v1.infer.interactive publish"]
+    assert publish["parent_span_id"] == call["span_id"]
+    (provider,) = [x for x in found if x["name"] == "chat sim-fast"]
+    chain = [provider]
+    while chain[-1]["parent_span_id"] in by_id:
+        chain.append(by_id[chain[-1]["parent_span_id"]])
+    assert [x["name"] for x in chain[-3:]] == [publish["name"], call["name"], server["name"]]
+    assert prompt not in json.dumps([x["attributes"] for x in found])

@@ -22,7 +22,6 @@ from litestar.types import Receive, Scope, Send
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from opentelemetry import context as otel_context
 from sluice import __version__
 from sluice.errors import ErrorCode, SluiceError
 
@@ -38,10 +37,9 @@ log = logging.getLogger(__name__)
 
 MCP_PATH = MCP_ROUTE
 SERVICE = "gateway"
-# What the edge learnt about the request, for the tool handlers (the SDK hands them the
-# HTTP request, whose scope this is).
+# Who the caller is, for the tool handlers (the SDK hands them the HTTP request, whose
+# scope this is).
 _CALLER = "sluice.mcp.caller"
-_OTEL = "sluice.mcp.otel"
 
 INSTRUCTIONS = (
     "Sluice is an AI gateway. Call list_models for the model names, chat to ask one, "
@@ -137,7 +135,6 @@ class McpEndpoint:
             raise SluiceError(ErrorCode.SERVICE_UNAVAILABLE, "The MCP endpoint is not running.")
         raw: dict[str, Any] = scope  # type: ignore[assignment]
         raw[_CALLER] = caller
-        raw[_OTEL] = otel_context.get_current()
         await self.manager.handle_request(raw, receive, send)  # type: ignore[arg-type]
 
     # --- MCP ------------------------------------------------------------------------
@@ -145,7 +142,6 @@ class McpEndpoint:
     async def _list_tools(
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
-        _scope_of(ctx)
         return types.ListToolsResult(tools=_TOOL_LIST)
 
     async def _call_tool(
@@ -154,8 +150,8 @@ class McpEndpoint:
         scope = _scope_of(ctx)
         rctx = request_context(scope)
         tool = BY_NAME.get(params.name)
-        # The request's trace, whichever task the SDK runs the handler in.
-        token = otel_context.attach(scope[_OTEL])
+        # The SDK runs the handler in the request's context: its span of the call (a
+        # child of the edge's) is the parent of everything the tool does (tests/mcp).
         try:
             if tool is None:
                 raise SluiceError(
@@ -171,8 +167,6 @@ class McpEndpoint:
             )
         except Exception as exc:
             return self._tool_error(exc, rctx)
-        finally:
-            otel_context.detach(token)
 
     def _tool_error(self, exc: Exception, rctx: Any) -> types.CallToolResult:
         """A tool error the model can read: the problem object, as the HTTP API has it."""
