@@ -19,6 +19,7 @@ import jsonschema
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult
 from sluice.telemetry import spans_dir
 
@@ -210,9 +211,11 @@ async def test_a_wrong_key_or_none_is_refused_before_mcp(mcp_stack: McpStack) ->
 
     # The SDK's client gets no session with a wrong key, on either revision.
     for revision in (LEGACY, MODERN):
-        with pytest.raises(Exception):  # noqa: B017 (the SDK's error class varies by mode)
+        with pytest.raises(BaseExceptionGroup) as caught:
             async with session(mcp_stack, revision, key="sk-wrong") as s:
                 await s.client.list_tools()
+        # The transport's task group reports the refused request as the SDK's error.
+        assert caught.value.subgroup(MCPError) is not None, caught.value
 
 
 async def test_a_key_without_the_jobs_scope_cannot_submit_jobs(mcp_stack: McpStack) -> None:
