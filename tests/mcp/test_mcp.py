@@ -204,6 +204,13 @@ async def test_a_wrong_key_or_none_is_refused_before_mcp(mcp_stack: McpStack) ->
             assert body["code"] == "unauthorized"
             assert re.fullmatch(r"[0-9a-f]{32}", body["trace_id"])
             assert r.headers["x-request-id"] == body["instance"].split("#", 1)[1]
+        # Stateless: no GET stream and no session to DELETE, as the transport allows.
+        for method in ("GET", "DELETE"):
+            r = await http.request(
+                method, mcp_stack.url, headers={**headers, "authorization": f"Bearer {DEV_KEY}"}
+            )
+            assert r.status_code == 405, r.text
+            assert r.json()["code"] == "method_not_allowed" and r.headers["allow"] == "POST"
         # x-api-key works as Authorization does.
         r = await http.post(mcp_stack.url, json=init, headers={**headers, "x-api-key": DEV_KEY})
         assert r.status_code == 200, r.text

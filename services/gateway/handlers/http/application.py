@@ -54,7 +54,9 @@ def create_app(deps: ApiDeps, mcp: McpEndpoint | None = None) -> Litestar:
             version=__version__,
             description="OpenAI-compatible chat completions and the Anthropic Messages "
             "API with limits, caching, cost and one trace per request. Errors are RFC 9457 "
-            "problem+json (Anthropic error bodies on /v1/messages).",
+            "problem+json (Anthropic error bodies on /v1/messages). Agents: the same "
+            "operations as MCP tools at /mcp (Streamable HTTP, protocol revisions "
+            "2025-11-25 and 2026-07-28).",
             path="/docs",
             use_handler_docstrings=True,
             render_plugins=[ScalarRenderPlugin(path="/"), JsonRenderPlugin()],

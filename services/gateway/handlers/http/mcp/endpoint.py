@@ -17,6 +17,7 @@ from typing import Any
 import mcp_types as types
 import orjson
 from litestar import Request
+from litestar.exceptions import MethodNotAllowedException
 from litestar.handlers import ASGIRouteHandler, asgi
 from litestar.types import Receive, Scope, Send
 from mcp.server.context import ServerRequestContext
@@ -127,10 +128,14 @@ class McpEndpoint:
     # --- HTTP -----------------------------------------------------------------------
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Authenticate, then let the SDK answer. Errors before it takes over raise, so
-        the app's exception handler answers them as problem+json."""
+        """Authenticate, then let the SDK answer a POST. Errors before it takes over
+        raise, so the app's exception handler answers them as problem+json."""
         request: Request[Any, Any, Any] = Request(scope, receive)
         caller = await authenticate_caller(request, self.deps.keys, None)
+        if request.method != "POST":
+            # Stateless: no stream to open with GET, no session to end with DELETE (the
+            # transport's answer for both is 405).
+            raise MethodNotAllowedException(headers={"Allow": "POST"})
         if not self._running.is_set():
             raise SluiceError(ErrorCode.SERVICE_UNAVAILABLE, "The MCP endpoint is not running.")
         raw: dict[str, Any] = scope  # type: ignore[assignment]
