@@ -211,6 +211,14 @@ async def test_a_wrong_key_or_none_is_refused_before_mcp(mcp_stack: McpStack) ->
             )
             assert r.status_code == 405, r.text
             assert r.json()["code"] == "method_not_allowed" and r.headers["allow"] == "POST"
+        # A body over the gateway's limit is its 413, before the SDK reads anything.
+        r = await http.post(
+            mcp_stack.url,
+            content=b"x" * (10 * 1024 * 1024 + 1),
+            headers={**headers, "authorization": f"Bearer {DEV_KEY}"},
+        )
+        assert r.status_code == 413, r.text
+        assert r.json()["code"] == "payload_too_large"
         # x-api-key works as Authorization does.
         r = await http.post(mcp_stack.url, json=init, headers={**headers, "x-api-key": DEV_KEY})
         assert r.status_code == 200, r.text

@@ -31,7 +31,7 @@ from services.gateway.domain.tenancy.policy import Caller
 from services.gateway.handlers.http.deps import ApiDeps
 from services.gateway.handlers.http.mcp.tools import BY_NAME, TOOLS, ToolCall, run_tool
 from services.gateway.handlers.http.middleware import request_context
-from services.gateway.handlers.http.requests import authenticate_caller
+from services.gateway.handlers.http.requests import authenticate_caller, read_body
 from services.gateway.handlers.http.routes import MCP_ROUTE
 
 log = logging.getLogger(__name__)
@@ -138,9 +138,20 @@ class McpEndpoint:
             raise MethodNotAllowedException(headers={"Allow": "POST"})
         if not self._running.is_set():
             raise SluiceError(ErrorCode.SERVICE_UNAVAILABLE, "The MCP endpoint is not running.")
+        # Read here, within the gateway's limit, so that a body too large is its 413.
+        body = await read_body(request, self.deps.settings.max_body_bytes)
+        delivered = False
+
+        async def replay() -> Any:
+            nonlocal delivered
+            if delivered:
+                return await receive()  # the disconnect, when it comes
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
         raw: dict[str, Any] = scope  # type: ignore[assignment]
         raw[_CALLER] = caller
-        await self.manager.handle_request(raw, receive, send)  # type: ignore[arg-type]
+        await self.manager.handle_request(raw, replay, send)  # type: ignore[arg-type]
 
     # --- MCP ------------------------------------------------------------------------
 
