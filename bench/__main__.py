@@ -8,7 +8,8 @@ to the simulator and through the gateway.
 
 Sections (``--only a,b``; ``--quick`` for a short run of each): ``overhead`` (the tables
 above), ``jobs`` (job submission latency, bench/jobs.py), ``resume`` (reconnect to the
-first replayed event, bench/resume.py), ``priority`` (interactive queue wait behind
+first replayed event, bench/resume.py), ``mcp`` (a chat through ``/mcp`` beside one over
+HTTP, bench/mcp.py), ``priority`` (interactive queue wait behind
 1,000 batch jobs, on a product of its own), ``streams`` (1,000 streams open at once,
 bench/streams.py, on a product with room for them), ``semcache`` (the semantic
 cache's similarity threshold on labelled pairs, bench/semcache.py, no product) and
@@ -38,7 +39,7 @@ from typing import Any
 import aiohttp
 from sluice.devtools.embedded import free_port
 
-from bench import consumers, jobs, ledger, resume, semcache, spans, streams
+from bench import consumers, jobs, ledger, mcp, resume, semcache, spans, streams
 from bench.load import (
     Sample,
     Target,
@@ -594,7 +595,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.against is not None:
         await ab_report(args)
         return 0
-    if only & {"overhead", "jobs", "resume"}:
+    if only & {"overhead", "jobs", "resume", "mcp"}:
         async with running() as product:
             if "overhead" in only:
                 await overhead_report(product, args)
@@ -611,6 +612,12 @@ async def main_async(args: argparse.Namespace) -> int:
             if "resume" in only:
                 section("Resumable streams: reconnect (Last-Event-ID) to the first replayed event")
                 print(await resume.resume_table(product.gateway, API_KEY, samples=args.reconnects))
+            if "mcp" in only:
+                section(
+                    f"MCP: a chat through /mcp beside the same chat over HTTP, one at a time, "
+                    f"{args.mcp_calls} of each (bench/mcp.py)"
+                )
+                print(await mcp.mcp_table(product.gateway, API_KEY, calls=args.mcp_calls))
     if "priority" in only:
         low, high = jobs.BATCH_SECONDS
         async with running(jobs.product_env()) as product:
@@ -684,6 +691,7 @@ SECTIONS = (
     "overhead",
     "jobs",
     "resume",
+    "mcp",
     "priority",
     "streams",
     "spans",
@@ -693,9 +701,9 @@ SECTIONS = (
 )
 # Full run, and --quick: (seconds, job seconds, reconnects, batch jobs, interactive
 # seconds, streams, stream tokens/s, stream seconds, consumer rounds, consumer requests,
-# consumer messages, ledger rounds, ledger events).
-FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0, 5, 5000, 8192, 3, 20000)
-QUICK = (3.0, 2.0, 50, 300, 5.0, 200, 10.0, 5.0, 3, 1000, 2048, 1, 5000)
+# consumer messages, ledger rounds, ledger events, MCP calls).
+FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0, 5, 5000, 8192, 3, 20000, 300)
+QUICK = (3.0, 2.0, 50, 300, 5.0, 200, 10.0, 5.0, 3, 1000, 2048, 1, 5000, 100)
 
 
 def _sections(value: str) -> set[str]:
@@ -731,6 +739,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--job-rate", type=float, default=50, help="job submissions per second")
     parser.add_argument("--job-seconds", type=float, help="of job submissions (4; quick 2)")
     parser.add_argument("--reconnects", type=int, help="resume samples (200; quick 50)")
+    parser.add_argument("--mcp-calls", type=int, help="chats of each kind (300; quick 100)")
     parser.add_argument("--batch-jobs", type=int, help="batch jobs queued (1000; quick 300)")
     parser.add_argument(
         "--interactive-rate", type=float, default=10, help="interactive requests per second"
@@ -772,6 +781,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "consumer_messages",
         "ledger_rounds",
         "ledger_events",
+        "mcp_calls",
     )
     for name, value in zip(names, QUICK if args.quick else FULL, strict=True):
         if getattr(args, name) is None:

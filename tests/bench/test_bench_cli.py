@@ -43,8 +43,14 @@ def test_consumer_options_follow_the_presets() -> None:
 
 def test_ledger_options_follow_the_presets() -> None:
     full, quick = parse_args([]), parse_args(["--quick", "--ledger-events", "3000"])
-    assert (full.ledger_rounds, full.ledger_events) == FULL[11:]
+    assert (full.ledger_rounds, full.ledger_events) == FULL[11:13]
     assert (quick.ledger_rounds, quick.ledger_events) == (QUICK[11], 3000)
+
+
+def test_mcp_options_follow_the_presets() -> None:
+    full, quick = parse_args([]), parse_args(["--quick"])
+    assert (full.mcp_calls, quick.mcp_calls) == (FULL[13], QUICK[13])
+    assert parse_args(["--only", "mcp", "--mcp-calls", "20"]).mcp_calls == 20
 
 
 @pytest.mark.slow
