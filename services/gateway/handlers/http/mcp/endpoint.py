@@ -36,7 +36,6 @@ from services.gateway.handlers.http.routes import MCP_ROUTE
 
 log = logging.getLogger(__name__)
 
-MCP_PATH = MCP_ROUTE
 SERVICE = "gateway"
 # Who the caller is, for the tool handlers (the SDK hands them the HTTP request, whose
 # scope this is).
@@ -46,7 +45,7 @@ INSTRUCTIONS = (
     "Sluice is an AI gateway. Call list_models for the model names, chat to ask one, "
     "estimate_cost to price a request first, submit_job and get_job for long work, and "
     "my_usage for what your team has spent. A failed call's text is a problem object "
-    "with a stable 'code', a 'fix' hint and the 'trace_id' to quote."
+    "with a stable 'code', a 'detail' that says how to fix it and the 'trace_id' to quote."
 )
 
 _TOOL_LIST = [
@@ -61,7 +60,6 @@ _TOOL_LIST = [
             read_only_hint=tool.read_only,
             destructive_hint=tool.name == "cancel_job",
             idempotent_hint=tool.read_only,
-            open_world_hint=False,
         ),
     )
     for tool in TOOLS
@@ -121,6 +119,8 @@ class McpEndpoint:
             await self._task  # raises what stopped it
 
     async def stop(self) -> None:
+        # Requests still arriving are answered 503 (retryable), not by a stopped manager.
+        self._running.clear()
         self._stopping.set()
         if self._task is not None:
             await self._task
@@ -204,7 +204,7 @@ class McpEndpoint:
 def mcp_mount(endpoint: McpEndpoint) -> ASGIRouteHandler:
     """The Litestar route that hands ``/mcp`` to the endpoint."""
 
-    @asgi(MCP_PATH, is_mount=True, copy_scope=False)
+    @asgi(MCP_ROUTE, is_mount=True, copy_scope=False)
     async def handle_mcp(scope: Scope, receive: Receive, send: Send) -> None:
         await endpoint.handle(scope, receive, send)
 
