@@ -233,6 +233,21 @@ async def test_a_wrong_key_or_none_is_refused_before_mcp(mcp_stack: McpStack) ->
         assert caught.value.subgroup(MCPError) is not None, caught.value
 
 
+async def test_a_retried_submission_with_its_idempotency_key_is_one_job(
+    mcp_stack: McpStack, revision: str
+) -> None:
+    key = f"agent-retry-{secrets.token_hex(4)}"
+    async with session(mcp_stack, revision) as s:
+        first = await s.call("submit_job", {**CHAT, "idempotency_key": key})
+        again = await s.call("submit_job", {**CHAT, "idempotency_key": key})
+        assert again["id"] == first["id"]
+        other = await s.call("submit_job", CHAT)
+        assert other["id"] != first["id"]
+        # The same key for other arguments is the HTTP API's 422, as a tool error.
+        reused = await s.fail("submit_job", {**CHAT, "max_tokens": 9, "idempotency_key": key})
+        assert reused["code"] == "idempotency_key_reused"
+
+
 async def test_a_key_without_the_jobs_scope_cannot_submit_jobs(mcp_stack: McpStack) -> None:
     key = await mcp_stack.new_key(["chat"])
     async with session(mcp_stack, MODERN, key=key["secret"]) as s:

@@ -47,6 +47,13 @@ class SubmitJobArgs(ChatArgs):
         max_length=2048,
         description="Where to POST job.completed/failed/cancelled (Standard Webhooks).",
     )
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="Unique per logical submission: a retry with the same key and arguments "
+        "gets the same job instead of a second one (as Idempotency-Key on POST /v1/jobs).",
+    )
 
 
 class JobArgs(_Args):

@@ -16,13 +16,16 @@ from services.gateway.domain.chat import ChatOptions
 from services.gateway.domain.dialects.common import RequestMeta
 from services.gateway.domain.dialects.openai.request import ChatCompletionRequest, to_chat_request
 from services.gateway.domain.dialects.parsing import parse_model, validation_problem
-from services.gateway.domain.exchange import RequestContext
-from services.gateway.domain.jobs.request import JobCreateRequest
+from services.gateway.domain.exchange import Answer, RequestContext
+from services.gateway.domain.jobs.request import JobCreateRequest, Prefer
 from services.gateway.domain.tenancy.policy import Caller, Scope, require_scope
 from services.gateway.domain.usage import parse_params
 from services.gateway.domain.work import resolve_priority
 from services.gateway.handlers.http.deps import ApiDeps
+from services.gateway.handlers.http.headers import IDEMPOTENCY_HEADER
+from services.gateway.handlers.http.idempotency import idempotent
 from services.gateway.handlers.http.mcp import schemas as s
+from services.gateway.handlers.http.routes import JOBS_ROUTE
 
 
 @dataclass(frozen=True)
@@ -103,14 +106,32 @@ async def submit_job(call: ToolCall, args: s.SubmitJobArgs) -> s.Job:
         request=_chat_body(args), webhook_url=args.webhook_url, metadata=args.metadata
     )
     ctx.notes.model = args.model
-    submitted = await deps.jobs.submit(
-        key,
-        spec,
-        priority=resolve_priority(key, None, PriorityClass.BATCH),
-        trace_id=ctx.trace_id,
-        end_user=call.caller.end_user,
+
+    async def run() -> Answer:
+        return await deps.jobs.respond(
+            key,
+            spec,
+            prefer=Prefer(respond_async=True),
+            priority=resolve_priority(key, None, PriorityClass.BATCH),
+            trace_id=ctx.trace_id,
+            end_user=call.caller.end_user,
+        )
+
+    # The body POST /v1/jobs would carry, so that a key is one submission either way.
+    raw = orjson.dumps(spec.model_dump(mode="json", exclude_none=True))
+    answer = await idempotent(
+        deps.idempotency,
+        {IDEMPOTENCY_HEADER: args.idempotency_key} if args.idempotency_key else {},
+        key=key,
+        ctx=ctx,
+        raw=raw,
+        route=JOBS_ROUTE,
+        run=run,
+        job=True,
     )
-    return s.Job.model_validate(_plain(await deps.jobs.view(submitted.record)))
+    # A replay answers the job as it was submitted: read it as it is now.
+    record = await deps.jobs.find(key, orjson.loads(answer.body)["id"])
+    return s.Job.model_validate(_plain(await deps.jobs.view(record)))
 
 
 async def get_job(call: ToolCall, args: s.JobArgs) -> s.Job:
@@ -166,7 +187,7 @@ TOOLS: tuple[ToolSpec, ...] = (
         "Submit a job",
         "Queue a chat completion to run in the background (batch class) and get the job "
         "at once; poll it with get_job until status is completed, failed or cancelled. "
-        "Needs the 'jobs' scope.",
+        "Send an idempotency_key to make retries safe. Needs the 'jobs' scope.",
         s.SubmitJobArgs,
         s.Job,
         Scope.JOBS,
