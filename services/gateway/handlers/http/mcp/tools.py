@@ -117,7 +117,7 @@ async def submit_job(call: ToolCall, args: s.SubmitJobArgs) -> s.Job:
             end_user=call.caller.end_user,
         )
 
-    # The body POST /v1/jobs would carry, so that a key is one submission either way.
+    # The submission as a POST /v1/jobs body: what the key's record fingerprints.
     raw = orjson.dumps(spec.model_dump(mode="json", exclude_none=True))
     answer = await idempotent(
         deps.idempotency,
