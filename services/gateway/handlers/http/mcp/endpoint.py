@@ -97,6 +97,8 @@ class McpEndpoint:
             stateless=True,
             max_request_body_size=deps.settings.max_body_bytes,
         )
+        # Stateless, the SDK ends a transport per request and logs each end at INFO.
+        logging.getLogger("mcp.server.streamable_http").setLevel(logging.WARNING)
         self._running = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
