@@ -20,7 +20,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
-from mcp_types import CallToolResult
+from mcp_types import PROTOCOL_VERSION_META_KEY, CallToolResult
 from sluice.telemetry import spans_dir
 
 from tests.mcp.conftest import McpStack
@@ -51,10 +51,13 @@ CHAT = {
 
 
 class Session:
-    def __init__(self, client: Client, versions: list[str | None]) -> None:
+    def __init__(
+        self, client: Client, versions: list[str | None], requests: list[dict[str, Any]]
+    ) -> None:
         self.client = client
-        # MCP-Protocol-Version of every request the client sent.
+        # MCP-Protocol-Version of every request the client sent, and its JSON-RPC body.
         self.versions = versions
+        self.requests = requests
 
     async def call(self, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         result = await self.client.call_tool(name, arguments or {})
@@ -76,10 +79,12 @@ class Session:
 @asynccontextmanager
 async def session(stack: McpStack, revision: str, key: str = DEV_KEY) -> AsyncIterator[Session]:
     versions: list[str | None] = []
+    requests: list[dict[str, Any]] = []
 
     async def record(request: httpx2.Request) -> None:
         if request.method == "POST":
             versions.append(request.headers.get("mcp-protocol-version"))
+            requests.append(json.loads(request.content))
 
     http = httpx2.AsyncClient(
         headers={"Authorization": f"Bearer {key}"},
@@ -88,7 +93,7 @@ async def session(stack: McpStack, revision: str, key: str = DEV_KEY) -> AsyncIt
     )
     transport = streamable_http_client(stack.url, http_client=http)
     async with http, Client(transport, mode=MODES[revision]) as client:
-        yield Session(client, versions)
+        yield Session(client, versions, requests)
 
 
 @pytest.fixture(params=[LEGACY, MODERN])
@@ -163,9 +168,18 @@ async def test_a_round_trip_on_each_protocol_revision(mcp_stack: McpStack, revis
     # After the handshake (legacy) or from the first request on (modern), every request
     # named the negotiated revision.
     if revision == LEGACY:
-        assert s.versions[0] is None  # initialize
+        # The handshake asked for 2025-11-25 (and the server agreed, above).
+        assert s.requests[0]["method"] == "initialize"
+        assert s.requests[0]["params"]["protocolVersion"] == LEGACY
+        assert s.versions[0] is None
         assert set(s.versions[1:]) == {LEGACY}
     else:
+        # Every request, the discover probe first, asked for 2026-07-28 in its envelope.
+        assert s.requests[0]["method"] == "server/discover"
+        asked = {
+            r.get("params", {}).get("_meta", {}).get(PROTOCOL_VERSION_META_KEY) for r in s.requests
+        }
+        assert asked == {MODERN}
         assert set(s.versions) == {MODERN}
 
 
