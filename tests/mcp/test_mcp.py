@@ -290,38 +290,94 @@ async def test_one_tenant_never_gets_another_tenants_job(
         assert (await b.call("my_usage"))["team_id"] == two["team_id"]
 
 
-async def test_a_tool_call_is_one_trace_from_the_gateway_to_the_provider(
-    mcp_stack: McpStack, revision: str
-) -> None:
-    async with session(mcp_stack, revision) as s:
-        # A prompt of its own: never a cache hit, so the worker runs it.
-        prompt = f"Say hello to trace {secrets.token_hex(4)}."
-        answer = await s.call("chat", {**CHAT, "messages": [{"role": "user", "content": prompt}]})
-    trace_id = answer["sluice"]["trace_id"]
-    state = mcp_stack.stack.stack.state_dir
+def load_spans(stack: McpStack, trace_id: str) -> list[dict[str, Any]]:
+    return [
+        span
+        for path in spans_dir(stack.stack.stack.state_dir).glob("*.jsonl")
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if trace_id in line and (span := json.loads(line))["trace_id"] == trace_id
+    ]
+
+
+async def call_trace(stack: McpStack, trace_id: str) -> list[dict[str, Any]]:
+    """The spans of ``trace_id`` once the gateway, worker and cost-tracker wrote theirs;
+    checks that the work is one tree under the SDK's span of the call."""
 
     async def spans() -> list[dict[str, Any]] | None:
-        found = [
-            span
-            for path in spans_dir(state).glob("*.jsonl")
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if trace_id in line and (span := json.loads(line))["trace_id"] == trace_id
-        ]
+        found = load_spans(stack, trace_id)
         services = {span["service"] for span in found}
         return found if {"gateway", "inference-worker", "cost-tracker"} <= services else None
 
-    found = await wait_for(spans, timeout=15, interval=0.25, what="the call's spans")
+    found: list[dict[str, Any]] = await wait_for(
+        spans, timeout=15, interval=0.25, what="the call's spans"
+    )
     by_id = {span["span_id"]: span for span in found}
-    (server,) = [x for x in found if x["name"] == "POST /mcp"]
-    # The SDK's span of the call, under the request's; the data path under it, one tree
-    # down to the provider call.
     (call,) = [x for x in found if x["name"] == "tools/call chat"]
-    assert call["parent_span_id"] == server["span_id"]
     (publish,) = [x for x in found if x["name"] == "sluice.v1.infer.interactive publish"]
     assert publish["parent_span_id"] == call["span_id"]
     (provider,) = [x for x in found if x["name"] == "chat sim-fast"]
     chain = [provider]
     while chain[-1]["parent_span_id"] in by_id:
         chain.append(by_id[chain[-1]["parent_span_id"]])
-    assert [x["name"] for x in chain[-3:]] == [publish["name"], call["name"], server["name"]]
-    assert prompt not in json.dumps([x["attributes"] for x in found])
+    assert call in chain and publish in chain
+    return found
+
+
+def prompt() -> dict[str, Any]:
+    # A prompt of its own: never a cache hit, so the worker runs it.
+    text = f"Say hello to trace {secrets.token_hex(4)}."
+    return {**CHAT, "messages": [{"role": "user", "content": text}]}
+
+
+async def test_a_tool_call_through_the_sdk_is_one_trace(mcp_stack: McpStack, revision: str) -> None:
+    async with session(mcp_stack, revision) as s:
+        args = prompt()
+        answer = await s.call("chat", args)
+    # The trace the caller is told is the one the work is in, whether the SDK's client
+    # traced the call itself (then its span is the call's parent) or not.
+    found = await call_trace(mcp_stack, answer["sluice"]["trace_id"])
+    assert args["messages"][0]["content"] not in json.dumps([x["attributes"] for x in found])
+
+
+async def test_the_call_joins_the_trace_its_meta_names_and_links_the_request(
+    mcp_stack: McpStack,
+) -> None:
+    """Raw JSON-RPC on 2025-11-25 (stateless: no handshake needed), so that the test alone
+    decides whether the call carries trace context in ``_meta``."""
+    headers = {
+        "authorization": f"Bearer {DEV_KEY}",
+        "accept": "application/json, text/event-stream",
+        "mcp-protocol-version": LEGACY,
+    }
+
+    async def tools_call(meta: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        params: dict[str, Any] = {"name": "chat", "arguments": prompt()}
+        if meta:
+            params["_meta"] = meta
+        body = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": params}
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(mcp_stack.url, json=body, headers=headers)
+        assert r.status_code == 200, r.text
+        result = r.json()["result"]
+        assert not result.get("isError"), result
+        return r.headers["traceparent"].split("-")[1], result["structuredContent"]
+
+    # No trace context in the call: one tree from the edge's span down.
+    http_trace, answer = await tools_call({})
+    assert answer["sluice"]["trace_id"] == http_trace
+    found = await call_trace(mcp_stack, http_trace)
+    (server,) = [x for x in found if x["name"] == "POST /mcp"]
+    (call,) = [x for x in found if x["name"] == "tools/call chat"]
+    assert call["parent_span_id"] == server["span_id"] and not call["links"]
+
+    # The client's own trace in _meta: the work joins it, under the client's span, and
+    # the call's span links the HTTP request's.
+    client_trace, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    http_trace, answer = await tools_call({"traceparent": f"00-{client_trace}-{client_span}-01"})
+    assert answer["sluice"]["trace_id"] == client_trace != http_trace
+    found = await call_trace(mcp_stack, client_trace)
+    (call,) = [x for x in found if x["name"] == "tools/call chat"]
+    assert call["parent_span_id"] == client_span
+    (server,) = load_spans(mcp_stack, http_trace)
+    assert server["name"] == "POST /mcp"
+    assert call["links"] == [{"trace_id": http_trace, "span_id": server["span_id"]}]

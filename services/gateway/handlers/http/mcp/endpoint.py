@@ -23,9 +23,11 @@ from litestar.types import Receive, Scope, Send
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from opentelemetry import trace
 from sluice import __version__
 from sluice.errors import ErrorCode, SluiceError
 
+from services.gateway.domain.exchange import RequestContext
 from services.gateway.domain.problems import render_problem
 from services.gateway.domain.tenancy.policy import Caller
 from services.gateway.handlers.http.deps import ApiDeps
@@ -37,9 +39,10 @@ from services.gateway.handlers.http.routes import MCP_ROUTE
 log = logging.getLogger(__name__)
 
 SERVICE = "gateway"
-# Who the caller is, for the tool handlers (the SDK hands them the HTTP request, whose
-# scope this is).
+# Who the caller is and the edge's span, for the tool handlers (the SDK hands them the
+# HTTP request, whose scope this is).
 _CALLER = "sluice.mcp.caller"
+_EDGE_SPAN = "sluice.mcp.span"
 
 INSTRUCTIONS = (
     "Sluice is an AI gateway. Call list_models for the model names, chat to ask one, "
@@ -74,6 +77,22 @@ def _scope_of(ctx: ServerRequestContext[Any, Any]) -> Mapping[str, Any]:
         # Only reachable if the SDK ran a handler without the HTTP request behind it.
         raise SluiceError(ErrorCode.UNAUTHORIZED, "No API key was sent.")
     return scope
+
+
+def _in_call_trace(scope: Mapping[str, Any]) -> RequestContext:
+    """The request's context, in the trace the tool's work joins: the SDK's span of the
+    call (the handler's current span) is a child of the edge's, unless the client named a
+    trace of its own in the call's ``_meta`` (``traceparent``, as the SDK's client sends
+    when it traces): the work then joins that trace, the call's span links back to the
+    edge's, and the ids the caller gets back (``sluice.trace_id``, a problem's
+    ``trace_id``) name the trace the work is in."""
+    rctx = request_context(scope)
+    span = trace.get_current_span()
+    current = span.get_span_context()
+    if not current.is_valid or f"{current.trace_id:032x}" == rctx.trace_id:
+        return rctx
+    span.add_link(scope[_EDGE_SPAN], {"sluice.link": "http_request"})
+    return RequestContext(rctx.request_id, f"{current.trace_id:032x}", rctx.path, rctx.notes)
 
 
 class McpEndpoint:
@@ -153,6 +172,7 @@ class McpEndpoint:
 
         raw: dict[str, Any] = scope  # type: ignore[assignment]
         raw[_CALLER] = caller
+        raw[_EDGE_SPAN] = trace.get_current_span().get_span_context()
         await self.manager.handle_request(raw, replay, send)  # type: ignore[arg-type]
 
     # --- MCP ------------------------------------------------------------------------
@@ -166,10 +186,8 @@ class McpEndpoint:
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
         scope = _scope_of(ctx)
-        rctx = request_context(scope)
+        rctx = _in_call_trace(scope)
         tool = BY_NAME.get(params.name)
-        # The SDK runs the handler in the request's context: its span of the call (a
-        # child of the edge's) is the parent of everything the tool does (tests/mcp).
         try:
             if tool is None:
                 raise SluiceError(
@@ -186,7 +204,7 @@ class McpEndpoint:
         except Exception as exc:
             return self._tool_error(exc, rctx)
 
-    def _tool_error(self, exc: Exception, rctx: Any) -> types.CallToolResult:
+    def _tool_error(self, exc: Exception, rctx: RequestContext) -> types.CallToolResult:
         """A tool error the model can read: the problem object, as the HTTP API has it."""
         if isinstance(exc, SluiceError):
             err = exc
