@@ -289,6 +289,21 @@ async def test_one_tenant_never_gets_another_tenants_job(
         # Its usage is its own team's.
         assert (await b.call("my_usage"))["team_id"] == two["team_id"]
 
+    # Each call is in the team's audit trail as the request it was, the refused ones too.
+    async def trail() -> list[dict[str, Any]] | None:
+        async with mcp_stack.stack.client(mcp_stack.admin_key) as admin:
+            r = await admin.get(
+                "/v1/admin/audit/", params={"team_id": two["team_id"], "action": "request"}
+            )
+        records: list[dict[str, Any]] = r.json()["data"]
+        return records if len(records) >= 3 else None
+
+    records = await wait_for(trail, timeout=10, what="the audit records")
+    assert {r["route"] for r in records} == {"/mcp"}
+    assert {r["actor"] for r in records} == {two["key_id"]}
+    # A tool error is recorded with its code (the HTTP status of the call is 200).
+    assert "not_found" in {r.get("code") for r in records}, records
+
 
 def load_spans(stack: McpStack, trace_id: str) -> list[dict[str, Any]]:
     return [
