@@ -8,7 +8,8 @@ to the simulator and through the gateway.
 
 Sections (``--only a,b``; ``--quick`` for a short run of each): ``overhead`` (the tables
 above), ``jobs`` (job submission latency, bench/jobs.py), ``resume`` (reconnect to the
-first replayed event, bench/resume.py), ``coalesce`` (a burst of identical requests:
+first replayed event, bench/resume.py), ``mcp`` (a chat through ``/mcp`` beside one over
+HTTP, bench/mcp.py), ``coalesce`` (a burst of identical requests:
 provider calls and latency, coalesced and not, bench/coalesce.py), ``priority``
 (interactive queue wait behind 1,000 batch jobs, on a product of its own), ``streams``
 (1,000 streams open at once, bench/streams.py, on a product with room for them),
@@ -41,7 +42,7 @@ from typing import Any
 import aiohttp
 from sluice.devtools.embedded import free_port
 
-from bench import chaos, coalesce, consumers, jobs, ledger, resume, semcache, spans, streams
+from bench import chaos, coalesce, consumers, jobs, ledger, mcp, resume, semcache, spans, streams
 from bench.load import (
     Sample,
     Target,
@@ -597,7 +598,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.against is not None:
         await ab_report(args)
         return 0
-    if only & {"overhead", "jobs", "resume", "coalesce"}:
+    if only & {"overhead", "jobs", "resume", "coalesce", "mcp"}:
         async with running() as product:
             if "overhead" in only:
                 await overhead_report(product, args)
@@ -624,6 +625,12 @@ async def main_async(args: argparse.Namespace) -> int:
                         product.gateway, product.simulator, API_KEY, size=args.coalesce_burst
                     )
                 )
+            if "mcp" in only:
+                section(
+                    f"MCP: a chat through /mcp beside the same chat over HTTP, one at a time, "
+                    f"{args.mcp_calls} of each (bench/mcp.py)"
+                )
+                print(await mcp.mcp_table(product.gateway, API_KEY, calls=args.mcp_calls))
     if "priority" in only:
         low, high = jobs.BATCH_SECONDS
         async with running(jobs.product_env()) as product:
@@ -715,6 +722,7 @@ SECTIONS = (
     "jobs",
     "resume",
     "coalesce",
+    "mcp",
     "priority",
     "streams",
     "spans",
@@ -725,9 +733,9 @@ SECTIONS = (
 )
 # Full run, and --quick: (seconds, job seconds, reconnects, batch jobs, interactive
 # seconds, streams, stream tokens/s, stream seconds, consumer rounds, consumer requests,
-# consumer messages, ledger rounds, ledger events, chaos seconds).
-FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0, 5, 5000, 8192, 3, 20000, 25.0)
-QUICK = (3.0, 2.0, 50, 300, 5.0, 200, 10.0, 5.0, 3, 1000, 2048, 1, 5000, 8.0)
+# consumer messages, ledger rounds, ledger events, chaos seconds, MCP calls).
+FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0, 5, 5000, 8192, 3, 20000, 25.0, 300)
+QUICK = (3.0, 2.0, 50, 300, 5.0, 200, 10.0, 5.0, 3, 1000, 2048, 1, 5000, 8.0, 100)
 
 
 def _sections(value: str) -> set[str]:
@@ -766,6 +774,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--coalesce-burst", type=int, default=100, help="identical requests sent at once (100)"
     )
+    parser.add_argument("--mcp-calls", type=int, help="chats of each kind (300; quick 100)")
     parser.add_argument("--batch-jobs", type=int, help="batch jobs queued (1000; quick 300)")
     parser.add_argument(
         "--interactive-rate", type=float, default=10, help="interactive requests per second"
@@ -812,6 +821,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "ledger_rounds",
         "ledger_events",
         "chaos_seconds",
+        "mcp_calls",
     )
     for name, value in zip(names, QUICK if args.quick else FULL, strict=True):
         if getattr(args, name) is None:

@@ -53,6 +53,7 @@ from services.gateway.domain.tenancy.tiers import TierTable
 from services.gateway.domain.usage import UsageReports
 from services.gateway.handlers.http.application import create_app
 from services.gateway.handlers.http.deps import ApiDeps, models_list_body
+from services.gateway.handlers.http.mcp.endpoint import McpEndpoint
 from services.gateway.handlers.http.middleware import Edge
 from services.gateway.handlers.http.server import create_server
 from services.gateway.handlers.nats.job_tracker import job_tracker
@@ -87,13 +88,16 @@ class Gateway:
     consumers: list[Consumer]
     webhooks: WebhookClient
     audit: NatsAuditLog
+    mcp: McpEndpoint
 
     async def start(self) -> None:
         await self.webhooks.start()
         for consumer in self.consumers:
             await consumer.start()
+        await self.mcp.start()
 
     async def stop(self) -> None:
+        await self.mcp.stop()
         for consumer in self.consumers:
             await consumer.stop()
         await self.webhooks.close()
@@ -229,7 +233,7 @@ async def assemble(
         job_tracker(broker, jobs),  # type: ignore[list-item]
         webhook_sender(broker, deliverer),  # type: ignore[list-item]
     ]
-    return Gateway(api, limiter, consumers, webhooks, audit_log)
+    return Gateway(api, limiter, consumers, webhooks, audit_log, McpEndpoint(api))
 
 
 async def main() -> None:
@@ -248,7 +252,7 @@ async def main() -> None:
         await runtime.shutdown()
         raise
     await gateway.start()
-    edge = Edge(create_app(gateway.api), inst, gateway.audit)
+    edge = Edge(create_app(gateway.api, gateway.mcp), inst, gateway.audit)
     grace = settings.common.shutdown_grace_seconds
     server = create_server(settings.http_server, edge, settings.host, settings.port, grace)
     await server.start()

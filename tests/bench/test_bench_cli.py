@@ -53,6 +53,12 @@ def test_chaos_options_follow_the_presets() -> None:
     assert (quick.chaos_seconds, quick.chaos_rate) == (QUICK[13], 10)
 
 
+def test_mcp_options_follow_the_presets() -> None:
+    full, quick = parse_args([]), parse_args(["--quick"])
+    assert (full.mcp_calls, quick.mcp_calls) == (FULL[14], QUICK[14])
+    assert parse_args(["--only", "mcp", "--mcp-calls", "20"]).mcp_calls == 20
+
+
 @pytest.mark.slow
 async def test_consumer_tables_measure_every_variant_and_settle_every_message() -> None:
     from bench import consumers

@@ -28,7 +28,8 @@ TRANSPORTS = frozenset({"http", "nats", "grpc"})
 
 # Top-level packages by what they are.
 TRANSPORT_LIBS = {
-    "http": frozenset({"litestar", "granian", "uvicorn"}),
+    # The MCP SDK (and the Starlette it serves with) is an HTTP transport: /mcp.
+    "http": frozenset({"litestar", "granian", "uvicorn", "mcp", "mcp_types", "starlette"}),
     "grpc": frozenset({"grpc", "grpc_health"}),
     "nats": frozenset({"faststream"}),
 }

@@ -1,5 +1,6 @@
-"""The Litestar application: the controllers over the gateway's domain, one exception
-handler for every error, and the OpenAPI document at ``/docs``."""
+"""The Litestar application: the controllers over the gateway's domain, the MCP
+endpoint at ``/mcp``, one exception handler for every error, and the OpenAPI document at
+``/docs``."""
 
 from __future__ import annotations
 
@@ -23,12 +24,15 @@ from services.gateway.handlers.http.controllers.ops import OpsController
 from services.gateway.handlers.http.controllers.streams import StreamsController
 from services.gateway.handlers.http.controllers.usage import UsageController
 from services.gateway.handlers.http.deps import ApiDeps
+from services.gateway.handlers.http.mcp.endpoint import McpEndpoint, mcp_mount
 from services.gateway.handlers.http.problems import exception_handler
 
 
-def create_app(deps: ApiDeps) -> Litestar:
+def create_app(deps: ApiDeps, mcp: McpEndpoint | None = None) -> Litestar:
+    """The app over ``deps``; with ``mcp`` (started by the caller), ``/mcp`` too."""
     return Litestar(
         route_handlers=[
+            *([mcp_mount(mcp)] if mcp is not None else []),
             ChatController,
             MessagesController,
             StreamsController,
@@ -50,7 +54,9 @@ def create_app(deps: ApiDeps) -> Litestar:
             version=__version__,
             description="OpenAI-compatible chat completions and the Anthropic Messages "
             "API with limits, caching, cost and one trace per request. Errors are RFC 9457 "
-            "problem+json (Anthropic error bodies on /v1/messages).",
+            "problem+json (Anthropic error bodies on /v1/messages). Agents: the same "
+            "operations as MCP tools at /mcp (Streamable HTTP, protocol revisions "
+            "2025-11-25 and 2026-07-28).",
             path="/docs",
             use_handler_docstrings=True,
             render_plugins=[ScalarRenderPlugin(path="/"), JsonRenderPlugin()],

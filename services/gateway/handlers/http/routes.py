@@ -4,6 +4,7 @@ fingerprints depend on them)."""
 CHAT_ROUTE = "/v1/chat/completions"
 MESSAGES_ROUTE = "/v1/messages"
 JOBS_ROUTE = "/v1/jobs"
+MCP_ROUTE = "/mcp"
 # The routes that answer from the data path, so always say what the cache did.
 ANSWER_ROUTES = frozenset({CHAT_ROUTE, MESSAGES_ROUTE})
 # Route labels are fixed strings (a path's ids become {id}): raw paths would explode
@@ -16,6 +17,7 @@ LABELLED_ROUTES = frozenset(
         "/v1/usage",
         "/v1/estimate",
         "/v1/webhooks/secret",
+        MCP_ROUTE,
         "/healthz",
         "/readyz",
         "/metrics",
@@ -50,6 +52,8 @@ def route_label(path: str) -> str:
         return path
     if path == "/docs" or path.startswith("/docs/"):
         return "/docs"
+    if path.startswith(MCP_ROUTE + "/"):
+        return MCP_ROUTE
     admin = admin_route_label(path)
     if admin is not None:
         return admin

@@ -1,0 +1,1 @@
+"""The MCP endpoint (``/mcp``): the gateway's operations as tools for agents."""
