@@ -56,6 +56,7 @@ from bench.report import table
 
 THROUGHPUT_IN_FLIGHT = (16, 64)
 API_KEY = "sk-sluice-bench-" + secrets.token_hex(8)
+ADMIN_KEY = "sk-sluice-bench-admin-" + secrets.token_hex(8)
 SERVICE_MODULES = (
     "services.gateway",
     "services.limiter",
@@ -79,6 +80,8 @@ class RunningProduct:
     ) -> None:
         self.state_dir = state_dir
         self.checkout = checkout
+        # The key the load runs under: the dev key, or one of a team (use_team_key).
+        self.api_key = API_KEY
         self.gateway_port = free_port()
         self.sim_port = free_port()
         self.nats_monitor_port = free_port()
@@ -92,6 +95,7 @@ class RunningProduct:
                 "SLUICE_NATS_PORT": str(free_port()),
                 "SLUICE_NATS_MONITOR_PORT": str(self.nats_monitor_port),
                 "SLUICE_DEV_API_KEY": API_KEY,
+                "SLUICE_ADMIN_API_KEY": ADMIN_KEY,
                 "SLUICE_LOG_LEVEL": "WARNING",
                 # The bench measures overhead, not admission: lift the default quotas.
                 "SLUICE_LIMITER_DEFAULT_TOKENS_PER_MINUTE": str(10**12),
@@ -292,12 +296,53 @@ class OverheadRun:
         return sum(self.cpu_ms.values())
 
 
+# A team with every level the admission checks set (requests, tokens, concurrency, USD
+# per day and month), each far above what the bench sends: admission does all its work
+# and nothing binds.
+BENCH_TEAM = {
+    "tier": "enterprise",
+    "limits": {
+        "requests_per_minute": 10**9,
+        "input_tokens_per_minute": 10**12,
+        "output_tokens_per_minute": 10**12,
+        "concurrent_requests": 10**6,
+    },
+    "budgets": {"usd_per_day": "1000000", "usd_per_month": "10000000"},
+}
+
+
+async def use_team_key(product: RunningProduct) -> str:
+    """Runs the load under a key of a team with limits and budgets (``--team-key``):
+    admission with key, team and budgets on the path. A checkout without the admin API
+    keeps its dev key. Returns which key the load runs under."""
+    team = "bench-" + secrets.token_hex(3)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with aiohttp.ClientSession(base_url=product.gateway, headers=admin) as http:
+        async with http.post("/v1/admin/teams/", json={"team_id": team, **BENCH_TEAM}) as r:
+            if r.status in (401, 404):
+                return "the dev key (no admin API in this checkout)"
+            if r.status != 201:
+                raise RuntimeError(f"creating the bench team: {r.status} {await r.text()}")
+        key_body = {
+            "team_id": team,
+            "name": "bench",
+            "scopes": ["chat"],
+            "limits": BENCH_TEAM["limits"],
+            "budgets": BENCH_TEAM["budgets"],
+        }
+        async with http.post("/v1/admin/keys/", json=key_body) as r:
+            if r.status != 201:
+                raise RuntimeError(f"creating the bench key: {r.status} {await r.text()}")
+            product.api_key = str((await r.json())["secret"])
+    return f"a key of team {team} (tier enterprise, limits and budgets at key and team)"
+
+
 async def measure_overhead(
     product: RunningProduct, rates: list[int], seconds: float
 ) -> list[OverheadRun]:
     gw_url = f"{product.gateway}/v1/chat/completions"
     sim_url = f"{product.simulator}/v1/chat/completions"
-    gw_headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    gw_headers = {"Authorization": f"Bearer {product.api_key}", "Content-Type": "application/json"}
     sim_headers = {"Content-Type": "application/json"}
     await warm_up(gw_url, gw_headers, False)
     await warm_up(gw_url, gw_headers, True)
@@ -436,7 +481,7 @@ async def measure_throughput(
 ) -> list[tuple[int, float, str, float, float]]:
     """(in flight, req/s sustained, ok/sent, p50 ms, p99 ms) of closed-loop runs."""
     gw_url = f"{product.gateway}/v1/chat/completions"
-    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    headers = {"Authorization": f"Bearer {product.api_key}", "Content-Type": "application/json"}
     rows: list[tuple[int, float, str, float, float]] = []
     for concurrency in THROUGHPUT_IN_FLIGHT:
         samples, rps = await closed_loop(
@@ -535,6 +580,10 @@ async def ab_report(args: argparse.Namespace) -> None:
         order = list(builds) if round_ % 2 == 0 else list(reversed(builds))
         for build in order:
             async with running(checkout=builds[build]) as product:
+                if args.team_key:
+                    under = await use_team_key(product)
+                    if round_ == 0:
+                        print(f"  {build}: the load runs under {under}", flush=True)
                 runs = await measure_overhead(product, args.rates, args.seconds)
                 closed = await measure_throughput(product, args.seconds)
             results[build].append((runs, closed))
@@ -601,6 +650,8 @@ async def main_async(args: argparse.Namespace) -> int:
     if only & {"overhead", "jobs", "resume", "coalesce", "mcp"}:
         async with running() as product:
             if "overhead" in only:
+                if args.team_key:
+                    print(f"The load runs under {await use_team_key(product)}.")
                 await overhead_report(product, args)
             if "jobs" in only:
                 section(
@@ -775,6 +826,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--coalesce-burst", type=int, default=100, help="identical requests sent at once (100)"
     )
     parser.add_argument("--mcp-calls", type=int, help="chats of each kind (300; quick 100)")
+    parser.add_argument(
+        "--team-key",
+        action="store_true",
+        help="overhead A/B under a key of a team with limits and budgets (admin API)",
+    )
     parser.add_argument("--batch-jobs", type=int, help="batch jobs queued (1000; quick 300)")
     parser.add_argument(
         "--interactive-rate", type=float, default=10, help="interactive requests per second"
