@@ -12,7 +12,13 @@ from sluice.common.v1 import chat_pb2
 from sluice.errors import SluiceError
 
 from services.gateway.adapters.guard_rules import load_guard
-from services.gateway.domain.guard import Guard, luhn_valid, parse_rules
+from services.gateway.domain.guard import (
+    DETECTORS,
+    Guard,
+    card_scheme_allows,
+    luhn_valid,
+    parse_rules,
+)
 from tests.gateway.harness import REPO, Gateway
 from tests.tenancy.test_http import admin, as_key, make_key, make_team
 
@@ -260,3 +266,15 @@ async def test_an_audited_prompt_keeps_nothing_the_guard_keeps_from_providers(gw
     assert len(prompts) == 2
     assert all(CARD not in p and SECRET_MAIL not in p for p in prompts)
     assert "[REDACTED:card_number]" in prompts[0] and "[REDACTED:email]" in prompts[1]
+
+
+def test_a_long_number_no_card_scheme_issues_is_not_a_card() -> None:
+    cards = DETECTORS["card_number"]
+    # Luhn-valid, but no scheme issues these prefixes and lengths: timestamps, ids.
+    for number in ("8000000000000003", "1796419795000007", "99999999999999996"):
+        assert luhn_valid(number) and not card_scheme_allows(number)
+        assert list(cards(f"bench stream {number}: go")) == []
+    # Test numbers of the schemes are cards.
+    schemes = ("4111111111111111", "5500 0000 0000 0004", "378282246310005", "6011111111111117")
+    for number in schemes:
+        assert list(cards(f"pay with {number}")), number

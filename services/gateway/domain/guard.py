@@ -2,8 +2,9 @@
 costs (admission, cache, provider), the same for both dialects and for jobs.
 
 A rule is a regular expression (``pattern``) or a detector of personal data
-(``detector``: ``email``; ``card_number``, 13 to 19 digits with separators that pass
-the Luhn check), with an action: ``redact`` replaces each match with
+(``detector``: ``email``; ``card_number``, 13 to 19 digits with separators that carry a
+card scheme's issuer prefix at one of its lengths and pass the Luhn check), with an
+action: ``redact`` replaces each match with
 ``[REDACTED:<rule>]`` in what is sent on (and what is cached), ``block`` refuses the
 request with 400 ``content_filter_triggered`` naming the rule and where it matched,
 never what it matched. Rules live in ``config/guard.yaml`` (``SLUICE_GATEWAY_GUARD_FILE``)
@@ -56,10 +57,39 @@ def _emails(text: str) -> Iterator[tuple[int, int]]:
         yield match.span()
 
 
+# Issuer prefixes (ranges of the leading digits) and the lengths each scheme issues:
+# Luhn alone passes one long number in ten (timestamps, order ids), so a number is a card
+# only when a scheme could have issued it.
+_SCHEMES: tuple[tuple[int, int, int, frozenset[int]], ...] = (
+    # (prefix digits, first prefix, last prefix, lengths)
+    (1, 4, 4, frozenset({13, 16, 19})),  # Visa
+    (2, 51, 55, frozenset({16})),  # Mastercard
+    (4, 2221, 2720, frozenset({16})),  # Mastercard, 2-series
+    (2, 34, 34, frozenset({15})),  # American Express
+    (2, 37, 37, frozenset({15})),
+    (4, 6011, 6011, frozenset(range(16, 20))),  # Discover
+    (3, 644, 649, frozenset(range(16, 20))),
+    (2, 65, 65, frozenset(range(16, 20))),
+    (3, 300, 305, frozenset(range(14, 20))),  # Diners Club
+    (2, 36, 36, frozenset(range(14, 20))),
+    (2, 38, 39, frozenset(range(16, 20))),
+    (4, 3528, 3589, frozenset(range(16, 20))),  # JCB
+    (2, 62, 62, frozenset(range(16, 20))),  # UnionPay
+)
+
+
+def card_scheme_allows(digits: str) -> bool:
+    """Whether some card scheme issues numbers with this prefix and length."""
+    return any(
+        first <= int(digits[:size]) <= last and len(digits) in lengths
+        for size, first, last, lengths in _SCHEMES
+    )
+
+
 def _cards(text: str) -> Iterator[tuple[int, int]]:
     for match in _CARD.finditer(text):
         digits = re.sub(r"[ -]", "", match.group())
-        if 13 <= len(digits) <= 19 and luhn_valid(digits):
+        if 13 <= len(digits) <= 19 and card_scheme_allows(digits) and luhn_valid(digits):
             yield match.span()
 
 
