@@ -14,10 +14,13 @@ import pytest
 from sluice_client import (
     AsyncSluice,
     ChatCompletionChunk,
+    IdempotencyKeyReused,
+    MessageStreamEvent,
     RetryPolicy,
     Sluice,
     StreamInterrupted,
 )
+from sluice_client._sse import SseParser
 
 from tests.client.conftest import CutProxy
 from tests.support.full_stack import DEV_KEY, FullStack
@@ -226,17 +229,69 @@ async def test_streams_are_not_resumable_by_another_team(stack: FullStack) -> No
     assert response.status_code == 404
 
 
+async def stored_message_stream(stack: FullStack, stream_id: str) -> list[dict[str, Any]]:
+    """Every event of the finished Messages stream, replayed by the gateway from the
+    start in Anthropic's events (pings left out)."""
+    out: list[dict[str, Any]] = []
+    parser = SseParser()
+    async with (
+        stack.client() as http,
+        http.stream("GET", f"/v1/streams/{stream_id}") as response,
+    ):
+        assert response.status_code == 200
+        async for raw in response.aiter_bytes():
+            out.extend(json.loads(e.data) for e in parser.feed(raw) if e.event != "ping")
+    return out
+
+
+def message_events(events: list[dict[str, Any]]) -> list[str]:
+    """Canonical JSON of each event but pings, without the ``sluice`` object (which a
+    replay computes anew) and ``message_start``'s input tokens (a replay from the start
+    does not know them: the stored stream's opening does not record them)."""
+    out = []
+    for event in events:
+        if event.get("type") == "ping":
+            continue
+        body = {k: v for k, v in _without_nulls(event).items() if k != "sluice"}
+        if body.get("type") == "message_start":
+            body["message"]["usage"].pop("input_tokens", None)
+        out.append(json.dumps(body, sort_keys=True))
+    return out
+
+
+def recording_client(sent: list[httpx.Request]) -> httpx.AsyncClient:
+    async def record(request: httpx.Request) -> None:
+        sent.append(request)
+
+    return httpx.AsyncClient(timeout=60, event_hooks={"request": [record]})
+
+
+def yielded(events: list[MessageStreamEvent]) -> list[dict[str, Any]]:
+    return [e.model_dump(mode="json") for e in events]
+
+
 async def test_a_messages_stream_cut_mid_way_yields_every_token_exactly_once(
     stack: FullStack, proxy: CutProxy
 ) -> None:
-    """Messages events carry no ids: the client replays the stream and passes on only
-    what the caller has not had. The route takes no simulator settings, so the proxy
-    cuts by content: right after the first text delta reached the client."""
+    """The gateway numbers a Messages stream by groups of events; the client passes on
+    whole groups and resumes after the last one (``Last-Event-ID``). The route takes no
+    simulator settings, so the proxy cuts by content: right after the first text delta
+    (the end of the first group) reached the client."""
     proxy.cut_after_event(b"event: content_block_delta")
-    async with AsyncSluice(DEV_KEY, base_url=proxy.url) as client:
+    sent: list[httpx.Request] = []
+    http = recording_client(sent)
+    async with http, AsyncSluice(DEV_KEY, base_url=proxy.url, http_client=http) as client:
         stream = await client.messages.stream(model="sim-fast", max_tokens=50, messages=PROMPT)
         events = [event async for event in stream]
     assert proxy.cuts > 0 and proxy.connections == 2
+    assert stream.resumes == 1
+    assert stream.stream_id is not None and stream.idempotency_key
+    # Named by its first group, the stream resumes after it.
+    assert sent[0].headers["idempotency-key"] == stream.idempotency_key
+    assert (sent[1].method, sent[1].url.path) == ("GET", f"/v1/streams/{stream.stream_id}")
+    assert sent[1].headers["last-event-id"] == f"{stream.stream_id}:1"
+    stored = await stored_message_stream(stack, stream.stream_id)
+    assert message_events(yielded(events)) == message_events(stored)
     kinds = [e.type for e in events]
     assert kinds.count("message_start") == 1 and kinds[0] == "message_start"
     assert kinds.count("message_delta") == 1 and kinds.count("message_stop") == 1
@@ -249,29 +304,65 @@ async def test_a_messages_stream_cut_mid_way_yields_every_token_exactly_once(
         x["index"] for e, x in zip(events, extra, strict=True) if e.type == "content_block_stop"
     ]
     assert starts == stops == [0]
-    assert stream.resumes == 1
-    assert stream.stream_id is not None
-    stored = await stored_stream(stack, stream.stream_id)
-    stored_text = "".join(
-        choice["delta"].get("content") or "" for _id, chunk in stored for choice in chunk["choices"]
-    )
-    assert stream.text == stored_text and stored_text
+    assert extra[0]["message"]["usage"]["input_tokens"] > 0
     delta = next(x for e, x in zip(events, extra, strict=True) if e.type == "message_delta")
-    words = len(stream.text.split())
-    assert delta["usage"]["output_tokens"] == words
+    assert stream.text and delta["usage"]["output_tokens"] == len(stream.text.split())
 
 
 def test_sync_messages_stream_cut_mid_way(stack: FullStack, proxy: CutProxy) -> None:
     proxy.cut_after_event(b"event: content_block_delta")
     with Sluice(DEV_KEY, base_url=proxy.url) as client:
         stream = client.messages.stream(model="sim-fast", max_tokens=50, messages=PROMPT)
-        kinds = [event.type for event in stream]
+        events = list(stream)
     assert proxy.cuts > 0 and stream.resumes == 1
+    kinds = [e.type for e in events]
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     assert kinds.count("message_start") == kinds.count("message_stop") == 1
     assert stream.stream_id is not None
-    stored = asyncio.run(stored_stream(stack, stream.stream_id))
-    stored_text = "".join(
-        choice["delta"].get("content") or "" for _id, chunk in stored for choice in chunk["choices"]
-    )
-    assert stream.text == stored_text and stored_text
+    stored = asyncio.run(stored_message_stream(stack, stream.stream_id))
+    assert message_events(yielded(events)) == message_events(stored)
+    assert stream.text
+
+
+async def test_a_messages_stream_cut_inside_its_first_group_attaches_to_the_same_run(
+    stack: FullStack, proxy: CutProxy
+) -> None:
+    """Cut after ``message_start``, before the numbered event that closes the first
+    group: the stream has no name yet, so the POST goes again with the same
+    Idempotency-Key; the held ``message_start`` is dropped and the first group comes
+    again whole."""
+    proxy.cut_after_event(b"event: message_start")
+    sent: list[httpx.Request] = []
+    http = recording_client(sent)
+    async with http, AsyncSluice(DEV_KEY, base_url=proxy.url, http_client=http) as client:
+        stream = await client.messages.stream(model="sim-fast", max_tokens=30, messages=PROMPT)
+        events = [event async for event in stream]
+    assert proxy.cuts > 0 and stream.resumes == 1
+    assert [(r.method, r.url.path) for r in sent] == [("POST", "/v1/messages")] * 2
+    assert {r.headers["idempotency-key"] for r in sent} == {stream.idempotency_key}
+    assert stream.stream_id is not None
+    stored = await stored_message_stream(stack, stream.stream_id)
+    assert message_events(yielded(events)) == message_events(stored)
+    assert [e.type for e in events].count("message_start") == 1
+
+
+async def test_a_message_is_sent_with_an_idempotency_key_and_replayed_under_it(
+    stack: FullStack,
+) -> None:
+    key = str(uuid.uuid4())
+    async with AsyncSluice(DEV_KEY, base_url=stack.gateway_url) as client:
+        first = await client.messages.create(
+            model="sim-fast", max_tokens=6, messages=PROMPT, idempotency_key=key
+        )
+        again = await client.messages.create(
+            model="sim-fast", max_tokens=6, messages=PROMPT, idempotency_key=key
+        )
+        with pytest.raises(IdempotencyKeyReused):
+            await client.messages.create(
+                model="sim-fast", max_tokens=7, messages=PROMPT, idempotency_key=key
+            )
+        fresh = await client.messages.create(model="sim-fast", max_tokens=6, messages=PROMPT)
+    assert first.response_info.idempotency_key == key
+    assert not first.response_info.idempotent_replayed
+    assert again.response_info.idempotent_replayed and again.text == first.text
+    assert fresh.response_info.idempotency_key not in (None, key)

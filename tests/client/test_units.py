@@ -1,6 +1,6 @@
 """The client's pure parts, without a stack: the SSE parser, the exactly-once
-bookkeeping of a resumed stream, the Messages replay and the webhook signature (checked
-against the ``standardwebhooks`` package the gateway signs with)."""
+bookkeeping of a resumed stream, the grouping of a Messages stream and the webhook
+signature (checked against the ``standardwebhooks`` package the gateway signs with)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from sluice_client import WebhookVerificationError, sign_webhook, verify_webhook
-from sluice_client._messages import MessageTracker, ResumeMismatch
+from sluice_client._messages import MessageGroups, UnnumberedResume
 from sluice_client._sse import ExactlyOnce, SseParser, is_plain_delta, split_id
 from standardwebhooks import Webhook
 
@@ -81,82 +81,92 @@ def test_a_cut_after_a_delta_resumes_after_it_and_a_replay_from_the_start_is_fil
     assert [state.accept(s) for s in (1, 2, 3, 4, 5, 6)] == [False] * 5 + [True]
 
 
-def live(tracker: MessageTracker, events: list[dict[str, Any]]) -> None:
-    for event in events:
-        tracker.observe(event)
+def sse(name: str, data: str, event_id: str | None = None) -> bytes:
+    tail = f"id: {event_id}\n" if event_id else ""
+    return f"event: {name}\ndata: {data}\n{tail}\n".encode()
 
 
-def chunk(**delta: Any) -> dict[str, Any]:
-    finish = delta.pop("finish_reason", None)
-    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+# A Messages stream as the gateway frames it: each run event a group of Anthropic
+# events, only the group's last one numbered; the opening rides in the first group, a
+# heartbeat ping in none.
+GROUP_1 = (
+    sse("message_start", '{"type":"message_start"}')
+    + sse("content_block_start", '{"type":"content_block_start","index":0}')
+    + sse("content_block_delta", '{"type":"content_block_delta","index":0}', "req_1:1")
+)
+PING = sse("ping", '{"type":"ping"}')
+GROUP_2 = sse("content_block_delta", '{"type":"content_block_delta","index":0}', "req_1:2")
+GROUP_3 = (
+    sse("content_block_stop", '{"type":"content_block_stop","index":0}')
+    + sse("message_delta", '{"type":"message_delta"}')
+    + sse("message_stop", '{"type":"message_stop"}', "req_1:3")
+)
 
 
-def test_a_messages_replay_passes_on_only_what_was_not_yielded() -> None:
-    tracker = MessageTracker()
-    live(
-        tracker,
-        [
-            {"type": "message_start", "message": {}},
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}},
-            {
-                "type": "content_block_delta",
-                "index": 0,
-                "delta": {"type": "text_delta", "text": "Hel"},
-            },
-        ],
-    )
-    tracker.restart()
-    out = []
-    for c in (
-        chunk(role="assistant", content="He"),
-        chunk(content="llo"),
-        chunk(
-            tool_calls=[{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{}"}}]
-        ),
-        chunk(finish_reason="tool_calls"),
-        {"choices": [], "sluice": {"usage": {"input_tokens": 9, "output_tokens": 4}}},
-    ):
-        out.extend(tracker.replay_chunk(c))
-    out.extend(tracker.replay_end())
-    events = [json.loads(e.data) for e in out]
-    assert [e["type"] for e in events] == [
-        "content_block_delta",
-        "content_block_stop",
+def names(groups: MessageGroups, raw: bytes, parser: SseParser | None = None) -> list[str]:
+    out: list[str] = []
+    for event in (parser or SseParser()).feed(raw):
+        out.extend(str(e.event) for e in groups.feed(event))
+    return out
+
+
+def test_messages_events_are_passed_on_by_whole_numbered_groups() -> None:
+    groups = MessageGroups()
+    parser = SseParser()
+    # Nothing goes until the numbered event that closes the group.
+    assert names(groups, GROUP_1[: GROUP_1.index(b"event: content_block_delta")], parser) == []
+    rest = GROUP_1[GROUP_1.index(b"event: content_block_delta") :]
+    assert names(groups, rest, parser) == [
+        "message_start",
         "content_block_start",
         "content_block_delta",
+    ]
+    assert (groups.stream_id, groups.last, groups.ended) == ("req_1", 1, False)
+    # A ping waits for the next group and goes with it.
+    assert names(groups, PING + GROUP_2, parser) == ["ping", "content_block_delta"]
+    assert names(groups, GROUP_3, parser) == ["content_block_stop", "message_delta", "message_stop"]
+    assert groups.last == 3 and groups.ended
+
+
+def test_a_group_cut_in_two_comes_again_whole_and_seen_groups_are_dropped_whole() -> None:
+    groups = MessageGroups()
+    assert len(names(groups, GROUP_1 + GROUP_2)) == 4
+    # The connection breaks inside the last group: its first events are held back...
+    assert names(groups, GROUP_3[: GROUP_3.index(b"event: message_stop")]) == []
+    assert groups.last == 2 and not groups.ended
+    # ...and forgotten; a re-sent POST attaching to the run replays it from the start:
+    # groups 1 and 2 (and the ping between them) are dropped whole, group 3 comes whole.
+    groups.new_connection()
+    assert names(groups, GROUP_1 + PING + GROUP_2 + GROUP_3) == [
         "content_block_stop",
         "message_delta",
         "message_stop",
     ]
-    assert events[0]["delta"]["text"] == "lo"
-    assert events[2]["content_block"] == {
-        "type": "tool_use",
-        "id": "call_1",
-        "name": "f",
-        "input": {},
-    }
-    assert events[3]["delta"] == {"type": "input_json_delta", "partial_json": "{}"}
-    assert events[5]["delta"]["stop_reason"] == "tool_use"
-    assert events[5]["usage"]["output_tokens"] == 4
+    assert groups.ended
 
 
-def test_a_messages_replay_that_differs_is_refused() -> None:
-    tracker = MessageTracker()
-    live(
-        tracker,
-        [
-            {"type": "message_start", "message": {}},
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}},
-            {
-                "type": "content_block_delta",
-                "index": 0,
-                "delta": {"type": "text_delta", "text": "abc"},
-            },
-        ],
-    )
-    tracker.restart()
-    with pytest.raises(ResumeMismatch):
-        tracker.replay_chunk(chunk(content="xyz"))
+def test_an_unnumbered_stream_goes_at_its_message_stop() -> None:
+    cached = GROUP_1.replace(b"id: req_1:1\n", b"") + GROUP_3.replace(b"id: req_1:3\n", b"")
+    groups = MessageGroups()
+    parser = SseParser()
+    head = cached.index(b"event: message_stop")
+    assert names(groups, cached[:head], parser) == []
+    assert len(names(groups, cached[head:], parser)) == 6
+    assert groups.ended and groups.stream_id is None
+    # Once part of a stream was passed on, an unnumbered one cannot continue it.
+    groups = MessageGroups()
+    names(groups, GROUP_1)
+    groups.new_connection()
+    with pytest.raises(UnnumberedResume):
+        names(groups, cached)
+
+
+def test_an_error_outside_a_group_ends_the_stream_with_only_itself() -> None:
+    groups = MessageGroups()
+    names(groups, GROUP_1)
+    error = sse("error", '{"type":"error"}')
+    assert names(groups, GROUP_2[: GROUP_2.index(b"id:")] + b"\n" + error) == ["error"]
+    assert groups.ended
 
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()

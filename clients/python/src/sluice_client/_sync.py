@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
@@ -12,7 +11,7 @@ from typing import Any
 import httpx
 
 from sluice_client import _base, errors
-from sluice_client._messages import MessageTracker, ResumeMismatch
+from sluice_client._messages import MessageGroups, UnnumberedResume
 from sluice_client._sse import ExactlyOnce, SseEvent, SseParser, is_plain_delta, split_id
 from sluice_client.types import (
     ChatCompletion,
@@ -312,14 +311,12 @@ class _Resumable:
                     if self._closed:
                         return
                     response.close()
-                    failures, response = self._reconnect(failures, state, exc)
+                    failures, response = self._reconnect(failures, state.resume_after, exc)
         finally:
             if self._response is not None:
                 self._response.close()
 
-    def _reconnect(
-        self, failures: int, state: ExactlyOnce, cause: Exception
-    ) -> tuple[int, httpx.Response]:
+    def _reconnect(self, failures: int, after: int, cause: Exception) -> tuple[int, httpx.Response]:
         retry = self._client.retry
         while True:
             failures += 1
@@ -332,7 +329,7 @@ class _Resumable:
             wait: float | None = None
             try:
                 time.sleep(retry.delay(failures))
-                response = self._resume(state.resume_after)
+                response = self._resume(after)
                 self.resumes += 1
                 return failures, response
             except httpx.TransportError as exc:
@@ -398,7 +395,8 @@ class ChatStream(Iterator[ChatCompletionChunk]):
 
 class MessageStream(Iterator[MessageStreamEvent]):
     """A streamed Anthropic-style message: iterate for its events (``message_start`` ...
-    ``message_stop``)."""
+    ``message_stop``). Each event is yielded exactly once, in order, whatever connections
+    break on the way (up to the client's retry budget; then ``StreamInterrupted``)."""
 
     def __init__(self, resumable: _Resumable) -> None:
         self._resumable = resumable
@@ -419,6 +417,11 @@ class MessageStream(Iterator[MessageStreamEvent]):
     def response_info(self) -> ResponseInfo:
         """The answer of the last connection (the first request's, or a resume's)."""
         return self._resumable.info
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """The ``Idempotency-Key`` the request and its resumes carry."""
+        return self._resumable.idempotency_key
 
     def __iter__(self) -> MessageStream:
         return self
@@ -539,9 +542,12 @@ class _Messages:
         self._client = client
 
     def _headers(
-        self, headers: Mapping[str, str] | None, tags: Iterable[str] | None
+        self,
+        idempotency_key: str,
+        headers: Mapping[str, str] | None,
+        tags: Iterable[str] | None,
     ) -> dict[str, str]:
-        out = _base.extra_headers(tags=tags, headers=headers)
+        out = _base.extra_headers(idempotency_key=idempotency_key, tags=tags, headers=headers)
         out.setdefault("anthropic-version", _base.ANTHROPIC_VERSION)
         return out
 
@@ -551,16 +557,19 @@ class _Messages:
         model: str,
         max_tokens: int,
         messages: Iterable[Mapping[str, Any]],
+        idempotency_key: str | None = None,
         tags: Iterable[str] | None = None,
         headers: Mapping[str, str] | None = None,
         **params: Any,
     ) -> Message:
-        """A message. The route takes no ``Idempotency-Key``, so only failures where
-        nothing ran (connection refused, 429, 503) are retried."""
+        """``POST /v1/messages``. Like a chat completion it carries an
+        ``Idempotency-Key`` (made per call unless given) reused by its retries, so a
+        broken connection, 429, 503 or 409 is retried without running it twice."""
         body = _base.chat_body(model, messages, {"max_tokens": max_tokens, **params})
         body.pop("stream", None)
+        key = idempotency_key or _base.new_idempotency_key()
         data, info = self._client._json(
-            "POST", _base.MESSAGES_PATH, json=body, headers=self._headers(headers, tags), safe=False
+            "POST", _base.MESSAGES_PATH, json=body, headers=self._headers(key, headers, tags)
         )
         out = Message.model_validate(data)
         out._info = info
@@ -572,20 +581,24 @@ class _Messages:
         model: str,
         max_tokens: int,
         messages: Iterable[Mapping[str, Any]],
+        idempotency_key: str | None = None,
         tags: Iterable[str] | None = None,
         headers: Mapping[str, str] | None = None,
         **params: Any,
     ) -> MessageStream:
-        """A streamed message that resumes by itself after a dropped connection (the
-        stream is replayed and what was already yielded is skipped)."""
+        """A streamed message that resumes by itself after a dropped connection, each
+        event exactly once (``GET /v1/streams/{id}`` with ``Last-Event-ID``, or the same
+        POST with the same ``Idempotency-Key``). The request is sent at once; errors
+        before the first event raise here."""
         body = _base.chat_body(model, messages, {"max_tokens": max_tokens, **params})
         body["stream"] = True
+        key = idempotency_key or _base.new_idempotency_key()
         resumable = _MessagesResumable(
             self._client,
             path=_base.MESSAGES_PATH,
             body=body,
-            headers=self._headers(headers, tags),
-            idempotency_key=None,
+            headers=self._headers(key, headers, tags),
+            idempotency_key=key,
         )
         stream = MessageStream(resumable)
         stream._events = _prime(stream._events)
@@ -593,57 +606,40 @@ class _Messages:
 
 
 class _MessagesResumable(_Resumable):
-    """A Messages stream. Its events carry no ids: after a broken connection it is
-    replayed from the start (as chat completion chunks) and only what the caller has not
-    had is passed on (``_messages``)."""
+    """A Messages stream, passed on by whole groups of events (``_messages``): after a
+    broken connection it resumes after the last group passed on, and a group that comes
+    again is dropped whole."""
 
     def events(self) -> Iterator[SseEvent]:
-        tracker = MessageTracker()
+        groups = MessageGroups()
         failures = 0
-        replaying = False
         response = self._post()
-        self.stream_id = _base.response_info(response, None).request_id
         try:
             while True:
                 self._response = response
-                self.info = _base.response_info(response, None)
+                self.info = _base.response_info(response, self.idempotency_key)
+                groups.new_connection()
                 parser = SseParser()
                 try:
                     for chunk in response.iter_bytes():
                         for event in parser.feed(chunk):
-                            _base.raise_for_event(event)
-                            if not replaying:
-                                tracker.observe(json.loads(event.data))
+                            ready = groups.feed(event)
+                            self.stream_id = groups.stream_id or self.stream_id
+                            for item in ready:
+                                _base.raise_for_event(item)
                                 failures = 0
-                                yield event
-                                if event.event == "message_stop":
-                                    return
-                                continue
-                            if event.data == "[DONE]":
-                                for fresh in tracker.replay_end():
-                                    yield fresh
+                                yield item
+                            if groups.ended:
                                 return
-                            for fresh in tracker.replay_chunk(json.loads(event.data)):
-                                failures = 0
-                                yield fresh
                     raise _Ended
                 except (httpx.TransportError, _Ended) as exc:
                     if self._closed:
                         return
                     response.close()
-                    if not tracker.started or self.stream_id is None:
-                        raise _base.interrupted(
-                            "The connection broke before the message started; it cannot "
-                            "be resumed.",
-                            self.stream_id,
-                        ) from exc
-                    failures, response = self._reconnect(failures, ExactlyOnce(), exc)
-                    replaying = True
-                    tracker.restart()
-                except ResumeMismatch as exc:
+                    failures, response = self._reconnect(failures, groups.last, exc)
+                except UnnumberedResume as exc:
                     raise _base.interrupted(
-                        f"The replayed message does not continue the streamed one: {exc}",
-                        self.stream_id,
+                        f"The message could not be resumed: {exc}.", self.stream_id
                     ) from exc
         finally:
             if self._response is not None:
