@@ -284,6 +284,9 @@ def test_readiness_of_internal_outages() -> None:
     assert status({"cache", "cost-tracker"}) == (Readiness.DEGRADED, ["cache", "cost-tracker"])
     assert status({"inference-worker"})[0] is Readiness.DOWN
     assert status({"gateway", "cache"}) == (Readiness.DOWN, ["cache", "gateway"])
+    unreachable = report(CATALOG, {"nats": False, **{s: False for s in every}}, [])
+    assert unreachable.status is Readiness.DOWN
+    assert "cannot reach NATS" in " ".join(o.effect for o in unreachable.blocking)
     # The limiter: degraded while some tier's teams are still admitted, else down.
     assert status({"limiter"}, ["standard"]) == (Readiness.DEGRADED, ["limiter"])
     assert status({"limiter"}, [])[0] is Readiness.DOWN

@@ -53,8 +53,12 @@ class Outage:
     blocking: bool
 
 
+# Not a service: the gateway's own connection to the bus, named when it is down.
+NATS = "nats"
+
 # What each service's absence means. The limiter's depends on the tiers (below).
 EFFECTS: dict[str, tuple[str, bool]] = {
+    NATS: ("this gateway cannot reach NATS: nothing is served", True),
     ServiceName.GATEWAY: ("this gateway does not serve", True),
     ServiceName.INFERENCE_WORKER: ("no worker takes work: no model answers", True),
     ServiceName.CACHE: (
