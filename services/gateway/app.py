@@ -173,7 +173,12 @@ async def assemble(
         settings=settings,
         catalog=catalog,
         limiter=limiter,
-        cache=CacheClient(bus, settings.cache_timeout_seconds),
+        cache=CacheClient(
+            bus,
+            settings.cache_timeout_seconds,
+            skip_after=settings.cache_skip_after,
+            skip_seconds=settings.cache_skip_seconds,
+        ),
         queue=queue,
         streams=streams,
         relay=relay,

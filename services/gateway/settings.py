@@ -126,7 +126,12 @@ class GatewaySettings(BaseSettings):
     # Admission leases (services/gateway/domain/leases.py): how many requests of a key one
     # lease asks room for; 0 asks the limiter on every request.
     admission_lease_requests: int = Field(default=32, ge=0)
-    cache_timeout_seconds: float = 0.25
+    # A cache lookup's budget (run beside admission); past it the request goes on with
+    # x-sluice-cache: bypass. After cache_skip_after lookups in a row ran out of it, the
+    # gateway asks the cache nothing for cache_skip_seconds (0: never stops asking).
+    cache_timeout_seconds: float = Field(default=0.25, gt=0)
+    cache_skip_after: int = Field(default=3, ge=0)
+    cache_skip_seconds: float = Field(default=5.0, ge=0)
     # GET /v1/usage waits this long for a cost-tracker's answer (a report over a long
     # range reads many ledger rows).
     usage_timeout_seconds: float = Field(default=10.0, gt=0)

@@ -332,12 +332,14 @@ async def test_cache_miss_passes_the_store_key_and_no_store_is_honoured(gw: Gate
     assert len(gw.fake.lookups) == 2
 
 
-async def test_silent_cache_is_a_miss_marked_error(gw: Gateway):
+async def test_silent_cache_is_bypassed_and_says_why(gw: Gateway):
     gw.fake.cache_online = False
     async with gw.authed() as http:
         resp = await http.post(CHAT, json=chat_body(temperature=0))
     assert resp.status_code == 200
-    assert resp.headers["x-sluice-cache"] == "error"
+    assert resp.headers["x-sluice-cache"] == "bypass"
+    assert resp.headers["x-sluice-cache-reason"] == "unavailable"
+    assert resp.json()["sluice"]["cache"] == "bypass"
     assert gw.fake.work
 
 

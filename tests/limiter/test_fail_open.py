@@ -151,6 +151,16 @@ async def test_limiter_killed_under_load_fails_open_or_closed_by_tier_and_reconc
                     s == 503 and p["code"] == "limiter_unavailable" for s, p in during_closed
                 )
 
+                # Still serving a tier: degraded (200), not down, and it says for whom.
+                # (This stack runs no cache and no cost-tracker: named too, as degraded.)
+                ready = await http.get("/readyz")
+                assert ready.status_code == 200, ready.text
+                report = ready.json()
+                assert report["status"] == "degraded" and report["services"]["limiter"] is False
+                effects = {o["service"]: o["effect"] for o in report["outages"]}
+                assert set(effects) == {"limiter", "cache", "cost-tracker"}
+                assert "fail_open tiers (open)" in effects["limiter"]
+
                 # A limiter again: it takes the partitions once the killed one's leases
                 # lapse, and counts the 20 requests admitted without it.
                 processes.append(stack.start(ServiceName.LIMITER))

@@ -269,6 +269,33 @@ def test_readiness_ready_degraded_down() -> None:
     assert report(CATALOG, {**services, "gateway": False}, []).status is Readiness.DOWN
 
 
+def test_readiness_of_internal_outages() -> None:
+    """Down only when requests cannot be served; the cache, the cost-tracker, and the
+    limiter while some tier fails open, leave the gateway serving (degraded)."""
+    every = {s: True for s in ("gateway", "limiter", "cache", "inference-worker", "cost-tracker")}
+
+    def status(down: set[str], fail_open: list[str] | None = None) -> tuple[Readiness, list[str]]:
+        found = report(CATALOG, {s: s not in down for s in every}, [], fail_open)
+        return found.status, [o.service for o in found.outages]
+
+    assert status(set()) == (Readiness.READY, [])
+    assert status({"cache"}) == (Readiness.DEGRADED, ["cache"])
+    assert status({"cost-tracker"}) == (Readiness.DEGRADED, ["cost-tracker"])
+    assert status({"cache", "cost-tracker"}) == (Readiness.DEGRADED, ["cache", "cost-tracker"])
+    assert status({"inference-worker"})[0] is Readiness.DOWN
+    assert status({"gateway", "cache"}) == (Readiness.DOWN, ["cache", "gateway"])
+    unreachable = report(CATALOG, {"nats": False, **{s: False for s in every}}, [])
+    assert unreachable.status is Readiness.DOWN
+    assert "cannot reach NATS" in " ".join(o.effect for o in unreachable.blocking)
+    # The limiter: degraded while some tier's teams are still admitted, else down.
+    assert status({"limiter"}, ["standard"]) == (Readiness.DEGRADED, ["limiter"])
+    assert status({"limiter"}, [])[0] is Readiness.DOWN
+    limiter = report(CATALOG, {**every, "limiter": False}, [], ["enterprise", "standard"])
+    assert "(enterprise, standard)" in limiter.outages[0].effect
+    assert not limiter.blocking
+    assert report(CATALOG, {**every, "limiter": False}, []).blocking[0].service == "limiter"
+
+
 def test_chat_request_facts_see_tools_and_schema() -> None:
     from services.gateway.domain.routing import facts_of
 

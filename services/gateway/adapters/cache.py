@@ -1,4 +1,12 @@
-"""The cache service's lookup over NATS request/reply."""
+"""The cache service's lookup over NATS request/reply.
+
+A cache that does not answer costs a request nothing but its lookup's budget, run beside
+admission: a dead cache answers "no responders" at once, a hung one (alive, not
+replying) costs the budget. After ``skip_after`` lookups in a row ran out of budget the
+client stops asking for ``skip_seconds`` (each request is then answered without a
+lookup, as a failed one), lets one lookup through, and stops again if that one fails
+too: a hung cache costs a few requests the budget, not every request.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +23,30 @@ log = logging.getLogger(__name__)
 
 
 class CacheClient:
-    def __init__(self, bus: Bus, timeout: float) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        timeout: float,
+        *,
+        skip_after: int = 3,
+        skip_seconds: float = 5.0,
+    ) -> None:
         self._bus = bus
         self._timeout = timeout
+        self._skip_after = skip_after
+        self._skip_seconds = skip_seconds
+        self._timeouts = 0
+        self._skip_until = 0.0
+
+    @property
+    def skipping(self) -> bool:
+        return time.monotonic() < self._skip_until
 
     async def lookup(
         self, cache_key: str, request_id: str, semantic_text: str = "", semantic_scope: str = ""
     ) -> CacheResult:
+        if self.skipping:
+            return CacheResult("error", None, 0.0)
         started = time.perf_counter()
         try:
             reply = await self._bus.request(
@@ -35,9 +60,22 @@ class CacheClient:
                 cache_pb2.LookupResponse,
                 timeout=self._timeout,
             )
+        except TimeoutError:
+            self._timeouts += 1
+            if self._skip_after and self._timeouts >= self._skip_after:
+                # The next lookup after the pause is a probe: one more timeout pauses again.
+                self._timeouts = self._skip_after - 1
+                self._skip_until = time.monotonic() + self._skip_seconds
+                log.warning(
+                    "cache lookups ran out of budget %d times in a row: not asked for %.1fs",
+                    self._skip_after,
+                    self._skip_seconds,
+                )
+            return CacheResult("error", None, (time.perf_counter() - started) * 1000)
         except NATS_FAILURES as exc:
             log.warning("cache lookup failed: %s", type(exc).__name__)
             return CacheResult("error", None, (time.perf_counter() - started) * 1000)
+        self._timeouts = 0
         elapsed = (time.perf_counter() - started) * 1000
         if reply.hit and reply.HasField("answer"):
             if reply.semantic:

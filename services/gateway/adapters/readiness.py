@@ -16,7 +16,7 @@ from sluice.common.v1 import chat_pb2
 from sluice.inference.v1 import inference_pb2
 from sluice.topology import ALL_SERVICES, Buckets, Subjects
 
-from services.gateway.domain.health import OpenBreaker
+from services.gateway.domain.health import NATS, OpenBreaker
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class Readiness:
             if now - self._checked_at < self._cache_seconds:
                 return self._last
             if not self._bus.connected:
-                result = {str(s): False for s in ALL_SERVICES}
+                # Named, so that /readyz says why nothing answers.
+                result = {NATS: False, **{str(s): False for s in ALL_SERVICES}}
             else:
                 answers = await asyncio.gather(*(self._ask(str(s)) for s in ALL_SERVICES))
                 result = {str(s): ok for s, ok in zip(ALL_SERVICES, answers, strict=True)}

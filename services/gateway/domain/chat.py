@@ -196,6 +196,8 @@ class ChatService:
         )
         headers = admitted_headers(reservation, options.dialect.limit_headers)
         headers["x-sluice-cache"] = meta.cache
+        if meta.cache_reason:
+            headers["x-sluice-cache-reason"] = meta.cache_reason
         if inspected.redacted:
             headers["x-sluice-guard"] = "redacted=" + inspected.header
         headers.update(routed.response_headers())
@@ -344,6 +346,9 @@ class ChatService:
             raise
         found = await lookup_task
         meta.cache, meta.cache_ms = found.status, found.elapsed_ms
+        if found.status == "error":
+            # The cache did not answer within its budget: the request goes on without it.
+            meta.cache, meta.cache_reason = "bypass", "unavailable"
         meta.cache_similarity = found.similarity
         return reservation, found.answer
 

@@ -41,6 +41,9 @@ class RequestMeta:
     started: float = field(default_factory=time.perf_counter)
     created: int = field(default_factory=lambda: int(time.time()))
     cache: str = "bypass"
+    # Why a lookup was meant but not made (``unavailable``: the cache did not answer
+    # within its budget), as ``x-sluice-cache-reason``.
+    cache_reason: str = ""
     cache_ms: float = 0.0
     # Set on a semantic hit: how close the stored question was to this one.
     cache_similarity: float | None = None

@@ -59,6 +59,7 @@ STORED_HEADERS = frozenset(
         "location",
         "preference-applied",
         "x-sluice-cache",
+        "x-sluice-cache-reason",
         "x-sluice-job-id",
         "cache-control",
         "x-accel-buffering",

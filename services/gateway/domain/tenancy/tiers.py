@@ -57,6 +57,12 @@ class TierTable:
     def get(self, name: str) -> Tier | None:
         return self.tiers.get(name)
 
+    def failing_open(self) -> list[str]:
+        """The tiers whose teams are admitted while the limiter does not answer."""
+        return sorted(
+            n for n, t in self.tiers.items() if t.limiter_failure is LimiterFailure.FAIL_OPEN
+        )
+
     @classmethod
     def load(cls, path: Path) -> TierTable:
         """The tiers of ``path``; none when there is no such file (a configuration folder

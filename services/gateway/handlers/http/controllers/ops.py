@@ -28,18 +28,27 @@ class OpsController(Controller):
     @get("/readyz", operation_id="getReadiness", summary="Readiness")
     async def readyz(self, request: Request[Any, Any, Any]) -> Response[bytes]:
         """``ready`` (200) when NATS is connected, every Sluice service answers ready
-        over NATS and no deployment's breaker is open; ``degraded`` (200) when some are
-        open (named in ``open_deployments``, with the routes none of whose deployments
-        is usable in ``routes_down``); ``down`` (503) when a service is not ready."""
+        over NATS and no deployment's breaker is open. ``degraded`` (200) when requests
+        are served with less: some breakers are open (named in ``open_deployments``, with
+        the routes none of whose deployments is usable in ``routes_down``), or the cache,
+        the cost-tracker, or the limiter while some tier fails open, is down (each named in
+        ``outages`` with what it means). ``down`` (503) when requests cannot be served:
+        NATS, this gateway or every inference worker is not ready, or the limiter is not
+        and every tier fails closed."""
         deps = deps_of(request)
         services = await deps.readiness.check()
-        found = report(deps.chat.catalog, services, deps.readiness.open_breakers())
+        found = report(
+            deps.chat.catalog,
+            services,
+            deps.readiness.open_breakers(),
+            deps.chat.tenancy.tiers.failing_open(),
+        )
         if found.status is not Health.DOWN:
             return Response(orjson.dumps(found.as_dict()), media_type=JSON)
         err = SluiceError(
             ErrorCode.SERVICE_UNAVAILABLE,
-            "Not every service is ready: "
-            + ", ".join(sorted(s for s, ok in services.items() if not ok))
+            "Requests cannot be served: "
+            + "; ".join(f"{o.service}: {o.effect}" for o in found.blocking)
             + ".",
             details=found.as_dict(),
             retry_after_ms=1000,
