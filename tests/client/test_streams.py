@@ -246,15 +246,12 @@ async def stored_message_stream(stack: FullStack, stream_id: str) -> list[dict[s
 
 def message_events(events: list[dict[str, Any]]) -> list[str]:
     """Canonical JSON of each event but pings, without the ``sluice`` object (which a
-    replay computes anew) and ``message_start``'s input tokens (a replay from the start
-    does not know them: the stored stream's opening does not record them)."""
+    replay computes anew)."""
     out = []
     for event in events:
         if event.get("type") == "ping":
             continue
         body = {k: v for k, v in _without_nulls(event).items() if k != "sluice"}
-        if body.get("type") == "message_start":
-            body["message"]["usage"].pop("input_tokens", None)
         out.append(json.dumps(body, sort_keys=True))
     return out
 

@@ -145,7 +145,11 @@ async def test_a_message_stream_resumes_in_its_own_dialect(idem_stack: FullStack
         again = await client.get(
             f"/v1/streams/{request_id}", headers={"authorization": f"Bearer {secret}"}
         )
-        assert text_of(events(again.content)) == text_of(evs)
+        replayed_all = events(again.content)
+        assert text_of(replayed_all) == text_of(evs)
+        # Its opening reports the prompt tokens the live stream did.
+        usage = replayed_all[0][2]["message"]["usage"]
+        assert usage["input_tokens"] == evs[0][2]["message"]["usage"]["input_tokens"] > 0
 
     async with httpx.AsyncClient(
         base_url=idem_stack.gateway_url,

@@ -594,6 +594,7 @@ class ChatService:
             meta.created,
             checks=meta.checks.to_proto(),
             dialect=options.dialect.name,
+            prompt_tokens=meta.prompt_tokens,
         )
         try:
             live = await self.streams.open(opened)

@@ -103,6 +103,7 @@ def opened_event(
     *,
     checks: inference_pb2.AnswerChecks | None = None,
     dialect: str = "",
+    prompt_tokens: int = 0,
 ) -> inference_pb2.StreamEvent:
     """Sequence 0 of a request's stream, stored before the work exists: who may resume
     it, and what a replay needs to render it (ownership lives only in JetStream): its
@@ -118,6 +119,7 @@ def opened_event(
             stream=request.stream,
             include_usage=request.include_usage,
             dialect=dialect,
+            prompt_tokens=prompt_tokens,
         ),
     )
     if checks is not None:

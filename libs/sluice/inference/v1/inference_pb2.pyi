@@ -303,6 +303,7 @@ class StreamOpened(_message.Message):
     INCLUDE_USAGE_FIELD_NUMBER: _builtins.int
     CHECKS_FIELD_NUMBER: _builtins.int
     DIALECT_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     team_id: _builtins.str
     model_requested: _builtins.str
@@ -312,6 +313,10 @@ class StreamOpened(_message.Message):
     dialect: _builtins.str
     """The public API the request came through ("openai", "anthropic"; empty: openai):
     a resume renders the stream in it.
+    """
+    prompt_tokens: _builtins.int
+    """Prompt tokens the gateway counted: a replay from the start renders the dialect's
+    opening event (Anthropic's message_start usage) as the live stream did.
     """
     @_builtins.property
     def checks(self) -> Global___AnswerChecks:
@@ -328,10 +333,11 @@ class StreamOpened(_message.Message):
         include_usage: _builtins.bool = ...,
         checks: Global___AnswerChecks | None = ...,
         dialect: _builtins.str = ...,
+        prompt_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "created_unix", b"created_unix", "dialect", b"dialect", "include_usage", b"include_usage", "key_id", b"key_id", "model_requested", b"model_requested", "stream", b"stream", "team_id", b"team_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "created_unix", b"created_unix", "dialect", b"dialect", "include_usage", b"include_usage", "key_id", b"key_id", "model_requested", b"model_requested", "prompt_tokens", b"prompt_tokens", "stream", b"stream", "team_id", b"team_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -123,6 +123,7 @@ class StreamResumer:
         if opened.created_unix:
             meta.created = opened.created_unix
         meta.checks = Checks.from_proto(opened.checks)
+        meta.prompt_tokens = opened.prompt_tokens
         # In the dialect the stream was opened in (an Anthropic stream resumes as one).
         dialect = dialect_named(opened.dialect)
         renderer = dialect.stream(meta, include_usage=opened.include_usage)
