@@ -32,12 +32,12 @@ from typing import Any
 import aiohttp
 import msgspec
 from sluice import tokens
-from sluice.catalog import ProviderConfig
 from sluice.common.v1 import chat_pb2
 from sluice.errors import ErrorCode, SluiceError
 from sluice.inference.v1 import inference_pb2
 
 from services.inference_worker.adapters.providers import wire
+from services.inference_worker.adapters.providers.http import PooledHttpProvider
 from services.inference_worker.domain.upstream import (
     ChoiceAssembler,
     DeltaSink,
@@ -262,51 +262,21 @@ class _Stream:
         self.role_sent = False
 
 
-class AnthropicProvider:
+class AnthropicProvider(PooledHttpProvider):
     """One Anthropic-compatible deployment."""
 
-    def __init__(self, config: ProviderConfig) -> None:
-        self.config = config
-        self._url = config.base_url.rstrip("/") + "/v1/messages"
-        self._session: aiohttp.ClientSession | None = None
+    path = "/v1/messages"
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            headers = {
-                "content-type": "application/json",
-                "accept": "application/json",
-                "anthropic-version": API_VERSION,
-            }
-            key = self.config.api_key()
-            if key:
-                headers["x-api-key"] = key
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=self.config.max_connections,
-                    limit_per_host=self.config.max_connections,
-                    keepalive_timeout=30,
-                ),
-                headers=headers,
-                read_bufsize=1024 * 1024,
-                raise_for_status=False,
-                trust_env=False,
-            )
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-
-    def _timeout(self, deadline: float | None, stream: bool) -> aiohttp.ClientTimeout:
-        total: float | None = None if stream else self.config.timeout_seconds
-        if deadline is not None:
-            remaining = max(0.001, deadline - time.monotonic())
-            total = remaining if total is None else min(total, remaining)
-        return aiohttp.ClientTimeout(
-            total=total,
-            connect=self.config.connect_timeout_seconds,
-            sock_read=self.config.timeout_seconds,
-        )
+    def headers(self) -> dict[str, str]:
+        headers = {
+            "content-type": "application/json",
+            "accept": "application/json",
+            "anthropic-version": API_VERSION,
+        }
+        key = self.config.api_key()
+        if key:
+            headers["x-api-key"] = key
+        return headers
 
     async def chat(
         self,

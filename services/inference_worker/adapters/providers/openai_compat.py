@@ -23,6 +23,7 @@ from sluice.errors import ErrorCode, SluiceError
 from sluice.inference.v1 import inference_pb2
 
 from services.inference_worker.adapters.providers import wire
+from services.inference_worker.adapters.providers.http import PooledHttpProvider
 from services.inference_worker.domain.upstream import (
     ChoiceAssembler,
     DeltaSink,
@@ -53,54 +54,17 @@ class _StreamState:
         self.pending_role: dict[int, str] = {}
 
 
-class OpenAICompatProvider:
+class OpenAICompatProvider(PooledHttpProvider):
     """One OpenAI-compatible deployment (``ProviderConfig.kind == "openai"``)."""
 
-    def __init__(self, config: ProviderConfig) -> None:
-        self.config = config
-        self._url = config.base_url.rstrip("/") + "/chat/completions"
-        self._session: aiohttp.ClientSession | None = None
+    path = "/chat/completions"
 
-    def _client(self) -> aiohttp.ClientSession:
-        # Created lazily inside the running loop; one pool per provider for the process.
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self.config.max_connections,
-                limit_per_host=self.config.max_connections,
-                keepalive_timeout=30,
-                ttl_dns_cache=300,
-            )
-            headers = {"Content-Type": "application/json", "Accept": "application/json"}
-            key = self.config.api_key()
-            if key:
-                headers["Authorization"] = f"Bearer {key}"
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                headers=headers,
-                # Long tool-call chunks exceed the 64 KiB default line buffer.
-                read_bufsize=1024 * 1024,
-                raise_for_status=False,
-                trust_env=False,
-            )
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-
-    # --- the call -------------------------------------------------------------------
-
-    def _timeout(self, deadline: float | None, stream: bool) -> aiohttp.ClientTimeout:
-        total: float | None = None if stream else self.config.timeout_seconds
-        if deadline is not None:
-            remaining = max(0.001, deadline - time.monotonic())
-            total = remaining if total is None else min(total, remaining)
-        return aiohttp.ClientTimeout(
-            total=total,
-            connect=self.config.connect_timeout_seconds,
-            # Headers and the gap between two stream chunks are bounded by timeout_seconds.
-            sock_read=self.config.timeout_seconds,
-        )
+    def headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = self.config.api_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
 
     async def chat(
         self,
