@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from sluice.settings import ConfigFileError
+from sluice.yamlfile import LineReader, compose
 
 _ENV_REF = re.compile(r"\$\{([A-Z0-9_]+)(?::-([^}]*))?\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
@@ -255,43 +256,13 @@ class Catalog:
 # --- parsing ----------------------------------------------------------------------------
 
 
-class _Reader:
+class _Reader(LineReader):
     def __init__(self, source: str) -> None:
-        self.source = source
-
-    def at(self, node: yaml.Node) -> str:
-        return f"{self.source}:{node.start_mark.line + 1}"
-
-    def fail(self, node: yaml.Node, message: str) -> CatalogError:
-        return CatalogError(f"{self.at(node)}: {message}")
-
-    def mapping(
-        self, node: yaml.Node, what: str, allowed: set[str] | None
-    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-        if not isinstance(node, yaml.MappingNode):
-            raise self.fail(node, f"{what} must be a mapping")
-        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for key_node, value_node in node.value:
-            key = self.text(key_node, f"a key of {what}")
-            if allowed is not None and key not in allowed:
-                raise self.fail(
-                    key_node,
-                    f"unknown key {key!r} in {what} (expected {', '.join(sorted(allowed))})",
-                )
-            if key in out:
-                raise self.fail(key_node, f"{key!r} appears twice in {what}")
-            out[key] = (key_node, value_node)
-        return out
-
-    def sequence(self, node: yaml.Node, what: str) -> list[yaml.Node]:
-        if not isinstance(node, yaml.SequenceNode):
-            raise self.fail(node, f"{what} must be a list")
-        return list(node.value)
+        super().__init__(source, CatalogError)
 
     def text(self, node: yaml.Node, what: str) -> str:
-        if not isinstance(node, yaml.ScalarNode):
-            raise self.fail(node, f"{what} must be a single value")
-        return _expand(str(node.value))
+        """A single value, environment references (``${VAR:-default}``) expanded."""
+        return _expand(self.scalar(node, what))
 
     def name(self, node: yaml.Node, what: str) -> str:
         value = self.text(node, what)
@@ -403,12 +374,7 @@ _WHEN_KEYS = {"min_input_tokens", "max_input_tokens", "tools", "json_schema", "t
 
 def parse_catalog(text: str, source: str = "providers.yaml") -> Catalog:
     """The catalogue in ``text``; ``CatalogError`` names ``source`` and the line."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        raise CatalogError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    root = compose(text, source, CatalogError)
     if root is None:
         raise CatalogError(f"{source}: empty, expected 'providers:' and 'models:'")
     r = _Reader(source)

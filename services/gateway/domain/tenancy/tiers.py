@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 from sluice.settings import ConfigFileError
 from sluice.topology import PriorityClass
+from sluice.yamlfile import LineReader, compose
 
 from services.gateway.domain.tenancy.limits import (
     BUDGET_FIELDS,
@@ -78,12 +79,7 @@ class TierTable:
 
 
 def parse_tiers(text: str, source: str = "tiers.yaml") -> TierTable:
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        raise TierFileError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    root = compose(text, source, TierFileError)
     reader = _Reader(source)
     if root is None:
         raise TierFileError(f"{source}: empty, expected 'tiers:' with at least one tier")
@@ -112,35 +108,9 @@ def parse_tiers(text: str, source: str = "tiers.yaml") -> TierTable:
     return TierTable(tiers, default)
 
 
-class _Reader:
+class _Reader(LineReader):
     def __init__(self, source: str) -> None:
-        self.source = source
-
-    def at(self, node: yaml.Node) -> str:
-        return f"{self.source}:{node.start_mark.line + 1}"
-
-    def mapping(
-        self, node: yaml.Node, what: str, allowed: set[str] | None
-    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-        if not isinstance(node, yaml.MappingNode):
-            raise TierFileError(f"{self.at(node)}: {what} must be a mapping")
-        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for key_node, value_node in node.value:
-            key = self.scalar(key_node, f"a key of {what}")
-            if allowed is not None and key not in allowed:
-                raise TierFileError(
-                    f"{self.at(key_node)}: unknown key {key!r} in {what} "
-                    f"(expected {', '.join(sorted(allowed))})"
-                )
-            if key in out:
-                raise TierFileError(f"{self.at(key_node)}: {key!r} appears twice in {what}")
-            out[key] = (key_node, value_node)
-        return out
-
-    def scalar(self, node: yaml.Node, what: str) -> str:
-        if not isinstance(node, yaml.ScalarNode):
-            raise TierFileError(f"{self.at(node)}: {what} must be a single value")
-        return str(node.value)
+        super().__init__(source, TierFileError)
 
     def value(self, node: yaml.Node, what: str) -> object:
         self.scalar(node, what)
