@@ -182,6 +182,7 @@ async def test_failures_are_reported_and_released(
     bus: Bus,
     make_worker: WorkerFactory,
     simulator: Simulator,
+    spans: InMemorySpanExporter,
     sim: dict[str, object],
     code: ErrorCode,
     calls: int,
@@ -198,6 +199,15 @@ async def test_failures_are_reported_and_released(
     [usage] = await usage_events(bus, work.key_id)
     assert usage.outcome == "failed" and usage.usage.output_tokens == 0
     assert usage.reservation_id == work.reservation_id
+    # Each provider call is billed as an attempt and is one CLIENT span with its error.
+    assert usage.attempts == calls
+    called = [
+        s
+        for s in spans.get_finished_spans()
+        if f"{s.context.trace_id:032x}" == usage.trace_id and s.name == "chat sim-fast"
+    ]
+    assert len(called) == calls
+    assert all(s.kind is SpanKind.CLIENT and (s.attributes or {}).get("error.type") for s in called)
 
 
 async def test_unknown_model_fails_without_calling(bus: Bus, make_worker: WorkerFactory) -> None:
