@@ -4,12 +4,13 @@ the process, and the timeouts of one call."""
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 
 import aiohttp
 from sluice.catalog import ProviderConfig
 
 
-class PooledHttpProvider:
+class PooledHttpProvider(ABC):
     """Base of the adapters: ``path`` is the endpoint under the provider's base URL,
     ``headers`` what every call sends (credentials included, read at call time)."""
 
@@ -20,8 +21,9 @@ class PooledHttpProvider:
         self._url = config.base_url.rstrip("/") + self.path
         self._session: aiohttp.ClientSession | None = None
 
+    @abstractmethod
     def headers(self) -> dict[str, str]:
-        raise NotImplementedError
+        """What every call sends: content type, credentials, API version."""
 
     def _client(self) -> aiohttp.ClientSession:
         # Created lazily inside the running loop; one pool per provider for the process.
