@@ -24,11 +24,11 @@ from services.gateway.handlers.http.controllers.ops import OpsController
 from services.gateway.handlers.http.controllers.streams import StreamsController
 from services.gateway.handlers.http.controllers.usage import UsageController
 from services.gateway.handlers.http.deps import ApiDeps
-from services.gateway.handlers.http.mcp.endpoint import McpEndpoint, mcp_mount
+from services.gateway.handlers.http.mcp.mount import McpHandler, mcp_mount
 from services.gateway.handlers.http.problems import exception_handler
 
 
-def create_app(deps: ApiDeps, mcp: McpEndpoint | None = None) -> Litestar:
+def create_app(deps: ApiDeps, mcp: McpHandler | None = None) -> Litestar:
     """The app over ``deps``; with ``mcp`` (started by the caller), ``/mcp`` too."""
     return Litestar(
         route_handlers=[
