@@ -24,6 +24,7 @@ from sluice.devtools.up.plan import (
     LaunchError,
     PortUse,
     check_ports,
+    env_bool,
     plan_services,
 )
 from sluice.devtools.up.supervisor import Child, spawn, stop_children
@@ -33,6 +34,47 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # --- units -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "true",
+        "True",
+        "TRUE",
+        "tRuE",
+        "1",
+        "yes",
+        "y",
+        "on",
+        "t",
+        "false",
+        "False",
+        "0",
+        "no",
+        "N",
+        "off",
+        "f",
+        " true",
+        "true ",
+        "",
+        "2",
+        "none",
+        "1.0",
+        "enabled",
+    ],
+)
+def test_the_launcher_reads_a_bool_as_the_services_settings_do(raw: str) -> None:
+    """``sluice up`` reads SLUICE_CACHE_SEMANTIC_ENABLED without pydantic; pydantic's
+    reading (the cache's settings) is the reference, a refused value keeps the default."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        expected = TypeAdapter(bool).validate_python(raw)
+    except ValidationError:
+        expected = None
+    assert env_bool(raw, default=True) is (True if expected is None else expected)
+    assert env_bool(raw, default=False) is (False if expected is None else expected)
 
 
 def test_plan_uses_topology_defaults_and_env_overrides() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
@@ -19,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +27,12 @@ from typing import IO
 from sluice.devtools.embedded import EmbeddedNats, wait_for_port
 from sluice.devtools.up.console import Console
 from sluice.devtools.up.plan import LaunchError, UpPlan
+from sluice.devtools.up.session import set_parent_death_signal
 from sluice.topology import ServiceName, Subjects
 
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
 # Seconds beyond the services' own shutdown grace before they are killed.
 STOP_MARGIN_SECONDS = 10.0
-PR_SET_PDEATHSIG = 1
 
 
 class StopRequested(Exception):
@@ -96,13 +94,6 @@ def prepare_log(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def _set_parent_death_signal() -> None:
-    """Linux: receive SIGTERM when the parent dies, so a killed launcher leaves no orphans."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-
-
 def spawn(
     name: str,
     argv: list[str],
@@ -123,7 +114,7 @@ def spawn(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_set_parent_death_signal if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=set_parent_death_signal if sys.platform == "linux" else None,  # noqa: PLW1509
         )
     return Child(name, proc, log_path, offset, is_service=is_service)
 
@@ -489,48 +480,3 @@ class Supervisor:
         stop_children(self.children, grace, hurry=lambda: self._hurry)
         self.children.clear()
         self.console.stopped()
-
-
-# --- a session of its own --------------------------------------------------------------
-
-
-def _exit_code(status: int) -> int:
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
-
-
-def run_in_own_session(body: Callable[[], int]) -> int:
-    """Run ``body`` in a forked child that leads a new session, and forward signals to it.
-
-    Terminal signals (Ctrl-C) then reach this process only; it passes them on to the
-    supervisor, which stops its children in order.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:  # the supervisor
-        code = 1
-        try:
-            os.setsid()
-            if sys.platform == "linux":
-                _set_parent_death_signal()
-            # The parent may have died before the death signal was set.
-            code = body() if os.getppid() == parent else 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        # The supervisor stops in order on the first signal and hurries on the next.
-        sig = signum if signum in (signal.SIGINT, signal.SIGTERM) else signal.SIGTERM
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
-    _, status = os.waitpid(pid, 0)
-    return _exit_code(status)
