@@ -9,14 +9,14 @@ one orderly stop, instead of reaching NATS and every service at the same moment.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import fcntl
-import logging
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,8 +27,8 @@ from typing import IO
 from sluice.devtools.embedded import EmbeddedNats, wait_for_port
 from sluice.devtools.up.console import Console
 from sluice.devtools.up.plan import LaunchError, UpPlan
+from sluice.devtools.up.ready import READY_TIMED_OUT
 from sluice.devtools.up.session import set_parent_death_signal
-from sluice.topology import ServiceName, Subjects
 
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
 # Seconds beyond the services' own shutdown grace before they are killed.
@@ -139,56 +139,6 @@ def stop_children(
     for child in reversed(children):
         if not child.is_service:
             child.stop(2.0 if hurry() else 10.0)
-
-
-# --- readiness ---------------------------------------------------------------------------
-
-
-async def wait_services_ready(
-    nats_url: str,
-    names: list[ServiceName],
-    limit_seconds: float,
-    *,
-    on_tick: Callable[[set[ServiceName], float], None] | None = None,
-) -> None:
-    """Ask every service on ``Subjects.health(<service>)`` until all answer ready.
-
-    ``on_tick(pending, elapsed)`` runs between rounds; it may raise to abort the wait
-    (a child died, a stop was requested).
-    """
-    from sluice.bus import Bus
-    from sluice.common.v1 import chat_pb2
-
-    bus = await Bus.connect(nats_url, "sluice-up")
-    try:
-        start = time.monotonic()
-        pending = set(names)
-
-        async def probe(name: ServiceName) -> None:
-            with contextlib.suppress(Exception):
-                status = await bus.request(
-                    Subjects.health(name),
-                    chat_pb2.ServiceStatus(),
-                    chat_pb2.ServiceStatus,
-                    timeout=0.5,
-                )
-                if status.ready:
-                    pending.discard(name)
-
-        while pending:
-            await asyncio.gather(*(probe(n) for n in sorted(pending)))
-            elapsed = time.monotonic() - start
-            if on_tick is not None:
-                on_tick(pending, elapsed)
-            if not pending:
-                break
-            if elapsed > limit_seconds:
-                raise TimeoutError(
-                    f"not ready after {limit_seconds:.0f}s: {', '.join(sorted(pending))}"
-                )
-            await asyncio.sleep(0.2)
-    finally:
-        await bus.close()
 
 
 # --- the supervisor ----------------------------------------------------------------------
@@ -423,30 +373,53 @@ class Supervisor:
                 raise ChildExited(child)
 
     def _wait_ready(self) -> None:
-        names = [service.name for service in self.plan.services]
-        # The probe connection's own reconnect chatter is not news here.
-        logging.getLogger("sluice.bus").setLevel(logging.ERROR)
+        # A short-lived process asks (up/ready.py): the NATS client and its event loop
+        # load there and go when it ends, not in this process, which lives as long as
+        # the product.
+        argv = [
+            sys.executable,
+            "-m",
+            "sluice.devtools.up.ready",
+            self.nats_url,
+            str(self.args.ready_timeout),
+            *(str(service.name) for service in self.plan.services),
+        ]
+        # The stop request is held while a round runs, then raised between rounds.
+        with self._signals_deferred(), tempfile.TemporaryFile() as errors:
+            probe = subprocess.Popen(
+                argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                start_new_session=True,
+                preexec_fn=set_parent_death_signal if sys.platform == "linux" else None,  # noqa: PLW1509
+            )
+            try:
+                code = self._follow_readiness(probe)
+            finally:
+                if probe.poll() is None:
+                    probe.kill()
+                probe.wait()
+            if code != 0:
+                errors.seek(0)
+                reason = errors.read().decode(errors="replace").strip()
+                if code == READY_TIMED_OUT:
+                    raise TimeoutError(reason)
+                self._check_children()
+                raise LaunchError(f"cannot ask the services for readiness: {reason}")
+        self.console.services_ready()
 
-        def on_tick(pending: set[ServiceName], elapsed: float) -> None:
+    def _follow_readiness(self, probe: subprocess.Popen[bytes]) -> int:
+        """Each round's pending services, as the probe prints them; its exit status."""
+        assert probe.stdout is not None
+        for line in probe.stdout:
+            round_ = json.loads(line)
             self._raise_pending_stop_now()
             self._check_children()
-            if pending:
-                self.console.services_waiting(pending, elapsed)
-
-        # The stop request is held while the event loop runs, then raised between rounds.
-        with self._signals_deferred():
-            try:
-                asyncio.run(
-                    wait_services_ready(
-                        self.nats_url, names, self.args.ready_timeout, on_tick=on_tick
-                    )
-                )
-            except (StopRequested, ChildExited, TimeoutError):
-                raise
-            except Exception as exc:
-                self._check_children()
-                raise LaunchError(f"cannot ask the services for readiness: {exc!r}") from exc
-        self.console.services_ready()
+            if round_["pending"]:
+                self.console.services_waiting(round_["pending"], float(round_["elapsed"]))
+        return probe.wait()
 
     def _raise_pending_stop_now(self) -> None:
         if self._stop_pending is not None and not self._stopping:
