@@ -20,16 +20,19 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf.message import DecodeError
 from opentelemetry import metrics, trace
 from sluice.cache.v1 import cache_pb2
-from sluice.embedding import Vector
 from sluice.inference.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("sluice.cache")
+
+if TYPE_CHECKING:
+    # numpy loads with the semantic index, on its first use (adapters/semantic.py).
+    from sluice.embedding import Vector
 
 Clock = Callable[[], int]
 

