@@ -4,7 +4,8 @@ The product as ``sluice up --simulator --no-model`` starts it: the launcher, the
 services and the embedded NATS server. RSS (``VmRSS``, what ``ps`` and the peer bench
 sum) is read from /proc idle (after the warm-up), then every half second while an open
 loop sends ``rate`` requests per second for ``seconds`` (every other one streamed); the
-table gives idle, peak and end. PSS (shared pages split among the processes that map
+table gives idle, peak and end, and the CPU each process spent per request meanwhile
+(what a memory setting costs in CPU). PSS (shared pages split among the processes that map
 them) is printed beside it: RSS counts the shared libraries and the files every Python
 process maps once per process, PSS once in all.
 
@@ -16,6 +17,7 @@ upstream, not Sluice: listed, never summed.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,6 +50,14 @@ def _status_kib(pid: int, field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -155,19 +165,26 @@ async def memory_table(
                 peak[name] = max(peak[name], rss_mib(pid))
             await asyncio.sleep(SAMPLE_EVERY_S)
 
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     sampler = asyncio.create_task(sample())
     headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
     samples = await _open_loop(f"{gateway}/v1/chat/completions", headers, body_for, rate, seconds)
     done.set()
     await sampler
     end = {name: rss_mib(pid) for name, pid in pids.items()}
+    sent = max(1, len(samples))
+    cpu_ms = {
+        name: (cpu_seconds(pid) - cpu_before[name]) * 1000 / sent for name, pid in pids.items()
+    }
     end_pss = {name: pss_mib(pid) for name, pid in pids.items()}
     ok = sum(1 for s in samples if s.ok)
 
     rows: list[list[object]] = []
     names = _ordered(pids)
     for name in names:
-        rows.append([name, idle[name], peak[name], end[name], idle_pss[name], end_pss[name]])
+        rows.append(
+            [name, idle[name], peak[name], end[name], idle_pss[name], end_pss[name], cpu_ms[name]]
+        )
 
     def total(values: Mapping[str, float], with_nats: bool) -> float:
         return sum(v for n, v in values.items() if n in names and (with_nats or n != "nats"))
@@ -181,6 +198,7 @@ async def memory_table(
                 total(end, with_nats),
                 total(idle_pss, with_nats),
                 total(end_pss, with_nats),
+                total(cpu_ms, with_nats),
             ]
         )
     if "simulator" in pids:
@@ -193,6 +211,7 @@ async def memory_table(
                 end[name],
                 idle_pss[name],
                 end_pss[name],
+                cpu_ms[name],
             ]
         )
     header = f"{ok}/{len(samples)} requests answered\n"
@@ -204,6 +223,7 @@ async def memory_table(
             "RSS end MiB",
             "PSS idle MiB",
             "PSS end MiB",
+            "CPU ms/req",
         ],
         rows,
     )
