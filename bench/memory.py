@@ -129,10 +129,10 @@ def product_pids(launcher: int, services: Mapping[str, int]) -> dict[str, int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if b" simulator" in cmdline:
-            named["simulator"] = pid
-        elif pid == launcher:
+        if pid == launcher:
             named["launcher"] = pid
+        elif b" simulator" in cmdline:
+            named["simulator"] = pid
         elif b" up " in cmdline:
             named["supervisor"] = pid
     return named
