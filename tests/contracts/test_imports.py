@@ -21,13 +21,14 @@ UNLOADED: dict[str, set[str]] = {
     "cost_tracker": {"aiohttp.client", "qdrant_client", "numpy", "tiktoken"},
     "inference_worker": {"faststream", "qdrant_client", "numpy", "tiktoken"},
     # MCP's SDK loads on the first /mcp request, PyJWT with configured issuers, aiohttp
-    # with the first webhook delivery.
+    # with the first webhook delivery, jsonschema with the first answer checked against one.
     "gateway": {
         "mcp",
         "mcp_types",
         "starlette",
         "jwt",
         "cryptography",
+        "jsonschema",
         "aiohttp.client",
         "qdrant_client",
     },
