@@ -73,6 +73,7 @@ class CacheService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._purge
         if self.semantic is not None:
+            await self.semantic.settled()
             # Local mode writes its storage on close.
             await asyncio.to_thread(self.semantic.close)
 

