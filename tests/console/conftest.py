@@ -30,9 +30,9 @@ class ConsoleStack:
     url: str
 
     def client(self, key: str) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
-        )
+        """A client sending ``key`` ('' for none)."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30)
 
 
 @pytest.fixture(scope="module")

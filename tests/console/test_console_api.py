@@ -4,6 +4,7 @@ problem+json, is in the OpenAPI document, and shows a team nothing of another's.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 
 import pytest
@@ -49,7 +50,6 @@ def _chat(prompt: str) -> dict[str, object]:
 
 async def test_every_new_endpoint_asks_for_credentials(console_stack: ConsoleStack) -> None:
     async with console_stack.client("") as anon:
-        anon.headers.pop("Authorization")
         for method, path in (
             ("GET", "/v1/me"),
             ("GET", "/v1/traces/" + "0" * 32),
@@ -157,3 +157,26 @@ async def test_me_and_providers_follow_the_key(console_stack: ConsoleStack) -> N
         assert deployment["breaker"]["state"] == "closed"
         assert recent["calls"] >= 1 and recent["error_rate"] == 0.0
         assert recent["latency_ms_p50"] > 0
+
+
+async def test_pages_and_assets_are_served_with_cache_headers(console_stack: ConsoleStack) -> None:
+    async with console_stack.client("") as anon:
+        page = await anon.get("/console/playground")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert page.headers["cache-control"] == "no-cache"
+        assets = re.findall(r"(/console/static/[a-z]+\.(?:js|css)\?v=[0-9a-f]{16})", page.text)
+        assert len(assets) >= 3
+        for url in assets:
+            asset = await anon.get(url)
+            assert asset.status_code == 200
+            assert asset.headers["cache-control"] == "public, max-age=31536000, immutable"
+        # The page's module imports the shared module by the URL the page preloads.
+        module = (await anon.get(next(u for u in assets if "playground" in u))).text
+        shared = next(u for u in assets if "/console.js" in u)
+        assert f'from "{shared}"' in module
+        stale = await anon.get("/console/static/console.js?v=0000000000000000")
+        assert stale.headers["cache-control"] == "no-cache"
+        missing = await anon.get("/console/nothing-here")
+        assert missing.status_code == 404
+        assert missing.headers["content-type"].startswith("application/problem+json")

@@ -14,6 +14,7 @@ empty the whole cache. Routes are the shared catalogue, filtered to what the key
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,6 +23,7 @@ from sluice.catalog import Catalog, ModelConfig
 from sluice.errors import ErrorCode, SluiceError
 from sluice.keys.v1 import keys_pb2
 
+from services.gateway.domain.tenancy.limits import Budgets
 from services.gateway.domain.tenancy.policy import (
     ADMIN_TEAM_ID,
     Entitlements,
@@ -53,8 +55,9 @@ def is_operator(key: keys_pb2.ApiKeyRecord) -> bool:
 
 
 def me_view(key: keys_pb2.ApiKeyRecord, found: Entitlements) -> dict[str, Any]:
-    """The caller's key, team, scopes and the budgets that apply to it (the key's own,
-    and its team's over the team's tier)."""
+    """The caller's key, team, scopes and its budgets: the key's own (0: none, its
+    team's bound it) and its team's (the team's own over its tier's)."""
+    own = Budgets.from_proto(key.budgets)
     return {
         "object": "caller",
         "key_id": key.key_id,
@@ -65,14 +68,11 @@ def me_view(key: keys_pb2.ApiKeyRecord, found: Entitlements) -> dict[str, Any]:
         "operator": is_operator(key),
         "model_allow": list(key.model_allow),
         "budgets": {
-            "key": found.key.budgets.as_dict(),
+            "key": own.as_dict(),
             "team": found.team.budgets.as_dict(),
         },
         "budgets_usd_nanos": {
-            "key": {
-                "day": found.key.budgets.usd_nanos_per_day,
-                "month": found.key.budgets.usd_nanos_per_month,
-            },
+            "key": {"day": own.usd_nanos_per_day, "month": own.usd_nanos_per_month},
             "team": {
                 "day": found.team.budgets.usd_nanos_per_day,
                 "month": found.team.budgets.usd_nanos_per_month,
@@ -276,8 +276,9 @@ def _calls_by_deployment(calls: list[dict[str, Any]]) -> dict[str, dict[str, Any
 
 
 def _quantile(ordered: list[float], q: float) -> float:
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
+    """The nearest-rank quantile: the smallest value with at least ``q`` of the values at
+    or below it."""
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def _route(

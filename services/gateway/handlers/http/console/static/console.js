@@ -101,9 +101,11 @@ export function badge(text) {
   return h("span", { class: `badge ${String(text).replace(/[^a-z_]/gi, "")}` }, text);
 }
 
-export function usd(nanos, digits = 6) {
+// Exact nano-USD as dollars: cents above a cent, three significant digits below it.
+export function usd(nanos) {
   const value = Number(nanos || 0) / 1e9;
-  return `$${value.toFixed(value && Math.abs(value) < 0.01 ? digits : 2)}`;
+  if (!value || Math.abs(value) >= 0.01) return `$${value.toFixed(2)}`;
+  return `$${Number(value.toPrecision(3)).toFixed(9).replace(/0+$/, "")}`;
 }
 
 export function ms(value) {

@@ -37,7 +37,7 @@ page(async (main) => {
       onclick: async () => {
         try { render(await api(`/v1/jobs/${job.id}/cancel`, { method: "POST" }), log); await refresh(); }
         catch (err) { showError(err, "Cancel failed"); }
-      } }, job.cancel_requested ? "Cancel requested" : "Cancel");
+      } }, terminal ? "Ended" : job.cancel_requested ? "Cancel requested" : "Cancel");
     detail.replaceChildren(
       h("div", { class: "row" }, h("h2", {}, "Job ", h("span", { class: "mono" }, job.id)), cancel),
       h("dl", { class: "kv" },
@@ -47,7 +47,7 @@ page(async (main) => {
         h("dt", {}, "attempts"), h("dd", {}, job.attempts),
         h("dt", {}, "started / finished"), h("dd", {}, `${when(job.started_at)} / ${when(job.finished_at)}`),
         h("dt", {}, "trace"), h("dd", {}, job.trace_id ? h("a", { href: `/console/trace?id=${job.trace_id}` }, job.trace_id) : "–"),
-        job.error ? [h("dt", {}, "error"), h("dd", {}, `${job.error.code || ""} ${job.error.detail || ""}`)] : null),
+        job.error ? [h("dt", {}, "error"), h("dd", {}, h("code", {}, job.error.code || ""), " ", job.error.detail || "")] : null),
       h("h2", { style: "margin-top:14px" }, "Events"),
       h("div", { class: "output", id: "job-events", style: "min-height:80px" }, log.join("\n")));
   }

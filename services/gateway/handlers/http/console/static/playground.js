@@ -143,7 +143,7 @@ page(async (main) => {
           set("s-status", s.status || "–");
           document.getElementById("s-status").className = `v badge ${s.status || ""}`;
           set("s-tokens", `${s.usage.input_tokens} / ${s.usage.output_tokens}`);
-          set("s-cost", usd(Math.round((s.cost_usd || 0) * 1e9), 8));
+          set("s-cost", usd(Math.round((s.cost_usd || 0) * 1e9)));
           set("s-latency", `${ms(s.latency_ms.total)} (ttft ${ms(s.latency_ms.ttft)})`);
           if (s.model_served) set("s-served", `${s.provider || ""} ${s.model_served}`.trim());
           showTrace(s.trace_id);

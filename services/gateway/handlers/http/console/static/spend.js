@@ -7,13 +7,13 @@ function isoDay(date) { return date.toISOString().slice(0, 10); }
 function budgetBar(label, spent, budget, id) {
   if (!budget) {
     return h("div", { class: "budget", id },
-      h("div", { class: "row" }, h("strong", {}, label), h("span", { class: "muted fit" }, `${usd(spent)} · no budget`)));
+      h("div", { class: "row" }, h("strong", {}, label), h("span", { class: "muted fit" }, `${usd(spent)} · no budget of its own`)));
   }
   const share = spent / budget;
   const tone = share >= 1 ? "bad" : share >= 0.8 ? "warn" : "";
   return h("div", { class: "budget", id, "data-share": share.toFixed(4) },
     h("div", { class: "row" }, h("strong", {}, label),
-      h("span", { class: "fit" }, `${usd(spent)} of ${usd(budget, 2)} · ${(share * 100).toFixed(1)}%`)),
+      h("span", { class: "fit" }, `${usd(spent)} of ${usd(budget)} · ${(share * 100).toFixed(1)}%`)),
     h("div", { class: "bar", title: "the line marks 80%" },
       h("div", { class: `fill ${tone}`, style: `width:${Math.min(100, share * 100)}%` }),
       h("div", { class: "mark", style: "left:80%" })));
