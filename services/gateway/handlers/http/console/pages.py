@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from litestar import Controller, Response, get
-from litestar.params import FromPath
+from litestar.params import FromPath, FromQuery
 from sluice.errors import ErrorCode, SluiceError
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -159,7 +159,7 @@ class ConsoleController(Controller):
         return _page(render(page.title, page.slug, page.module))
 
     @get("/static/{name:str}")
-    async def static(self, name: FromPath[str], v: str = "") -> Response[Any]:
+    async def static(self, name: FromPath[str], v: FromQuery[str] = "") -> Response[Any]:
         asset = ASSETS.get(name)
         if asset is None:
             raise SluiceError(ErrorCode.NOT_FOUND, f"No console asset '{name[:60]}'.")
