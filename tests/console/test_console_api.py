@@ -177,6 +177,10 @@ async def test_pages_and_assets_are_served_with_cache_headers(console_stack: Con
         assert f'from "{shared}"' in module
         stale = await anon.get("/console/static/console.js?v=0000000000000000")
         assert stale.headers["cache-control"] == "no-cache"
+        again = await anon.get(
+            "/console/static/console.js", headers={"if-none-match": stale.headers["etag"]}
+        )
+        assert again.status_code == 304 and not again.content
         missing = await anon.get("/console/nothing-here")
         assert missing.status_code == 404
         assert missing.headers["content-type"].startswith("application/problem+json")

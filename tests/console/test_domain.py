@@ -124,3 +124,13 @@ def test_providers_show_chains_breakers_and_recent_calls() -> None:
     narrow = console.providers_view(narrow_key, CATALOG, [], [], spans_local=False)
     assert [r["route"] for r in narrow["data"]] == ["other"]
     assert narrow["calls_source"] == "none"
+
+
+def test_console_routes_have_fixed_labels() -> None:
+    from services.gateway.handlers.http.routes import route_label
+
+    assert route_label("/console") == "/console"
+    assert route_label("/console/static/console.js") == "/console"
+    assert route_label("/v1/traces/" + "a" * 32) == "/v1/traces/{id}"
+    for path in ("/v1/me", "/v1/cache", "/v1/cache/invalidate", "/v1/providers"):
+        assert route_label(path) == path

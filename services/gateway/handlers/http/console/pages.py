@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from litestar import Controller, Response, get
+from litestar import Controller, Request, Response, get
 from litestar.params import FromPath, FromQuery
 from sluice.errors import ErrorCode, SluiceError
 
@@ -159,14 +159,15 @@ class ConsoleController(Controller):
         return _page(render(page.title, page.slug, page.module))
 
     @get("/static/{name:str}")
-    async def static(self, name: FromPath[str], v: FromQuery[str] = "") -> Response[Any]:
+    async def static(
+        self, request: Request[Any, Any, Any], name: FromPath[str], v: FromQuery[str] = ""
+    ) -> Response[Any]:
         asset = ASSETS.get(name)
         if asset is None:
             raise SluiceError(ErrorCode.NOT_FOUND, f"No console asset '{name[:60]}'.")
         # A URL without the current hash (an old page) is served, but not kept.
         cache = IMMUTABLE if v == asset.etag else PAGE_CACHE
-        return Response(
-            asset.body,
-            media_type=asset.media_type,
-            headers={"cache-control": cache, "etag": f'"{asset.etag}"'},
-        )
+        headers = {"cache-control": cache, "etag": f'"{asset.etag}"'}
+        if request.headers.get("if-none-match") == headers["etag"]:
+            return Response(b"", status_code=304, headers=headers)
+        return Response(asset.body, media_type=asset.media_type, headers=headers)
