@@ -10,12 +10,14 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin
 from sluice import __version__
 
+from services.gateway.handlers.http.console.pages import ConsoleController
 from services.gateway.handlers.http.controllers.admin import (
     AdminAuditController,
     AdminKeysController,
     AdminTeamsController,
 )
 from services.gateway.handlers.http.controllers.chat import ChatController
+from services.gateway.handlers.http.controllers.console_api import ConsoleApiController
 from services.gateway.handlers.http.controllers.docs import DocsController
 from services.gateway.handlers.http.controllers.jobs import JobsController, WebhooksController
 from services.gateway.handlers.http.controllers.messages import MessagesController
@@ -45,6 +47,8 @@ def create_app(deps: ApiDeps, mcp: McpEndpoint | None = None) -> Litestar:
             AdminTeamsController,
             AdminKeysController,
             AdminAuditController,
+            ConsoleApiController,
+            ConsoleController,
         ],
         exception_handlers={Exception: exception_handler(deps.instruments)},
         request_max_body_size=deps.settings.max_body_bytes,
@@ -56,7 +60,7 @@ def create_app(deps: ApiDeps, mcp: McpEndpoint | None = None) -> Litestar:
             "API with limits, caching, cost and one trace per request. Errors are RFC 9457 "
             "problem+json (Anthropic error bodies on /v1/messages). Agents: the same "
             "operations as MCP tools at /mcp (Streamable HTTP, protocol revisions "
-            "2025-11-25 and 2026-07-28).",
+            "2025-11-25 and 2026-07-28). People: the web console at /console.",
             path="/docs",
             use_handler_docstrings=True,
             render_plugins=[ScalarRenderPlugin(path="/"), JsonRenderPlugin()],
