@@ -79,13 +79,7 @@ lint: install ## ruff, mypy, buf lint, and buf breaking against the last v* rele
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy libs/sluice services tests bench deploy/docker examples $(CLIENT)/src
 	cd proto && ../$(VENV)/bin/buf lint
-	@tag=$$(git describe --tags --abbrev=0 --match 'v*' 2>/dev/null || true); \
-	if [ -n "$$tag" ]; then \
-	  echo "buf breaking against $$tag"; \
-	  $(VENV)/bin/buf breaking proto --against ".git#tag=$$tag,subdir=proto"; \
-	else \
-	  echo "buf breaking: skipped, no v* release tag yet"; \
-	fi
+	BUF=$(VENV)/bin/buf scripts/buf_breaking.sh
 
 proto: install ## regenerate the protobuf and gRPC code in libs/sluice/*/v1
 	PYTHON=$(PY) scripts/proto_codegen.sh
