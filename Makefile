@@ -23,7 +23,7 @@ export LLAMA_CPP_BUILD_JOBS
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 export CMAKE_ARGS
 
-.PHONY: help venv install run test lint proto proto-check asyncapi bench bench-peers clean clean-state distclean
+.PHONY: help venv install run test lint proto proto-check asyncapi openapi bench bench-peers clean clean-state distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -89,6 +89,9 @@ proto-check: install ## fail when the committed generated code is stale
 
 asyncapi: install ## regenerate docs/asyncapi.json (the published events, sluice.events)
 	$(PY) -m sluice.events docs/asyncapi.json
+
+openapi: install ## refresh docs/openapi/<current API version>.json; refuses a breaking change to it
+	$(PY) -m services.gateway.handlers.http.openapi write
 
 bench: install ## run the benchmarks (python -m bench)
 	$(PY) -m bench

@@ -4,12 +4,15 @@ endpoint at ``/mcp``, one exception handler for every error, and the OpenAPI doc
 
 from __future__ import annotations
 
+from typing import Any
+
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin
 from sluice import __version__
 
+from services.gateway.domain.versions import VERSIONS
 from services.gateway.handlers.http.controllers.admin import (
     AdminAuditController,
     AdminKeysController,
@@ -27,40 +30,55 @@ from services.gateway.handlers.http.deps import ApiDeps
 from services.gateway.handlers.http.mcp.endpoint import McpEndpoint, mcp_mount
 from services.gateway.handlers.http.problems import exception_handler
 
+# The public API's routes (``/mcp`` is mounted beside them when the endpoint runs).
+ROUTE_HANDLERS = (
+    ChatController,
+    MessagesController,
+    StreamsController,
+    JobsController,
+    WebhooksController,
+    ModelsController,
+    UsageController,
+    OpsController,
+    DocsController,
+    AdminTeamsController,
+    AdminKeysController,
+    AdminAuditController,
+)
+
+
+def openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="Sluice gateway",
+        version=__version__,
+        description="OpenAI-compatible chat completions and the Anthropic Messages "
+        "API with limits, caching, cost and one trace per request. Errors are RFC 9457 "
+        "problem+json (Anthropic error bodies on /v1/messages). Agents: the same "
+        "operations as MCP tools at /mcp (Streamable HTTP, protocol revisions "
+        "2025-11-25 and 2026-07-28). "
+        f"API version {VERSIONS.current.name}: send 'Sluice-Version: YYYY-MM-DD' to pin one "
+        "(default: your key's); every answer names its version in the same header.",
+        path="/docs",
+        use_handler_docstrings=True,
+        render_plugins=[ScalarRenderPlugin(path="/"), JsonRenderPlugin()],
+    )
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document the gateway serves at ``/docs/openapi.json``, built from the
+    route declarations alone (no service needed)."""
+    app = Litestar(route_handlers=list(ROUTE_HANDLERS), openapi_config=openapi_config())
+    return app.openapi_schema.to_schema()
+
 
 def create_app(deps: ApiDeps, mcp: McpEndpoint | None = None) -> Litestar:
     """The app over ``deps``; with ``mcp`` (started by the caller), ``/mcp`` too."""
     return Litestar(
-        route_handlers=[
-            *([mcp_mount(mcp)] if mcp is not None else []),
-            ChatController,
-            MessagesController,
-            StreamsController,
-            JobsController,
-            WebhooksController,
-            ModelsController,
-            UsageController,
-            OpsController,
-            DocsController,
-            AdminTeamsController,
-            AdminKeysController,
-            AdminAuditController,
-        ],
+        route_handlers=[*([mcp_mount(mcp)] if mcp is not None else []), *ROUTE_HANDLERS],
         exception_handlers={Exception: exception_handler(deps.instruments)},
         request_max_body_size=deps.settings.max_body_bytes,
         state=State({"deps": deps}),
-        openapi_config=OpenAPIConfig(
-            title="Sluice gateway",
-            version=__version__,
-            description="OpenAI-compatible chat completions and the Anthropic Messages "
-            "API with limits, caching, cost and one trace per request. Errors are RFC 9457 "
-            "problem+json (Anthropic error bodies on /v1/messages). Agents: the same "
-            "operations as MCP tools at /mcp (Streamable HTTP, protocol revisions "
-            "2025-11-25 and 2026-07-28).",
-            path="/docs",
-            use_handler_docstrings=True,
-            render_plugins=[ScalarRenderPlugin(path="/"), JsonRenderPlugin()],
-        ),
+        openapi_config=openapi_config(),
         logging_config=None,
         debug=False,
     )
