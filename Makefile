@@ -23,7 +23,7 @@ export LLAMA_CPP_BUILD_JOBS
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 export CMAKE_ARGS
 
-.PHONY: help venv install run test lint proto proto-check asyncapi openapi bench bench-peers clean clean-state distclean
+.PHONY: help venv install run test lint proto proto-check asyncapi openapi openapi-examples bench bench-peers clean clean-state distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -92,6 +92,9 @@ asyncapi: install ## regenerate docs/asyncapi.json (the published events, sluice
 
 openapi: install ## refresh docs/openapi/<current API version>.json; refuses a breaking change to it
 	$(PY) -m services.gateway.handlers.http.openapi write
+
+openapi-examples: install ## capture the OpenAPI examples from a stack with the simulated provider
+	$(PY) scripts/openapi_examples.py
 
 bench: install ## run the benchmarks (python -m bench)
 	$(PY) -m bench

@@ -4,9 +4,10 @@ endpoint at ``/mcp``, one exception handler for every error, and the OpenAPI doc
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-from litestar import Litestar
+from litestar import Litestar, Request
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin
@@ -28,6 +29,7 @@ from services.gateway.handlers.http.controllers.streams import StreamsController
 from services.gateway.handlers.http.controllers.usage import UsageController
 from services.gateway.handlers.http.deps import ApiDeps
 from services.gateway.handlers.http.mcp.endpoint import McpEndpoint, mcp_mount
+from services.gateway.handlers.http.openapi import load_examples, with_examples
 from services.gateway.handlers.http.problems import exception_handler
 
 # The public API's routes (``/mcp`` is mounted beside them when the endpoint runs).
@@ -47,6 +49,19 @@ ROUTE_HANDLERS = (
 )
 
 
+class _JsonWithExamples(JsonRenderPlugin):
+    """``/docs/openapi.json`` (and so the Scalar page) with the captured examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._merged: dict[str, Any] | None = None
+
+    def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
+        if self._merged is None:
+            self._merged = with_examples(copy.deepcopy(openapi_schema), load_examples())
+        return super().render(request, self._merged)
+
+
 def openapi_config() -> OpenAPIConfig:
     return OpenAPIConfig(
         title="Sluice gateway",
@@ -60,15 +75,17 @@ def openapi_config() -> OpenAPIConfig:
         "(default: your key's); every answer names its version in the same header.",
         path="/docs",
         use_handler_docstrings=True,
-        render_plugins=[ScalarRenderPlugin(path="/"), JsonRenderPlugin()],
+        render_plugins=[ScalarRenderPlugin(path="/"), _JsonWithExamples()],
     )
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(*, examples: bool = False) -> dict[str, Any]:
     """The OpenAPI document the gateway serves at ``/docs/openapi.json``, built from the
-    route declarations alone (no service needed)."""
+    route declarations alone (no service needed); with ``examples``, as served (the
+    captured examples merged in)."""
     app = Litestar(route_handlers=list(ROUTE_HANDLERS), openapi_config=openapi_config())
-    return app.openapi_schema.to_schema()
+    document = app.openapi_schema.to_schema()
+    return with_examples(document, load_examples()) if examples else document
 
 
 def create_app(deps: ApiDeps, mcp: McpEndpoint | None = None) -> Litestar:

@@ -26,6 +26,9 @@ import orjson
 from services.gateway.domain.versions import VERSIONS
 
 SNAPSHOTS = Path(__file__).resolve().parents[4] / "docs" / "openapi"
+# Real responses per operation and per error code (`make openapi-examples`,
+# scripts/openapi_examples.py), merged into the document the gateway serves.
+EXAMPLES = Path(__file__).resolve().with_name("openapi_examples.json")
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 Doc = Mapping[str, Any]
@@ -40,11 +43,76 @@ def dumps(document: Doc) -> bytes:
 
 
 def current_document() -> dict[str, Any]:
-    """The document the gateway serves (imported here so that the comparison alone
-    needs no app)."""
+    """The document's contract: the routes' declarations without the examples (which
+    change with every capture and promise nothing). Imported here so that the
+    comparison alone needs no app."""
     from services.gateway.handlers.http.application import openapi_document
 
     return openapi_document()
+
+
+def load_examples(path: Path = EXAMPLES) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    data: dict[str, Any] = orjson.loads(path.read_bytes())
+    return data
+
+
+def _operations(document: Doc) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in document.get("paths", {}).values():
+        for method in METHODS:
+            op = item.get(method)
+            if isinstance(op, dict) and op.get("operationId"):
+                out[op["operationId"]] = op
+    return out
+
+
+def _example(op: dict[str, Any], status: int, media: str, name: str, example: Any) -> None:
+    response = op.setdefault("responses", {}).setdefault(
+        str(status), {"description": "See the example."}
+    )
+    content = response.setdefault("content", {}).setdefault(media, {})
+    content.setdefault("examples", {})[name] = example
+
+
+def with_examples(document: dict[str, Any], examples: Mapping[str, Any]) -> dict[str, Any]:
+    """``document`` with each captured example on its operation: the request body's,
+    the response's under its status and media type, and each error code's problem
+    under its status (``application/problem+json``; Anthropic's error body on
+    ``createMessage``)."""
+    ops = _operations(document)
+    for op_id, entries in examples.get("operations", {}).items():
+        op = ops.get(op_id)
+        if op is None:
+            continue
+        for entry in entries:
+            if "request" in entry:
+                body = op.setdefault("requestBody", {"content": {}})
+                media = body.setdefault("content", {}).setdefault("application/json", {})
+                media.setdefault("examples", {})[entry["name"]] = {
+                    "summary": entry["summary"],
+                    "value": entry["request"],
+                }
+            _example(
+                op,
+                entry["status"],
+                entry["media_type"],
+                entry["name"],
+                {"summary": entry["summary"], "value": entry["value"]},
+            )
+    for code, entry in examples.get("errors", {}).items():
+        op = ops.get(entry["operation"])
+        if op is None:
+            continue
+        _example(
+            op,
+            entry["status"],
+            entry["media_type"],
+            code,
+            {"summary": f"{code} ({entry['status']})", "value": entry["value"]},
+        )
+    return document
 
 
 class _Schemas:
