@@ -23,7 +23,7 @@ export LLAMA_CPP_BUILD_JOBS
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 export CMAKE_ARGS
 
-.PHONY: help venv install run test lint proto proto-check asyncapi openapi openapi-examples bench bench-peers clean clean-state distclean
+.PHONY: help venv install browser run test lint proto proto-check asyncapi openapi openapi-examples bench bench-peers clean clean-state distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -67,7 +67,21 @@ $(STAMP): pyproject.toml $(CLIENT)/pyproject.toml | $(PY)
 	  echo "==> Client install failed; the end of $(INSTALL_LOG):"; tail -n 20 $(INSTALL_LOG); exit 1; }
 	@touch $@
 
-install: $(STAMP) ## install the package with the dev extras (first time: compiles llama.cpp)
+install: $(STAMP) browser ## install the package with the dev extras (first time: compiles llama.cpp)
+
+# The console's browser tests (tests/console) drive Debian's chromium through Playwright,
+# which downloads no browser of its own. Installed here when missing, as root with apt;
+# elsewhere the tests skip, saying how to install it.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "==> Installing Debian's chromium for the console's browser tests"; \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null; }) || \
+	    echo "    chromium could not be installed: the console's browser tests will skip"; \
+	else \
+	  echo "==> No chromium (apt-get install chromium): the console's browser tests will skip"; \
+	fi
 
 run: install ## start NATS, the local model and the five services (sluice up)
 	$(VENV)/bin/sluice up $(UP_ARGS)

@@ -163,7 +163,7 @@ async def wait_job(http: httpx.AsyncClient, job_id: str, statuses: set[str]) -> 
 async def operations(c: Capture) -> None:
     async with c.client() as http:
         resp = await http.post("/v1/chat/completions", json=CHAT)
-        c.ok("createChatCompletion", "completion", "A chat completion", resp, 200, CHAT)
+        plain = c.ok("createChatCompletion", "completion", "A chat completion", resp, 200, CHAT)
         streamed = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
         resp = await http.post("/v1/chat/completions", json=streamed)
         stream_text = c.ok(
@@ -226,6 +226,24 @@ async def operations(c: Capture) -> None:
         await asyncio.sleep(1)  # the ledger records a moment after the answers
         resp = await http.get("/v1/usage", params={"group_by": "model"})
         c.ok("getUsage", "by_model", "Spend by model", resp, 200)
+        resp = await http.get("/v1/me")
+        c.ok("getCaller", "me", "The calling key, its team and budgets", resp, 200)
+        trace_id = plain["sluice"]["trace_id"]
+        for _ in range(100):  # spans reach the local files a moment after the answer
+            resp = await http.get(f"/v1/traces/{trace_id}")
+            if resp.status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        c.ok("getTrace", "trace", "A chat completion's trace", resp, 200)
+        cached = {**CHAT, "temperature": 0}
+        await http.post("/v1/chat/completions", json=cached)
+        invalidate = {"request": cached}
+        resp = await http.post("/v1/cache/invalidate", json=invalidate)
+        c.ok(
+            "invalidateCache", "request", "A request's cached answer removed", resp, 200, invalidate
+        )
+        resp = await http.get("/v1/providers")
+        c.ok("listProviders", "providers", "Routes, breakers and recent calls", resp, 200)
         resp = await http.get("/healthz")
         c.ok("getHealth", "live", "Alive", resp, 200)
         resp = await http.get("/readyz")
@@ -250,6 +268,10 @@ async def operations(c: Capture) -> None:
         c.ok(
             "getAsyncApi", "abridged", "The AsyncAPI document (abridged)", resp, 200, value=abridged
         )
+
+    async with c.client(c.admin_key) as ops:
+        resp = await ops.get("/v1/cache")
+        c.ok("getCacheStats", "stats", "The cache's counters (operators)", resp, 200)
 
     async with c.client(c.admin_key) as ops:
         team = {"team_id": "acme", "name": "Acme", "budgets": {"usd_per_month": "200"}}

@@ -14,12 +14,14 @@ from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin
 from sluice import __version__
 
 from services.gateway.domain.versions import VERSIONS
+from services.gateway.handlers.http.console.pages import ConsoleController
 from services.gateway.handlers.http.controllers.admin import (
     AdminAuditController,
     AdminKeysController,
     AdminTeamsController,
 )
 from services.gateway.handlers.http.controllers.chat import ChatController
+from services.gateway.handlers.http.controllers.console_api import ConsoleApiController
 from services.gateway.handlers.http.controllers.docs import DocsController
 from services.gateway.handlers.http.controllers.jobs import JobsController, WebhooksController
 from services.gateway.handlers.http.controllers.messages import MessagesController
@@ -46,6 +48,8 @@ ROUTE_HANDLERS = (
     AdminTeamsController,
     AdminKeysController,
     AdminAuditController,
+    ConsoleApiController,
+    ConsoleController,
 )
 
 
@@ -70,7 +74,7 @@ def openapi_config() -> OpenAPIConfig:
         "API with limits, caching, cost and one trace per request. Errors are RFC 9457 "
         "problem+json (Anthropic error bodies on /v1/messages). Agents: the same "
         "operations as MCP tools at /mcp (Streamable HTTP, protocol revisions "
-        "2025-11-25 and 2026-07-28). "
+        "2025-11-25 and 2026-07-28). People: the web console at /console. "
         f"API version {VERSIONS.current.name}: send 'Sluice-Version: YYYY-MM-DD' to pin one "
         "(default: your key's); every answer names its version in the same header.",
         path="/docs",
