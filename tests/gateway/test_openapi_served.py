@@ -21,5 +21,12 @@ async def test_the_served_document_has_the_examples(gw: Gateway) -> None:
     problems = chat["responses"]["404"]["content"]["application/problem+json"]["examples"]
     assert problems["model_not_found"]["value"]["code"] == "model_not_found"
     assert chat["requestBody"]["content"]["application/json"]["examples"]["completion"]
+    # The version header, declared on every operation and every response.
+    for item in document["paths"].values():
+        for op in item.values():
+            names = [p["name"] for p in op.get("parameters", []) if p["in"] == "header"]
+            assert "Sluice-Version" in names, op["operationId"]
+            for response in op["responses"].values():
+                assert "sluice-version" in response["headers"], op["operationId"]
     # Examples add to the document; they never break the version's contract.
     assert breaking_changes(current_document(), document) == []

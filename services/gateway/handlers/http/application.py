@@ -31,7 +31,11 @@ from services.gateway.handlers.http.controllers.streams import StreamsController
 from services.gateway.handlers.http.controllers.usage import UsageController
 from services.gateway.handlers.http.deps import ApiDeps
 from services.gateway.handlers.http.mcp.endpoint import McpEndpoint, mcp_mount
-from services.gateway.handlers.http.openapi import load_examples, with_examples
+from services.gateway.handlers.http.openapi import (
+    load_examples,
+    with_api_version,
+    with_examples,
+)
 from services.gateway.handlers.http.problems import exception_handler
 
 # The public API's routes (``/mcp`` is mounted beside them when the endpoint runs).
@@ -62,7 +66,8 @@ class _JsonWithExamples(JsonRenderPlugin):
 
     def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
         if self._merged is None:
-            self._merged = with_examples(copy.deepcopy(openapi_schema), load_examples())
+            document = with_api_version(copy.deepcopy(openapi_schema))
+            self._merged = with_examples(document, load_examples())
         return super().render(request, self._merged)
 
 
@@ -88,7 +93,7 @@ def openapi_document(*, examples: bool = False) -> dict[str, Any]:
     route declarations alone (no service needed); with ``examples``, as served (the
     captured examples merged in)."""
     app = Litestar(route_handlers=list(ROUTE_HANDLERS), openapi_config=openapi_config())
-    document = app.openapi_schema.to_schema()
+    document = with_api_version(app.openapi_schema.to_schema())
     return with_examples(document, load_examples()) if examples else document
 
 

@@ -68,6 +68,33 @@ def _operations(document: Doc) -> dict[str, dict[str, Any]]:
     return out
 
 
+def with_api_version(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` with the ``Sluice-Version`` request header declared on every
+    operation and echoed on every response (the edge handles both, so no route
+    declares them)."""
+    supported = ", ".join(VERSIONS.supported())
+    parameter = {
+        "name": "Sluice-Version",
+        "in": "header",
+        "required": False,
+        "description": "The API version to answer in (YYYY-MM-DD); without it, the "
+        f"key's own. Served: {supported}. Another is a 400 unsupported_api_version.",
+        "schema": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+    }
+    header = {
+        "description": "The API version this answer follows. A deprecated version's "
+        "answers also carry Deprecation (RFC 9745) and Sunset (RFC 8594).",
+        "schema": {"type": "string"},
+    }
+    for op in _operations(document).values():
+        params = op.setdefault("parameters", [])
+        if not any(p.get("name") == "Sluice-Version" for p in params):
+            params.append(dict(parameter))
+        for response in op.get("responses", {}).values():
+            response.setdefault("headers", {})["sluice-version"] = dict(header)
+    return document
+
+
 def _example(op: dict[str, Any], status: int, media: str, name: str, example: Any) -> None:
     response = op.setdefault("responses", {}).setdefault(
         str(status), {"description": "See the example."}
