@@ -66,8 +66,8 @@ class _JsonWithExamples(JsonRenderPlugin):
 
     def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
         if self._merged is None:
-            document = with_api_version(copy.deepcopy(openapi_schema))
-            self._merged = with_examples(document, load_examples())
+            document = with_examples(copy.deepcopy(openapi_schema), load_examples())
+            self._merged = with_api_version(document)
         return super().render(request, self._merged)
 
 
@@ -93,8 +93,10 @@ def openapi_document(*, examples: bool = False) -> dict[str, Any]:
     route declarations alone (no service needed); with ``examples``, as served (the
     captured examples merged in)."""
     app = Litestar(route_handlers=list(ROUTE_HANDLERS), openapi_config=openapi_config())
-    document = with_api_version(app.openapi_schema.to_schema())
-    return with_examples(document, load_examples()) if examples else document
+    document = app.openapi_schema.to_schema()
+    if examples:
+        document = with_examples(document, load_examples())
+    return with_api_version(document)
 
 
 def create_app(deps: ApiDeps, mcp: McpEndpoint | None = None) -> Litestar:
