@@ -84,12 +84,15 @@ async def authenticate_caller(
     caller = await keys.authenticate(
         extract_secret(headers.get("authorization"), headers.get("x-api-key"))
     )
-    notes = request_context(request.scope).notes
+    ctx = request_context(request.scope)
+    notes = ctx.notes
     notes.actor = caller.actor
     notes.key_id = caller.key.key_id
     notes.team_id = caller.key.team_id
     notes.end_user = caller.end_user
     notes.audit_prompts = caller.key.audit_prompts
+    # The key's own API version, unless the request named one (a dict lookup).
+    ctx.version.settle_for_key(caller.key.api_version)
     # Whose trace this is (GET /v1/traces/{id} shows it to that team only).
     span = trace.get_current_span()
     span.set_attribute(TEAM_ATTRIBUTE, caller.key.team_id)
