@@ -23,7 +23,7 @@ export LLAMA_CPP_BUILD_JOBS
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 export CMAKE_ARGS
 
-.PHONY: help venv install run test lint proto proto-check asyncapi bench bench-peers clean clean-state distclean
+.PHONY: help venv install browser run test lint proto proto-check asyncapi openapi openapi-examples bench bench-peers clean clean-state distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -67,7 +67,21 @@ $(STAMP): pyproject.toml $(CLIENT)/pyproject.toml | $(PY)
 	  echo "==> Client install failed; the end of $(INSTALL_LOG):"; tail -n 20 $(INSTALL_LOG); exit 1; }
 	@touch $@
 
-install: $(STAMP) ## install the package with the dev extras (first time: compiles llama.cpp)
+install: $(STAMP) browser ## install the package with the dev extras (first time: compiles llama.cpp)
+
+# The console's browser tests (tests/console) drive Debian's chromium through Playwright,
+# which downloads no browser of its own. Installed here when missing, as root with apt;
+# elsewhere the tests skip, saying how to install it.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "==> Installing Debian's chromium for the console's browser tests"; \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null; }) || \
+	    echo "    chromium could not be installed: the console's browser tests will skip"; \
+	else \
+	  echo "==> No chromium (apt-get install chromium): the console's browser tests will skip"; \
+	fi
 
 run: install ## start NATS, the local model and the five services (sluice up)
 	$(VENV)/bin/sluice up $(UP_ARGS)
@@ -79,13 +93,7 @@ lint: install ## ruff, mypy, buf lint, and buf breaking against the last v* rele
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy libs/sluice services tests bench deploy/docker examples $(CLIENT)/src
 	cd proto && ../$(VENV)/bin/buf lint
-	@tag=$$(git describe --tags --abbrev=0 --match 'v*' 2>/dev/null || true); \
-	if [ -n "$$tag" ]; then \
-	  echo "buf breaking against $$tag"; \
-	  $(VENV)/bin/buf breaking proto --against ".git#tag=$$tag,subdir=proto"; \
-	else \
-	  echo "buf breaking: skipped, no v* release tag yet"; \
-	fi
+	BUF=$(VENV)/bin/buf scripts/buf_breaking.sh
 
 proto: install ## regenerate the protobuf and gRPC code in libs/sluice/*/v1
 	PYTHON=$(PY) scripts/proto_codegen.sh
@@ -95,6 +103,12 @@ proto-check: install ## fail when the committed generated code is stale
 
 asyncapi: install ## regenerate docs/asyncapi.json (the published events, sluice.events)
 	$(PY) -m sluice.events docs/asyncapi.json
+
+openapi: install ## refresh docs/openapi/<current API version>.json; refuses a breaking change to it
+	$(PY) -m services.gateway.handlers.http.openapi write
+
+openapi-examples: install ## capture the OpenAPI examples from a stack with the simulated provider
+	$(PY) scripts/openapi_examples.py
 
 bench: install ## run the benchmarks (python -m bench)
 	$(PY) -m bench

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -209,19 +209,45 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def wakeups_and_syscalls(pid: int) -> tuple[int, int]:
+    """Voluntary context switches of every thread of ``pid`` (each one a wait for I/O or
+    a lock: a wake-up) and its read and write system calls (sockets and files)."""
+    switches = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(OSError):
+            for line in status.read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    switches += int(line.split()[1])
+    calls = 0
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("syscr", "syscw"):
+                calls += int(value)
+    return switches, calls
+
+
 class CpuMeter:
-    """CPU seconds each process spends while inside ``counting()``, summed."""
+    """CPU seconds each process spends while inside ``counting()``, summed; and its
+    wake-ups and read/write system calls, which a busy machine does not blur the way it
+    blurs CPU time (the same work makes the same calls)."""
 
     def __init__(self, pids: Mapping[str, int]) -> None:
         self.pids = dict(pids)
         self.spent = dict.fromkeys(self.pids, 0.0)
+        self.wakeups = dict.fromkeys(self.pids, 0)
+        self.syscalls = dict.fromkeys(self.pids, 0)
 
     @contextlib.asynccontextmanager
     async def counting(self) -> AsyncIterator[None]:
         before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        calls_before = {name: wakeups_and_syscalls(pid) for name, pid in self.pids.items()}
         yield
         for name, pid in self.pids.items():
             self.spent[name] += cpu_seconds(pid) - before[name]
+            switches, calls = wakeups_and_syscalls(pid)
+            self.wakeups[name] += switches - calls_before[name][0]
+            self.syscalls[name] += calls - calls_before[name][1]
 
 
 class MessageMeter:
@@ -307,6 +333,9 @@ class OverheadRun:
     # connection (sent to the server, received from it).
     cpu_ms: dict[str, float]
     messages: dict[str, tuple[float, float]]
+    # Per request, by process: voluntary context switches and read/write system calls.
+    wakeups: dict[str, float] = field(default_factory=dict)
+    syscalls: dict[str, float] = field(default_factory=dict)
 
     @property
     def cpu_ms_total(self) -> float:
@@ -408,6 +437,8 @@ async def measure_overhead(
                     added_p99_ms=ms(g_tot, 99) - ms(d_tot, 99),
                     added_ttft_p50_ms=ttft,
                     cpu_ms={name: secs * 1000 / sent for name, secs in meter.spent.items()},
+                    wakeups={name: n / sent for name, n in meter.wakeups.items()},
+                    syscalls={name: n / sent for name, n in meter.syscalls.items()},
                     messages={
                         name: (moved_sent / sent, received / sent)
                         for name, (moved_sent, received) in messages.moved.items()
@@ -452,6 +483,25 @@ def cpu_table(runs: list[OverheadRun]) -> str:
     return table(
         ["mode", "req/s", *names],
         [[r.mode, r.rate, *[r.cpu_ms.get(n, float("nan")) for n in names]] for r in runs],
+    )
+
+
+def wakeups_table(runs: list[OverheadRun]) -> str:
+    names = sorted({name for r in runs for name in r.wakeups})
+    return table(
+        ["mode", "req/s", *names, "all"],
+        [
+            [
+                r.mode,
+                r.rate,
+                *[
+                    f"{r.wakeups.get(n, 0.0):.1f} / {r.syscalls.get(n, 0.0):.1f}"
+                    for n in names
+                ],
+                f"{sum(r.wakeups.values()):.1f} / {sum(r.syscalls.values()):.1f}",
+            ]
+            for r in runs
+        ],
     )
 
 
@@ -531,6 +581,11 @@ async def overhead_report(product: RunningProduct, args: argparse.Namespace) -> 
     print(overhead_table(runs))
     print("\nCPU ms per request, by process")
     print(cpu_table(runs))
+    print(
+        "\nWake-ups / read and write system calls per request, by process"
+        " (voluntary context switches of all its threads / syscr + syscw)"
+    )
+    print(wakeups_table(runs))
     print("\nNATS messages per request, by connection (sent to NATS / received from it)")
     print(messages_table(runs))
     print("\nStream relay: inter-chunk gaps, provider paced at 200 tokens/s")

@@ -67,6 +67,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_CONTENT = "unsupported_content"
     MODEL_TIMEOUT = "model_timeout"
     MODEL_RETIRED = "model_retired"
+    UNSUPPORTED_API_VERSION = "unsupported_api_version"
 
 
 CATALOGUE: dict[ErrorCode, ErrorSpec] = {
@@ -215,6 +216,15 @@ CATALOGUE: dict[ErrorCode, ErrorSpec] = {
         "api_error",
         retryable=True,
         rpc_code=code_pb2.DEADLINE_EXCEEDED,
+    ),
+    ErrorCode.UNSUPPORTED_API_VERSION: ErrorSpec(
+        400,
+        "Unsupported API version",
+        "Send 'Sluice-Version: YYYY-MM-DD' with a version in details.supported, or no "
+        "header to get your key's version.",
+        "invalid_request_error",
+        "invalid_request_error",
+        rpc_code=code_pb2.INVALID_ARGUMENT,
     ),
     ErrorCode.MODEL_RETIRED: ErrorSpec(
         410,

@@ -63,6 +63,12 @@ class Subjects:
     CACHE_LOOKUP = f"{PREFIX}.cache.lookup"
     # publish: cache_pb2.StoreRequest
     CACHE_STORE = f"{PREFIX}.cache.store"
+    # request/reply, queue group cache: cache_pb2.StatsRequest -> StatsResponse (the
+    # answering instance's counters, the bucket's entries) and InvalidateRequest ->
+    # InvalidateResponse; the gateway's /v1/cache asks them (gRPC CacheAdminService
+    # answers the same for operators)
+    CACHE_STATS = f"{PREFIX}.cache.stats"
+    CACHE_INVALIDATE = f"{PREFIX}.cache.invalidate"
     # JetStream work queue: inference_pb2.InferenceWork, one subject per priority class
     INFER_ALL = f"{PREFIX}.infer.>"
     # core publish captured by the STREAMS stream: inference_pb2.StreamEvent

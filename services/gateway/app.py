@@ -20,7 +20,7 @@ from sluice.service import ServiceRuntime
 from sluice.topology import Buckets, ServiceName
 
 from services.gateway.adapters.audit import NatsAuditLog
-from services.gateway.adapters.cache import CacheClient
+from services.gateway.adapters.cache import CacheAdminClient, CacheClient
 from services.gateway.adapters.coalesce import KvCoalesceClaims
 from services.gateway.adapters.guard_rules import load_guard
 from services.gateway.adapters.idempotency_store import KvIdempotencyStore
@@ -29,6 +29,7 @@ from services.gateway.adapters.keys import KvKeyStore, bootstrap_admin_key, boot
 from services.gateway.adapters.lifecycle import NatsLifecycle
 from services.gateway.adapters.limiter import LimiterClient
 from services.gateway.adapters.readiness import BreakerBoard, Readiness
+from services.gateway.adapters.spans import LocalSpans
 from services.gateway.adapters.streams import NatsStreams
 from services.gateway.adapters.teams import KvTeamStore
 from services.gateway.adapters.usage import UsageClient
@@ -236,6 +237,9 @@ async def assemble(
         usage=UsageReports(UsageClient(bus, settings.usage_timeout_seconds)),
         estimator=Estimator(chat, prices),
         admin=AdminService(teams=teams, keys=keys, audit_log=audit_log, tiers=tiers),
+        spans=LocalSpans(settings.common.state_dir),
+        cache_admin=CacheAdminClient(bus, timeout=2.0),
+        breakers=breakers,
     )
     consumers: list[Consumer] = [
         breakers,

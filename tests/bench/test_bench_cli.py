@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +115,25 @@ async def test_consumer_tables_measure_every_variant_and_settle_every_message() 
     for label in [*consumers.CORE_VARIANTS.values(), *consumers.PULL_VARIANTS.values()]:
         assert label in text
     assert "AckAll saves, per message:" in text
+
+
+def test_wakeups_and_syscalls_count_this_process_reading_and_waiting(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    from bench.__main__ import wakeups_and_syscalls
+
+    before = wakeups_and_syscalls(os.getpid())
+    target = tmp_path / "probe"
+    for _ in range(20):
+        target.write_bytes(b"x")
+        target.read_bytes()
+    # A thread that waits and is woken: a voluntary switch or more.
+    done = threading.Event()
+    waiter = threading.Thread(target=done.wait)
+    waiter.start()
+    done.set()
+    waiter.join()
+    after = wakeups_and_syscalls(os.getpid())
+    assert after[1] - before[1] >= 40  # at least the 20 writes and 20 reads
+    assert after[0] > before[0]

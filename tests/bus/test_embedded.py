@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import nats
-from sluice.devtools.embedded import EmbeddedNats, free_port
+from sluice.devtools.embedded import EmbeddedNats, free_port, server_env
 
 
 async def test_monitoring_counts_messages_per_named_connection(tmp_path: Path) -> None:
@@ -54,3 +54,19 @@ def test_free_ports_are_distinct_and_outside_the_ephemeral_range() -> None:
     floor = _ephemeral_floor()
     if floor - 15_000 >= 1_000:
         assert all(15_000 <= p < floor for p in ports), "no outgoing connection takes them"
+
+
+def test_the_embedded_server_runs_on_one_go_processor_unless_told(tmp_path: Path) -> None:
+    assert server_env({})["GOMAXPROCS"] == "1"
+    assert server_env({"SLUICE_NATS_GOMAXPROCS": "2"})["GOMAXPROCS"] == "2"
+    assert server_env({"GOMAXPROCS": "4"})["GOMAXPROCS"] == "4"
+    assert "GOMAXPROCS" not in server_env({"GOMAXPROCS": "3", "SLUICE_NATS_GOMAXPROCS": "auto"})
+    monitor = free_port()
+    server = EmbeddedNats.start(tmp_path / "nats", monitor_port=monitor)
+    try:
+        # The running server reports its processors in /varz.
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/varz") as resp:
+            varz = json.load(resp)
+    finally:
+        server.stop()
+    assert varz["gomaxprocs"] == 1

@@ -418,11 +418,16 @@ async def test_in_progress_acks_keep_the_claim(bus: Bus, make_worker: WorkerFact
         async def in_progress(self) -> None:
             self.progress += 1
 
-    msg = FakeMsg()
-    task = asyncio.create_task(worker.consumer._keep_claim(msg))  # type: ignore[arg-type]
+    held, done = FakeMsg(), FakeMsg()
+    worker.consumer.claims[id(held)] = (held, time.monotonic())  # type: ignore[assignment]
+    worker.consumer.claims[id(done)] = (done, time.monotonic())  # type: ignore[assignment]
+    await asyncio.sleep(0.12)
+    del worker.consumer.claims[id(done)]
+    progress_when_done = done.progress
     await asyncio.sleep(0.3)
-    task.cancel()
-    assert msg.progress >= 3
+    assert held.progress >= 3
+    # A message no longer held is not renewed.
+    assert done.progress == progress_when_done
 
 
 async def test_saturated_worker_prefers_system_then_interactive_then_batch(

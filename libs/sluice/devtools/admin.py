@@ -241,6 +241,9 @@ def keys(argv: list[str]) -> int:
     create.add_argument("--model", action="append", help="allowed model name or glob")
     create.add_argument("--expires-in", type=int, metavar="SECONDS")
     create.add_argument("--audit-prompts", action="store_true")
+    create.add_argument(
+        "--api-version", metavar="YYYY-MM-DD", help="its requests' API version (default: current)"
+    )
     create.add_argument("--meta", action="append", metavar="KEY=VALUE")
     _limit_options(create)
     listing = sub.add_parser("list", help="keys, of one team with --team")
@@ -268,6 +271,7 @@ def keys(argv: list[str]) -> int:
                 "model_allow": args.model,
                 "expires_in_seconds": args.expires_in,
                 "audit_prompts": args.audit_prompts or None,
+                "api_version": args.api_version,
                 "limits": _limits(args),
                 "budgets": _budgets(args),
                 "metadata": _metadata(args.meta),

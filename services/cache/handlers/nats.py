@@ -50,9 +50,31 @@ class CacheHandlers:
     async def store(self, request: cache_pb2.StoreRequest, _msg: Msg) -> None:
         await self.cache.store_answer(request)
 
+    async def stats(self, _request: cache_pb2.StatsRequest, _msg: Msg) -> cache_pb2.StatsResponse:
+        """This instance's counters since start, and the entries in the bucket."""
+        stats = self.cache.stats
+        return cache_pb2.StatsResponse(
+            lookups=stats.lookups,
+            hits=stats.hits,
+            stores=stats.stores,
+            entries=await self.cache.store.count(),
+            semantic_lookups=stats.semantic_lookups,
+            semantic_hits=stats.semantic_hits,
+        )
+
+    async def invalidate(
+        self, request: cache_pb2.InvalidateRequest, _msg: Msg
+    ) -> cache_pb2.InvalidateResponse:
+        """One entry (with its semantic point), or every entry for an empty key."""
+        return cache_pb2.InvalidateResponse(removed=await self.cache.invalidate(request.cache_key))
+
     async def serve(self, bus: Bus) -> None:
         await bus.serve(Subjects.CACHE_LOOKUP, cache_pb2.LookupRequest, self.lookup, queue=QUEUE)
         await bus.serve(Subjects.CACHE_STORE, cache_pb2.StoreRequest, self.store, queue=QUEUE)
+        await bus.serve(Subjects.CACHE_STATS, cache_pb2.StatsRequest, self.stats, queue=QUEUE)
+        await bus.serve(
+            Subjects.CACHE_INVALIDATE, cache_pb2.InvalidateRequest, self.invalidate, queue=QUEUE
+        )
 
     async def finish(self) -> None:
         """Wait for the semantic replies still running (part of a graceful stop)."""

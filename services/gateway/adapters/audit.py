@@ -6,6 +6,7 @@ consumer filtered by team and kind, from a cursor or a start time."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 
@@ -29,7 +30,13 @@ class NatsAuditLog:
     def __init__(self, bus: Bus, read_timeout: float = 5.0) -> None:
         self.bus = bus
         self.read_timeout = read_timeout
-        self._pending: set[asyncio.Task[None]] = set()
+        # Records wait here for the one sender task: no task per request, and the
+        # records of one event-loop turn leave in one write.
+        self._queue: collections.deque[tuple[tenancy_pb2.AuditEvent, str]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._sender: asyncio.Task[None] | None = None
         self.dropped = 0
 
     async def send(self, event: tenancy_pb2.AuditEvent, kind: str) -> None:
@@ -43,13 +50,35 @@ class NatsAuditLog:
             log.warning("audit record not sent: %s", type(exc).__name__)
 
     def record(self, event: tenancy_pb2.AuditEvent, kind: str) -> None:
-        task = asyncio.get_running_loop().create_task(self.send(event, kind))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._queue.append((event, kind))
+        self._idle.clear()
+        self._wake.set()
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(
+                self._send_queued(), name="gateway-audit-sender"
+            )
+
+    async def _send_queued(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                event, kind = self._queue.popleft()
+                await self.send(event, kind)
+            self._idle.set()
 
     async def drain(self) -> None:
-        if self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        """Sends every record handed over so far, then stops the sender (a record made
+        later starts it again)."""
+        sender, self._sender = self._sender, None
+        if sender is None or sender.done():
+            return
+        await self._idle.wait()
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        while self._queue:  # handed over while the sender was stopping
+            await self.send(*self._queue.popleft())
 
     async def query(self, query: AuditQuery) -> AuditPage:
         kind = audit.kind_of(query.action) if query.action else "*"

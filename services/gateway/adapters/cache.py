@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, TypeVar
 
+from google.protobuf.message import Message
 from sluice.bus import NATS_FAILURES, Bus
 from sluice.cache.v1 import cache_pb2
+from sluice.errors import ErrorCode, SluiceError
 from sluice.topology import Subjects
 
+from services.gateway.domain.console import CacheCounters
 from services.gateway.domain.ports import CacheResult
+
+R = TypeVar("R", bound=Message)
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +88,43 @@ class CacheClient:
                 return CacheResult("semantic-hit", reply.answer, elapsed, reply.similarity)
             return CacheResult("hit", reply.answer, elapsed)
         return CacheResult("miss", None, elapsed)
+
+
+class CacheAdminClient:
+    """The cache's statistics and invalidation over NATS request/reply (any instance
+    answers: counters are that instance's since its start, entries the shared bucket's)."""
+
+    def __init__(self, bus: Bus, timeout: float) -> None:
+        self._bus = bus
+        self._timeout = timeout
+
+    async def _ask(self, subject: str, request: Any, reply_type: type[R]) -> R:
+        try:
+            return await self._bus.request(subject, request, reply_type, timeout=self._timeout)
+        except (TimeoutError, *NATS_FAILURES):
+            raise SluiceError(
+                ErrorCode.SERVICE_UNAVAILABLE,
+                "The cache service did not answer; try again in a moment.",
+                retry_after_ms=1000,
+            ) from None
+
+    async def stats(self) -> CacheCounters:
+        reply = await self._ask(
+            Subjects.CACHE_STATS, cache_pb2.StatsRequest(), cache_pb2.StatsResponse
+        )
+        return CacheCounters(
+            lookups=reply.lookups,
+            hits=reply.hits,
+            stores=reply.stores,
+            entries=reply.entries,
+            semantic_lookups=reply.semantic_lookups,
+            semantic_hits=reply.semantic_hits,
+        )
+
+    async def invalidate(self, cache_key: str) -> int:
+        reply = await self._ask(
+            Subjects.CACHE_INVALIDATE,
+            cache_pb2.InvalidateRequest(cache_key=cache_key),
+            cache_pb2.InvalidateResponse,
+        )
+        return reply.removed

@@ -27,6 +27,7 @@ from services.gateway.adapters.watched import WatchedCache
 from services.gateway.domain.keys import DEV_KEY_PREFIX, dev_key_record, hash_secret
 from services.gateway.domain.problems import unavailable
 from services.gateway.domain.tenancy.policy import ADMIN_KEY_ID, ADMIN_TEAM_ID, Scope
+from services.gateway.domain.versions import VERSIONS
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ def admin_key_record(secret: str, created_unix: int) -> keys_pb2.ApiKeyRecord:
         scopes=[Scope.ADMIN],
         created_unix=created_unix,
         secret_prefix=secret[: len(ADMIN_KEY_PREFIX) + 4],
+        api_version=VERSIONS.current.name,
     )
 
 

@@ -16,6 +16,7 @@ from sluice.common.v1 import chat_pb2
 from sluice.inference.v1 import inference_pb2
 from sluice.topology import ALL_SERVICES, Buckets, Subjects
 
+from services.gateway.domain.console import BreakerView
 from services.gateway.domain.health import NATS, OpenBreaker
 
 log = logging.getLogger(__name__)
@@ -113,4 +114,27 @@ class BreakerBoard:
             # An open record past its cooldown is half-open: probes decide.
             state = "open" if record.state == "open" and left > 0 else "half_open"
             out.append(OpenBreaker(record.deployment, record.provider, state, record.reason, left))
+        return out
+
+    def all(self) -> list[BreakerView]:
+        """Every deployment's breaker as last written (an open one past its cooldown
+        is half-open)."""
+        now = time.time_ns()
+        out = []
+        for record in self._records.values():
+            left = max(0.0, (record.open_until_unix_nanos - now) / 1e9)
+            state = record.state
+            if state == "open" and left <= 0:
+                state = "half_open"
+            out.append(
+                BreakerView(
+                    deployment=record.deployment,
+                    provider=record.provider,
+                    state=state,
+                    reason=record.reason,
+                    seconds_left=left,
+                    failure_rate=record.failure_rate,
+                    changed_unix_nanos=record.changed_unix_nanos,
+                )
+            )
         return out

@@ -270,6 +270,19 @@ class ChatService:
             answer.stream = _then(answer.stream, release)
         return answer
 
+    async def cache_key_for(self, key: keys_pb2.ApiKeyRecord, request: chat_pb2.ChatRequest) -> str:
+        """The exact-cache key this key's team would store ``request``'s answer under
+        (as sent: no answer checks, no route hint), for invalidation; '' when the cache
+        mode takes no such request. The team is part of the key."""
+        check_model_allowed(key, request.model)
+        self.guard.inspect(request, self.catalog.model(request.model))
+        routed, _budget = await self.route(key, request, "")
+        policy = cache_policy(self.settings.cache_mode, request.sampling, "")
+        if not (policy.lookup or policy.store):
+            return ""
+        scope = cache_scope(key.team_id, request.model, routed.route.name)
+        return canonical.cache_key(request, scope=scope)
+
     async def route(
         self, key: keys_pb2.ApiKeyRecord, request: chat_pb2.ChatRequest, hint: str
     ) -> tuple[Resolution, TokenBudget]:

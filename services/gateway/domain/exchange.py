@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from services.gateway.domain.tenancy.audit import RequestNotes
+from services.gateway.domain.versions import VersionChoice
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -25,6 +26,8 @@ class RequestContext:
     path: str
     # Filled as the request goes (caller, model, usage, error), for its audit record.
     notes: RequestNotes = field(default_factory=RequestNotes, compare=False)
+    # The API version it is answered in (``Sluice-Version``).
+    version: VersionChoice = field(default_factory=VersionChoice, compare=False)
 
     @property
     def instance(self) -> str:

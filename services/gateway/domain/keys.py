@@ -8,6 +8,8 @@ import time
 from sluice.keys.v1 import keys_pb2
 from sluice.topology import PriorityClass
 
+from services.gateway.domain.versions import VERSIONS
+
 DEV_KEY_ID = "dev"
 DEV_TEAM_ID = "dev"
 DEV_KEY_PREFIX = "sk-sluice-"
@@ -27,4 +29,5 @@ def dev_key_record(secret: str) -> keys_pb2.ApiKeyRecord:
         scopes=["*"],
         tier=str(PriorityClass.INTERACTIVE),
         created_unix=int(time.time()),
+        api_version=VERSIONS.current.name,
     )

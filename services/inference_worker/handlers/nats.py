@@ -84,6 +84,11 @@ class WorkConsumer:
             ),
         )
         self.tasks: set[asyncio.Task[None]] = set()
+        # Messages being worked on, with when their claim was last renewed: one keeper
+        # renews them all (a task per message cost a create and a cancel per request).
+        # (nats-py's Msg is not hashable: keyed by identity.)
+        self.claims: dict[int, tuple[Msg, float]] = {}
+        self._keeper: asyncio.Task[None] | None = None
         self.pending: dict[str, int] = {}
         self.stopping = False
         self.processed = 0
@@ -111,6 +116,7 @@ class WorkConsumer:
         await self._refresh_pending()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="worker-dispatch")
         self._poller = asyncio.create_task(self._poll_pending(), name="worker-pending")
+        self._keeper = asyncio.create_task(self._keep_claims(), name="worker-claims")
         # Every worker hears every cancel (no queue group): the one running the request
         # stops it, the others remember it in case the work is still queued.
         self._cancel_sub = await self.bus.subscribe(Subjects.CANCEL_ALL, self._on_cancel)
@@ -124,7 +130,7 @@ class WorkConsumer:
         """Stop pulling, let in-flight work finish within ``grace`` seconds, nak the rest."""
         self.stopping = True
         deadline = time.monotonic() + grace
-        for task in (self._dispatcher, self._poller):
+        for task in (self._dispatcher, self._poller, self._keeper):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -233,7 +239,7 @@ class WorkConsumer:
             return
         delivery = msg.metadata.num_delivered or 1
         subject = Subjects.infer(cls)
-        keepalive = asyncio.create_task(self._keep_claim(msg))
+        self.claims[id(msg)] = (msg, time.monotonic())
         finished = False
         with self._tracer.start_as_current_span(
             f"{subject} process",
@@ -256,7 +262,7 @@ class WorkConsumer:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 log.exception("request %s could not be processed", work.request_id)
             finally:
-                keepalive.cancel()
+                self.claims.pop(id(msg), None)
                 if finished:
                     await msg.ack()
                     self.processed += 1
@@ -265,14 +271,23 @@ class WorkConsumer:
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=None if self.stopping else 1.0)
 
-    async def _keep_claim(self, msg: Msg) -> None:
+    async def _keep_claims(self) -> None:
+        """Renews the claim of every message held longer than the interval, so that
+        JetStream does not redeliver work that is still running (its ack wait is longer
+        than the interval; a claim is renewed between one and one and a half intervals
+        after the last)."""
         interval = self.settings.in_progress_interval_seconds
         while True:
-            await asyncio.sleep(interval)
-            try:
-                await msg.in_progress()
-            except Exception:
-                log.warning("in-progress ack failed", exc_info=True)
+            await asyncio.sleep(interval / 2)
+            now = time.monotonic()
+            for key, (msg, renewed) in list(self.claims.items()):
+                if now - renewed < interval or key not in self.claims:
+                    continue
+                self.claims[key] = (msg, now)
+                try:
+                    await msg.in_progress()
+                except Exception:
+                    log.warning("in-progress ack failed", exc_info=True)
 
     # --- queue depth ----------------------------------------------------------------
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sluice.tenancy.v1 import tenancy_pb2 as sluice_dot_tenancy_dot_v1_dot_tenancy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sluice/keys/v1/keys.proto\x12\x0esluice.keys.v1\x1a\x1fsluice/tenancy/v1/tenancy.proto\"\xd4\x04\n\x0c\x41piKeyRecord\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x15\n\rsecret_sha256\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x0c\n\x04tier\x18\x06 \x01(\t\x12\x19\n\x11tokens_per_minute\x18\x07 \x01(\x03\x12\x1b\n\x13requests_per_minute\x18\x08 \x01(\x03\x12\x14\n\x0c\x63reated_unix\x18\t \x01(\x03\x12\x10\n\x08\x64isabled\x18\n \x01(\x08\x12)\n\x06limits\x18\x0b \x01(\x0b\x32\x19.sluice.tenancy.v1.Limits\x12+\n\x07\x62udgets\x18\x0c \x01(\x0b\x32\x1a.sluice.tenancy.v1.Budgets\x12\x13\n\x0bmodel_allow\x18\r \x03(\t\x12\x14\n\x0c\x65xpires_unix\x18\x0e \x01(\x03\x12<\n\x08metadata\x18\x0f \x03(\x0b\x32*.sluice.keys.v1.ApiKeyRecord.MetadataEntry\x12\x13\n\x0breplaced_by\x18\x10 \x01(\t\x12\x18\n\x10grace_until_unix\x18\x11 \x01(\x03\x12\x14\n\x0crevoked_unix\x18\x12 \x01(\x03\x12\x15\n\raudit_prompts\x18\x13 \x01(\x08\x12\x1b\n\x13on_budget_exhausted\x18\x14 \x01(\t\x12\x15\n\rsecret_prefix\x18\x15 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sluice/keys/v1/keys.proto\x12\x0esluice.keys.v1\x1a\x1fsluice/tenancy/v1/tenancy.proto\"\xe9\x04\n\x0c\x41piKeyRecord\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x15\n\rsecret_sha256\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x0c\n\x04tier\x18\x06 \x01(\t\x12\x19\n\x11tokens_per_minute\x18\x07 \x01(\x03\x12\x1b\n\x13requests_per_minute\x18\x08 \x01(\x03\x12\x14\n\x0c\x63reated_unix\x18\t \x01(\x03\x12\x10\n\x08\x64isabled\x18\n \x01(\x08\x12)\n\x06limits\x18\x0b \x01(\x0b\x32\x19.sluice.tenancy.v1.Limits\x12+\n\x07\x62udgets\x18\x0c \x01(\x0b\x32\x1a.sluice.tenancy.v1.Budgets\x12\x13\n\x0bmodel_allow\x18\r \x03(\t\x12\x14\n\x0c\x65xpires_unix\x18\x0e \x01(\x03\x12<\n\x08metadata\x18\x0f \x03(\x0b\x32*.sluice.keys.v1.ApiKeyRecord.MetadataEntry\x12\x13\n\x0breplaced_by\x18\x10 \x01(\t\x12\x18\n\x10grace_until_unix\x18\x11 \x01(\x03\x12\x14\n\x0crevoked_unix\x18\x12 \x01(\x03\x12\x15\n\raudit_prompts\x18\x13 \x01(\x08\x12\x1b\n\x13on_budget_exhausted\x18\x14 \x01(\t\x12\x15\n\rsecret_prefix\x18\x15 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x16 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APIKEYRECORD_METADATAENTRY']._loaded_options = None
   _globals['_APIKEYRECORD_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_APIKEYRECORD']._serialized_start=79
-  _globals['_APIKEYRECORD']._serialized_end=675
-  _globals['_APIKEYRECORD_METADATAENTRY']._serialized_start=628
-  _globals['_APIKEYRECORD_METADATAENTRY']._serialized_end=675
+  _globals['_APIKEYRECORD']._serialized_end=696
+  _globals['_APIKEYRECORD_METADATAENTRY']._serialized_start=649
+  _globals['_APIKEYRECORD_METADATAENTRY']._serialized_end=696
 # @@protoc_insertion_point(module_scope)

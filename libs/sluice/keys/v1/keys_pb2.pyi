@@ -64,6 +64,7 @@ class ApiKeyRecord(_message.Message):
     AUDIT_PROMPTS_FIELD_NUMBER: _builtins.int
     ON_BUDGET_EXHAUSTED_FIELD_NUMBER: _builtins.int
     SECRET_PREFIX_FIELD_NUMBER: _builtins.int
+    API_VERSION_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """Public identifier; the secret itself is never stored."""
     secret_sha256: _builtins.str
@@ -88,6 +89,10 @@ class ApiKeyRecord(_message.Message):
     """When a budget runs out mid-stream: "finish" (the default) or "cut"."""
     secret_prefix: _builtins.str
     """The first characters of the secret, to recognise a key in lists ("sk-sluice-AbC")."""
+    api_version: _builtins.str
+    """The public API version (Sluice-Version, YYYY-MM-DD) of this key's requests that
+    name none; set to the current version when the key is made (empty: the first).
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -126,10 +131,11 @@ class ApiKeyRecord(_message.Message):
         audit_prompts: _builtins.bool = ...,
         on_budget_exhausted: _builtins.str = ...,
         secret_prefix: _builtins.str = ...,
+        api_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_prompts", b"audit_prompts", "budgets", b"budgets", "created_unix", b"created_unix", "disabled", b"disabled", "expires_unix", b"expires_unix", "grace_until_unix", b"grace_until_unix", "key_id", b"key_id", "limits", b"limits", "metadata", b"metadata", "model_allow", b"model_allow", "name", b"name", "on_budget_exhausted", b"on_budget_exhausted", "replaced_by", b"replaced_by", "requests_per_minute", b"requests_per_minute", "revoked_unix", b"revoked_unix", "scopes", b"scopes", "secret_prefix", b"secret_prefix", "secret_sha256", b"secret_sha256", "team_id", b"team_id", "tier", b"tier", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "audit_prompts", b"audit_prompts", "budgets", b"budgets", "created_unix", b"created_unix", "disabled", b"disabled", "expires_unix", b"expires_unix", "grace_until_unix", b"grace_until_unix", "key_id", b"key_id", "limits", b"limits", "metadata", b"metadata", "model_allow", b"model_allow", "name", b"name", "on_budget_exhausted", b"on_budget_exhausted", "replaced_by", b"replaced_by", "requests_per_minute", b"requests_per_minute", "revoked_unix", b"revoked_unix", "scopes", b"scopes", "secret_prefix", b"secret_prefix", "secret_sha256", b"secret_sha256", "team_id", b"team_id", "tier", b"tier", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -38,6 +38,7 @@ from services.gateway.domain.tenancy.ports import (
     TeamAdmin,
 )
 from services.gateway.domain.tenancy.tiers import TierTable
+from services.gateway.domain.versions import VERSIONS, VersionRegistry
 
 KEY_PREFIX = "sk-sluice-"
 # How much of a secret lists show, to recognise a key ("sk-sluice-AbCd").
@@ -108,6 +109,8 @@ class KeySpec:
     metadata: dict[str, str] = field(default_factory=dict)
     audit_prompts: bool = False
     on_budget_exhausted: str = "finish"
+    # The API version of its requests that name none (empty: the current one).
+    api_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ class KeyChanges:
     metadata: dict[str, str] | None = None
     audit_prompts: bool | None = None
     on_budget_exhausted: str | None = None
+    api_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,9 @@ class AdminService:
         audit_log: AuditLog,
         tiers: TierTable,
         clock: Callable[[], float] = time.time,
+        versions: VersionRegistry = VERSIONS,
     ) -> None:
+        self.versions = versions
         self.teams = teams
         self.keys = keys
         self.audit_log = audit_log
@@ -365,6 +371,11 @@ class AdminService:
         for param, value in (("limits", spec.limits), ("budgets", spec.budgets)):
             if any(v < 0 for v in value.__dict__.values()):
                 raise _invalid(f"{param} cannot be below zero.", param)
+        version = (
+            self.versions.resolve(spec.api_version, "api_version")
+            if spec.api_version
+            else self.versions.current
+        )
         secret = new_secret()
         record = keys_pb2.ApiKeyRecord(
             key_id=new_key_id(),
@@ -381,6 +392,7 @@ class AdminService:
             audit_prompts=spec.audit_prompts,
             on_budget_exhausted=spec.on_budget_exhausted,
             secret_prefix=secret[:SECRET_PREFIX_CHARS],
+            api_version=version.name,
         )
         await self.keys.create(record)
         self._record(
@@ -445,6 +457,8 @@ class AdminService:
             if changes.on_budget_exhausted not in BUDGET_POLICIES:
                 raise _invalid("on_budget_exhausted is 'finish' or 'cut'.", "on_budget_exhausted")
             record.on_budget_exhausted = changes.on_budget_exhausted
+        if changes.api_version is not None:
+            record.api_version = self.versions.resolve(changes.api_version, "api_version").name
         await self.keys.put(record)
         self._record(caller, "key.update", record.team_id, key_id, trace_id, key_id=key_id)
         return record

@@ -18,6 +18,7 @@ from services.gateway.domain.tenancy.policy import (
     check_usable,
 )
 from services.gateway.domain.tenancy.ports import KeyLookup, TeamLookup, TokenVerifier
+from services.gateway.domain.versions import VERSIONS
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ def caller_from_claims(mapping: ClaimsMapping, claims: dict[str, object]) -> Cal
         name=f"JWT from {mapping.issuer}",
         scopes=kept,
         model_allow=list(mapping.model_allow),
+        api_version=VERSIONS.current.name,
     )
     return Caller(key=key, actor=f"jwt:{mapping.issuer}:{user}", end_user=user, via="jwt")
 

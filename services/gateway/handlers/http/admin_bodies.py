@@ -27,6 +27,7 @@ from services.gateway.domain.tenancy.limits import (
 )
 from services.gateway.domain.tenancy.policy import end_user_allowance, team_allowance
 from services.gateway.domain.tenancy.tiers import Tier
+from services.gateway.domain.versions import VERSIONS
 
 
 class _Strict(BaseModel):
@@ -142,6 +143,9 @@ class KeyCreateBody(_Strict):
     # Audit records of this key's requests carry the request body.
     audit_prompts: bool = False
     on_budget_exhausted: Literal["finish", "cut"] = "finish"
+    # The API version (YYYY-MM-DD) of its requests without a Sluice-Version header;
+    # absent: the current version.
+    api_version: str | None = Field(default=None, max_length=40)
 
     def spec(self, now: float) -> KeySpec:
         return KeySpec(
@@ -155,6 +159,7 @@ class KeyCreateBody(_Strict):
             metadata=self.metadata,
             audit_prompts=self.audit_prompts,
             on_budget_exhausted=self.on_budget_exhausted,
+            api_version=self.api_version or "",
         )
 
 
@@ -169,6 +174,7 @@ class KeyUpdateBody(_Strict):
     metadata: Metadata | None = None
     audit_prompts: bool | None = None
     on_budget_exhausted: Literal["finish", "cut"] | None = None
+    api_version: str | None = Field(default=None, max_length=40)
 
     def changes(self, now: float) -> KeyChanges:
         return KeyChanges(
@@ -180,6 +186,7 @@ class KeyUpdateBody(_Strict):
             metadata=self.metadata,
             audit_prompts=self.audit_prompts,
             on_budget_exhausted=self.on_budget_exhausted,
+            api_version=self.api_version,
         )
 
 
@@ -253,6 +260,7 @@ def key_view(key: keys_pb2.ApiKeyRecord, now: float) -> dict[str, Any]:
         "metadata": dict(key.metadata),
         "audit_prompts": key.audit_prompts,
         "on_budget_exhausted": key.on_budget_exhausted or "finish",
+        "api_version": key.api_version or VERSIONS.first.name,
     }
 
 

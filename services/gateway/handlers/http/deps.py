@@ -11,6 +11,7 @@ from sluice.catalog import Catalog
 from sluice.metrics import Instruments
 
 from services.gateway.domain.chat import ChatService
+from services.gateway.domain.console import BreakerView, CacheAdmin, SpanSource
 from services.gateway.domain.estimate import Estimator
 from services.gateway.domain.health import OpenBreaker
 from services.gateway.domain.idempotency.service import Idempotency
@@ -32,6 +33,12 @@ class ReadinessCheck(Protocol):
         ...
 
 
+class BreakerList(Protocol):
+    def all(self) -> list[BreakerView]:
+        """Every deployment's shared breaker."""
+        ...
+
+
 @dataclass
 class ApiDeps:
     """What the controllers call."""
@@ -48,6 +55,10 @@ class ApiDeps:
     usage: UsageReports
     estimator: Estimator
     admin: AdminService
+    # The console's reads: local spans, the cache's counters and invalidation, breakers.
+    spans: SpanSource
+    cache_admin: CacheAdmin
+    breakers: BreakerList
 
 
 def deps_of(request: Request[Any, Any, Any]) -> ApiDeps:

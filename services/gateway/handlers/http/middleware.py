@@ -14,15 +14,20 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from sluice import telemetry
+from sluice.errors import SluiceError
 from sluice.metrics import Instruments
 
-from services.gateway.domain.exchange import RequestContext
+from services.gateway.domain.dialects.anthropic.response import render_error
+from services.gateway.domain.exchange import JSON, RequestContext
+from services.gateway.domain.problems import PROBLEM_CONTENT_TYPE, problem_headers, render_problem
 from services.gateway.domain.tenancy import audit
 from services.gateway.domain.tenancy.ports import AuditLog
+from services.gateway.domain.versions import VERSIONS, ApiVersion, VersionChoice, VersionRegistry
 from services.gateway.handlers.http.routes import (
     ADMIN_PREFIX,
     ANSWER_ROUTES,
     UNTRACED,
+    is_messages_path,
     route_label,
 )
 
@@ -35,6 +40,8 @@ ASGIApp = Callable[..., Awaitable[None]]
 
 CTX_KEY = "sluice.ctx"
 _TRACE_HEADERS = (b"traceparent", b"tracestate")
+_VERSION_HEADER = b"sluice-version"
+_DEPRECATION = b"deprecation"
 
 
 def new_request_id() -> str:
@@ -49,11 +56,47 @@ def request_context(scope: Any) -> RequestContext:
     return RequestContext(new_request_id(), "", str(scope.get("path", "")))
 
 
+def with_version(headers: list[tuple[bytes, bytes]], version: ApiVersion) -> None:
+    """``Sluice-Version`` on a response, and a deprecated version's ``Deprecation`` and
+    ``Sunset`` unless the answer already has its own (a deprecated model's)."""
+    extra = version.headers
+    if len(extra) > 1 and any(k == _DEPRECATION for k, _ in headers):
+        extra = extra[:1]
+    headers.extend(extra)
+
+
+async def _refuse(send: Send, err: SluiceError, ctx: RequestContext) -> int:
+    """An error answered by the edge itself (before the app): the route's error shape."""
+    headers = problem_headers(err)
+    if is_messages_path(ctx.path):
+        headers["request-id"] = ctx.request_id
+        body = render_error(
+            err, instance=ctx.instance, request_id=ctx.request_id, trace_id=ctx.trace_id
+        )
+        media = JSON
+    else:
+        body = render_problem(
+            err, instance=ctx.instance, request_id=ctx.request_id, trace_id=ctx.trace_id
+        )
+        media = PROBLEM_CONTENT_TYPE
+    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+    raw.append((b"content-type", media.encode()))
+    raw.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": err.status, "headers": raw})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+    return err.status
+
+
 class Edge:
     def __init__(
-        self, app: ASGIApp, instruments: Instruments, audit_log: AuditLog | None = None
+        self,
+        app: ASGIApp,
+        instruments: Instruments,
+        audit_log: AuditLog | None = None,
+        versions: VersionRegistry = VERSIONS,
     ) -> None:
         self.app = app
+        self.versions = versions
         self.audit_log = audit_log
         self.instruments = instruments
         self.in_flight = 0
@@ -71,14 +114,27 @@ class Edge:
             return
         path: str = scope["path"]
         if path in UNTRACED:
+            # Probes answer in the current version whatever they send.
+            current = self.versions.current
+
+            async def send_versioned(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    headers = list(message.get("headers") or ())
+                    with_version(headers, current)
+                    message["headers"] = headers
+                await send(message)
+
             scope[CTX_KEY] = RequestContext(new_request_id(), "", path)
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_versioned)
             return
 
         carrier: dict[str, str] = {}
+        asked: str | None = None
         for name, value in scope["headers"]:
             if name in _TRACE_HEADERS:
                 carrier[name.decode()] = value.decode("latin-1")
+            elif name == _VERSION_HEADER:
+                asked = value.decode("latin-1")
         parent = telemetry.extract(carrier) if carrier else None
         method: str = scope["method"]
         route = route_label(path)
@@ -109,8 +165,16 @@ class Edge:
                 ),
             ]
             is_answer = route in ANSWER_ROUTES
-            ctx = RequestContext(request_id, trace_id, path)
+            choice = VersionChoice(self.versions)
+            ctx = RequestContext(request_id, trace_id, path, version=choice)
             scope[CTX_KEY] = ctx
+            refused: SluiceError | None = None
+            if asked is not None:
+                try:
+                    choice.version = self.versions.resolve(asked)
+                    choice.explicit = True
+                except SluiceError as err:
+                    refused = err
 
             async def send_with_headers(message: Message) -> None:
                 nonlocal status
@@ -118,6 +182,7 @@ class Edge:
                     status = message["status"]
                     headers = list(message.get("headers") or ())
                     headers.extend(extra)
+                    with_version(headers, choice.answered)
                     if is_answer and not any(k == b"x-sluice-cache" for k, _ in headers):
                         headers.append((b"x-sluice-cache", b"bypass"))
                     message["headers"] = headers
@@ -126,7 +191,12 @@ class Edge:
             finished = False
             pending = None
             try:
-                await self.app(scope, receive, send_with_headers)
+                if refused is not None:
+                    ctx.notes.code = str(refused.code)
+                    self.instruments.errors.add(1, {"code": ctx.notes.code, "service": "gateway"})
+                    await _refuse(send_with_headers, refused, ctx)
+                else:
+                    await self.app(scope, receive, send_with_headers)
                 finished = True
             finally:
                 span.set_attribute("http.response.status_code", status)

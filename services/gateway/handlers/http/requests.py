@@ -7,9 +7,11 @@ from collections.abc import Callable
 from typing import Any
 
 from litestar import Request
+from opentelemetry import trace
 from sluice.errors import ErrorCode, SluiceError
 from sluice.keys.v1 import keys_pb2
 
+from services.gateway.domain.console import KEY_ATTRIBUTE, TEAM_ATTRIBUTE
 from services.gateway.domain.exchange import JSON
 from services.gateway.domain.tenancy.identity import Authenticator
 from services.gateway.domain.tenancy.policy import Caller, Scope, require_scope
@@ -82,12 +84,19 @@ async def authenticate_caller(
     caller = await keys.authenticate(
         extract_secret(headers.get("authorization"), headers.get("x-api-key"))
     )
-    notes = request_context(request.scope).notes
+    ctx = request_context(request.scope)
+    notes = ctx.notes
     notes.actor = caller.actor
     notes.key_id = caller.key.key_id
     notes.team_id = caller.key.team_id
     notes.end_user = caller.end_user
     notes.audit_prompts = caller.key.audit_prompts
+    # The key's own API version, unless the request named one (a dict lookup).
+    ctx.version.settle_for_key(caller.key.api_version)
+    # Whose trace this is (GET /v1/traces/{id} shows it to that team only).
+    span = trace.get_current_span()
+    span.set_attribute(TEAM_ATTRIBUTE, caller.key.team_id)
+    span.set_attribute(KEY_ATTRIBUTE, caller.key.key_id)
     if scope is not None:
         require_scope(caller.key, scope)
     return caller

@@ -5,6 +5,7 @@ CHAT_ROUTE = "/v1/chat/completions"
 MESSAGES_ROUTE = "/v1/messages"
 JOBS_ROUTE = "/v1/jobs"
 MCP_ROUTE = "/mcp"
+CONSOLE_ROUTE = "/console"
 # The routes that answer from the data path, so always say what the cache did.
 ANSWER_ROUTES = frozenset({CHAT_ROUTE, MESSAGES_ROUTE})
 # Route labels are fixed strings (a path's ids become {id}): raw paths would explode
@@ -17,6 +18,10 @@ LABELLED_ROUTES = frozenset(
         "/v1/usage",
         "/v1/estimate",
         "/v1/webhooks/secret",
+        "/v1/me",
+        "/v1/cache",
+        "/v1/cache/invalidate",
+        "/v1/providers",
         MCP_ROUTE,
         "/healthz",
         "/readyz",
@@ -29,6 +34,7 @@ TEMPLATED_ROUTES = (
     ("/v1/jobs/", "/events", "/v1/jobs/{id}/events"),
     ("/v1/jobs/", "/cancel", "/v1/jobs/{id}/cancel"),
     ("/v1/streams/", "", "/v1/streams/{id}"),
+    ("/v1/traces/", "", "/v1/traces/{id}"),
 )
 # Probes and scrapes are not traced: they would bury the request traces.
 UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -54,6 +60,8 @@ def route_label(path: str) -> str:
         return "/docs"
     if path.startswith(MCP_ROUTE + "/"):
         return MCP_ROUTE
+    if path == CONSOLE_ROUTE or path.startswith(CONSOLE_ROUTE + "/"):
+        return CONSOLE_ROUTE
     admin = admin_route_label(path)
     if admin is not None:
         return admin

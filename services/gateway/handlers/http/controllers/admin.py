@@ -112,8 +112,9 @@ class AdminKeysController(Controller):
         (``chat``, ``jobs``, ``usage:read``, ``admin``, ``priority:system``; default
         ``chat``), ``model_allow`` (names or globs), ``limits``, ``budgets``,
         ``expires_at`` or ``expires_in_seconds``, ``metadata``, ``audit_prompts``,
-        ``on_budget_exhausted``. The answer holds the secret (``secret``), shown this
-        once: only its SHA-256 is stored."""
+        ``on_budget_exhausted``, ``api_version`` (the ``Sluice-Version`` of its requests
+        that name none; default: the current version). The answer holds the secret
+        (``secret``), shown this once: only its SHA-256 is stored."""
         deps, caller = await _admin(request)
         body = parse_model(await _body(request, deps), KeyCreateBody)
         now = time.time()
@@ -149,7 +150,8 @@ class AdminKeysController(Controller):
     ) -> Response[Any]:
         """Changes what is given: ``scopes``, ``model_allow``, ``limits``, ``budgets``,
         ``expires_at`` / ``expires_in_seconds`` (0: never), ``metadata``,
-        ``audit_prompts``, ``on_budget_exhausted``. Every gateway applies it at once."""
+        ``audit_prompts``, ``on_budget_exhausted``, ``api_version``. Every gateway
+        applies it at once."""
         deps, caller = await _admin(request)
         body = parse_model(await _body(request, deps), KeyUpdateBody)
         now = time.time()

@@ -91,7 +91,9 @@ def _in_call_trace(scope: Mapping[str, Any]) -> RequestContext:
     if not current.is_valid or f"{current.trace_id:032x}" == rctx.trace_id:
         return rctx
     span.add_link(scope[_EDGE_SPAN], {"sluice.link": "http_request"})
-    return RequestContext(rctx.request_id, f"{current.trace_id:032x}", rctx.path, rctx.notes)
+    return RequestContext(
+        rctx.request_id, f"{current.trace_id:032x}", rctx.path, rctx.notes, rctx.version
+    )
 
 
 class McpEndpoint:
