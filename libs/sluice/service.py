@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -78,7 +79,11 @@ class ServiceRuntime:
         # First: outside a local environment a missing token fails the start here.
         token = grpc_edge.service_token(self.common)
         self.telemetry = setup_telemetry(str(self.name), self.common.state_dir)
-        self.bus = await Bus.connect(self.common.nats_url, f"sluice-{self.name}")
+        self.bus = await Bus.connect(
+            self.common.nats_url,
+            f"sluice-{self.name}",
+            flush_yields=self.common.nats_flush_yields,
+        )
         await self.bus.ensure_topology()
 
         self.grpc_server = grpc_edge.server(token)
@@ -158,6 +163,12 @@ class ServiceRuntime:
         self._stopping.set()
 
     async def run_until_stopped(self) -> None:
+        # Everything made while starting (modules, the app, clients) lives as long as
+        # the process: moved out of the collector's generations, a full collection under
+        # load scans only what requests made. Before this, the gateway's first full
+        # collection paused its event loop for about 85 ms (measured with gc.callbacks).
+        gc.collect()
+        gc.freeze()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             # Not available off the main thread (RuntimeError: in-process tests) or on

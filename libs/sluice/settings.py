@@ -24,6 +24,9 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_", extra="ignore")
 
     nats_url: str = "nats://127.0.0.1:4222"
+    # Event-loop turns the NATS client lets pass before it writes what was published
+    # (``sluice.bus.CoalescingClient``): 0 writes at the first turn, as nats-py does.
+    nats_flush_yields: int = Field(default=0, ge=0, le=8)
     # Local state: JetStream store of the embedded NATS, spans, SQLite ledger, Qdrant.
     state_dir: Path = Path(".sluice")
     # "local" allows generated dev secrets; anything else fails fast without real ones.
