@@ -19,7 +19,9 @@ nats-py, core request/reply and JetStream pulls, bench/consumers.py, on a NATS s
 its own) and ``ledger`` (usage events per second the cost-trackers drain into SQLite and
 PostgreSQL, bench/ledger.py, on a NATS and a PostgreSQL server of their own) and ``chaos``
 (a route whose primary fails 5% of its calls and stalls 5%, over the simulator: share
-answered and p99 against the primary's, bench/chaos.py, on a product of its own).
+answered and p99 against the primary's, bench/chaos.py, on a product of its own) and
+``memory`` (RSS of every Sluice process idle and under load, bench/memory.py, on a
+product of its own started without --foreground, as a user starts it).
 """
 
 from __future__ import annotations
@@ -42,7 +44,19 @@ from typing import Any
 import aiohttp
 from sluice.devtools.embedded import free_port
 
-from bench import chaos, coalesce, consumers, jobs, ledger, mcp, resume, semcache, spans, streams
+from bench import (
+    chaos,
+    coalesce,
+    consumers,
+    jobs,
+    ledger,
+    mcp,
+    memory,
+    resume,
+    semcache,
+    spans,
+    streams,
+)
 from bench.load import (
     Sample,
     Target,
@@ -77,6 +91,7 @@ class RunningProduct:
         state_dir: Path,
         extra_env: Mapping[str, str] | None = None,
         checkout: Path = REPO,
+        foreground: bool = True,
     ) -> None:
         self.state_dir = state_dir
         self.checkout = checkout
@@ -116,8 +131,10 @@ class RunningProduct:
             if checkout == REPO
             else checkout / ".venv" / "bin" / "sluice"
         )
+        # Without --foreground, as a user starts it: the launcher forks its supervisor.
+        command = [str(sluice), "up", "--simulator", "--no-model"]
         self.proc = subprocess.Popen(
-            [str(sluice), "up", "--simulator", "--no-model", "--foreground"],
+            [*command, "--foreground"] if foreground else command,
             cwd=checkout,
             env=env,
             stdout=self.log,
@@ -583,11 +600,11 @@ async def overhead_report(product: RunningProduct, args: argparse.Namespace) -> 
 
 @contextlib.asynccontextmanager
 async def running(
-    extra_env: Mapping[str, str] | None = None, checkout: Path = REPO
+    extra_env: Mapping[str, str] | None = None, checkout: Path = REPO, foreground: bool = True
 ) -> AsyncIterator[RunningProduct]:
     """The product on free ports in a temporary state directory, stopped on exit."""
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
-        product = RunningProduct(Path(tmp), extra_env, checkout)
+        product = RunningProduct(Path(tmp), extra_env, checkout, foreground)
         try:
             await product.wait_ready()
             yield product
@@ -796,6 +813,30 @@ async def main_async(args: argparse.Namespace) -> int:
                         seconds=args.chaos_seconds,
                     )
                 )
+    if "memory" in only:
+        # As a user starts it (no --foreground): the launcher and its supervisor count.
+        async with running(foreground=False) as product:
+            section(
+                f"Memory: RSS of every Sluice process idle and under {args.memory_rate:g} "
+                f"requests/s (every other one streamed) for {args.memory_seconds:g} s "
+                "(bench/memory.py)"
+            )
+            await warm_up(
+                f"{product.gateway}/v1/chat/completions",
+                {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+                False,
+            )
+            pids = memory.product_pids(product.proc.pid, product.pids())
+            print(
+                await memory.memory_table(
+                    product.gateway,
+                    API_KEY,
+                    pids,
+                    lambda i: chat_body(i % 2 == 1, 16)(i),
+                    rate=args.memory_rate,
+                    seconds=args.memory_seconds,
+                )
+            )
     if "spans" in only:
         section("Tracing: one span, started, ended and serialised (bench/spans.py)")
         print(spans.spans_table())
@@ -836,12 +877,14 @@ SECTIONS = (
     "consumers",
     "ledger",
     "chaos",
+    "memory",
 )
 # Full run, and --quick: (seconds, job seconds, reconnects, batch jobs, interactive
 # seconds, streams, stream tokens/s, stream seconds, consumer rounds, consumer requests,
-# consumer messages, ledger rounds, ledger events, chaos seconds, MCP calls).
-FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0, 5, 5000, 8192, 3, 20000, 25.0, 300)
-QUICK = (3.0, 2.0, 50, 300, 5.0, 200, 10.0, 5.0, 3, 1000, 2048, 1, 5000, 8.0, 100)
+# consumer messages, ledger rounds, ledger events, chaos seconds, MCP calls, memory
+# seconds).
+FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0, 5, 5000, 8192, 3, 20000, 25.0, 300, 20.0)
+QUICK = (3.0, 2.0, 50, 300, 5.0, 200, 10.0, 5.0, 3, 1000, 2048, 1, 5000, 8.0, 100, 8.0)
 
 
 def _sections(value: str) -> set[str]:
@@ -915,6 +958,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--chaos-rate", type=float, default=40, help="chaos requests per second (40)"
     )
+    parser.add_argument(
+        "--memory-rate", type=float, default=100, help="requests per second under load (100)"
+    )
+    parser.add_argument(
+        "--memory-seconds", type=float, help="of load for the memory table (20; quick 8)"
+    )
     parser.add_argument("--chaos-seconds", type=float, help="per chaos run (25; quick 8)")
     args = parser.parse_args(argv)
     names = (
@@ -933,6 +982,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "ledger_events",
         "chaos_seconds",
         "mcp_calls",
+        "memory_seconds",
     )
     for name, value in zip(names, QUICK if args.quick else FULL, strict=True):
         if getattr(args, name) is None:

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,11 +28,15 @@ from nats.aio.msg import Msg
 from sluice import __version__, grpc_edge
 from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
-from sluice.consumers import ConsumerBroker
 from sluice.logging import configure_logging
 from sluice.settings import CommonSettings, ConfigFileError
 from sluice.telemetry import Telemetry, setup_telemetry
 from sluice.topology import GRPC_SERVICES, ServiceName, Subjects
+
+if TYPE_CHECKING:
+    # faststream and what it brings (uvicorn, click, anyio, unittest.mock: about 15 MiB
+    # resident) load only in the services that consume durably (consumer_broker()).
+    from sluice.consumers import ConsumerBroker
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +139,8 @@ class ServiceRuntime:
         if self.bus is None:
             raise RuntimeError("consumer_broker() before start()")
         if self._consumer_broker is None:
+            from sluice.consumers import ConsumerBroker
+
             self._consumer_broker = ConsumerBroker(
                 self.bus, graceful_timeout=self.common.shutdown_grace_seconds
             )

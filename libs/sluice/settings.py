@@ -10,17 +10,12 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sluice.topology import default_listen_host
+
 
 class ConfigFileError(ValueError):
     """A configuration file that cannot be used, and where: the service stops at start with
     this one message (``run_service``) rather than serve with settings nobody meant."""
-
-
-def default_listen_host(environment: str) -> str:
-    """Loopback on a developer's machine, where nothing should be reachable from the
-    network; every interface elsewhere, where probes and peers connect from outside the
-    container."""
-    return "127.0.0.1" if environment == "local" else "0.0.0.0"
 
 
 class CommonSettings(BaseSettings):

@@ -436,6 +436,14 @@ DEFAULT_PORTS: dict[ServiceName, ServicePorts] = {
 }
 
 
+def default_listen_host(environment: str) -> str:
+    """Loopback on a developer's machine, where nothing should be reachable from the
+    network; every interface elsewhere, where probes and peers connect from outside the
+    container. (Here, not in ``sluice.settings``: ``sluice up`` reads it without loading
+    pydantic.)"""
+    return "127.0.0.1" if environment == "local" else "0.0.0.0"
+
+
 @dataclass(frozen=True)
 class GrpcServices:
     """Fully qualified names of the gRPC services each process serves, health aside."""

@@ -9,7 +9,7 @@ import contextlib
 from sluice.service import ServiceRuntime
 from sluice.topology import Buckets, Collections, ServiceName
 
-from services.cache.adapters.semantic import QdrantSemanticIndex, open_semantic_index
+from services.cache.adapters.semantic import LazySemanticIndex, open_semantic_index
 from services.cache.adapters.store import KvEntryStore
 from services.cache.domain import Cache
 from services.cache.handlers.grpc import cache_admin_service
@@ -27,7 +27,7 @@ class CacheService:
             metrics_port=settings.metrics_port,
         )
         self.cache: Cache | None = None
-        self.semantic: QdrantSemanticIndex | None = None
+        self.semantic: LazySemanticIndex | None = None
         self._purge: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -35,8 +35,9 @@ class CacheService:
         settings = self.settings
         if settings.semantic_enabled:
             key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
-            # Off the loop: the runtime answers health checks (not ready yet) meanwhile.
-            self.semantic = await asyncio.to_thread(
+            # Opened on the first semantic request (adapters/semantic.py: the model and
+            # qdrant-client are most of this process's memory, for an opt-in layer).
+            self.semantic = LazySemanticIndex(
                 lambda: open_semantic_index(
                     threads=settings.semantic_threads,
                     threshold=settings.semantic_threshold,
@@ -72,6 +73,7 @@ class CacheService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._purge
         if self.semantic is not None:
+            await self.semantic.settled()
             # Local mode writes its storage on close.
             await asyncio.to_thread(self.semantic.close)
 

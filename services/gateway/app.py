@@ -24,7 +24,6 @@ from services.gateway.adapters.cache import CacheAdminClient, CacheClient
 from services.gateway.adapters.coalesce import KvCoalesceClaims
 from services.gateway.adapters.guard_rules import load_guard
 from services.gateway.adapters.idempotency_store import KvIdempotencyStore
-from services.gateway.adapters.identity import JwksVerifier, mapping_of
 from services.gateway.adapters.job_store import KvJobStore
 from services.gateway.adapters.keys import KvKeyStore, bootstrap_admin_key, bootstrap_dev_key
 from services.gateway.adapters.lifecycle import NatsLifecycle
@@ -54,7 +53,7 @@ from services.gateway.domain.tenancy.tiers import TierTable
 from services.gateway.domain.usage import UsageReports
 from services.gateway.handlers.http.application import create_app
 from services.gateway.handlers.http.deps import ApiDeps, models_list_body
-from services.gateway.handlers.http.mcp.endpoint import McpEndpoint
+from services.gateway.handlers.http.mcp.mount import LazyMcpEndpoint
 from services.gateway.handlers.http.middleware import Edge
 from services.gateway.handlers.http.server import create_server
 from services.gateway.handlers.nats.job_tracker import job_tracker
@@ -89,7 +88,7 @@ class Gateway:
     consumers: list[Consumer]
     webhooks: WebhookClient
     audit: NatsAuditLog
-    mcp: McpEndpoint
+    mcp: LazyMcpEndpoint
 
     async def start(self) -> None:
         await self.webhooks.start()
@@ -134,7 +133,12 @@ async def assemble(
     await keys.start()
     await teams.start()
     verifier = None
+    mappings = {}
     if settings.jwt_issuers:
+        # PyJWT and cryptography (about 10 MiB resident) load only when issuers are set.
+        from services.gateway.adapters.identity import JwksVerifier, mapping_of
+
+        mappings = {i.issuer: mapping_of(i) for i in settings.jwt_issuers}
         verifier = JwksVerifier(
             settings.jwt_issuers,
             cache_seconds=settings.jwks_cache_seconds,
@@ -146,7 +150,7 @@ async def assemble(
         keys=keys,
         teams=teams,
         tokens=verifier,
-        mappings={i.issuer: mapping_of(i) for i in settings.jwt_issuers},
+        mappings=mappings,
     )
     audit_log = NatsAuditLog(bus)
     tenancy = Tenancy(teams, tiers)
@@ -242,7 +246,7 @@ async def assemble(
         job_tracker(broker, jobs),  # type: ignore[list-item]
         webhook_sender(broker, deliverer),  # type: ignore[list-item]
     ]
-    return Gateway(api, limiter, consumers, webhooks, audit_log, McpEndpoint(api))
+    return Gateway(api, limiter, consumers, webhooks, audit_log, LazyMcpEndpoint(api))
 
 
 async def main() -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +64,46 @@ def test_mcp_options_follow_the_presets() -> None:
     full, quick = parse_args([]), parse_args(["--quick"])
     assert (full.mcp_calls, quick.mcp_calls) == (FULL[14], QUICK[14])
     assert parse_args(["--only", "mcp", "--mcp-calls", "20"]).mcp_calls == 20
+
+
+def test_memory_options_follow_the_presets() -> None:
+    full, quick = parse_args(["--only", "memory"]), parse_args(["--quick"])
+    assert full.only == {"memory"} and (full.memory_seconds, full.memory_rate) == (FULL[15], 100)
+    assert quick.memory_seconds == QUICK[15]
+
+
+def test_the_memory_table_names_every_process_of_the_tree() -> None:
+    """``product_pids`` finds the launcher, its supervisor and the simulator in the tree
+    under the launcher by their command lines; the services come named."""
+    from bench import memory
+
+    sleeper = "import time; time.sleep(30)"
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            f"s = subprocess.Popen([sys.executable, '-c', {sleeper!r}, 'up', '--x'])\n"
+            f"m = subprocess.Popen([sys.executable, '-c', {sleeper!r}, 'cli', 'simulator'])\n"
+            "time.sleep(30)\n",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            named = memory.product_pids(launcher.pid, {"gateway": 1})
+            if {"supervisor", "simulator"} <= set(named) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert named["launcher"] == launcher.pid and named["gateway"] == 1
+        assert {"supervisor", "simulator"} <= set(named)
+        assert memory.rss_mib(launcher.pid) > 0 and memory.pss_mib(launcher.pid) > 0
+    finally:
+        for pid in memory.product_pids(launcher.pid, {}).values():
+            if pid != launcher.pid:
+                os.kill(pid, signal.SIGKILL)
+        launcher.kill()
+        launcher.wait()
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ they share one cache process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -123,10 +124,23 @@ async def semcache(
     try:
         process = stack.start(ServiceName.CACHE)
         await stack.wait_ready([ServiceName.CACHE])
-        yield SemanticCache(bus, process, state)
+        cache = SemanticCache(bus, process, state)
+        await opened(cache)
+        yield cache
     finally:
         stack.stop_all()
         await bus.close()
+
+
+async def opened(cache: SemanticCache, timeout: float = 60) -> None:
+    """Asks by meaning until the index, which opens on its first use, is open."""
+    probe = asked(chat("open the index " + secrets.token_hex(4)), team())
+    deadline = time.monotonic() + timeout
+    while "semantic cache ready" not in cache.process.log():
+        assert time.monotonic() < deadline, "the semantic index never opened"
+        with contextlib.suppress(TimeoutError):
+            await cache.lookup(probe)
+        await asyncio.sleep(0.1)
 
 
 def team() -> str:
@@ -260,3 +274,25 @@ async def test_local_mode_keeps_the_collection_in_the_state_dir(semcache: Semant
     collection = semcache.state_dir / "qdrant" / "collection" / Collections.SEMANTIC_CACHE.name
     assert collection.is_dir()
     assert "semantic cache ready" in semcache.process.log()
+
+
+async def test_the_index_opens_on_the_first_request_that_asks_by_meaning(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """Started, the cache has loaded neither the model nor Qdrant: exact lookups do not
+    open them; the first lookup by meaning does (a miss while it opens)."""
+    stack = Stack(nats_url=nats_server.url, state_dir=tmp_path)
+    bus = await Bus.connect(nats_server.url, "tests-semcache-lazy")
+    try:
+        process = stack.start(ServiceName.CACHE)
+        await stack.wait_ready([ServiceName.CACHE])
+        cache = SemanticCache(bus, process, tmp_path)
+        exact = asked(chat("exact only " + secrets.token_hex(4)), team())
+        assert not (await cache.lookup(exact, semantic=False)).hit
+        assert "semantic cache ready" not in process.log()
+        assert not (tmp_path / "qdrant").exists()
+        await opened(cache)
+        assert (tmp_path / "qdrant" / "collection" / Collections.SEMANTIC_CACHE.name).is_dir()
+    finally:
+        stack.stop_all()
+        await bus.close()

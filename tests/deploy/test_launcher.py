@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import queue
 import signal
@@ -24,6 +25,7 @@ from sluice.devtools.up.plan import (
     LaunchError,
     PortUse,
     check_ports,
+    env_bool,
     plan_services,
 )
 from sluice.devtools.up.supervisor import Child, spawn, stop_children
@@ -33,6 +35,47 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # --- units -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "true",
+        "True",
+        "TRUE",
+        "tRuE",
+        "1",
+        "yes",
+        "y",
+        "on",
+        "t",
+        "false",
+        "False",
+        "0",
+        "no",
+        "N",
+        "off",
+        "f",
+        " true",
+        "true ",
+        "",
+        "2",
+        "none",
+        "1.0",
+        "enabled",
+    ],
+)
+def test_the_launcher_reads_a_bool_as_the_services_settings_do(raw: str) -> None:
+    """``sluice up`` reads SLUICE_CACHE_SEMANTIC_ENABLED without pydantic; pydantic's
+    reading (the cache's settings) is the reference, a refused value keeps the default."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        expected = TypeAdapter(bool).validate_python(raw)
+    except ValidationError:
+        expected = None
+    assert env_bool(raw, default=True) is (True if expected is None else expected)
+    assert env_bool(raw, default=False) is (False if expected is None else expected)
 
 
 def test_plan_uses_topology_defaults_and_env_overrides() -> None:
@@ -304,9 +347,30 @@ def test_up_serves_and_ctrl_c_stops_everything(state_dir: Path) -> None:
     assert "sluice trace --last" in text
     qdrant = state_dir / Collections.LOCAL_DIRNAME
     assert f"semantic vectors in Qdrant local mode ({qdrant}" in text
-    assert qdrant.is_dir(), "the cache keeps its semantic index under the state dir"
     with urllib.request.urlopen(f"{gateway}/healthz", timeout=5) as resp:
         assert resp.status == 200
+    # The semantic index opens on the first request that asks for it.
+    chat = urllib.request.Request(
+        f"{gateway}/v1/chat/completions",
+        data=json.dumps(
+            {
+                "model": "sim-fast",
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "Where is the semantic index?"}],
+            }
+        ).encode(),
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/json",
+            "X-Sluice-Semantic-Cache": "on",
+        },
+    )
+    with urllib.request.urlopen(chat, timeout=30) as resp:
+        assert resp.status == 200
+    deadline = time.monotonic() + 60
+    while not qdrant.is_dir():
+        assert time.monotonic() < deadline, "the cache keeps its semantic index under the state dir"
+        time.sleep(0.2)
     for name in ("gateway", "limiter", "cache", "inference-worker", "cost-tracker"):
         assert (state_dir / "logs" / f"{name}.log").is_file()
     children = processes_using(state_dir)

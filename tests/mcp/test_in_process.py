@@ -13,6 +13,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from services.gateway.handlers.http.application import create_app
 from services.gateway.handlers.http.mcp.endpoint import McpEndpoint
+from services.gateway.handlers.http.mcp.mount import LazyMcpEndpoint
 from services.gateway.handlers.http.middleware import Edge
 from tests.gateway.harness import BASE_URL, Gateway, build_gateway
 
@@ -65,3 +66,36 @@ async def test_a_stopped_endpoint_answers_503(gw) -> None:
     assert r.status_code == 503, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
     assert r.json()["code"] == "service_unavailable" and r.headers["retry-after"]
+
+
+async def test_the_gateway_loads_the_sdk_on_the_first_mcp_request(bus, tmp_path) -> None:
+    """The gateway's own endpoint: nothing of the SDK started until ``/mcp`` is asked
+    for; then it answers as the endpoint does, and once stopped answers 503."""
+    gateway = await build_gateway(bus, tmp_path)
+    lazy = LazyMcpEndpoint(gateway.deps)
+    await lazy.start()
+    edge = Edge(create_app(gateway.deps, lazy), gateway.deps.instruments)
+    try:
+        assert lazy.endpoint is None
+        http = httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=edge),
+            headers={"Authorization": f"Bearer {gateway.secret}"},
+            timeout=10,
+        )
+        transport = streamable_http_client(f"{BASE_URL}/mcp", http_client=http)
+        async with http, Client(transport) as client:
+            tools = await client.list_tools()
+        assert "chat" in {tool.name for tool in tools.tools}
+        assert lazy.endpoint is not None
+        await lazy.stop()
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=edge)) as http:
+            r = await http.post(
+                f"{BASE_URL}/mcp",
+                json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                headers={"Authorization": f"Bearer {gateway.secret}"},
+            )
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "service_unavailable"
+    finally:
+        await lazy.stop()
+        await gateway.fake.stop()

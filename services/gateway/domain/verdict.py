@@ -30,8 +30,6 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
-from jsonschema import exceptions as schema_errors
-from jsonschema import validators
 from sluice.common.v1 import chat_pb2
 from sluice.inference.v1 import inference_pb2
 
@@ -203,6 +201,10 @@ class Verdict:
 
 @lru_cache(maxsize=256)
 def _validator(schema_json: str) -> Any:
+    # jsonschema (with referencing and rpds: about 3 MiB resident) loads with the first
+    # answer checked against a schema, in the gateways that are asked for one.
+    from jsonschema import validators
+
     schema = orjson.loads(schema_json)
     cls = validators.validator_for(schema)
     return cls(schema)
@@ -211,6 +213,8 @@ def _validator(schema_json: str) -> Any:
 def schema_problems(schema_json: str, text: str) -> list[str]:
     """Why ``text`` does not satisfy the JSON schema (empty: it does). Paths and the
     failing keyword only: a message never quotes the answer's values."""
+    from jsonschema import exceptions as schema_errors
+
     try:
         instance = orjson.loads(text)
     except orjson.JSONDecodeError as exc:

@@ -15,7 +15,11 @@ One module per responsibility:
 - ``plan``: what to start, on which ports and with which environment, and the checks
   that can fail before anything starts (a port taken or configured twice, a bad number);
 - ``supervisor``: the processes: start, readiness, watching, ordered stop with the
-  services' graceful drain, and the session of its own the supervisor runs in;
+  services' graceful drain;
+- ``ready``: the readiness probe, a short-lived process of its own (the NATS client
+  never loads in the supervisor, which runs as long as the product);
+- ``session``: the launcher's own process, which forks the supervisor into a session of
+  its own and forwards signals to it (standard library only);
 - ``console``: every line ``sluice up`` prints;
 - ``command``: the options and the entry point.
 """

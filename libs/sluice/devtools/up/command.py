@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from sluice.devtools.up.plan import DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR
-from sluice.devtools.up.supervisor import Supervisor, run_in_own_session
+from sluice.devtools.up.session import run_in_own_session
+
+# Here rather than in ``plan``: this process forwards signals as long as the product
+# runs, and imports nothing the supervisor needs (``session``).
+DEFAULT_STATE_DIR = ".sluice"
+DEFAULT_CONFIG_DIR = "config"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -57,6 +61,9 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
 
     def body() -> int:
+        # After the fork: the launcher's own process never loads the supervisor's modules.
+        from sluice.devtools.up.supervisor import Supervisor
+
         return Supervisor(args).run()
 
     if args.foreground or os.name != "posix":

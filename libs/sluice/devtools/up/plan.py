@@ -8,15 +8,17 @@ is not a number) is reported, naming the variable to change, while nothing runs 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import TypeAdapter, ValidationError
-
-from sluice.settings import default_listen_host
-from sluice.topology import DEFAULT_PORTS, SERVICE_PACKAGES, Collections, ServiceName
+from sluice.topology import (
+    DEFAULT_PORTS,
+    SERVICE_PACKAGES,
+    Collections,
+    ServiceName,
+    default_listen_host,
+)
 
 # Start order; stopping runs in reverse. The gateway comes last so that it finds the
 # services it asks for readiness already up.
@@ -43,8 +45,6 @@ SERVICE_ENV_PREFIX: dict[ServiceName, str] = {
 
 DEFAULT_LLAMA_PORT = 8081
 DEFAULT_SIMULATOR_PORT = 8090
-DEFAULT_STATE_DIR = ".sluice"
-DEFAULT_CONFIG_DIR = "config"
 DEFAULT_SHUTDOWN_GRACE_SECONDS = 20.0
 LOCAL_MODEL = "qwen2.5-coder-0.5b"
 SIMULATED_MODEL = "sim-fast"
@@ -120,6 +120,22 @@ def env_int(env: dict[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise LaunchError(f"{name}={raw!r} is not a port number") from None
+
+
+# The strings pydantic reads as a bool (lax mode), as the services' settings read them;
+# the supervisor, which runs as long as the product, does not load pydantic for them.
+TRUE_STRINGS = frozenset({"1", "on", "t", "true", "y", "yes"})
+FALSE_STRINGS = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
+def env_bool(raw: str, *, default: bool) -> bool:
+    """``raw`` as a service's settings read a bool, or ``default`` where they refuse it."""
+    value = raw.lower()
+    if value in TRUE_STRINGS:
+        return True
+    if value in FALSE_STRINGS:
+        return False
+    return default
 
 
 def listen_host(env: dict[str, str]) -> str:
@@ -340,9 +356,7 @@ class UpPlan:
     def semantic_cache_enabled(self) -> bool:
         enabled = self.env.get("SLUICE_CACHE_SEMANTIC_ENABLED", "true")
         # Read as the cache's settings read it; a value they reject stops the cache anyway.
-        with contextlib.suppress(ValidationError):
-            return TypeAdapter(bool).validate_python(enabled)
-        return True
+        return env_bool(enabled, default=True)
 
     @property
     def uses_qdrant_server(self) -> bool:

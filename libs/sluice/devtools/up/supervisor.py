@@ -9,17 +9,15 @@ one orderly stop, instead of reaching NATS and every service at the same moment.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import ctypes
 import fcntl
-import logging
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +27,12 @@ from typing import IO
 from sluice.devtools.embedded import EmbeddedNats, wait_for_port
 from sluice.devtools.up.console import Console
 from sluice.devtools.up.plan import LaunchError, UpPlan
-from sluice.topology import ServiceName, Subjects
+from sluice.devtools.up.ready import READY_TIMED_OUT
+from sluice.devtools.up.session import set_parent_death_signal
 
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
 # Seconds beyond the services' own shutdown grace before they are killed.
 STOP_MARGIN_SECONDS = 10.0
-PR_SET_PDEATHSIG = 1
 
 
 class StopRequested(Exception):
@@ -96,13 +94,6 @@ def prepare_log(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def _set_parent_death_signal() -> None:
-    """Linux: receive SIGTERM when the parent dies, so a killed launcher leaves no orphans."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-
-
 def spawn(
     name: str,
     argv: list[str],
@@ -123,7 +114,7 @@ def spawn(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_set_parent_death_signal if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=set_parent_death_signal if sys.platform == "linux" else None,  # noqa: PLW1509
         )
     return Child(name, proc, log_path, offset, is_service=is_service)
 
@@ -148,56 +139,6 @@ def stop_children(
     for child in reversed(children):
         if not child.is_service:
             child.stop(2.0 if hurry() else 10.0)
-
-
-# --- readiness ---------------------------------------------------------------------------
-
-
-async def wait_services_ready(
-    nats_url: str,
-    names: list[ServiceName],
-    limit_seconds: float,
-    *,
-    on_tick: Callable[[set[ServiceName], float], None] | None = None,
-) -> None:
-    """Ask every service on ``Subjects.health(<service>)`` until all answer ready.
-
-    ``on_tick(pending, elapsed)`` runs between rounds; it may raise to abort the wait
-    (a child died, a stop was requested).
-    """
-    from sluice.bus import Bus
-    from sluice.common.v1 import chat_pb2
-
-    bus = await Bus.connect(nats_url, "sluice-up")
-    try:
-        start = time.monotonic()
-        pending = set(names)
-
-        async def probe(name: ServiceName) -> None:
-            with contextlib.suppress(Exception):
-                status = await bus.request(
-                    Subjects.health(name),
-                    chat_pb2.ServiceStatus(),
-                    chat_pb2.ServiceStatus,
-                    timeout=0.5,
-                )
-                if status.ready:
-                    pending.discard(name)
-
-        while pending:
-            await asyncio.gather(*(probe(n) for n in sorted(pending)))
-            elapsed = time.monotonic() - start
-            if on_tick is not None:
-                on_tick(pending, elapsed)
-            if not pending:
-                break
-            if elapsed > limit_seconds:
-                raise TimeoutError(
-                    f"not ready after {limit_seconds:.0f}s: {', '.join(sorted(pending))}"
-                )
-            await asyncio.sleep(0.2)
-    finally:
-        await bus.close()
 
 
 # --- the supervisor ----------------------------------------------------------------------
@@ -432,30 +373,53 @@ class Supervisor:
                 raise ChildExited(child)
 
     def _wait_ready(self) -> None:
-        names = [service.name for service in self.plan.services]
-        # The probe connection's own reconnect chatter is not news here.
-        logging.getLogger("sluice.bus").setLevel(logging.ERROR)
+        # A short-lived process asks (up/ready.py): the NATS client and its event loop
+        # load there and go when it ends, not in this process, which lives as long as
+        # the product.
+        argv = [
+            sys.executable,
+            "-m",
+            "sluice.devtools.up.ready",
+            self.nats_url,
+            str(self.args.ready_timeout),
+            *(str(service.name) for service in self.plan.services),
+        ]
+        # The stop request is held while a round runs, then raised between rounds.
+        with self._signals_deferred(), tempfile.TemporaryFile() as errors:
+            probe = subprocess.Popen(
+                argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                start_new_session=True,
+                preexec_fn=set_parent_death_signal if sys.platform == "linux" else None,  # noqa: PLW1509
+            )
+            try:
+                code = self._follow_readiness(probe)
+            finally:
+                if probe.poll() is None:
+                    probe.kill()
+                probe.wait()
+            if code != 0:
+                errors.seek(0)
+                reason = errors.read().decode(errors="replace").strip()
+                if code == READY_TIMED_OUT:
+                    raise TimeoutError(reason)
+                self._check_children()
+                raise LaunchError(f"cannot ask the services for readiness: {reason}")
+        self.console.services_ready()
 
-        def on_tick(pending: set[ServiceName], elapsed: float) -> None:
+    def _follow_readiness(self, probe: subprocess.Popen[bytes]) -> int:
+        """Each round's pending services, as the probe prints them; its exit status."""
+        assert probe.stdout is not None
+        for line in probe.stdout:
+            round_ = json.loads(line)
             self._raise_pending_stop_now()
             self._check_children()
-            if pending:
-                self.console.services_waiting(pending, elapsed)
-
-        # The stop request is held while the event loop runs, then raised between rounds.
-        with self._signals_deferred():
-            try:
-                asyncio.run(
-                    wait_services_ready(
-                        self.nats_url, names, self.args.ready_timeout, on_tick=on_tick
-                    )
-                )
-            except (StopRequested, ChildExited, TimeoutError):
-                raise
-            except Exception as exc:
-                self._check_children()
-                raise LaunchError(f"cannot ask the services for readiness: {exc!r}") from exc
-        self.console.services_ready()
+            if round_["pending"]:
+                self.console.services_waiting(round_["pending"], float(round_["elapsed"]))
+        return probe.wait()
 
     def _raise_pending_stop_now(self) -> None:
         if self._stop_pending is not None and not self._stopping:
@@ -489,48 +453,3 @@ class Supervisor:
         stop_children(self.children, grace, hurry=lambda: self._hurry)
         self.children.clear()
         self.console.stopped()
-
-
-# --- a session of its own --------------------------------------------------------------
-
-
-def _exit_code(status: int) -> int:
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
-
-
-def run_in_own_session(body: Callable[[], int]) -> int:
-    """Run ``body`` in a forked child that leads a new session, and forward signals to it.
-
-    Terminal signals (Ctrl-C) then reach this process only; it passes them on to the
-    supervisor, which stops its children in order.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:  # the supervisor
-        code = 1
-        try:
-            os.setsid()
-            if sys.platform == "linux":
-                _set_parent_death_signal()
-            # The parent may have died before the death signal was set.
-            code = body() if os.getppid() == parent else 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        # The supervisor stops in order on the first signal and hurries on the next.
-        sig = signum if signum in (signal.SIGINT, signal.SIGTERM) else signal.SIGTERM
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
-    _, status = os.waitpid(pid, 0)
-    return _exit_code(status)

@@ -30,7 +30,7 @@ from services.gateway.handlers.http.controllers.ops import OpsController
 from services.gateway.handlers.http.controllers.streams import StreamsController
 from services.gateway.handlers.http.controllers.usage import UsageController
 from services.gateway.handlers.http.deps import ApiDeps
-from services.gateway.handlers.http.mcp.endpoint import McpEndpoint, mcp_mount
+from services.gateway.handlers.http.mcp.mount import McpHandler, mcp_mount
 from services.gateway.handlers.http.openapi import (
     load_examples,
     with_api_version,
@@ -99,7 +99,7 @@ def openapi_document(*, examples: bool = False) -> dict[str, Any]:
     return with_api_version(document)
 
 
-def create_app(deps: ApiDeps, mcp: McpEndpoint | None = None) -> Litestar:
+def create_app(deps: ApiDeps, mcp: McpHandler | None = None) -> Litestar:
     """The app over ``deps``; with ``mcp`` (started by the caller), ``/mcp`` too."""
     return Litestar(
         route_handlers=[*([mcp_mount(mcp)] if mcp is not None else []), *ROUTE_HANDLERS],

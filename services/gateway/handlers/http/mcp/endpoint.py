@@ -5,7 +5,8 @@ The caller is authenticated here, before the SDK sees the request: no key or a w
 one is the gateway's 401 problem+json, like any route's. The SDK then serves both
 protocol revisions: 2025-11-25 (``initialize`` handshake) and 2026-07-28 (per-request
 envelope, ``server/discover``). It runs stateless: no session lives in a replica, so
-any replica serves any request and a restart loses nothing."""
+any replica serves any request and a restart loses nothing. The gateway loads this
+module on the first ``/mcp`` request (``mount.LazyMcpEndpoint``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import mcp_types as types
 import orjson
 from litestar import Request
 from litestar.exceptions import MethodNotAllowedException
-from litestar.handlers import ASGIRouteHandler, asgi
 from litestar.types import Receive, Scope, Send
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
@@ -34,7 +34,6 @@ from services.gateway.handlers.http.deps import ApiDeps
 from services.gateway.handlers.http.mcp.tools import BY_NAME, TOOLS, ToolCall, run_tool
 from services.gateway.handlers.http.middleware import request_context
 from services.gateway.handlers.http.requests import authenticate_caller, read_body
-from services.gateway.handlers.http.routes import MCP_ROUTE
 
 log = logging.getLogger(__name__)
 
@@ -221,13 +220,3 @@ class McpEndpoint:
         return types.CallToolResult(
             content=[types.TextContent(type="text", text=problem.decode())], is_error=True
         )
-
-
-def mcp_mount(endpoint: McpEndpoint) -> ASGIRouteHandler:
-    """The Litestar route that hands ``/mcp`` to the endpoint."""
-
-    @asgi(MCP_ROUTE, is_mount=True, copy_scope=False)
-    async def handle_mcp(scope: Scope, receive: Receive, send: Send) -> None:
-        await endpoint.handle(scope, receive, send)
-
-    return handle_mcp
