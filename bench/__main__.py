@@ -55,6 +55,7 @@ from bench import (
     resume,
     semcache,
     spans,
+    stages,
     streams,
 )
 from bench.load import (
@@ -719,12 +720,28 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.against is not None:
         await ab_report(args)
         return 0
-    if only & {"overhead", "jobs", "resume", "coalesce", "mcp"}:
+    if only & {"overhead", "jobs", "resume", "coalesce", "mcp", "stages"}:
         async with running() as product:
             if "overhead" in only:
                 if args.team_key:
                     print(f"The load runs under {await use_team_key(product)}.")
                 await overhead_report(product, args)
+            if "stages" in only:
+                section(
+                    f"Where the CPU goes, by stage: py-spy over {args.rates[0]} non-streamed "
+                    f"requests/s for {args.seconds:g} s (bench/stages.py)"
+                )
+                print(
+                    await stages.stage_report(
+                        product.gateway,
+                        product.api_key,
+                        product.pids(),
+                        args.rates[0],
+                        args.seconds,
+                        meter_for=CpuMeter,
+                        body_for=chat_body(False, 16),
+                    )
+                )
             if "jobs" in only:
                 section(
                     f"Job submission: 202 latency at {args.job_rate:g}/s for "
@@ -878,6 +895,7 @@ SECTIONS = (
     "ledger",
     "chaos",
     "memory",
+    "stages",
 )
 # Full run, and --quick: (seconds, job seconds, reconnects, batch jobs, interactive
 # seconds, streams, stream tokens/s, stream seconds, consumer rounds, consumer requests,
