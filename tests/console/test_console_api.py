@@ -163,7 +163,7 @@ async def test_pages_and_assets_are_served_with_cache_headers(console_stack: Con
     async with console_stack.client("") as anon:
         page = await anon.get("/console/playground")
         assert page.status_code == 200
-        assert page.headers["content-type"].startswith("text/html")
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
         assert page.headers["cache-control"] == "no-cache"
         assets = re.findall(r"(/console/static/[a-z]+\.(?:js|css)\?v=[0-9a-f]{16})", page.text)
         assert len(assets) >= 3
@@ -171,6 +171,8 @@ async def test_pages_and_assets_are_served_with_cache_headers(console_stack: Con
             asset = await anon.get(url)
             assert asset.status_code == 200
             assert asset.headers["cache-control"] == "public, max-age=31536000, immutable"
+            kind = "javascript" if url.split("?")[0].endswith(".js") else "css"
+            assert asset.headers["content-type"] == f"text/{kind}; charset=utf-8"
         # The page's module imports the shared module by the URL the page preloads.
         module = (await anon.get(next(u for u in assets if "playground" in u))).text
         shared = next(u for u in assets if "/console.js" in u)

@@ -19,8 +19,8 @@ from sluice.errors import ErrorCode, SluiceError
 
 STATIC_DIR = Path(__file__).parent / "static"
 _TYPES = {
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript",
+    ".css": "text/css",
     ".svg": "image/svg+xml",
 }
 # Asset URLs carry their content hash: a new release is a new URL.
@@ -136,7 +136,7 @@ def render(title: str, slug: str, module: str, *, signed_in: bool = True) -> byt
 
 def _page(body: bytes) -> Response[bytes]:
     return Response(
-        body, media_type="text/html; charset=utf-8", headers={"cache-control": PAGE_CACHE}
+        body, media_type="text/html", headers={"cache-control": PAGE_CACHE}
     )
 
 
