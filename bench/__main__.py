@@ -892,6 +892,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 rate=args.floor_rate,
                 seconds=args.floor_seconds,
                 in_flight=args.floor_in_flight,
+                product=not args.floor_without_sluice,
             )
         )
     if "semcache" in only:
@@ -1017,6 +1018,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--floor-in-flight", type=int, default=32, help="floor closed-loop requests in flight"
+    )
+    parser.add_argument(
+        "--floor-without-sluice",
+        action="store_true",
+        help="floor: leave out Sluice's own row (the product under the same load)",
     )
     args = parser.parse_args(argv)
     names = (

@@ -21,7 +21,9 @@ the overhead section's (16-token chat, not streamed), sent straight to the simul
 and through the pipeline in alternating slices (added p50 is the pipeline's), then in a
 closed loop. CPU is read from ``/proc`` for every process of the pipeline, nats-server
 included, not the simulator nor the load generator. Pipelines run in alternating order
-over the rounds; medians of the rounds are printed.
+over the rounds; medians of the rounds are printed. Sluice itself (``sluice up
+--simulator --no-model``, every service on the path, over its own simulator) runs beside
+them under the same load, unless asked not to.
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ class Pipeline:
     nats: bool = False
     jetstream: bool = False
     usage_consumers: int = 0
+    # Sluice itself (``sluice up --simulator --no-model``, bench/__main__.py's
+    # ``running``) under the same load, for comparison; no parts of its own.
+    product: bool = False
 
 
 PIPELINES = (
@@ -102,6 +107,7 @@ PIPELINES = (
         usage_consumers=2,
     ),
 )
+PRODUCT = Pipeline("Sluice (5 services)", (), nats=True, product=True)
 
 
 @dataclass
@@ -126,6 +132,9 @@ class Started:
     url: str
     pids: dict[str, int]
     nats_url: str | None
+    headers: dict[str, str]
+    # What the pipeline calls: the added latency is measured against it.
+    upstream: str
 
 
 async def declare(nats_url: str, consumers: int) -> None:
@@ -225,7 +234,20 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 @contextlib.asynccontextmanager
 async def started(pipeline: Pipeline, upstream: str) -> AsyncIterator[Started]:
-    """The pipeline's processes (and a NATS server of its own) on free ports."""
+    """The pipeline's processes (and a NATS server of its own) on free ports; for
+    ``PRODUCT``, Sluice with its own simulator as the upstream."""
+    if pipeline.product:
+        from bench.__main__ import running
+
+        async with running() as product:
+            yield Started(
+                f"{product.gateway}/v1/chat/completions",
+                product.pids(),
+                None,
+                {"Authorization": f"Bearer {product.api_key}", "Content-Type": "application/json"},
+                f"{product.simulator}/v1/chat/completions",
+            )
+        return
     with tempfile.TemporaryDirectory(prefix="sluice-floor-") as tmp:
         nats_server = EmbeddedNats.start(Path(tmp) / "nats") if pipeline.nats else None
         procs: list[subprocess.Popen[bytes]] = []
@@ -253,6 +275,8 @@ async def started(pipeline: Pipeline, upstream: str) -> AsyncIterator[Started]:
                 f"http://127.0.0.1:{port}/v1/chat/completions",
                 pids,
                 nats_server.url if nats_server else None,
+                HEADERS,
+                upstream,
             )
         finally:
             stop(procs)
@@ -296,7 +320,7 @@ async def measure(
     async with started(pipeline, upstream) as pipe:
         async with aiohttp.ClientSession() as session:
             for i in range(warmup):
-                sample = await one_request(session, pipe.url, body_for(i), HEADERS)
+                sample = await one_request(session, pipe.url, body_for(i), pipe.headers)
                 run.sent += 1
                 run.ok += sample.ok
         if pipeline.usage_consumers:
@@ -304,8 +328,8 @@ async def measure(
             await usage_settled(pipe.nats_url, pipeline.usage_consumers, run.ok)
         meter = CpuMeter(pipe.pids)
         direct, via = await paired_open_loop(
-            Target(upstream, {"Content-Type": "application/json"}),
-            Target(pipe.url, HEADERS),
+            Target(pipe.upstream, {"Content-Type": "application/json"}),
+            Target(pipe.url, pipe.headers),
             body_for,
             rate,
             seconds,
@@ -322,7 +346,7 @@ async def measure(
         samples: list[Sample] = []
         async with closed.counting():
             samples, run.closed_rps = await closed_loop(
-                pipe.url, body_for, HEADERS, in_flight, seconds
+                pipe.url, body_for, pipe.headers, in_flight, seconds
             )
         ok = sum(s.ok for s in samples)
         run.cpu_closed = per_request_ms(closed, ok)
@@ -421,9 +445,21 @@ def floor_report(rounds: list[list[FloorRun]], rate: float, in_flight: int) -> s
 
 
 async def floor_tables(
-    *, rounds: int, rate: float, seconds: float, in_flight: int = 32, warmup: int = 50
+    *,
+    rounds: int,
+    rate: float,
+    seconds: float,
+    in_flight: int = 32,
+    warmup: int = 50,
+    product: bool = True,
 ) -> str:
+    """The floor's tables; with ``product``, Sluice's own row under the same load."""
     measured = await measure_floor(
-        rounds=rounds, rate=rate, seconds=seconds, in_flight=in_flight, warmup=warmup
+        rounds=rounds,
+        rate=rate,
+        seconds=seconds,
+        in_flight=in_flight,
+        warmup=warmup,
+        pipelines=(*PIPELINES, PRODUCT) if product else PIPELINES,
     )
     return floor_report(measured, rate, in_flight)
