@@ -397,6 +397,14 @@ async def measure_floor(
     return rounds_out
 
 
+def usage_column(runs: tuple[FloorRun, ...]) -> str:
+    """Usage events acked by the slowest consumer, of those stored, over the rounds."""
+    if not any(r.usage_acked for r in runs):
+        return "-"
+    acked = sum(min(r.usage_acked.values()) for r in runs)
+    return f"{acked}/{sum(r.usage_stored for r in runs)}"
+
+
 def floor_report(rounds: list[list[FloorRun]], rate: float, in_flight: int) -> str:
     by_pipeline = list(zip(*rounds, strict=True))
 
@@ -415,6 +423,7 @@ def floor_report(rounds: list[list[FloorRun]], rate: float, in_flight: int) -> s
                 med(runs, lambda r: sum(r.cpu_closed.values())),
                 med(runs, lambda r: sum(r.cpu_open.values())),
                 med(runs, lambda r: r.added_p50_ms),
+                usage_column(runs),
             ]
         )
         for name in names:
@@ -434,6 +443,7 @@ def floor_report(rounds: list[list[FloorRun]], rate: float, in_flight: int) -> s
             f"CPU ms/req, {in_flight} in flight",
             f"CPU ms/req, {rate:g}/s",
             f"added p50 ms, {rate:g}/s",
+            "usage events acked/stored",
         ],
         rows,
     )

@@ -10,8 +10,9 @@
   upstream per message, publishes the answer as a core publish on the request's stream
   subject (captured by a file-stored stream), publishes a ``UsageEvent`` to the usage
   stream (acked, deduplicated by request id), then acks the work.
-- ``usage --durable NAME``: fetches the usage stream's events in batches a quarter of a
-  second apart (as the limiter and the cost-tracker gather them), decodes and acks each.
+- ``usage --durable NAME``: every quarter of a second (as the limiter and the
+  cost-tracker gather them), fetches what the usage stream holds for its durable in
+  batches of 64, decodes and acks each event.
 
 Every HTTP edge checks a bearer key by the SHA-256 of its secret, as the gateway does.
 A process prints ``ready`` on stdout when it serves; the bench stops it with SIGTERM.
@@ -279,13 +280,17 @@ async def usage(args: argparse.Namespace) -> None:
     sub = await js.pull_subscribe_bind(durable=args.durable, stream=USAGE_STREAM)
     ready()
     while True:
-        try:
-            msgs = await sub.fetch(USAGE_BATCH, timeout=1.0)
-        except nats.errors.TimeoutError:
-            continue
-        for msg in msgs:
-            cost_pb2.UsageEvent.FromString(msg.data)
-            await msg.ack()
+        # Everything stored since the last window, a batch at a time, then a pause.
+        while True:
+            try:
+                msgs = await sub.fetch(USAGE_BATCH, timeout=1.0)
+            except nats.errors.TimeoutError:
+                break
+            for msg in msgs:
+                cost_pb2.UsageEvent.FromString(msg.data)
+                await msg.ack()
+            if len(msgs) < USAGE_BATCH:
+                break
         await asyncio.sleep(USAGE_WINDOW_S)
 
 
