@@ -135,6 +135,15 @@ class Started:
     headers: dict[str, str]
     # What the pipeline calls: the added latency is measured against it.
     upstream: str
+    # The pipeline's own processes by name, with their logs (none for the product).
+    procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = field(default_factory=dict)
+
+    def check_alive(self) -> None:
+        """Raises when a process of the pipeline has exited: its figures would be void."""
+        for name, (proc, log) in self.procs.items():
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} exited with {proc.returncode}: {tail}")
 
 
 async def declare(nats_url: str, consumers: int) -> None:
@@ -277,6 +286,10 @@ async def started(pipeline: Pipeline, upstream: str) -> AsyncIterator[Started]:
                 nats_server.url if nats_server else None,
                 HEADERS,
                 upstream,
+                {
+                    name: (proc, Path(tmp) / f"{name}.log")
+                    for (name, _), proc in zip(pipeline.parts, procs, strict=True)
+                },
             )
         finally:
             stop(procs)
@@ -348,6 +361,7 @@ async def measure(
             samples, run.closed_rps = await closed_loop(
                 pipe.url, body_for, pipe.headers, in_flight, seconds
             )
+        pipe.check_alive()
         ok = sum(s.ok for s in samples)
         run.cpu_closed = per_request_ms(closed, ok)
         run.sent += len(samples)

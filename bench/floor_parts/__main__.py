@@ -286,6 +286,10 @@ async def usage(args: argparse.Namespace) -> None:
                 msgs = await sub.fetch(USAGE_BATCH, timeout=1.0)
             except nats.errors.TimeoutError:
                 break
+            except nats.errors.Error as exc:
+                # As a durable consumer does: say so, and fetch again after the window.
+                print(f"fetch failed: {exc!r}", file=sys.stderr, flush=True)
+                break
             for msg in msgs:
                 cost_pb2.UsageEvent.FromString(msg.data)
                 await msg.ack()
