@@ -24,7 +24,7 @@ answered and p99 against the primary's, bench/chaos.py, on a product of its own)
 product of its own started without --foreground, as a user starts it) and
 ``floor`` (CPU per request of minimal pipelines built from the same libraries: a direct
 proxy, one NATS hop, JetStream as Sluice uses it, with one and two usage consumers,
-bench/floor.py, no product).
+bench/floor.py, beside a product of its own under the same load).
 """
 
 from __future__ import annotations
