@@ -21,7 +21,10 @@ PostgreSQL, bench/ledger.py, on a NATS and a PostgreSQL server of their own) and
 (a route whose primary fails 5% of its calls and stalls 5%, over the simulator: share
 answered and p99 against the primary's, bench/chaos.py, on a product of its own) and
 ``memory`` (RSS of every Sluice process idle and under load, bench/memory.py, on a
-product of its own started without --foreground, as a user starts it).
+product of its own started without --foreground, as a user starts it) and
+``floor`` (CPU per request of minimal pipelines built from the same libraries: a direct
+proxy, one NATS hop, JetStream as Sluice uses it, with one and two usage consumers,
+bench/floor.py, beside a product of its own under the same load).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from bench import (
     chaos,
     coalesce,
     consumers,
+    floor,
     jobs,
     ledger,
     mcp,
@@ -875,6 +879,22 @@ async def main_async(args: argparse.Namespace) -> int:
             "SQLite, one and two on PostgreSQL (bench/ledger.py)"
         )
         print(await ledger.ledger_table(rounds=args.ledger_rounds, events=args.ledger_events))
+    if "floor" in only:
+        section(
+            f"The architectural floor: minimal pipelines from Sluice's libraries, "
+            f"{args.floor_rate:g} requests/s and {args.floor_in_flight} in flight, "
+            f"{args.floor_seconds:g} s each, {args.floor_rounds} alternating rounds, medians "
+            f"(bench/floor.py; {os.cpu_count()} cores)"
+        )
+        print(
+            await floor.floor_tables(
+                rounds=args.floor_rounds,
+                rate=args.floor_rate,
+                seconds=args.floor_seconds,
+                in_flight=args.floor_in_flight,
+                product=not args.floor_without_sluice,
+            )
+        )
     if "semcache" in only:
         section("Semantic cache: similarity threshold on the labelled pairs (bench/semcache.py)")
         semcache.report()
@@ -896,13 +916,19 @@ SECTIONS = (
     "chaos",
     "memory",
     "stages",
+    "floor",
 )
 # Full run, and --quick: (seconds, job seconds, reconnects, batch jobs, interactive
 # seconds, streams, stream tokens/s, stream seconds, consumer rounds, consumer requests,
 # consumer messages, ledger rounds, ledger events, chaos seconds, MCP calls, memory
-# seconds).
-FULL = (10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0, 5, 5000, 8192, 3, 20000, 25.0, 300, 20.0)
-QUICK = (3.0, 2.0, 50, 300, 5.0, 200, 10.0, 5.0, 3, 1000, 2048, 1, 5000, 8.0, 100, 8.0)
+# seconds, floor rounds, floor seconds).
+# fmt: off
+FULL = (
+    10.0, 4.0, 200, 1000, 15.0, 1000, 20.0, 15.0, 5, 5000, 8192, 3, 20000, 25.0, 300, 20.0,
+    3, 10.0,
+)
+# fmt: on
+QUICK = (3.0, 2.0, 50, 300, 5.0, 200, 10.0, 5.0, 3, 1000, 2048, 1, 5000, 8.0, 100, 8.0, 1, 3.0)
 
 
 def _sections(value: str) -> set[str]:
@@ -983,6 +1009,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--memory-seconds", type=float, help="of load for the memory table (20; quick 8)"
     )
     parser.add_argument("--chaos-seconds", type=float, help="per chaos run (25; quick 8)")
+    parser.add_argument("--floor-rounds", type=int, help="floor rounds (3; quick 1)")
+    parser.add_argument(
+        "--floor-seconds", type=float, help="per floor run and pipeline (10; quick 3)"
+    )
+    parser.add_argument(
+        "--floor-rate", type=float, default=200, help="floor open-loop requests per second"
+    )
+    parser.add_argument(
+        "--floor-in-flight", type=int, default=32, help="floor closed-loop requests in flight"
+    )
+    parser.add_argument(
+        "--floor-without-sluice",
+        action="store_true",
+        help="floor: leave out Sluice's own row (the product under the same load)",
+    )
     args = parser.parse_args(argv)
     names = (
         "seconds",
@@ -1001,6 +1042,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "chaos_seconds",
         "mcp_calls",
         "memory_seconds",
+        "floor_rounds",
+        "floor_seconds",
     )
     for name, value in zip(names, QUICK if args.quick else FULL, strict=True):
         if getattr(args, name) is None:

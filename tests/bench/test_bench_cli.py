@@ -137,3 +137,11 @@ def test_wakeups_and_syscalls_count_this_process_reading_and_waiting(tmp_path: P
     after = wakeups_and_syscalls(os.getpid())
     assert after[1] - before[1] >= 40  # at least the 20 writes and 20 reads
     assert after[0] > before[0]
+
+
+def test_floor_options_follow_the_presets() -> None:
+    full, quick = parse_args(["--only", "floor"]), parse_args(["--quick", "--floor-rate", "50"])
+    assert full.only == {"floor"}
+    assert (full.floor_rounds, full.floor_seconds, full.floor_rate) == (*FULL[16:18], 200)
+    assert (quick.floor_rounds, quick.floor_seconds, quick.floor_rate) == (*QUICK[16:18], 50)
+    assert full.floor_in_flight == 32
