@@ -6,9 +6,12 @@ cost per request.
 
 Sampling is by wall clock over running threads, so a stage's share is of the time the
 process was busy; a system call made by Python (a socket write, which on loopback also
-does the receiver's share of TCP) counts for the Python frame that made it. Native
-threads with no Python frame (the HTTP server's Rust threads, in the gateway) are a
-stage of their own.
+does the receiver's share of TCP) counts for the Python frame that made it. Samples with
+no Python frame are a stage of their own: native threads (the HTTP server's Rust
+threads in the gateway), native code of the main thread, and samples py-spy read while
+the stack was changing (it samples without stopping the process). In the gateway most of
+them are the main thread's: per thread from /proc, granian's two threads used 92 µs of
+its 980 µs per request at 300 requests/s.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
-NATIVE = "native threads (HTTP server I/O, no Python frame)"
+NATIVE = "no Python frame read (native code, or a sample read mid-change)"
 EVENT_LOOP = "event loop (uvloop, asyncio)"
 
 # A sample belongs to the first of these stages one of its frames matches...
