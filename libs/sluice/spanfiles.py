@@ -52,12 +52,15 @@ def trace_spans(files: list[Path], trace_id: str) -> list[dict[str, Any]]:
     return found
 
 
-def _reverse_lines(path: Path, limit_bytes: int, block: int = 64 * 1024) -> Iterator[bytes]:
-    """The lines of ``path``, last first, reading at most ``limit_bytes`` from its end."""
+def reverse_lines(
+    path: Path, limit_bytes: int | None = None, block: int = 64 * 1024
+) -> Iterator[bytes]:
+    """The lines of ``path``, last first, reading blocks from its end; at most
+    ``limit_bytes`` of it when given."""
     with path.open("rb") as fh:
         fh.seek(0, os.SEEK_END)
         pos = fh.tell()
-        floor = max(0, pos - limit_bytes)
+        floor = 0 if limit_bytes is None else max(0, pos - limit_bytes)
         rest = b""
         while pos > floor:
             step = min(block, pos - floor)
@@ -82,7 +85,7 @@ def recent_spans(
     found: list[dict[str, Any]] = []
     for path in files:
         try:
-            for line in _reverse_lines(path, limit_bytes):
+            for line in reverse_lines(path, limit_bytes):
                 if needle not in line:
                     continue
                 span = _parse(line)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from sluice.devtools import cli, tracecli
+from sluice.spanfiles import reverse_lines
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 OTHER = "4bf92f35aaaaaaaaaaaaaaaaaaaaaaaa"  # shares an 8-digit prefix with TRACE
@@ -311,7 +312,7 @@ def test_reverse_reading_across_block_boundaries(state):
     path = state / "spans" / "gateway.jsonl"
     forward = [line.rstrip(b"\n") for line in path.read_bytes().splitlines() if line.strip()]
     for block in (1, 7, 64, 10_000):
-        assert list(tracecli._reverse_lines(path, block=block)) == forward[::-1]
+        assert list(reverse_lines(path, block=block)) == forward[::-1]
 
 
 def test_last_without_any_root_is_the_last_span_written(tmp_path, capsys):

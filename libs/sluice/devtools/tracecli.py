@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sluice.spanfiles import reverse_lines
 from sluice.telemetry import spans_dir
 
 EXIT_OK = 0
@@ -153,26 +154,6 @@ def find_spans(files: list[Path], trace_id: str) -> list[SpanRecord]:
     return next(iter(by_trace.values()), [])
 
 
-def _reverse_lines(path: Path, block: int = 64 * 1024) -> Iterator[bytes]:
-    """The lines of ``path``, last first, reading blocks from the end."""
-    with path.open("rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        pos = fh.tell()
-        rest = b""
-        while pos > 0:
-            step = min(block, pos)
-            pos -= step
-            fh.seek(pos)
-            chunk = fh.read(step) + rest
-            lines = chunk.split(b"\n")
-            rest = lines.pop(0)  # may be cut: completed by the next block
-            for line in reversed(lines):
-                if line.strip():
-                    yield line
-        if rest.strip():
-            yield rest
-
-
 def last_trace_id(files: list[Path]) -> str | None:
     """The trace whose root span finished last; without any root, the trace of the last
     span written.
@@ -186,7 +167,7 @@ def last_trace_id(files: list[Path]) -> str | None:
     for path in files:
         last_written: str | None = None
         try:
-            for line in _reverse_lines(path):
+            for line in reverse_lines(path):
                 d = _parse(line)
                 if d is None or not d.get("trace_id"):
                     continue
