@@ -162,6 +162,7 @@ class Console:
             "",
             f"  URL        {url}",
             f"  API key    {shown_key}   (from {key_source})",
+            f"  Console    {url}/console   (log in with the API key)",
             f"  Docs       {url}/docs",
             f"  Metrics    {url}/metrics; {metrics_ports} (/metrics on each)",
             f"  NATS       {nats_url}",
