@@ -165,8 +165,9 @@ class ServiceRuntime:
     async def run_until_stopped(self) -> None:
         # Everything made while starting (modules, the app, clients) lives as long as
         # the process: moved out of the collector's generations, a full collection under
-        # load scans only what requests made. Before this, the gateway's first full
-        # collection paused its event loop for about 85 ms (measured with gc.callbacks).
+        # load scans only what requests made. Measured in the gateway at 200 requests/s:
+        # 14 µs of collecting per request and a 30-37 ms full collection every 20 s or
+        # so without it, 6 µs and none in 20 s with it (docs/architecture.md).
         gc.collect()
         gc.freeze()
         loop = asyncio.get_running_loop()
