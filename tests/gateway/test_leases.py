@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from sluice.leases import parse_share
+from sluice.leases import Unused, parse_share
 from sluice.limiter.v1 import limiter_pb2
 
 from services.gateway.domain.leases import LeasingLimiter
@@ -41,11 +41,16 @@ class InProcessLimiter:
     def release(self, reservation_id: str, key_id: str, request_id: str) -> None:
         self.domain.settle(reservation_id, 0, self.now_ms)
 
-    def close_lease(
-        self, lease_id: str, key_id: str, unused_tokens: int, unused_requests: int
-    ) -> None:
-        self.closes.append((lease_id, unused_tokens, unused_requests))
-        self.domain.close_lease(lease_id, unused_tokens, unused_requests, self.now_ms)
+    def close_lease(self, lease_id: str, key_id: str, unused: Unused) -> None:
+        self.closes.append((lease_id, unused.tokens, unused.requests))
+        self.domain.close_lease(
+            lease_id,
+            unused.tokens,
+            unused.requests,
+            self.now_ms,
+            unused_input_tokens=unused.input_tokens,
+            unused_output_tokens=unused.output_tokens,
+        )
 
     async def drain(self) -> None:
         return None
@@ -149,3 +154,53 @@ async def test_changed_quotas_end_the_lease_and_zero_disables_leases() -> None:
     assert len(plain.reserves) == 3
     assert all(parse_share(a.reservation_id) is None for a in answers)
     assert all(r.lease_tokens == 0 for r in plain.reserves)
+
+
+def team_ask(concurrent: int) -> limiter_pb2.ReserveRequest:
+    request = ask()
+    request.team_id = "t"
+    request.team_limits.concurrent_requests = concurrent
+    request.team_limits.requests_per_minute = 1000
+    return request
+
+
+async def test_two_gateways_leasing_under_a_team_limit_admit_exactly_up_to_it() -> None:
+    """Leases carry the team's levels: both gateways admit locally, the team's requests in
+    flight never pass its limit, and every slot is used before anyone is refused."""
+    limiter = InProcessLimiter()
+    gateways = [
+        LeasingLimiter(limiter, lease_requests=8, clock=Clock())  # type: ignore[arg-type]
+        for _ in range(2)
+    ]
+    admitted: list[tuple[LeasingLimiter, str]] = []
+    trips = 0
+    for n in range(120):
+        gateway = gateways[n % 2]
+        answer = await gateway.reserve(team_ask(40))
+        if answer.allowed:
+            admitted.append((gateway, answer.reservation_id))
+            trips = len(limiter.reserves)
+        else:
+            assert answer.denied_by == "team.concurrent_requests"
+        assert limiter.domain._keys["team:t"].open_reservations <= 40
+    assert len(admitted) == 40
+    # Round trips to the limiter while admitting: one per lease while the leases are
+    # worth having, then one per request as the last room goes.
+    assert sum(g.admitted_locally for g in gateways) == 40 - trips > 0
+    # Each request ends; the leases close: nothing is left in flight or held.
+    for gateway, reservation_id in admitted:
+        gateway.release(reservation_id, "k", "")
+    for gateway in gateways:
+        await gateway.drain()
+    team = limiter.domain._keys["team:t"]
+    assert team.open_reservations == 0 and team.requests.total == 40
+
+
+async def test_a_changed_team_limit_ends_the_lease() -> None:
+    limiter = InProcessLimiter()
+    leasing = LeasingLimiter(limiter, lease_requests=4, clock=Clock())  # type: ignore[arg-type]
+    await leasing.reserve(team_ask(40))
+    await leasing.reserve(team_ask(40))
+    assert len(limiter.reserves) == 1
+    await leasing.reserve(team_ask(41))
+    assert len(limiter.reserves) == 2 and len(limiter.closes) == 1

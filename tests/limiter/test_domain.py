@@ -310,8 +310,8 @@ def test_lease_shares_settle_once_each_and_close_returns_the_unused() -> None:
 
     lim = limiter(tpm=10_000, rpm=100)
     d = lease(lim, 100, 0)
-    first = share_id(d.reservation_id, 1, 100)
-    second = share_id(d.reservation_id, 2, 100)
+    first = share_id(d.reservation_id, 1, 100, 100)
+    second = share_id(d.reservation_id, 2, 100, 100)
     # The first request used 40 of its 100; the second request (from the lease) 250.
     assert lim.settle(first, 40, T0 + 10) is not None
     assert lim.settle(first, 40, T0 + 11) is None, "a redelivered usage event changes nothing"
@@ -331,7 +331,7 @@ def test_late_share_after_close_still_lands_once() -> None:
     lim = limiter(tpm=10_000, rpm=100)
     d = lease(lim, 100, 0)
     assert lim.close_lease(d.reservation_id, 1000, 10, T0 + 5)
-    late = share_id(d.reservation_id, 1, 100)
+    late = share_id(d.reservation_id, 1, 100, 100)
     assert lim.settle(late, 160, T0 + 50) is not None
     assert lim.settle(late, 160, T0 + 51) is None
     assert policy(lim.quota("k", T0 + 60), TPM).remaining == 10_000 - 160
@@ -342,9 +342,9 @@ def test_lease_survives_a_snapshot() -> None:
 
     lim = limiter(tpm=10_000, rpm=100)
     d = lease(lim, 100, 0)
-    assert lim.settle(share_id(d.reservation_id, 1, 100), 100, T0 + 1) is not None
+    assert lim.settle(share_id(d.reservation_id, 1, 100, 100), 100, T0 + 1) is not None
     restored = limiter(tpm=10_000, rpm=100)
     restored.restore(decode_snapshot(encode_snapshot(lim.snapshot(T0 + 2))), T0 + 3)
-    assert restored.settle(share_id(d.reservation_id, 1, 100), 100, T0 + 4) is None
+    assert restored.settle(share_id(d.reservation_id, 1, 100, 100), 100, T0 + 4) is None
     assert restored.close_lease(d.reservation_id, 1000, 10, T0 + 5)
     assert policy(restored.quota("k", T0 + 6), TPM).remaining == 10_000 - 100

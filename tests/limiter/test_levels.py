@@ -7,6 +7,7 @@ from decimal import Decimal
 
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
+from sluice.leases import share_id
 from sluice.limiter.v1 import limiter_pb2
 from sluice.pricing import ModelPrice, PriceTable
 from sluice.tenancy.v1 import tenancy_pb2
@@ -214,12 +215,105 @@ def test_without_max_tokens_the_learned_output_of_the_key_is_reserved() -> None:
     )
 
 
-def test_levels_are_never_leased() -> None:
+TEAM_LIMITS = tenancy_pb2.Limits(
+    requests_per_minute=1000,
+    input_tokens_per_minute=10**6,
+    output_tokens_per_minute=10**6,
+    concurrent_requests=100,
+)
+TEAM_BUDGETS = tenancy_pb2.Budgets(usd_nanos_per_day=10**12)
+
+
+def leased(h: Admission, **kw: object) -> limiter_pb2.ReserveResponse:
+    request = ask(team_limits=TEAM_LIMITS, team_budgets=TEAM_BUDGETS, **kw)  # type: ignore[arg-type]
+    request.lease_tokens, request.lease_requests = 160, 8
+    return h.reserve(request)
+
+
+def price(i: int, o: int) -> int:
+    return i * 1_000 + o * 2_000
+
+
+def test_a_lease_counts_on_every_level_and_settles_to_exactly_what_was_used() -> None:
+    h, now = make()
+    grant = leased(h)
+    assert grant.allowed
+    assert (grant.lease_requests, grant.lease_tokens) == (8, 160)
+    assert (grant.lease_input_tokens, grant.lease_output_tokens) == (160, 160)
+    team = h.limiter._keys["team:t"]
+    # Held at once on the team: 9 requests in its minute and in flight, and the most the
+    # lease's tokens may cost beside the request's own.
+    assert team.open_reservations == 9 and team.requests.total == 9
+    assert team.input.total == 170 and team.output.total == 170
+    assert h.limiter.spent("team:t", now[0])[0] == price(10, 10) + price(160, 160)
+    assert names(grant)["team.concurrent_requests"].remaining == 91
+    # The spend ceiling counts the lease's hold as spent by the key's next requests.
+    assert grant.spend_ceiling_usd_nanos == 10**12 - price(160, 160)
+
+    lease = grant.reservation_id
+    shares = [share_id(lease, n, 20, 10) for n in (1, 2, 3)]
+    actual = [(8, 5), (10, 10), (12, 1)]
+    for sid, (i, o) in zip(shares[:2], actual[:2], strict=True):
+        assert h.apply_usage(used(sid, i=i, o=o)) is not None
+    assert team.open_reservations == 7
+    # The gateway admitted three shares of 10 + 10 and closes the lease with the rest.
+    closed = h.commit(
+        limiter_pb2.CommitRequest(
+            reservation_id=lease,
+            key_id="k",
+            close_lease=True,
+            unused_tokens=180 - 60,
+            unused_requests=9 - 3,
+            unused_input_tokens=170 - 30,
+            unused_output_tokens=170 - 30,
+        )
+    )
+    assert closed.found and team.open_reservations == 1
+    i, o = actual[2]
+    assert h.apply_usage(used(shares[2], i=i, o=o)) is not None
+    assert h.apply_usage(used(shares[2], i=i, o=o)) is None  # each share settles once
+    assert team.open_reservations == 0
+    assert team.requests.total == 3
+    assert team.input.total == sum(i for i, _ in actual)
+    assert team.output.total == sum(o for _, o in actual)
+    assert h.limiter._keys["k"].tokens.total == sum(i + o for i, o in actual)
+    assert h.limiter.spent("team:t", now[0])[0] == sum(price(i, o) for i, o in actual)
+
+
+def test_no_lease_past_the_tightest_level() -> None:
     h, _ = make()
-    request = ask(team_limits=tenancy_pb2.Limits(requests_per_minute=100))
-    request.lease_tokens, request.lease_requests = 1000, 10
-    resp = h.reserve(request)
-    assert resp.allowed and resp.lease_tokens == 0 and resp.lease_requests == 0
+    # Eight in flight at most: a lease would take 1/8 of the 7 left, less than a request.
+    assert leased(h, key_limits=tenancy_pb2.Limits(concurrent_requests=8)).lease_requests == 0
+    # A day's budget with room for fewer than eight more requests like this one.
+    small = tenancy_pb2.Budgets(usd_nanos_per_day=price(10, 10) * 8)
+    assert leased(h, key="k2", key_budgets=small).lease_requests == 0
+    # Input tokens per minute: the lease's input is cut to 1/8 of what is left.
+    narrow = leased(h, key="k3", key_limits=tenancy_pb2.Limits(input_tokens_per_minute=810))
+    assert narrow.lease_requests == 8 and narrow.lease_input_tokens == 100
+
+
+def test_an_open_lease_survives_a_snapshot_and_settles_after_it() -> None:
+    h, now = make()
+    grant = leased(h)
+    restored = Limiter(h.limiter.config)
+    restored.restore(decode_snapshot(encode_snapshot(h.limiter.snapshot(now[0]))), now[0])
+    h2 = Admission(restored, LimiterMetrics(), clock=lambda: now[0], prices=Prices(TABLE))
+    team = restored._keys["team:t"]
+    assert team.open_reservations == 9
+    assert restored.spent("team:t", now[0])[0] == price(10, 10) + price(160, 160)
+    h2.apply_usage(used(share_id(grant.reservation_id, 1, 20, 10), i=7, o=3))
+    h2.commit(
+        limiter_pb2.CommitRequest(
+            reservation_id=grant.reservation_id,
+            close_lease=True,
+            unused_tokens=160,
+            unused_requests=8,
+            unused_input_tokens=160,
+            unused_output_tokens=160,
+        )
+    )
+    assert team.open_reservations == 0 and team.requests.total == 1
+    assert restored.spent("team:t", now[0])[0] == price(7, 3)
 
 
 def test_snapshot_keeps_spend_levels_and_open_reservations() -> None:

@@ -12,7 +12,7 @@ from sluice.limiter.v1 import limiter_pb2
 from sluice.tenancy.v1 import tenancy_pb2
 from sluice.topology import PriorityClass
 
-from services.gateway.domain.leases import leasable, lease_key
+from services.gateway.domain.leases import lease_key, lease_terms
 from services.gateway.domain.tenancy.identity import ClaimsMapping, caller_from_claims
 from services.gateway.domain.tenancy.limits import usd_to_nanos
 from services.gateway.domain.tenancy.policy import (
@@ -105,7 +105,12 @@ def test_levels_key_over_team_over_tier_and_the_end_user_from_the_team() -> None
     assert reserve.end_user == "u1" and reserve.priority == "interactive"
     assert reserve.team_limits.requests_per_minute == 300
     assert reserve.end_user_limits.requests_per_minute == 10
-    assert not leasable(reserve)
+    # A lease granted under these levels ends when any of them changes.
+    changed = limiter_pb2.ReserveRequest()
+    changed.CopyFrom(reserve)
+    assert lease_terms(changed) == lease_terms(reserve)
+    changed.team_budgets.usd_nanos_per_day += 1
+    assert lease_terms(changed) != lease_terms(reserve)
 
 
 def test_no_end_user_no_end_user_level_and_a_tier_refuses_other_classes() -> None:
@@ -123,16 +128,16 @@ def test_no_end_user_no_end_user_level_and_a_tier_refuses_other_classes() -> Non
         entitlements(key, team, TIERS.get("std"), end_user="", priority=PriorityClass.INTERACTIVE)
 
 
-def test_a_key_without_a_stored_team_leases_as_before_and_leases_are_per_user() -> None:
+def test_leases_are_per_user_model_and_priority_class() -> None:
     key = keys_pb2.ApiKeyRecord(key_id="dev", team_id="dev", scopes=["*"])
     found = entitlements(key, None, None, end_user="u", priority=PriorityClass.INTERACTIVE)
-    reserve = limiter_pb2.ReserveRequest(key_id="dev", team_id="dev")
+    reserve = limiter_pb2.ReserveRequest(key_id="dev", team_id="dev", model="m")
     found.fill(reserve)
-    assert leasable(reserve)
-    other = limiter_pb2.ReserveRequest()
-    other.CopyFrom(reserve)
-    other.end_user = "someone else"
-    assert lease_key(reserve) != lease_key(other)
+    for change in ("end_user", "model", "priority"):
+        other = limiter_pb2.ReserveRequest()
+        other.CopyFrom(reserve)
+        setattr(other, change, "something else")
+        assert lease_key(reserve) != lease_key(other), change
 
 
 def test_scopes_models_and_key_states() -> None:

@@ -18,6 +18,7 @@ import time
 from nats.errors import NoRespondersError
 from sluice.bus import NATS_FAILURES, Bus
 from sluice.common.v1 import chat_pb2
+from sluice.leases import Unused
 from sluice.limiter.v1 import limiter_pb2
 from sluice.partitions import partition_of, reservation_partition
 from sluice.topology import PREFIX, Subjects
@@ -93,16 +94,16 @@ class LimiterClient:
         )
         self._in_background(commit, "releasing reservation")
 
-    def close_lease(
-        self, lease_id: str, key_id: str, unused_tokens: int, unused_requests: int
-    ) -> None:
+    def close_lease(self, lease_id: str, key_id: str, unused: Unused) -> None:
         """Hand back what an admission lease never admitted, off the response path."""
         commit = limiter_pb2.CommitRequest(
             reservation_id=lease_id,
             key_id=key_id,
             close_lease=True,
-            unused_tokens=unused_tokens,
-            unused_requests=unused_requests,
+            unused_tokens=unused.tokens,
+            unused_requests=unused.requests,
+            unused_input_tokens=unused.input_tokens,
+            unused_output_tokens=unused.output_tokens,
         )
         self._in_background(commit, "closing a lease")
 

@@ -15,14 +15,19 @@ exceeds a quota. The price is that a lease held by one replica is briefly unavai
 another (at most its share, for at most its TTL), and a key with little left gets no
 lease at all and is admitted one request at a time, exactly as without leases.
 
-Leases are for a key's own rates only ("tpm", "rpm"). A request whose reservation
-carries any level's limit or budget, the key's own included (``leasable``), goes to the
-limiter every time: a lease granted under the key's room would admit past those levels
-(a team's minute, a concurrency count, a day's dollars), whose room the gateway cannot
-see, and an end user's request could spend from a lease obtained for another. The
-limiter grants no lease to such a request either. Leases are held per key, team and
-end user (``lease_key``), so a key shared by teams or users (a JWT issuer's) never
-admits one caller from another's lease.
+A lease carries every level the request does (key, team, end user): the limiter grants
+it under the tightest of their quotas and budgets and counts it there at once, as that
+many requests in their minutes and in flight, its input and output tokens in their
+windows and the most they may cost in their day's and month's spend. The gateway admits
+a request from it while it has a request, the tokens, the prompt's input and the
+request's output left (``Lease.fits``). Each share's usage settles on every level as a
+reservation's would; closing the lease hands back the rest on every level.
+
+A lease is held per key, team, end user, model and priority class (``lease_key``), and
+only for the terms it was granted under (``LeaseTerms``: the key's quotas and every
+level's limits and budgets): an end user never admits from another's lease, a model's
+price never stands in for another's, batch work never takes interactive room, and a
+changed limit or budget ends the lease at the next request.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
-from sluice.leases import share_id
+from sluice.leases import Unused, share_id
 from sluice.limiter.v1 import limiter_pb2
 
 from services.gateway.domain.ports import Limiter
@@ -44,54 +49,99 @@ from services.gateway.domain.ports import Limiter
 log = logging.getLogger(__name__)
 
 TPM, RPM = "tpm", "rpm"
-
-
-def _set(message: object) -> bool:
-    return any(value for _field, value in message.ListFields())  # type: ignore[attr-defined]
-
-
-def leasable(request: limiter_pb2.ReserveRequest) -> bool:
-    """Whether only the key's own rates apply to this request (see the module doc)."""
-    return not (
-        _set(request.key_limits)
-        or _set(request.team_limits)
-        or _set(request.team_budgets)
-        or _set(request.end_user_limits)
-        or _set(request.end_user_budgets)
-        or _set(request.key_budgets)
-    )
+# Units of a policy, as PolicyState.unit names them.
+U_TOKENS, U_REQUESTS, U_CONCURRENT = "tokens", "requests", "concurrent_requests"
+U_INPUT, U_OUTPUT = "input_tokens", "output_tokens"
 
 
 def lease_key(request: limiter_pb2.ReserveRequest) -> str:
-    return f"{request.key_id}\x00{request.team_id}\x00{request.end_user}"
+    return (
+        f"{request.key_id}\x00{request.team_id}\x00{request.end_user}"
+        f"\x00{request.model}\x00{request.priority}"
+    )
+
+
+# The terms a lease was granted under: the key's quotas, the batch share and every
+# level's limits and budgets (messages compare by value).
+LeaseTerms = tuple[object, ...]
+
+
+def lease_terms(request: limiter_pb2.ReserveRequest) -> LeaseTerms:
+    return (
+        request.tokens_per_minute,
+        request.requests_per_minute,
+        request.batch_share,
+        request.key_limits,
+        request.key_budgets,
+        request.team_limits,
+        request.team_budgets,
+        request.end_user_limits,
+        request.end_user_budgets,
+    )
 
 
 @dataclass
 class Lease:
     lease_id: str
     key_id: str
-    quotas: tuple[int, int]
+    terms: LeaseTerms
     tokens_left: int
     requests_left: int
+    input_left: int
+    output_left: int
     granted_at: float
     expires_at: float
     policies: list[limiter_pb2.PolicyState]
+    # The limiter's spend ceiling at the grant, the lease's own hold counted as spent.
+    spend_ceiling: int = 0
     # The span of the request whose round trip to the limiter obtained the lease.
     granted_in: trace.SpanContext | None = None
     numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
-    def take(self, tokens: int) -> str:
+    def fits(self, input_tokens: int, output_tokens: int) -> bool:
+        return (
+            self.requests_left >= 1
+            and self.tokens_left >= input_tokens + output_tokens
+            and self.input_left >= input_tokens
+            and self.output_left >= output_tokens
+        )
+
+    def take(self, input_tokens: int, output_tokens: int) -> str:
+        tokens = input_tokens + output_tokens
         self.tokens_left -= tokens
         self.requests_left -= 1
-        return share_id(self.lease_id, next(self.numbers), tokens)
+        self.input_left -= input_tokens
+        self.output_left -= output_tokens
+        return share_id(self.lease_id, next(self.numbers), tokens, input_tokens)
+
+    def unused(self) -> Unused:
+        """What was never handed out, and the lease emptied (it admits no more)."""
+        left = Unused(
+            max(0, self.tokens_left),
+            max(0, self.requests_left),
+            max(0, self.input_left),
+            max(0, self.output_left),
+        )
+        self.tokens_left = self.requests_left = self.input_left = self.output_left = 0
+        return left
 
     def view(self, now: float) -> list[limiter_pb2.PolicyState]:
         """The policies as the limiter reported them at the grant, with what is still
-        unadmitted in the lease counted as remaining (it is this key's to spend)."""
+        unadmitted in the lease counted as remaining (it is this key's to spend). A
+        budget's remaining stays as at the grant, the lease's whole hold counted spent:
+        the gateway knows no prices, and the headers err on the safe side."""
         elapsed_ms = int((now - self.granted_at) * 1000)
+        back_by_unit = {
+            U_TOKENS: self.tokens_left,
+            U_REQUESTS: self.requests_left,
+            U_CONCURRENT: self.requests_left,
+            U_INPUT: self.input_left,
+            U_OUTPUT: self.output_left,
+        }
         out = []
         for p in self.policies:
-            back = self.tokens_left if p.name == TPM else self.requests_left if p.name == RPM else 0
+            unit = p.unit or (U_TOKENS if p.name == TPM else U_REQUESTS if p.name == RPM else "")
+            back = back_by_unit.get(unit, 0)
             out.append(
                 limiter_pb2.PolicyState(
                     name=p.name,
@@ -119,27 +169,28 @@ class LeasingLimiter:
         self._clock = clock
         self._leases: dict[str, Lease] = {}
         # One lease request in flight per key; the others wait for it, then look again.
-        self._refills: dict[str, asyncio.Future[None]] = {}
+        self._refills: dict[str, asyncio.Future[bool]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.admitted_locally = 0
         self._tracer = trace.get_tracer("sluice.gateway")
 
     async def reserve(self, request: limiter_pb2.ReserveRequest) -> limiter_pb2.ReserveResponse:
-        if self.lease_requests == 0 or not leasable(request):
+        if self.lease_requests == 0:
             return await self.limiter.reserve(request)
-        need = request.input_tokens + request.max_output_tokens
-        local = self._from_lease(request, need)
-        if local is not None:
-            return local
-        refill = self._refills.get(lease_key(request))
-        if refill is not None:
-            # Another request of this key is asking for a lease: take from it if it
-            # has room, otherwise ask for our own.
-            await asyncio.shield(refill)
-            local = self._from_lease(request, need)
+        held = lease_key(request)
+        while True:
+            local = self._from_lease(request, held)
             if local is not None:
                 return local
-        return await self._reserve_with_lease(request, need)
+            refill = self._refills.get(held)
+            if refill is None:
+                return await self._reserve_with_lease(request, held)
+            # Another request of this key is asking for a lease: wait for it and take
+            # from it. One lease request at a time per key, so that a burst does not
+            # scatter what is left over many leases (refusing while room is held).
+            # When it brought no lease, the key is near a limit: ask one by one.
+            if not await asyncio.shield(refill):
+                return await self.limiter.reserve(request)
 
     def release(self, reservation_id: str, key_id: str, request_id: str) -> None:
         self.limiter.release(reservation_id, key_id, request_id)
@@ -161,21 +212,22 @@ class LeasingLimiter:
     # --- inside -----------------------------------------------------------------------
 
     def _from_lease(
-        self, request: limiter_pb2.ReserveRequest, need: int
+        self, request: limiter_pb2.ReserveRequest, held: str
     ) -> limiter_pb2.ReserveResponse | None:
-        held = lease_key(request)
         lease = self._leases.get(held)
         if lease is None:
             return None
         now = self._clock()
-        quotas = (request.tokens_per_minute, request.requests_per_minute)
-        if now >= lease.expires_at or lease.quotas != quotas:
-            # Expired, or the key's quotas changed: the next lease is granted under them.
+        if now >= lease.expires_at or lease.terms != lease_terms(request):
+            # Expired, or a quota, limit or budget changed: the next lease is granted
+            # under the new terms.
             self._close(self._leases.pop(held))
             return None
-        if lease.tokens_left < need or lease.requests_left < 1:
+        input_tokens, output_tokens = request.input_tokens, request.max_output_tokens
+        if not lease.fits(input_tokens, output_tokens):
             return None
-        reservation_id = lease.take(need)
+        need = input_tokens + output_tokens
+        reservation_id = lease.take(input_tokens, output_tokens)
         self.admitted_locally += 1
         # The admission has its place in the request's trace, linked to the trace that
         # holds the limiter's decision for the whole lease.
@@ -195,54 +247,61 @@ class LeasingLimiter:
             reservation_id=reservation_id,
             policies=lease.view(now),
             reserved_tokens=need,
+            reserved_output_tokens=output_tokens,
+            spend_ceiling_usd_nanos=lease.spend_ceiling,
         )
 
     async def _reserve_with_lease(
-        self, request: limiter_pb2.ReserveRequest, need: int
+        self, request: limiter_pb2.ReserveRequest, held: str
     ) -> limiter_pb2.ReserveResponse:
-        key_id = lease_key(request)
-        refill: asyncio.Future[None] | None = None
-        if key_id not in self._refills:
-            refill = asyncio.get_running_loop().create_future()
-            self._refills[key_id] = refill
+        refill: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._refills[held] = refill
+        leased = False
         try:
             asked = limiter_pb2.ReserveRequest()
             asked.CopyFrom(request)
-            asked.lease_tokens = need * self.lease_requests
+            asked.lease_tokens = (
+                request.input_tokens + request.max_output_tokens
+            ) * self.lease_requests
             asked.lease_requests = self.lease_requests
             response = await self.limiter.reserve(asked)
             if response.allowed and response.lease_tokens > 0:
-                self._install(request, response, need)
+                self._install(asked, response, held)
+                leased = True
             return response
         finally:
-            if refill is not None:
-                del self._refills[key_id]
-                refill.set_result(None)
+            del self._refills[held]
+            refill.set_result(leased)
 
     def _install(
         self,
-        request: limiter_pb2.ReserveRequest,
+        asked: limiter_pb2.ReserveRequest,
         response: limiter_pb2.ReserveResponse,
-        need: int,
+        held: str,
     ) -> None:
         now = self._clock()
+        # The request that asked is the lease's first share, as the limiter held it
+        # (its output may be the key's learned estimate rather than max_output_tokens).
+        first_input = min(asked.input_tokens, response.reserved_tokens)
+        first_output = response.reserved_tokens - first_input
         lease = Lease(
             lease_id=response.reservation_id,
-            key_id=request.key_id,
-            quotas=(request.tokens_per_minute, request.requests_per_minute),
-            # The request that asked is the lease's first share.
-            tokens_left=response.lease_tokens + need,
+            key_id=asked.key_id,
+            terms=lease_terms(asked),
+            tokens_left=response.lease_tokens + response.reserved_tokens,
             requests_left=response.lease_requests + 1,
+            input_left=response.lease_input_tokens + first_input,
+            output_left=response.lease_output_tokens + first_output,
             granted_at=now,
             expires_at=now + response.lease_ttl_ms / 1000,
             policies=list(response.policies),
+            spend_ceiling=response.spend_ceiling_usd_nanos,
             granted_in=trace.get_current_span().get_span_context(),
         )
-        response.reservation_id = lease.take(need)
+        response.reservation_id = lease.take(first_input, first_output)
         # Its headers count the lease as the later requests' headers will.
         del response.policies[:]
         response.policies.extend(lease.view(now))
-        held = lease_key(request)
         previous = self._leases.get(held)
         self._leases[held] = lease
         if previous is not None:
@@ -251,9 +310,7 @@ class LeasingLimiter:
             self._sweeper = asyncio.create_task(self._sweep(), name="gateway-lease-sweeper")
 
     def _close(self, lease: Lease) -> None:
-        tokens, requests = max(0, lease.tokens_left), max(0, lease.requests_left)
-        lease.tokens_left = lease.requests_left = 0
-        self.limiter.close_lease(lease.lease_id, lease.key_id, tokens, requests)
+        self.limiter.close_lease(lease.lease_id, lease.key_id, lease.unused())
 
     async def _sweep(self) -> None:
         """Closes leases that expired on keys with no request since, so that what

@@ -16,6 +16,7 @@ from sluice.cost.v1 import cost_pb2
 from sluice.inference.v1 import inference_pb2, lifecycle_pb2
 from sluice.jobs.v1 import jobs_pb2
 from sluice.keys.v1 import keys_pb2
+from sluice.leases import Unused
 from sluice.limiter.v1 import limiter_pb2
 from sluice.topology import PriorityClass
 
@@ -45,9 +46,7 @@ class Limiter(Protocol):
         """Give back a reservation that will not be used, off the response path."""
         ...
 
-    def close_lease(
-        self, lease_id: str, key_id: str, unused_tokens: int, unused_requests: int
-    ) -> None:
+    def close_lease(self, lease_id: str, key_id: str, unused: Unused) -> None:
         """Hand back what an admission lease never admitted, off the response path."""
         ...
 

@@ -241,6 +241,8 @@ class Admission:
             reserved_tokens=decision.reserved_tokens,
             lease_tokens=decision.lease_tokens,
             lease_requests=decision.lease_requests,
+            lease_input_tokens=decision.lease_input_tokens,
+            lease_output_tokens=decision.lease_output_tokens,
             lease_ttl_ms=self.limiter.config.lease_ttl_ms if decision.lease_tokens else 0,
             budget_exceeded=decision.budget_exceeded,
             spend_ceiling_usd_nanos=decision.spend_ceiling_nanos,
@@ -263,6 +265,8 @@ class Admission:
                 request.unused_tokens,
                 request.unused_requests,
                 self.clock(),
+                unused_input_tokens=request.unused_input_tokens,
+                unused_output_tokens=request.unused_output_tokens,
             )
             self.metrics.settlements["lease_close", "settled" if closed else "unknown"] += 1
             return limiter_pb2.CommitResponse(found=closed)

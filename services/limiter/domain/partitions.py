@@ -96,6 +96,8 @@ class Partition:
             if request.close_lease:
                 entry["tokens"] = request.unused_tokens
                 entry["requests"] = request.unused_requests
+                entry["in"] = request.unused_input_tokens
+                entry["out"] = request.unused_output_tokens
             else:
                 entry["in"] = request.actual.input_tokens
                 entry["out"] = request.actual.output_tokens
@@ -168,7 +170,14 @@ class Partition:
                 output_tokens=tokens_out,
             )
         elif op == "close":
-            limiter.close_lease(str(entry["id"]), int(entry["tokens"]), int(entry["requests"]), now)
+            limiter.close_lease(
+                str(entry["id"]),
+                int(entry["tokens"]),
+                int(entry["requests"]),
+                now,
+                unused_input_tokens=int(entry.get("in", 0)),
+                unused_output_tokens=int(entry.get("out", 0)),
+            )
         return True
 
 

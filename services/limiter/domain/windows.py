@@ -228,6 +228,12 @@ class Reservation:
     requests: int = 1
     lease: bool = False
     settled: set[int] = field(default_factory=set)
+    # Requests still counted as in flight on every scope (concurrency): 1 for a plain
+    # reservation; a lease's slots, less those settled or handed back.
+    open_slots: int = 1
+    # Of a lease's ``cost_nanos``, what is still held against the budgets: each settled
+    # share and each close gives back its part.
+    held_nanos: int = 0
     # The scopes beyond the key charged with this reservation (teams, end users).
     scopes: tuple[str, ...] = ()
     input_tokens: int = 0
@@ -257,9 +263,11 @@ class Decision:
     reserved_tokens: int = 0
     denied_by: str = ""
     retry_after_ms: int = 0
-    # Granted beyond this request when a lease was asked for and the key has room.
+    # Granted beyond this request when a lease was asked for and every level has room.
     lease_tokens: int = 0
     lease_requests: int = 0
+    lease_input_tokens: int = 0
+    lease_output_tokens: int = 0
     budget_exceeded: bool = False
     # The most this request may cost before the tightest budget runs out (0: no budget).
     spend_ceiling_nanos: int = 0
@@ -293,6 +301,39 @@ class Snapshot:
     reservations: list[dict[str, Any]]
     # Where the state stands in its sources (the service's journal and usage positions).
     marks: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    """A lease as asked for, beside the request that asks (its tokens and cost)."""
+
+    tokens: int
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost_nanos: int
+
+
+@dataclass(frozen=True, slots=True)
+class _LeaseRoom:
+    """What a lease holds beyond the request that asked for it (all 0: no lease)."""
+
+    tokens: int = 0
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_nanos: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Used:
+    """A settlement or a lease's close, per scope: actual minus reserved input, output
+    and cost, and how many requests are no longer in flight."""
+
+    input_delta: int
+    output_delta: int
+    cost_delta: int
+    slots: int
 
 
 @dataclass(slots=True)
@@ -373,11 +414,14 @@ class Limiter:
         With ``lease_tokens`` and ``lease_requests`` the caller also asks for a lease: a
         reservation of up to that much more, from which it admits the key's next
         requests itself (one round trip here per lease instead of per request). The
-        lease counts in the window from the moment it is granted, so the quota holds
-        across every holder; a lease takes at most 1/``lease_divisor`` of what the key
-        has left, and when that is not room for even one more request it is not granted
-        (the caller comes back for each request, as without leases). A request with any
-        level set is never leased: a lease would admit past limits only this knows.
+        lease counts from the moment it is granted, on the key and on every level the
+        request carries: its requests in each requests-per-minute window and as that
+        many requests in flight (concurrency), its input and output tokens in the
+        levels' windows, and the most they may cost in the day's and month's spend. So
+        every quota and budget holds across every holder. A lease takes at most
+        1/``lease_divisor`` of what is left under the tightest of them, and when that is
+        not room for even one more request like this one it is not granted (the caller
+        comes back for each request, as without leases). See ``_lease_room``.
         """
         cfg = self.config
         tpm = tokens_per_minute if tokens_per_minute > 0 else cfg.default_tokens_per_minute
@@ -427,47 +471,124 @@ class Limiter:
                 budget_exceeded=worst.budget,
             )
 
-        extra_tokens = extra_requests = 0
-        if lease_tokens > 0 and lease_requests > 0 and not levels:
-            extra_tokens = min(lease_tokens, (tpm - state.tokens.total - need) // cfg.lease_divisor)
-            extra_requests = min(
-                lease_requests, (rpm - state.requests.total - 1) // cfg.lease_divisor
+        room = _LeaseRoom()
+        if lease_tokens > 0 and lease_requests > 0:
+            room = self._lease_room(
+                state,
+                scoped,
+                _Asked(lease_tokens, lease_requests, input_tokens, output_tokens, cost),
+                self._shared(tpm, share),
+                self._shared(rpm, share),
+                share,
+                day,
+                month,
+                pricing,
             )
-            if extra_tokens < max(1, need) or extra_requests <= 0:
-                extra_tokens = extra_requests = 0
-        state.tokens.add(current, need + extra_tokens)
-        state.requests.add(current, 1 + extra_requests)
+        leased = room.requests > 0
+        state.tokens.add(current, need + room.tokens)
+        state.requests.add(current, 1 + room.requests)
         reservation_id = f"{self._id_prefix}-{next(self._ids):x}"
         reservation = Reservation(
             reservation_id=reservation_id,
             key_id=key_id,
             request_id=request_id,
             bucket=current,
-            tokens=need + extra_tokens,
+            tokens=need + room.tokens,
             created_ms=now_ms,
             expires_ms=now_ms + cfg.reservation_ttl_ms,
-            requests=1 + extra_requests,
-            lease=extra_tokens > 0,
+            requests=1 + room.requests,
+            lease=leased,
             scopes=tuple(dict.fromkeys(level.scope for level in levels if level.scope != key_id)),
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost_nanos=cost,
+            input_tokens=input_tokens + room.input_tokens,
+            output_tokens=output_tokens + room.output_tokens,
+            cost_nanos=cost + room.cost_nanos,
             day=day,
             month=month,
+            open_slots=1 + room.requests,
+            held_nanos=cost + room.cost_nanos if leased else 0,
         )
         self._charge(reservation, current)
         self._reservations[reservation_id] = reservation
+        if ceiling and room.cost_nanos:
+            # What the lease holds for the key's next requests is spent by others as far
+            # as this one (and each of them) is concerned.
+            ceiling = max(1, ceiling - room.cost_nanos)
         return Decision(
             allowed=True,
             policies=self._views(state, now_ms, scoped, day, month),
             reservation_id=reservation_id,
             reserved_tokens=need,
-            lease_tokens=extra_tokens,
-            lease_requests=extra_requests,
+            lease_tokens=room.tokens,
+            lease_requests=room.requests,
+            lease_input_tokens=room.input_tokens,
+            lease_output_tokens=room.output_tokens,
             spend_ceiling_nanos=ceiling,
             reserved_cost_nanos=cost,
             reserved_output_tokens=output_tokens,
         )
+
+    def _lease_room(  # noqa: PLR0917 - one call site, every argument a fact of the request
+        self,
+        state: KeyState,
+        scoped: list[tuple[Level, KeyState]],
+        asked: _Asked,
+        tpm: int,
+        rpm: int,
+        share: float,
+        day: int,
+        month: int,
+        pricing: Pricer | None,
+    ) -> _LeaseRoom:
+        """What a lease may hold beyond the request that asks for it: at most what was
+        asked and 1/``lease_divisor`` of what is left under every quota and budget the
+        request carries (after the request itself); nothing unless that is room for at
+        least one more request like this one."""
+        divisor = self.config.lease_divisor
+        need = asked.input_tokens + asked.output_tokens
+        tokens = min(asked.tokens, (tpm - state.tokens.total - need) // divisor)
+        requests = min(asked.requests, (rpm - state.requests.total - 1) // divisor)
+        inputs = outputs = tokens
+        cost_room = -1  # no budget
+        for level, scope in scoped:
+            limits = level.limits
+            for quota, used, amount in (
+                (limits.requests_per_minute, scope.requests.total, 1),
+                (limits.concurrent_requests, scope.open_reservations, 1),
+            ):
+                if quota:
+                    left = self._shared(quota, share) - used - amount
+                    requests = min(requests, left // divisor)
+            if limits.input_tokens_per_minute:
+                left = self._shared(limits.input_tokens_per_minute, share) - scope.input.total
+                inputs = min(inputs, (left - asked.input_tokens) // divisor)
+            if limits.output_tokens_per_minute:
+                left = self._shared(limits.output_tokens_per_minute, share) - scope.output.total
+                outputs = min(outputs, (left - asked.output_tokens) // divisor)
+            for quota, spent in (
+                (limits.usd_nanos_per_day, scope.day_spend.get(day, 0)),
+                (limits.usd_nanos_per_month, scope.month_spend.get(month, 0)),
+            ):
+                if quota:
+                    left = (self._shared(quota, share) - spent - asked.cost_nanos) // divisor
+                    cost_room = left if cost_room < 0 else min(cost_room, left)
+        cost = 0
+        if pricing is not None and inputs > 0 and outputs > 0:
+            cost = pricing(inputs, outputs)
+            if 0 <= cost_room < cost:
+                # Within the budgets: fewer tokens, in the same proportion.
+                inputs = inputs * cost_room // cost
+                outputs = outputs * cost_room // cost
+                cost = pricing(inputs, outputs)
+        fits_one = (
+            requests >= 1
+            and tokens >= max(1, need)
+            and inputs >= asked.input_tokens
+            and outputs >= asked.output_tokens
+            and (cost_room < 0 or cost <= cost_room)
+        )
+        if not fits_one:
+            return _LeaseRoom()
+        return _LeaseRoom(tokens, requests, inputs, outputs, cost)
 
     @staticmethod
     def _shared(quota: int, share: float) -> int:
@@ -542,7 +663,7 @@ class Limiter:
                 scope_state.requests.add(current, reservation.requests)
             scope_state.input.add(current, reservation.input_tokens)
             scope_state.output.add(current, reservation.output_tokens)
-            scope_state.open_reservations += 1
+            scope_state.open_reservations += reservation.open_slots
             if reservation.cost_nanos:
                 self._spend(scope_state, reservation.day, reservation.month, reservation.cost_nanos)
 
@@ -592,41 +713,47 @@ class Limiter:
         was spent just now and is charged to the current sub-bucket. Spend goes to the
         reservation's own day and month while they are kept.
         """
+        actual = max(0, actual_tokens)
         share = parse_share(reservation_id)
         if share is not None:
-            return self._settle_share(share, actual_tokens, now_ms)
+            return self._settle_share(
+                share, actual, now_ms, input_tokens, output_tokens, cost_nanos, learn=learn
+            )
         reservation = self._reservations.get(reservation_id)
         if reservation is None or reservation.lease:
             return None
         del self._reservations[reservation_id]
         self._done[reservation_id] = reservation.expires_ms
-        actual = max(0, actual_tokens)
         if input_tokens is None or output_tokens is None:
             input_tokens = min(actual, reservation.input_tokens)
             output_tokens = actual - input_tokens
         delta = actual - reservation.tokens
         state = self._apply_delta(reservation, delta, now_ms)
-        current = self._bucket(now_ms)
-        for scope_state in [state, *(self._state(s, current) for s in reservation.scopes)]:
-            self._adjust(
-                scope_state.input,
-                reservation.bucket,
+        self._reconcile_scopes(
+            reservation,
+            _Used(
                 input_tokens - reservation.input_tokens,
-                current,
-            )
-            self._adjust(
-                scope_state.output,
-                reservation.bucket,
                 output_tokens - reservation.output_tokens,
-                current,
-            )
-            self._adjust_spend(
-                scope_state, reservation, cost_nanos - reservation.cost_nanos, now_ms
-            )
-            scope_state.open_reservations = max(0, scope_state.open_reservations - 1)
+                cost_nanos - reservation.cost_nanos,
+                slots=1,
+            ),
+            now_ms,
+        )
         if learn:
             self.learn_output(state, output_tokens)
         return Settlement(reservation=reservation, actual_tokens=actual, delta=delta)
+
+    def _reconcile_scopes(self, reservation: Reservation, used: _Used, now_ms: int) -> None:
+        """Differences of input, output and spend into every scope the reservation was
+        counted in (its sub-bucket and its day and month), and ``used.slots`` of its
+        requests no longer in flight."""
+        current = self._bucket(now_ms)
+        scopes = (reservation.key_id, *reservation.scopes)
+        for scope_state in [self._state(s, current) for s in scopes]:
+            self._adjust(scope_state.input, reservation.bucket, used.input_delta, current)
+            self._adjust(scope_state.output, reservation.bucket, used.output_delta, current)
+            self._adjust_spend(scope_state, reservation, used.cost_delta, now_ms)
+            scope_state.open_reservations = max(0, scope_state.open_reservations - used.slots)
 
     @staticmethod
     def learn_output(state: KeyState, output_tokens: int) -> None:
@@ -688,38 +815,112 @@ class Limiter:
         self._adjust(state.tokens, reservation.bucket, delta, current)
         return state
 
-    def _settle_share(self, share: Share, actual_tokens: int, now_ms: int) -> Settlement | None:
+    def _settle_share(  # noqa: PLR0917 - settle's own arguments, passed on
+        self,
+        share: Share,
+        actual: int,
+        now_ms: int,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        cost_nanos: int,
+        *,
+        learn: bool,
+    ) -> Settlement | None:
         """One request admitted from a lease: its actual usage replaces its share, in the
-        lease's sub-bucket (or, when that has aged out, any excess in the current one).
-        Each share settles once; the lease itself stays open for its other requests."""
+        lease's sub-bucket (or, when that has aged out, any excess in the current one),
+        on the key and on every level; its part of the lease's cost hold gives way to
+        what it cost, and its slot is no longer in flight. Each share settles once; the
+        lease itself stays open for its other requests."""
         lease = self._reservations.get(share.lease_id) or self._closed_leases.get(share.lease_id)
         if lease is None or not lease.lease or share.number in lease.settled:
             return None
         lease.settled.add(share.number)
-        actual = max(0, actual_tokens)
+        if input_tokens is None or output_tokens is None:
+            input_tokens = min(actual, share.tokens)
+            output_tokens = actual - input_tokens
+        # A share id of the first format does not say its input: read it as what was used.
+        reserved_input = share.input_tokens if share.input_tokens >= 0 else input_tokens
+        reserved_input = min(reserved_input, share.tokens)
         delta = actual - share.tokens
-        self._apply_delta(lease, delta, now_ms)
+        state = self._apply_delta(lease, delta, now_ms)
+        slots = 1 if lease.open_slots > 0 else 0
+        lease.open_slots -= slots
+        self._reconcile_scopes(
+            lease,
+            _Used(
+                input_tokens - reserved_input,
+                output_tokens - (share.tokens - reserved_input),
+                cost_nanos - self._release_hold(lease, share.tokens),
+                slots,
+            ),
+            now_ms,
+        )
+        if share.lease_id in self._closed_leases:
+            self._release_rest(lease, now_ms)
+        if learn:
+            self.learn_output(state, output_tokens)
         return Settlement(reservation=lease, actual_tokens=actual, delta=delta)
 
+    def _release_rest(self, lease: Reservation, now_ms: int) -> None:
+        """A closed lease whose every share has settled: what is left of its cost hold
+        (the parts' rounding) goes, so that its spend is exactly what its shares cost."""
+        if lease.open_slots > 0 or lease.held_nanos <= 0:
+            return
+        rest, lease.held_nanos = lease.held_nanos, 0
+        self._reconcile_scopes(lease, _Used(0, 0, -rest, 0), now_ms)
+
+    @staticmethod
+    def _release_hold(lease: Reservation, tokens: int) -> int:
+        """The part of a lease's cost hold that ``tokens`` of it stood for (shares and
+        what is handed back share the hold by tokens; the last part takes what is left)."""
+        if lease.tokens <= 0:
+            return 0
+        part = min(lease.held_nanos, lease.cost_nanos * max(0, tokens) // lease.tokens)
+        lease.held_nanos -= part
+        return part
+
     def close_lease(
-        self, lease_id: str, unused_tokens: int, unused_requests: int, now_ms: int
+        self,
+        lease_id: str,
+        unused_tokens: int,
+        unused_requests: int,
+        now_ms: int,
+        *,
+        unused_input_tokens: int = 0,
+        unused_output_tokens: int = 0,
     ) -> bool:
         """The holder stopped admitting from a lease: what it never handed out goes
-        back (into the lease's sub-bucket, if still counted). False if unknown."""
+        back (into the lease's sub-bucket, if still counted) on the key and on every
+        level: tokens, requests, input and output, their part of the cost hold, and
+        their slots in flight. Shares already handed out stay counted until their usage
+        settles them. False if unknown."""
         lease = self._reservations.get(lease_id)
         if lease is None or not lease.lease:
             return False
         del self._reservations[lease_id]
         current = self._bucket(now_ms)
         state = self._state(lease.key_id, current)
-        state.open_reservations = max(0, state.open_reservations - 1)
         tokens = min(max(0, unused_tokens), lease.tokens)
         requests = min(max(0, unused_requests), lease.requests)
         if tokens:
             state.tokens.adjust(lease.bucket, -tokens)
         if requests:
-            state.requests.adjust(lease.bucket, -requests)
+            for scope in (lease.key_id, *lease.scopes):
+                self._state(scope, current).requests.adjust(lease.bucket, -requests)
+        slots = min(requests, lease.open_slots)
+        lease.open_slots -= slots
+        self._reconcile_scopes(
+            lease,
+            _Used(
+                -min(max(0, unused_input_tokens), lease.input_tokens),
+                -min(max(0, unused_output_tokens), lease.output_tokens),
+                -self._release_hold(lease, tokens),
+                slots,
+            ),
+            now_ms,
+        )
         self._closed_leases[lease_id] = lease
+        self._release_rest(lease, now_ms)
         return True
 
     def holds(self, reservation_id: str) -> bool:
@@ -769,13 +970,10 @@ class Limiter:
             del reservations[rid]
             self._done[rid] = now_ms + self.config.reservation_ttl_ms
             expired += 1
-            for scope in (reservation.key_id, *reservation.scopes):
-                state = self._keys.get(scope)
-                if state is not None:
-                    state.open_reservations = max(0, state.open_reservations - 1)
+            self._free_slots(reservation)
         self.expired_total += expired
         for lease_id in [i for i, r in self._closed_leases.items() if r.expires_ms <= now_ms]:
-            del self._closed_leases[lease_id]
+            self._free_slots(self._closed_leases.pop(lease_id))
         for rid in [i for i, until in self._done.items() if until <= now_ms]:
             del self._done[rid]
 
@@ -792,6 +990,15 @@ class Limiter:
         for key_id in idle:
             del self._keys[key_id]
         return expired
+
+    def _free_slots(self, reservation: Reservation) -> None:
+        """An expired reservation's requests in flight (a lease's shares whose usage never
+        came) stop counting; what it holds in windows and spend stays (see ``expire``)."""
+        slots, reservation.open_slots = reservation.open_slots, 0
+        for scope in (reservation.key_id, *reservation.scopes):
+            state = self._keys.get(scope)
+            if state is not None:
+                state.open_reservations = max(0, state.open_reservations - slots)
 
     @property
     def open_reservations(self) -> int:
@@ -953,6 +1160,7 @@ class Limiter:
             reservation = reservation_from_record(raw)
             if raw.get("closed"):
                 self._closed_leases[reservation.reservation_id] = reservation
+                self._count_slots(reservation)
                 continue
             self.adopt(reservation, charge=False)
         self.expire(now_ms)
@@ -976,7 +1184,7 @@ class Limiter:
                     scope_state.requests.add(reservation.bucket, reservation.requests)
                 scope_state.input.add(reservation.bucket, reservation.input_tokens)
                 scope_state.output.add(reservation.bucket, reservation.output_tokens)
-                scope_state.open_reservations += 1
+                scope_state.open_reservations += reservation.open_slots
                 if reservation.cost_nanos:
                     self._spend(
                         scope_state, reservation.day, reservation.month, reservation.cost_nanos
@@ -985,15 +1193,20 @@ class Limiter:
             for scope in (reservation.key_id, *reservation.scopes):
                 self._sort_windows(self._keys[scope])
         else:
-            for scope in (reservation.key_id, *reservation.scopes):
-                owner = self._keys.get(scope)
-                if owner is None:
-                    owner = self._keys[scope] = KeyState(
-                        tpm_quota=self.config.default_tokens_per_minute,
-                        rpm_quota=self.config.default_requests_per_minute,
-                    )
-                owner.open_reservations += 1
+            self._count_slots(reservation)
         return True
+
+    def _count_slots(self, reservation: Reservation) -> None:
+        """A restored reservation's requests in flight, on every scope it counts in (the
+        windows and spend come with the scopes' own state)."""
+        for scope in (reservation.key_id, *reservation.scopes):
+            owner = self._keys.get(scope)
+            if owner is None:
+                owner = self._keys[scope] = KeyState(
+                    tpm_quota=self.config.default_tokens_per_minute,
+                    rpm_quota=self.config.default_requests_per_minute,
+                )
+            owner.open_reservations += reservation.open_slots
 
     @staticmethod
     def _sort_windows(state: KeyState) -> None:
@@ -1023,6 +1236,8 @@ def reservation_record(r: Reservation) -> dict[str, Any]:
         "cost": r.cost_nanos,
         "day": r.day,
         "month": r.month,
+        "slots": r.open_slots,
+        "held": r.held_nanos,
     }
 
 
@@ -1044,6 +1259,8 @@ def reservation_from_record(raw: dict[str, Any]) -> Reservation:
         cost_nanos=int(raw.get("cost", 0)),
         day=int(raw.get("day", 0)),
         month=int(raw.get("month", 0)),
+        open_slots=int(raw.get("slots", 1)),
+        held_nanos=int(raw.get("held", 0)),
     )
 
 

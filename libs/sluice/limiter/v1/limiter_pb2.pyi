@@ -181,6 +181,8 @@ class ReserveResponse(_message.Message):
     SPEND_CEILING_USD_NANOS_FIELD_NUMBER: _builtins.int
     RESERVED_USD_NANOS_FIELD_NUMBER: _builtins.int
     RESERVED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    LEASE_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    LEASE_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     reservation_id: _builtins.str
     denied_by: _builtins.str
@@ -207,6 +209,12 @@ class ReserveResponse(_message.Message):
     (max_tokens, or the key's learned estimate when the request gave none).
     """
     reserved_output_tokens: _builtins.int
+    lease_input_tokens: _builtins.int
+    """Of a granted lease, the input and output tokens held beyond this request in the
+    levels' windows: a request admitted from it takes its prompt from the one and its
+    max output from the other, and is admitted only while both have room.
+    """
+    lease_output_tokens: _builtins.int
     @_builtins.property
     def policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyState]: ...
     def __init__(
@@ -225,10 +233,12 @@ class ReserveResponse(_message.Message):
         spend_ceiling_usd_nanos: _builtins.int = ...,
         reserved_usd_nanos: _builtins.int = ...,
         reserved_output_tokens: _builtins.int = ...,
+        lease_input_tokens: _builtins.int = ...,
+        lease_output_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "budget_exceeded", b"budget_exceeded", "denied_by", b"denied_by", "lease_requests", b"lease_requests", "lease_tokens", b"lease_tokens", "lease_ttl_ms", b"lease_ttl_ms", "policies", b"policies", "reservation_id", b"reservation_id", "reserved_output_tokens", b"reserved_output_tokens", "reserved_tokens", b"reserved_tokens", "reserved_usd_nanos", b"reserved_usd_nanos", "retry_after_ms", b"retry_after_ms", "spend_ceiling_usd_nanos", b"spend_ceiling_usd_nanos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "budget_exceeded", b"budget_exceeded", "denied_by", b"denied_by", "lease_input_tokens", b"lease_input_tokens", "lease_output_tokens", b"lease_output_tokens", "lease_requests", b"lease_requests", "lease_tokens", b"lease_tokens", "lease_ttl_ms", b"lease_ttl_ms", "policies", b"policies", "reservation_id", b"reservation_id", "reserved_output_tokens", b"reserved_output_tokens", "reserved_tokens", b"reserved_tokens", "reserved_usd_nanos", b"reserved_usd_nanos", "retry_after_ms", b"retry_after_ms", "spend_ceiling_usd_nanos", b"spend_ceiling_usd_nanos"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -249,6 +259,8 @@ class CommitRequest(_message.Message):
     CLOSE_LEASE_FIELD_NUMBER: _builtins.int
     UNUSED_TOKENS_FIELD_NUMBER: _builtins.int
     UNUSED_REQUESTS_FIELD_NUMBER: _builtins.int
+    UNUSED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    UNUSED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     key_id: _builtins.str
     request_id: _builtins.str
@@ -256,6 +268,11 @@ class CommitRequest(_message.Message):
     """Closes the lease reservation_id; what of it was never admitted goes back."""
     unused_tokens: _builtins.int
     unused_requests: _builtins.int
+    unused_input_tokens: _builtins.int
+    """Of the unused tokens, what was held as input and as output (lease_input_tokens and
+    lease_output_tokens not handed out).
+    """
+    unused_output_tokens: _builtins.int
     @_builtins.property
     def actual(self) -> _chat_pb2.Usage: ...
     def __init__(
@@ -268,10 +285,12 @@ class CommitRequest(_message.Message):
         close_lease: _builtins.bool = ...,
         unused_tokens: _builtins.int = ...,
         unused_requests: _builtins.int = ...,
+        unused_input_tokens: _builtins.int = ...,
+        unused_output_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actual", b"actual"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual", b"actual", "close_lease", b"close_lease", "key_id", b"key_id", "request_id", b"request_id", "reservation_id", b"reservation_id", "unused_requests", b"unused_requests", "unused_tokens", b"unused_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual", b"actual", "close_lease", b"close_lease", "key_id", b"key_id", "request_id", b"request_id", "reservation_id", b"reservation_id", "unused_input_tokens", b"unused_input_tokens", "unused_output_tokens", b"unused_output_tokens", "unused_requests", b"unused_requests", "unused_tokens", b"unused_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
