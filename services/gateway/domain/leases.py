@@ -37,7 +37,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -91,9 +91,11 @@ class Lease:
     output_left: int
     granted_at: float
     expires_at: float
-    policies: list[limiter_pb2.PolicyState]
-    # The limiter's spend ceiling at the grant, the lease's own hold counted as spent.
-    spend_ceiling: int = 0
+    # The grant's answer as every admission from the lease starts from it: allowed, the
+    # policies at the grant, the spend ceiling (the lease's own hold counted as spent).
+    granted: limiter_pb2.ReserveResponse
+    # Per policy of ``granted``, what counts back into it (``count_back``).
+    backs: tuple[int, ...]
     # The span of the request whose round trip to the limiter obtained the lease.
     granted_in: trace.SpanContext | None = None
     numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
@@ -125,33 +127,39 @@ class Lease:
         self.tokens_left = self.requests_left = self.input_left = self.output_left = 0
         return left
 
-    def view(self, now: float) -> list[limiter_pb2.PolicyState]:
+    def answer(self, now: float) -> limiter_pb2.ReserveResponse:
+        """An admission from this lease: the grant's answer (its policies, its spend
+        ceiling) with the policies brought up to now (``count_back``)."""
+        response = limiter_pb2.ReserveResponse()
+        response.CopyFrom(self.granted)
+        self.count_back(response, now)
+        return response
+
+    def count_back(self, response: limiter_pb2.ReserveResponse, now: float) -> None:
         """The policies as the limiter reported them at the grant, with what is still
         unadmitted in the lease counted as remaining (it is this key's to spend). A
         budget's remaining stays as at the grant, the lease's whole hold counted spent:
         the gateway knows no prices, and the headers err on the safe side."""
         elapsed_ms = int((now - self.granted_at) * 1000)
-        back_by_unit = {
-            U_TOKENS: self.tokens_left,
-            U_REQUESTS: self.requests_left,
-            U_CONCURRENT: self.requests_left,
-            U_INPUT: self.input_left,
-            U_OUTPUT: self.output_left,
-        }
-        out = []
-        for p in self.policies:
-            unit = p.unit or (U_TOKENS if p.name == TPM else U_REQUESTS if p.name == RPM else "")
-            back = back_by_unit.get(unit, 0)
-            out.append(
-                limiter_pb2.PolicyState(
-                    name=p.name,
-                    quota=p.quota,
-                    remaining=min(p.quota, p.remaining + back),
-                    window_seconds=p.window_seconds,
-                    reset_ms=max(0, p.reset_ms - elapsed_ms),
-                )
-            )
-        return out
+        lefts = (self.tokens_left, self.requests_left, self.input_left, self.output_left)
+        for policy, back in zip(response.policies, self.backs, strict=True):
+            if back >= 0:
+                policy.remaining = min(policy.quota, policy.remaining + lefts[back])
+            if policy.reset_ms:
+                policy.reset_ms = max(0, policy.reset_ms - elapsed_ms)
+
+
+# Which of a lease's (tokens, requests, input, output) left counts back into a policy of
+# each unit (see ``Lease.count_back``); budgets and unknown units get nothing back.
+_BACK_BY_UNIT = {U_TOKENS: 0, U_REQUESTS: 1, U_CONCURRENT: 1, U_INPUT: 2, U_OUTPUT: 3}
+
+
+def _backs(policies: Iterable[limiter_pb2.PolicyState]) -> tuple[int, ...]:
+    out = []
+    for p in policies:
+        unit = p.unit or (U_TOKENS if p.name == TPM else U_REQUESTS if p.name == RPM else "")
+        out.append(_BACK_BY_UNIT.get(unit, -1))
+    return tuple(out)
 
 
 class LeasingLimiter:
@@ -228,6 +236,10 @@ class LeasingLimiter:
             return None
         need = input_tokens + output_tokens
         reservation_id = lease.take(input_tokens, output_tokens)
+        response = lease.answer(now)
+        response.reservation_id = reservation_id
+        response.reserved_tokens = need
+        response.reserved_output_tokens = output_tokens
         self.admitted_locally += 1
         # The admission has its place in the request's trace, linked to the trace that
         # holds the limiter's decision for the whole lease.
@@ -242,14 +254,7 @@ class LeasingLimiter:
             },
         )
         span.end()
-        return limiter_pb2.ReserveResponse(
-            allowed=True,
-            reservation_id=reservation_id,
-            policies=lease.view(now),
-            reserved_tokens=need,
-            reserved_output_tokens=output_tokens,
-            spend_ceiling_usd_nanos=lease.spend_ceiling,
-        )
+        return response
 
     async def _reserve_with_lease(
         self, request: limiter_pb2.ReserveRequest, held: str
@@ -294,14 +299,17 @@ class LeasingLimiter:
             output_left=response.lease_output_tokens + first_output,
             granted_at=now,
             expires_at=now + response.lease_ttl_ms / 1000,
-            policies=list(response.policies),
-            spend_ceiling=response.spend_ceiling_usd_nanos,
+            granted=limiter_pb2.ReserveResponse(
+                allowed=True,
+                policies=response.policies,
+                spend_ceiling_usd_nanos=response.spend_ceiling_usd_nanos,
+            ),
+            backs=_backs(response.policies),
             granted_in=trace.get_current_span().get_span_context(),
         )
         response.reservation_id = lease.take(first_input, first_output)
         # Its headers count the lease as the later requests' headers will.
-        del response.policies[:]
-        response.policies.extend(lease.view(now))
+        lease.count_back(response, now)
         previous = self._leases.get(held)
         self._leases[held] = lease
         if previous is not None:

@@ -8,6 +8,7 @@ import fnmatch
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 
 from sluice.errors import ErrorCode, SluiceError
 from sluice.keys.v1 import keys_pb2
@@ -132,23 +133,24 @@ class Entitlements:
     # The tier's share of each limit for batch work (0: the limiter's setting).
     batch_share: float = 0.0
 
-    @property
-    def beyond_key(self) -> bool:
-        """Whether anything applies beyond the key's own "tpm" and "rpm": a level's
-        limit or budget, the key's own included (admission leases are only for
-        requests without them)."""
-        return self.team.any or self.end_user.any or self.key.any
+    @cached_property
+    def _levels(self) -> limiter_pb2.ReserveRequest:
+        """The levels as reservation fields, built once: a request merges them in."""
+        return limiter_pb2.ReserveRequest(
+            key_limits=self.key.limits.to_proto(),
+            key_budgets=self.key.budgets.to_proto(),
+            team_limits=self.team.limits.to_proto(),
+            team_budgets=self.team.budgets.to_proto(),
+            end_user=self.end_user_id,
+            end_user_limits=self.end_user.limits.to_proto(),
+            end_user_budgets=self.end_user.budgets.to_proto(),
+            priority=str(self.priority),
+            batch_share=self.batch_share,
+        )
 
     def fill(self, reserve: limiter_pb2.ReserveRequest) -> None:
-        reserve.key_limits.CopyFrom(self.key.limits.to_proto())
-        reserve.key_budgets.CopyFrom(self.key.budgets.to_proto())
-        reserve.team_limits.CopyFrom(self.team.limits.to_proto())
-        reserve.team_budgets.CopyFrom(self.team.budgets.to_proto())
-        reserve.end_user = self.end_user_id
-        reserve.end_user_limits.CopyFrom(self.end_user.limits.to_proto())
-        reserve.end_user_budgets.CopyFrom(self.end_user.budgets.to_proto())
-        reserve.priority = str(self.priority)
-        reserve.batch_share = self.batch_share
+        """Put the levels on a reservation that has none yet."""
+        reserve.MergeFrom(self._levels)
 
 
 def entitlements(
