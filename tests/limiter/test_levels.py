@@ -287,6 +287,11 @@ def test_no_lease_past_the_tightest_level() -> None:
     # A day's budget with room for fewer than eight more requests like this one.
     small = tenancy_pb2.Budgets(usd_nanos_per_day=price(10, 10) * 8)
     assert leased(h, key="k2", key_budgets=small).lease_requests == 0
+    # A budget this very request already passes (its worst case above what is left):
+    # admitted, as a budget admits while anything is left, but never with a lease.
+    tiny = tenancy_pb2.Budgets(usd_nanos_per_day=price(10, 10) // 2)
+    past = leased(h, key="k4", key_budgets=tiny)
+    assert past.allowed and past.lease_requests == 0
     # Input tokens per minute: the lease's input is cut to 1/8 of what is left.
     narrow = leased(h, key="k3", key_limits=tenancy_pb2.Limits(input_tokens_per_minute=810))
     assert narrow.lease_requests == 8 and narrow.lease_input_tokens == 100

@@ -304,19 +304,9 @@ class Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
-class _Asked:
-    """A lease as asked for, beside the request that asks (its tokens and cost)."""
-
-    tokens: int
-    requests: int
-    input_tokens: int
-    output_tokens: int
-    cost_nanos: int
-
-
-@dataclass(frozen=True, slots=True)
 class _LeaseRoom:
-    """What a lease holds beyond the request that asked for it (all 0: no lease)."""
+    """What a lease holds beyond the request that asked for it (all 0: no lease); also
+    a lease as asked for, with the asking request's own input, output and cost."""
 
     tokens: int = 0
     requests: int = 0
@@ -476,7 +466,7 @@ class Limiter:
             room = self._lease_room(
                 state,
                 scoped,
-                _Asked(lease_tokens, lease_requests, input_tokens, output_tokens, cost),
+                _LeaseRoom(lease_tokens, lease_requests, input_tokens, output_tokens, cost),
                 self._shared(tpm, share),
                 self._shared(rpm, share),
                 share,
@@ -531,7 +521,7 @@ class Limiter:
         self,
         state: KeyState,
         scoped: list[tuple[Level, KeyState]],
-        asked: _Asked,
+        asked: _LeaseRoom,
         tpm: int,
         rpm: int,
         share: float,
@@ -548,7 +538,7 @@ class Limiter:
         tokens = min(asked.tokens, (tpm - state.tokens.total - need) // divisor)
         requests = min(asked.requests, (rpm - state.requests.total - 1) // divisor)
         inputs = outputs = tokens
-        cost_room = -1  # no budget
+        cost_room: int | None = None  # None: no budget applies
         for level, scope in scoped:
             limits = level.limits
             for quota, used, amount in (
@@ -570,11 +560,16 @@ class Limiter:
             ):
                 if quota:
                     left = (self._shared(quota, share) - spent - asked.cost_nanos) // divisor
-                    cost_room = left if cost_room < 0 else min(cost_room, left)
+                    cost_room = left if cost_room is None else min(cost_room, left)
+        if cost_room is not None and cost_room <= 0:
+            # A budget with no room beyond this request (or already past it): no lease.
+            return _LeaseRoom()
+        # The lease's most cost is held only where a budget would read it: held without
+        # one, it would stand against a budget set later until the lease is closed.
         cost = 0
-        if pricing is not None and inputs > 0 and outputs > 0:
+        if pricing is not None and cost_room is not None and inputs > 0 and outputs > 0:
             cost = pricing(inputs, outputs)
-            if 0 <= cost_room < cost:
+            if cost > cost_room:
                 # Within the budgets: fewer tokens, in the same proportion.
                 inputs = inputs * cost_room // cost
                 outputs = outputs * cost_room // cost
@@ -584,7 +579,7 @@ class Limiter:
             and tokens >= max(1, need)
             and inputs >= asked.input_tokens
             and outputs >= asked.output_tokens
-            and (cost_room < 0 or cost <= cost_room)
+            and (cost_room is None or cost <= cost_room)
         )
         if not fits_one:
             return _LeaseRoom()
