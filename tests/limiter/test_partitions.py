@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
+from sluice.leases import share_id
 from sluice.limiter.v1 import limiter_pb2
 from sluice.partitions import id_prefix, partition_of, reservation_partition
 from sluice.tenancy.v1 import tenancy_pb2
@@ -195,3 +196,41 @@ async def test_a_lease_renewed_by_someone_else_is_lost() -> None:
     table.leases[0] = ("z", 999)  # the lease lapsed and another member took it
     plan = await a.round(0.5)
     assert plan.lost == [0] and set(a.held) == {1}
+
+
+async def test_a_lease_with_levels_is_rebuilt_from_the_journal_alone() -> None:
+    """A new owner with no snapshot: the lease's grant and its close come from the
+    journal, its shares' usage from the stream; the team's state ends where the old
+    owner's did (requests, slots in flight)."""
+    now = [T0]
+    journal = Recorder()
+    old = partition(journal, now)
+    leased = ask(1)
+    leased.team_limits.requests_per_minute = 1000
+    leased.team_limits.concurrent_requests = 100
+    leased.lease_tokens, leased.lease_requests = 160, 8
+    grant = await old.reserve(leased)
+    assert grant.lease_requests == 8
+    lease_id = grant.reservation_id
+    shares = [share_id(lease_id, n, 20, 10) for n in (1, 2)]
+    await old.commit(
+        limiter_pb2.CommitRequest(
+            reservation_id=lease_id,
+            close_lease=True,
+            unused_tokens=180 - 40,
+            unused_requests=9 - 2,
+            unused_input_tokens=grant.lease_input_tokens + 10 - 20,
+            unused_output_tokens=grant.lease_output_tokens + 10 - 20,
+        )
+    )
+    events = [(n + 1, usage(sid, 12)) for n, sid in enumerate(shares)]
+    for sequence, event in events:
+        old.apply_usage(event, sequence)
+
+    new = partition(Recorder(), now)
+    await rebuild(new, items(journal.entries), items(events), 16)
+    for owner in (old, new):
+        team = owner.admission.limiter._keys[f"team:{TEAM}"]
+        assert team.open_reservations == 0
+        assert team.requests.total == 2
+        assert team.input.total == 24 and team.output.total == 0
