@@ -19,10 +19,11 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from types import TracebackType
 from typing import Any, Protocol
 
+from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
@@ -229,7 +230,6 @@ class LocalTracer(trace.Tracer):
         )
 
     @override
-    @contextmanager
     def start_as_current_span(  # type: ignore[override]  # the API's manager is private
         self,
         name: str,
@@ -241,15 +241,45 @@ class LocalTracer(trace.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
         end_on_exit: bool = True,
-    ) -> Iterator[Span]:
+    ) -> _CurrentSpan:
         span = self.start_span(name, context, kind, attributes, links, start_time)
-        with trace.use_span(
-            span,
-            end_on_exit=end_on_exit,
-            record_exception=record_exception,
-            set_status_on_exception=set_status_on_exception,
-        ) as current:
-            yield current
+        return _CurrentSpan(span, end_on_exit, record_exception, set_status_on_exception)
+
+
+class _CurrentSpan:
+    """``trace.use_span`` as a plain context manager: the same attach, exception record,
+    status and end, without the two generator-based managers the API nests (a span on
+    every request's path pays for them several times)."""
+
+    __slots__ = ("_end", "_record", "_set_status", "_span", "_token")
+
+    def __init__(self, span: Span, end: bool, record: bool, set_status: bool) -> None:
+        self._span = span
+        self._end = end
+        self._record = record
+        self._set_status = set_status
+        self._token: object = None
+
+    def __enter__(self) -> Span:
+        self._token = context_api.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        span = self._span
+        context_api.detach(self._token)  # type: ignore[arg-type]
+        # As ``use_span``: only Exceptions are errors (not GeneratorExit, cancellation).
+        if isinstance(exc, Exception) and span.is_recording():
+            if self._record:
+                span.record_exception(exc)
+            if self._set_status:
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        if self._end:
+            span.end()
 
 
 class LocalTracerProvider(trace.TracerProvider):
