@@ -53,6 +53,7 @@ from services.gateway.domain.tenancy.tiers import TierTable
 from services.gateway.domain.usage import UsageReports
 from services.gateway.handlers.http.application import create_app
 from services.gateway.handlers.http.deps import ApiDeps, models_list_body
+from services.gateway.handlers.http.direct import direct_routes
 from services.gateway.handlers.http.mcp.mount import LazyMcpEndpoint
 from services.gateway.handlers.http.middleware import Edge
 from services.gateway.handlers.http.server import create_server
@@ -265,7 +266,12 @@ async def main() -> None:
         await runtime.shutdown()
         raise
     await gateway.start()
-    edge = Edge(create_app(gateway.api, gateway.mcp), inst, gateway.audit)
+    edge = Edge(
+        create_app(gateway.api, gateway.mcp),
+        inst,
+        gateway.audit,
+        direct=direct_routes(gateway.api) if settings.direct_routes else None,
+    )
     grace = settings.common.shutdown_grace_seconds
     server = create_server(settings.http_server, edge, settings.host, settings.port, grace)
     await server.start()

@@ -171,6 +171,9 @@ class GatewaySettings(BaseSettings):
     resume_read_timeout_seconds: float = 5.0
     # "granian" (embedded, Rust HTTP stack) or "uvicorn".
     http_server: str = "granian"
+    # The answer routes served by the edge itself rather than through Litestar's layers
+    # (the same code, a tenth less CPU per request); off sends them through Litestar.
+    direct_routes: bool = True
 
     # Jobs: how long a job record is kept after submission (the sluice_jobs bucket TTL
     # follows it), and how long Prefer: wait may hold a request.

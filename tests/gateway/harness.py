@@ -33,6 +33,7 @@ from services.gateway.app import assemble
 from services.gateway.domain.keys import hash_secret
 from services.gateway.handlers.http.application import create_app
 from services.gateway.handlers.http.deps import ApiDeps
+from services.gateway.handlers.http.direct import direct_routes
 from services.gateway.handlers.http.middleware import Edge
 from services.gateway.settings import GatewaySettings
 
@@ -228,6 +229,6 @@ async def build_gateway(bus: Bus, tmp: Path, **overrides) -> Gateway:
     parts.api.readiness = Readiness(bus, settings.readiness_cache_seconds, timeout=0.2)
     fake = FakeServices(bus)
     await fake.start()
-    return Gateway(
-        Edge(create_app(parts.api), inst, parts.audit), parts.api, parts, fake, secret, record
-    )
+    # The answer routes as the service serves them: straight from the edge.
+    edge = Edge(create_app(parts.api), inst, parts.audit, direct=direct_routes(parts.api))
+    return Gateway(edge, parts.api, parts, fake, secret, record)

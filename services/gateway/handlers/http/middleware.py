@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from opentelemetry import trace
@@ -17,19 +17,18 @@ from sluice import telemetry
 from sluice.errors import SluiceError
 from sluice.metrics import Instruments
 
-from services.gateway.domain.dialects.anthropic.response import render_error
-from services.gateway.domain.exchange import JSON, RequestContext
-from services.gateway.domain.problems import PROBLEM_CONTENT_TYPE, problem_headers, render_problem
+from services.gateway.domain.exchange import RequestContext
 from services.gateway.domain.tenancy import audit
 from services.gateway.domain.tenancy.ports import AuditLog
 from services.gateway.domain.versions import VERSIONS, ApiVersion, VersionChoice, VersionRegistry
+from services.gateway.handlers.http.errors import problem_answer
 from services.gateway.handlers.http.routes import (
     ADMIN_PREFIX,
     ANSWER_ROUTES,
     UNTRACED,
-    is_messages_path,
     route_label,
 )
+from services.gateway.handlers.http.sending import send_answer
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -67,23 +66,7 @@ def with_version(headers: list[tuple[bytes, bytes]], version: ApiVersion) -> Non
 
 async def _refuse(send: Send, err: SluiceError, ctx: RequestContext) -> int:
     """An error answered by the edge itself (before the app): the route's error shape."""
-    headers = problem_headers(err)
-    if is_messages_path(ctx.path):
-        headers["request-id"] = ctx.request_id
-        body = render_error(
-            err, instance=ctx.instance, request_id=ctx.request_id, trace_id=ctx.trace_id
-        )
-        media = JSON
-    else:
-        body = render_problem(
-            err, instance=ctx.instance, request_id=ctx.request_id, trace_id=ctx.trace_id
-        )
-        media = PROBLEM_CONTENT_TYPE
-    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
-    raw.append((b"content-type", media.encode()))
-    raw.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": err.status, "headers": raw})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send_answer(send, problem_answer(err, ctx))
     return err.status
 
 
@@ -94,8 +77,11 @@ class Edge:
         instruments: Instruments,
         audit_log: AuditLog | None = None,
         versions: VersionRegistry = VERSIONS,
+        direct: Mapping[tuple[str, str], ASGIApp] | None = None,
     ) -> None:
         self.app = app
+        # Routes served here rather than through the app (``direct.py``).
+        self.direct = direct or {}
         self.versions = versions
         self.audit_log = audit_log
         self.instruments = instruments
@@ -196,7 +182,8 @@ class Edge:
                     self.instruments.errors.add(1, {"code": ctx.notes.code, "service": "gateway"})
                     await _refuse(send_with_headers, refused, ctx)
                 else:
-                    await self.app(scope, receive, send_with_headers)
+                    serve = self.direct.get((method, path), self.app)
+                    await serve(scope, receive, send_with_headers)
                 finished = True
             finally:
                 span.set_attribute("http.response.status_code", status)

@@ -3,10 +3,9 @@ within the size limit."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
-from litestar import Request
 from opentelemetry import trace
 from sluice.errors import ErrorCode, SluiceError
 from sluice.keys.v1 import keys_pb2
@@ -17,12 +16,26 @@ from services.gateway.domain.tenancy.identity import Authenticator
 from services.gateway.domain.tenancy.policy import Caller, Scope, require_scope
 from services.gateway.handlers.http.middleware import request_context
 
+
+class HttpRequest(Protocol):
+    """What reading a request needs of it: a Litestar ``Request``, or the bare ASGI
+    request of a direct route (``direct.AsgiRequest``)."""
+
+    @property
+    def scope(self) -> Any: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def receive(self) -> Awaitable[Any]: ...
+
+
 # A client that sent too much is read to the end before the 413, up to this many bytes:
 # answering mid-upload makes many clients report a reset connection instead of the 413.
 _DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 
 
-async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+async def read_body(request: HttpRequest, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     too_large = declared.isdigit() and int(declared) > limit
     chunks: list[bytes] = []
@@ -75,7 +88,7 @@ def extract_secret(authorization: str | None, x_api_key: str | None) -> str:
 
 
 async def authenticate_caller(
-    request: Request[Any, Any, Any], keys: Authenticator, scope: Scope | None
+    request: HttpRequest, keys: Authenticator, scope: Scope | None
 ) -> Caller:
     """The caller (an API key in ``Authorization: Bearer`` or ``x-api-key``, or a JWT
     in ``Authorization: Bearer``), or a 401; then the scope the route needs, or a 403.
@@ -103,14 +116,14 @@ async def authenticate_caller(
 
 
 async def authenticate(
-    request: Request[Any, Any, Any], keys: Authenticator, scope: Scope | None
+    request: HttpRequest, keys: Authenticator, scope: Scope | None
 ) -> keys_pb2.ApiKeyRecord:
     """The caller's key record (see ``authenticate_caller``)."""
     return (await authenticate_caller(request, keys, scope)).key
 
 
 async def authenticated_body(
-    request: Request[Any, Any, Any],
+    request: HttpRequest,
     keys: Authenticator,
     limit: int,
     scope: Scope,

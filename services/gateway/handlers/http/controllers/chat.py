@@ -13,10 +13,10 @@ from services.gateway.domain.exchange import Answer
 from services.gateway.domain.jobs.request import JobSpec
 from services.gateway.domain.tenancy.policy import Scope, require_scope
 from services.gateway.handlers.http import headers as h
-from services.gateway.handlers.http.deps import deps_of
+from services.gateway.handlers.http.deps import ApiDeps, deps_of
 from services.gateway.handlers.http.idempotency import idempotent
 from services.gateway.handlers.http.middleware import request_context
-from services.gateway.handlers.http.requests import authenticated_body
+from services.gateway.handlers.http.requests import HttpRequest, authenticated_body
 from services.gateway.handlers.http.responses import to_response
 from services.gateway.handlers.http.routes import CHAT_ROUTE
 
@@ -50,52 +50,56 @@ class ChatController(Controller):
         Needs the ``chat`` scope (and ``jobs`` with ``Prefer: respond-async``); a key
         with a model allow-list gets 403 ``model_not_allowed`` for another model. An
         enterprise JWT (``Authorization: Bearer <JWT>``) works as a key does."""
-        deps = deps_of(request)
-        ctx = request_context(request.scope)
-        caller, raw = await authenticated_body(
-            request,
-            deps.keys,
-            deps.settings.max_body_bytes,
-            Scope.CHAT,
-            scrub=deps.chat.guard.scrub,
-        )
-        key = caller.key
-        headers = request.headers
-        prefer = h.prefer_of(headers)
+        return to_response(await chat_completion(request, deps_of(request)))
 
-        async def run() -> Answer:
-            body = parse_body(raw)
-            ctx.notes.model = body.model
-            if prefer.as_job:
-                require_scope(key, Scope.JOBS)
-                return await deps.jobs.respond(
-                    key,
-                    JobSpec(to_chat_request(body), hints=h.answer_hints(headers, body.sluice)),
-                    prefer=prefer,
-                    priority=h.job_priority(key, headers, prefer),
-                    trace_id=ctx.trace_id,
-                    tags=h.tags_of(headers),
-                    end_user=caller.end_user,
-                )
-            options = h.chat_options(
-                headers,
+
+async def chat_completion(request: HttpRequest, deps: ApiDeps) -> Answer:
+    """The route's work on any request shape: Litestar's above, or the bare ASGI request
+    the edge hands a direct route (``direct.py``)."""
+    ctx = request_context(request.scope)
+    caller, raw = await authenticated_body(
+        request,
+        deps.keys,
+        deps.settings.max_body_bytes,
+        Scope.CHAT,
+        scrub=deps.chat.guard.scrub,
+    )
+    key = caller.key
+    headers = request.headers
+    prefer = h.prefer_of(headers)
+
+    async def run() -> Answer:
+        body = parse_body(raw)
+        ctx.notes.model = body.model
+        if prefer.as_job:
+            require_scope(key, Scope.JOBS)
+            return await deps.jobs.respond(
                 key,
-                deps.settings,
-                instance=ctx.instance,
+                JobSpec(to_chat_request(body), hints=h.answer_hints(headers, body.sluice)),
+                prefer=prefer,
+                priority=h.job_priority(key, headers, prefer),
+                trace_id=ctx.trace_id,
+                tags=h.tags_of(headers),
                 end_user=caller.end_user,
-                hints=body.sluice,
             )
-            meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model, notes=ctx.notes)
-            return await deps.chat.complete(key, to_chat_request(body), meta, options)
-
-        answer = await idempotent(
-            deps.idempotency,
+        options = h.chat_options(
             headers,
-            key=key,
-            ctx=ctx,
-            raw=raw,
-            route=CHAT_ROUTE,
-            run=run,
-            job=prefer.as_job,
+            key,
+            deps.settings,
+            instance=ctx.instance,
+            end_user=caller.end_user,
+            hints=body.sluice,
         )
-        return to_response(answer)
+        meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model, notes=ctx.notes)
+        return await deps.chat.complete(key, to_chat_request(body), meta, options)
+
+    return await idempotent(
+        deps.idempotency,
+        headers,
+        key=key,
+        ctx=ctx,
+        raw=raw,
+        route=CHAT_ROUTE,
+        run=run,
+        job=prefer.as_job,
+    )

@@ -18,10 +18,11 @@ from services.gateway.domain.exchange import Answer
 from services.gateway.domain.jobs.request import JobSpec
 from services.gateway.domain.tenancy.policy import Scope, require_scope
 from services.gateway.handlers.http import headers as h
-from services.gateway.handlers.http.deps import deps_of
+from services.gateway.handlers.http.deps import ApiDeps, deps_of
 from services.gateway.handlers.http.idempotency import idempotent
 from services.gateway.handlers.http.middleware import request_context
 from services.gateway.handlers.http.requests import (
+    HttpRequest,
     authenticate_caller,
     check_content_type,
     read_body,
@@ -63,63 +64,67 @@ class MessagesController(Controller):
         needs the ``jobs`` scope). The ``sluice`` status (status, errors, confidence,
         requires_human_review) rides on every message, as on chat completions. Needs
         the ``chat`` scope; the key's model allow-list applies."""
-        deps = deps_of(request)
-        ctx = request_context(request.scope)
-        caller = await authenticate_caller(request, deps.keys, Scope.CHAT)
-        key = caller.key
-        headers = request.headers
-        check_version(headers.get(VERSION_HEADER))
-        check_content_type(headers.get("content-type"))
-        raw = await read_body(request, deps.settings.max_body_bytes)
-        if ctx.notes.audit_prompts:
-            ctx.notes.prompt = deps.chat.guard.scrub(raw.decode("utf-8", "replace"))
-        prefer = h.prefer_of(headers)
+        return to_response(await create_message(request, deps_of(request)))
 
-        async def run() -> Answer:
-            body = parse_messages_body(raw)
-            ctx.notes.model = body.model
-            chat_request = anthropic_to_chat_request(body)
-            if prefer.as_job:
-                require_scope(key, Scope.JOBS)
-                answer = await deps.jobs.respond(
-                    key,
-                    JobSpec(
-                        chat_request,
-                        dialect=ANTHROPIC.name,
-                        hints=h.answer_hints(headers, body.sluice),
-                    ),
-                    prefer=prefer,
-                    priority=h.job_priority(key, headers, prefer),
-                    trace_id=ctx.trace_id,
-                    tags=h.tags_of(headers),
-                    end_user=caller.end_user,
-                )
-                answer.headers["request-id"] = ctx.request_id
-                return answer
-            options = h.chat_options(
-                headers,
+
+async def create_message(request: HttpRequest, deps: ApiDeps) -> Answer:
+    """The route's work on any request shape: Litestar's above, or the bare ASGI request
+    the edge hands a direct route (``direct.py``)."""
+    ctx = request_context(request.scope)
+    caller = await authenticate_caller(request, deps.keys, Scope.CHAT)
+    key = caller.key
+    headers = request.headers
+    check_version(headers.get(VERSION_HEADER))
+    check_content_type(headers.get("content-type"))
+    raw = await read_body(request, deps.settings.max_body_bytes)
+    if ctx.notes.audit_prompts:
+        ctx.notes.prompt = deps.chat.guard.scrub(raw.decode("utf-8", "replace"))
+    prefer = h.prefer_of(headers)
+
+    async def run() -> Answer:
+        body = parse_messages_body(raw)
+        ctx.notes.model = body.model
+        chat_request = anthropic_to_chat_request(body)
+        if prefer.as_job:
+            require_scope(key, Scope.JOBS)
+            answer = await deps.jobs.respond(
                 key,
-                deps.settings,
-                instance=ctx.instance,
-                dialect=ANTHROPIC,
+                JobSpec(
+                    chat_request,
+                    dialect=ANTHROPIC.name,
+                    hints=h.answer_hints(headers, body.sluice),
+                ),
+                prefer=prefer,
+                priority=h.job_priority(key, headers, prefer),
+                trace_id=ctx.trace_id,
+                tags=h.tags_of(headers),
                 end_user=caller.end_user,
-                hints=body.sluice,
             )
-            meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model, notes=ctx.notes)
-            answer = await deps.chat.complete(key, chat_request, meta, options)
-            # Where the SDK looks for the request id (``message._request_id``).
             answer.headers["request-id"] = ctx.request_id
             return answer
-
-        answer = await idempotent(
-            deps.idempotency,
+        options = h.chat_options(
             headers,
-            key=key,
-            ctx=ctx,
-            raw=raw,
-            route=MESSAGES_ROUTE,
-            run=run,
-            job=prefer.as_job,
-            dialect=ANTHROPIC.name,
+            key,
+            deps.settings,
+            instance=ctx.instance,
+            dialect=ANTHROPIC,
+            end_user=caller.end_user,
+            hints=body.sluice,
         )
-        return to_response(answer)
+        meta = RequestMeta(ctx.request_id, ctx.trace_id, body.model, notes=ctx.notes)
+        answer = await deps.chat.complete(key, chat_request, meta, options)
+        # Where the SDK looks for the request id (``message._request_id``).
+        answer.headers["request-id"] = ctx.request_id
+        return answer
+
+    return await idempotent(
+        deps.idempotency,
+        headers,
+        key=key,
+        ctx=ctx,
+        raw=raw,
+        route=MESSAGES_ROUTE,
+        run=run,
+        job=prefer.as_job,
+        dialect=ANTHROPIC.name,
+    )

@@ -13,8 +13,9 @@ from services.gateway.domain.exchange import JSON
 from services.gateway.domain.health import Readiness as Health
 from services.gateway.domain.health import report
 from services.gateway.handlers.http.deps import deps_of
+from services.gateway.handlers.http.errors import problem_answer
 from services.gateway.handlers.http.middleware import request_context
-from services.gateway.handlers.http.problems import problem_response
+from services.gateway.handlers.http.responses import to_response
 
 
 class OpsController(Controller):
@@ -53,7 +54,7 @@ class OpsController(Controller):
             details=found.as_dict(),
             retry_after_ms=1000,
         )
-        return problem_response(err, request_context(request.scope))
+        return to_response(problem_answer(err, request_context(request.scope)))
 
     @get("/metrics", operation_id="getMetrics", summary="Prometheus metrics")
     async def metrics(self) -> Response[bytes]:
