@@ -422,11 +422,25 @@ class Bus:
             headers = {"Nats-Msg-Id": msg_id}
             telemetry.inject(headers)
             try:
-                ack = await self.js.publish(subject, payload, timeout=timeout, headers=headers)
+                return await self._store(subject, payload, headers, timeout)
             except NATS_FAILURES as exc:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 raise
-            return int(ack.seq)
+
+    async def _store(
+        self, subject: str, payload: bytes, headers: dict[str, str], timeout: float
+    ) -> int:
+        """nats-py's ``JetStreamContext.publish`` without its stdlib JSON decode of the
+        ack and the ``PubAck`` built from it: every request stores its work and its
+        usage this way, and only the sequence is read."""
+        try:
+            msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
+        except nats.errors.NoRespondersError:
+            raise nats.js.errors.NoStreamResponseError from None
+        ack = orjson.loads(msg.data)
+        if "error" in ack:
+            raise nats.js.errors.APIError.from_error(ack["error"])
+        return int(ack["seq"])
 
     async def subscribe(
         self, subject: str, cb: MessageCallback, *, queue: str = ""
