@@ -140,8 +140,8 @@ class Subjects:
 
     @staticmethod
     def audit(team_id: str, kind: str) -> str:
-        """``kind``: ``request`` (one per request) or ``admin`` (an admin action);
-        ``*`` in either place makes a filter."""
+        """``kind``: ``request`` (request records, sent in batches) or ``admin`` (an
+        admin action); ``*`` in either place makes a filter."""
         return f"{PREFIX}.audit.{team_id}.{kind}"
 
     @staticmethod

@@ -153,7 +153,7 @@ async def assemble(
         tokens=verifier,
         mappings=mappings,
     )
-    audit_log = NatsAuditLog(bus)
+    audit_log = NatsAuditLog(bus, batch_seconds=settings.audit_batch_seconds)
     tenancy = Tenancy(teams, tiers)
     # Records carry their own expiry; the bucket TTLs follow the settings as the bound.
     jobs_kv = await bus.kv(Buckets.JOBS)

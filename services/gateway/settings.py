@@ -169,6 +169,9 @@ class GatewaySettings(BaseSettings):
     sse_batch_max_ms: float = 0.0
     # Bound on reading a stream's history from JetStream when a client resumes.
     resume_read_timeout_seconds: float = 5.0
+    # Request records of the audit trail gather this long, then leave as one message per
+    # team (0: one message per record).
+    audit_batch_seconds: float = Field(default=0.05, ge=0)
     # "granian" (embedded, Rust HTTP stack) or "uvicorn".
     http_server: str = "granian"
     # The answer routes served by the edge itself rather than through Litestar's layers

@@ -66,7 +66,8 @@ class AuditQuery:
     since: datetime | None = None
     until: datetime | None = None
     limit: int = 50
-    # The cursor of the previous page (a stream sequence): the page starts after it.
+    # The cursor of the previous page's last record (its message's stream sequence times
+    # ``CURSOR_SPAN`` plus its place in the message): the page starts after it.
     after: int = 0
 
 
@@ -78,12 +79,8 @@ class AuditPage:
 
 
 class AuditLog(Protocol):
-    async def send(self, event: tenancy_pb2.AuditEvent, kind: str) -> None:
-        """Send one record: a publish with no round trip and no ack to wait for."""
-        ...
-
     def record(self, event: tenancy_pb2.AuditEvent, kind: str) -> None:
-        """Send one record in the background."""
+        """Send one record in the background (a request's with the next batch)."""
         ...
 
     async def query(self, query: AuditQuery) -> AuditPage: ...

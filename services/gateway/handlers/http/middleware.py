@@ -174,8 +174,6 @@ class Edge:
                     message["headers"] = headers
                 await send(message)
 
-            finished = False
-            pending = None
             try:
                 if refused is not None:
                     ctx.notes.code = str(refused.code)
@@ -184,7 +182,6 @@ class Edge:
                 else:
                     serve = self.direct.get((method, path), self.app)
                     await serve(scope, receive, send_with_headers)
-                finished = True
             finally:
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:
@@ -197,23 +194,21 @@ class Edge:
                 self.instruments.request_duration.record(
                     time.perf_counter() - started, {"route": route}
                 )
-                # Admin routes record their actions themselves.
+                # Admin routes record their actions themselves. The record joins the
+                # next batch of the team's records (``adapters/audit.py``), whether the
+                # answer finished or the client went away.
                 if (
                     self.audit_log is not None
                     and ctx.notes.authenticated
                     and not path.startswith(ADMIN_PREFIX)
                 ):
-                    pending = audit.request_event(
-                        ctx.notes,
-                        request_id=request_id,
-                        route=path,
-                        status=status,
-                        trace_id=trace_id,
+                    self.audit_log.record(
+                        audit.request_event(
+                            ctx.notes,
+                            request_id=request_id,
+                            route=path,
+                            status=status,
+                            trace_id=trace_id,
+                        ),
+                        audit.REQUEST,
                     )
-                    if not finished:
-                        # Torn down (the client went away): sent in the background.
-                        self.audit_log.record(pending, audit.REQUEST)
-            # After the answer is sent (a stream's last byte included): a publish that
-            # only fills the connection's buffer, no round trip.
-            if pending is not None and finished and self.audit_log is not None:
-                await self.audit_log.send(pending, audit.REQUEST)
