@@ -112,7 +112,7 @@ class LimiterService:
             if self._stopping.is_set():
                 return
             try:
-                await self.replica.save_snapshots()
+                await self.replica.save_snapshots(self.settings.snapshot_max_age_seconds)
             except Exception:
                 log.warning("limiter snapshots failed; will retry", exc_info=True)
 

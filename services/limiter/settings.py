@@ -35,6 +35,9 @@ class LimiterSettings(BaseSettings):
     # Each partition's snapshot is written this often by its owner; a takeover replays
     # the journal and usage since the last one (more to read the longer the interval).
     snapshot_interval_seconds: float = Field(default=2.0, gt=0)
+    # A partition with no change since its snapshot is written again only after this
+    # long (to move its usage mark: a takeover reads the usage stream from there).
+    snapshot_max_age_seconds: float = Field(default=10.0, ge=0)
     # Partition leases (KV bucket sluice_limiter_owners, whose TTL is the lease time):
     # renewed every renew_seconds; a replica that could not renew for lease_seconds
     # stops serving its partitions, and a dead replica's partitions are free after it.

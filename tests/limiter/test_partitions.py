@@ -4,6 +4,7 @@ ownership rounds over a lease table (the real KV leases: test_replicas.py)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
@@ -19,6 +20,7 @@ from services.limiter.domain.partitions import (
     preferred_owner,
     rebuild,
 )
+from services.limiter.domain.replica import Replica
 from services.limiter.domain.windows import Limiter, LimiterConfig
 
 T0 = 1_700_000_000_000
@@ -234,3 +236,59 @@ async def test_a_lease_with_levels_is_rebuilt_from_the_journal_alone() -> None:
         assert team.open_reservations == 0
         assert team.requests.total == 2
         assert team.input.total == 24 and team.output.total == 0
+
+
+class Snapshots:
+    def __init__(self) -> None:
+        self.saved: list[int] = []
+        self.data: dict[int, bytes] = {}
+
+    async def load(self, partition: int) -> bytes | None:
+        return self.data.get(partition)
+
+    async def save(self, partition: int, data: bytes) -> None:
+        self.saved.append(partition)
+        self.data[partition] = data
+
+
+async def test_only_changed_or_old_snapshots_are_written() -> None:
+    """An owner writes a partition's snapshot when its state changed since the last one,
+    or when the last one is ``max_age`` old (to move its usage mark); an idle partition
+    costs no write every interval. What is written rebuilds the state."""
+    now, mono = [T0], [100.0]
+    snapshots = Snapshots()
+    replica = Replica(
+        config=LimiterConfig(),
+        prices=cast(Any, None),
+        batch_share=1.0,
+        metrics=LimiterMetrics(),
+        clock=lambda: now[0],
+        ownership=cast(Any, None),
+        snapshots=snapshots,
+        journal=cast(Any, None),
+        usage=cast(Any, None),
+        partitions=16,
+        monotonic=lambda: mono[0],
+    )
+    busy, idle = partition(Recorder(), now), partition(Recorder(), now)
+    idle.number = (P + 1) % 16
+    replica.served = {P: busy, idle.number: idle}
+
+    assert await replica.save_snapshots(max_age=10) == 2  # never written: both
+    mono[0] += 2
+    assert await replica.save_snapshots(max_age=10) == 0  # nothing changed
+    granted = await busy.reserve(ask(1))
+    assert granted.allowed
+    mono[0] += 2
+    assert await replica.save_snapshots(max_age=10) == 1  # the busy one only
+    assert snapshots.saved == [P, idle.number, P]
+    busy.apply_usage(usage(granted.reservation_id, 7), sequence=5)
+    mono[0] += 2
+    assert await replica.save_snapshots(max_age=10) == 1  # usage applied: changed
+    mono[0] += 9
+    assert await replica.save_snapshots(max_age=10) == 1  # the idle one, 15 s old
+    assert snapshots.saved[-1] == idle.number
+
+    rebuilt = partition(Recorder(), now)
+    rebuilt.restore(snapshots.data[P])
+    assert rebuilt.journal_mark == busy.journal_mark and rebuilt.usage_mark == 5

@@ -77,6 +77,11 @@ class Partition:
     # Usage events up to this stream sequence are in the state.
     usage_mark: int = 0
     serving: bool = False
+    # Changes made to the state (journal entries, usage applied), and how many of them
+    # the last snapshot written holds (-1: none written yet); when it was written.
+    changes: int = 0
+    saved_changes: int = -1
+    saved_at: float = 0.0
 
     # --- the request path -----------------------------------------------------------
 
@@ -105,6 +110,7 @@ class Partition:
         return response
 
     async def _record(self, entry: dict[str, Any]) -> None:
+        self.changes += 1
         self.journal_mark += 1
         entry["n"] = self.journal_mark
         await self.journal.append(self.number, json.dumps(entry, separators=(",", ":")).encode())
@@ -115,6 +121,7 @@ class Partition:
             return
         self.admission.apply_usage(event, charge_unknown=True)
         self.usage_mark = sequence
+        self.changes += 1
 
     # --- snapshots and rebuilds -----------------------------------------------------
 
