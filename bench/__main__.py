@@ -61,6 +61,7 @@ from bench import (
     spans,
     stages,
     streams,
+    tail,
 )
 from bench.load import (
     Sample,
@@ -724,7 +725,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.against is not None:
         await ab_report(args)
         return 0
-    if only & {"overhead", "jobs", "resume", "coalesce", "mcp", "stages"}:
+    if only & {"overhead", "jobs", "resume", "coalesce", "mcp", "stages", "tail"}:
         async with running() as product:
             if "overhead" in only:
                 if args.team_key:
@@ -744,6 +745,24 @@ async def main_async(args: argparse.Namespace) -> int:
                         args.seconds,
                         meter_for=CpuMeter,
                         body_for=chat_body(False, 16),
+                    )
+                )
+            if "tail" in only:
+                if args.team_key and "overhead" not in only:
+                    print(f"The load runs under {await use_team_key(product)}.")
+                rate = args.rates[-1]
+                section(
+                    f"The latency tail: {rate} non-streamed requests/s for "
+                    f"{args.seconds:g} s, split by each answer's latency_ms (bench/tail.py)"
+                )
+                await warm_up(
+                    f"{product.gateway}/v1/chat/completions",
+                    {"Authorization": f"Bearer {product.api_key}"},
+                    False,
+                )
+                print(
+                    await tail.tail_report(
+                        product.gateway, product.api_key, chat_body(False, 16), rate, args.seconds
                     )
                 )
             if "jobs" in only:
@@ -917,6 +936,7 @@ SECTIONS = (
     "memory",
     "stages",
     "floor",
+    "tail",
 )
 # Full run, and --quick: (seconds, job seconds, reconnects, batch jobs, interactive
 # seconds, streams, stream tokens/s, stream seconds, consumer rounds, consumer requests,
