@@ -757,7 +757,10 @@ async def main_async(args: argparse.Namespace) -> int:
                 )
                 await warm_up(
                     f"{product.gateway}/v1/chat/completions",
-                    {"Authorization": f"Bearer {product.api_key}"},
+                    {
+                        "Authorization": f"Bearer {product.api_key}",
+                        "Content-Type": "application/json",
+                    },
                     False,
                 )
                 print(
