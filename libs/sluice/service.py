@@ -1,11 +1,12 @@
 """The lifecycle every service shares.
 
 ``ServiceRuntime`` owns, in order of start: telemetry, the NATS connection (with the
-JetStream topology ensured), a grpc.aio server behind the shared edge
-(``sluice.grpc_edge``: service token, SERVER spans, the error catalogue) with the
-standard health service, a Prometheus ``/metrics`` endpoint, and a NATS health
-responder. ``run`` waits for SIGTERM/SIGINT, then shuts down in the order that loses
-nothing: mark NOT_SERVING, stop taking work, let the service finish or hand back
+JetStream topology ensured), the gRPC port (``sluice.grpc_door``: the grpc.aio server
+behind the shared edge, ``sluice.grpc_edge``, with its service token, SERVER spans, the
+error catalogue and the standard health service, started with the first gRPC
+connection), a Prometheus ``/metrics`` endpoint, and a NATS health responder. ``run``
+waits for SIGTERM/SIGINT, then shuts down in the order that loses nothing: mark
+NOT_SERVING, stop taking work, let the service finish or hand back
 in-flight work, drain NATS, stop gRPC with grace, flush telemetry.
 """
 
@@ -14,33 +15,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib
 import logging
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nats.aio.msg import Msg
 
-from sluice import __version__, grpc_edge
+from sluice import __version__
 from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
+from sluice.grpc_door import INNER_HOST, GrpcDoor
 from sluice.logging import configure_logging
+from sluice.service_token import service_token
 from sluice.settings import CommonSettings, ConfigFileError
 from sluice.telemetry import Telemetry, setup_telemetry
 from sluice.topology import GRPC_SERVICES, ServiceName, Subjects
 
 if TYPE_CHECKING:
+    import grpc
+    from grpc_health.v1 import health
+
     # faststream and what it brings (uvicorn, click, anyio, unittest.mock: about 15 MiB
     # resident) load only in the services that consume durably (consumer_broker()).
     from sluice.consumers import ConsumerBroker
 
 log = logging.getLogger(__name__)
 
-GrpcRegistrar = Callable[[grpc.aio.Server], None]
+# Adds a service's servicers to its gRPC server. Called when the server is made, with
+# the first gRPC connection: a registrar imports its handlers (and grpc) there.
+GrpcServer: TypeAlias = "grpc.aio.Server"
+GrpcRegistrar = Callable[[GrpcServer], None]
 StopHook = Callable[[], Awaitable[None]]
 
 
@@ -66,7 +74,11 @@ class ServiceRuntime:
         self.telemetry: Telemetry | None = None
         self.bus: Bus | None = None
         self.grpc_server: grpc.aio.Server | None = None
-        self.health = health.aio.HealthServicer()
+        self.health: health.aio.HealthServicer | None = None
+        self._grpc_door: GrpcDoor | None = None
+        self._grpc_token = ""
+        self._registrars: list[GrpcRegistrar] = []
+        self._shutting_down = False
         self._stop_hooks: list[StopHook] = []
         self._stopping = asyncio.Event()
         self._consumer_broker: ConsumerBroker | None = None
@@ -77,7 +89,8 @@ class ServiceRuntime:
         configure_logging(str(self.name), self.common.log_level)
         self.common.state_dir.mkdir(parents=True, exist_ok=True)
         # First: outside a local environment a missing token fails the start here.
-        token = grpc_edge.service_token(self.common)
+        self._grpc_token = service_token(self.common)
+        self._registrars = list(registrars or [])
         self.telemetry = setup_telemetry(str(self.name), self.common.state_dir)
         self.bus = await Bus.connect(
             self.common.nats_url,
@@ -86,17 +99,11 @@ class ServiceRuntime:
         )
         await self.bus.ensure_topology()
 
-        self.grpc_server = grpc_edge.server(token)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        for register in registrars or []:
-            register(self.grpc_server)
-        # gRPC takes an IPv6 address in brackets, as in a URL.
-        host = f"[{self.grpc_host}]" if ":" in self.grpc_host else self.grpc_host
-        bound = self.grpc_server.add_insecure_port(f"{host}:{self.grpc_port}")
-        if bound == 0:
-            raise RuntimeError(f"cannot bind gRPC port {self.grpc_port}")
-        self.grpc_port = bound
-        await self.grpc_server.start()
+        self._grpc_door = GrpcDoor(self._start_grpc_server)
+        try:
+            self.grpc_port = await self._grpc_door.bind(self.grpc_host, self.grpc_port)
+        except OSError as exc:
+            raise RuntimeError(f"cannot bind gRPC port {self.grpc_port}: {exc}") from exc
 
         if self.metrics_port is not None:
             from prometheus_client import start_http_server
@@ -116,10 +123,45 @@ class ServiceRuntime:
         )
         return self.bus
 
-    async def mark_ready(self) -> None:
-        self.ready = True
+    async def _start_grpc_server(self) -> int:
+        """The gRPC server behind the door, made at the first connection; its loopback
+        port. Its health statuses are the process's as they stand now."""
+        # grpc and the servicers' modules are the bulk of the work: imported on a
+        # thread, the event loop serves on meanwhile.
+        await asyncio.to_thread(importlib.import_module, "grpc_health.v1.health")
+        await asyncio.to_thread(importlib.import_module, "sluice.grpc_edge")
+        from grpc_health.v1 import health, health_pb2_grpc
+
+        from sluice import grpc_edge
+
+        server = grpc_edge.server(self._grpc_token)
+        servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        for register in self._registrars:
+            register(server)
+        port = int(server.add_insecure_port(f"{INNER_HOST}:0"))
+        if port == 0:
+            raise RuntimeError("cannot bind a loopback port for the gRPC server")
+        await server.start()
+        self.grpc_server, self.health = server, servicer
+        if self.ready:
+            await self._set_serving()
+        if self._shutting_down:
+            await servicer.enter_graceful_shutdown()
+        log.info("%s: gRPC server started for its first caller", self.name)
+        return port
+
+    async def _set_serving(self) -> None:
+        if self.health is None:
+            return
+        from grpc_health.v1 import health_pb2
+
         for svc in ("", *GRPC_SERVICES[self.name]):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+
+    async def mark_ready(self) -> None:
+        self.ready = True
+        await self._set_serving()
 
     async def _on_health(self, _req: chat_pb2.ServiceStatus, _msg: Msg) -> chat_pb2.ServiceStatus:
         return chat_pb2.ServiceStatus(
@@ -183,7 +225,9 @@ class ServiceRuntime:
     async def shutdown(self) -> None:
         log.info("%s stopping", self.name)
         self.ready = False
-        await self.health.enter_graceful_shutdown()
+        self._shutting_down = True
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
         if self.bus is not None:
             await self.bus.stop_serving()
         await self._stop_consumers()
@@ -196,6 +240,8 @@ class ServiceRuntime:
             await self.bus.close()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=5)
+        if self._grpc_door is not None:
+            await self._grpc_door.close()
         if self.telemetry is not None:
             self.telemetry.shutdown()
         log.info("%s stopped", self.name)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from sluice.service import ServiceRuntime
+from sluice.service import GrpcServer, ServiceRuntime
 from sluice.topology import Buckets, Collections, ServiceName
 
 from services.cache.adapters.semantic import LazySemanticIndex, open_semantic_index
 from services.cache.adapters.store import KvEntryStore
 from services.cache.domain import Cache
-from services.cache.handlers.grpc import cache_admin_service
 from services.cache.handlers.nats import CacheHandlers
 from services.cache.settings import CacheSettings
 
@@ -30,8 +29,14 @@ class CacheService:
         self.semantic: LazySemanticIndex | None = None
         self._purge: asyncio.Task[None] | None = None
 
+    def _grpc_services(self, server: GrpcServer) -> None:
+        # Made with the first gRPC connection (sluice.grpc_door): grpc loads there.
+        from services.cache.handlers.grpc import cache_admin_service
+
+        cache_admin_service(lambda: self.cache)(server)
+
     async def start(self) -> None:
-        bus = await self.runtime.start([cache_admin_service(lambda: self.cache)])
+        bus = await self.runtime.start([self._grpc_services])
         settings = self.settings
         if settings.semantic_enabled:
             key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None

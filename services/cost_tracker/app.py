@@ -18,7 +18,7 @@ from sluice.consumers import ConsumerBroker, DurableConsumer
 from sluice.cost.v1 import cost_pb2
 from sluice.logging import configure_logging
 from sluice.pricing import PriceTable
-from sluice.service import ServiceRuntime
+from sluice.service import GrpcServer, ServiceRuntime
 from sluice.topology import Consumers, ConsumerSpec, ServiceName
 
 from services.cost_tracker.adapters.alerts import NatsAlertSink
@@ -31,7 +31,6 @@ from services.cost_tracker.domain.alerts import AlertSettings, SpendWatch
 from services.cost_tracker.domain.feed import CostFeed
 from services.cost_tracker.domain.recording import UsageRecorder
 from services.cost_tracker.domain.usage import Pricer, usd_to_nanos
-from services.cost_tracker.handlers.grpc import usage_service
 from services.cost_tracker.handlers.nats import (
     CostEventListener,
     UsageQueries,
@@ -68,14 +67,19 @@ class CostTracker:
         self.pricer = Pricer(PriceTable.load(settings.prices_file))
         self.ledger: Ledger = ledger_for(settings)
         self.feed = CostFeed(settings.watch_queue_size)
-        # UsageService, for the runtime's gRPC server (behind the edge).
-        self.register = usage_service(self.ledger, self.feed)
         self.recorder: UsageRecorder | None = None
         self.consumer: DurableConsumer[cost_pb2.UsageEvent] | None = None
         self.queries: UsageQueries | None = None
         self.directory = KvBudgetDirectory()
         self.watch: SpendWatch | None = None
         self._tracer = tracer
+
+    def register(self, server: GrpcServer) -> None:
+        """UsageService on the runtime's gRPC server (behind the edge), made with the
+        first gRPC connection (sluice.grpc_door): grpc loads there."""
+        from services.cost_tracker.handlers.grpc import usage_service
+
+        usage_service(self.ledger, self.feed)(server)
 
     async def start(
         self, bus: Bus, broker: ConsumerBroker, *, consumer_spec: ConsumerSpec | None = None

@@ -13,7 +13,7 @@ import logging
 from sluice.catalog import Catalog
 from sluice.metrics import instruments
 from sluice.pricing import PriceTable
-from sluice.service import ServiceRuntime
+from sluice.service import GrpcServer, ServiceRuntime
 from sluice.topology import ServiceName
 
 from services.inference_worker.adapters.breakers import SharedBreakers, breaker_gauge
@@ -21,7 +21,6 @@ from services.inference_worker.adapters.providers import ProviderPool
 from services.inference_worker.adapters.sink import NatsEventSink
 from services.inference_worker.domain.circuit import BreakerPolicy, CircuitRegistry
 from services.inference_worker.domain.engine import InferenceEngine
-from services.inference_worker.handlers.grpc import provider_health_service
 from services.inference_worker.handlers.nats import WorkConsumer
 from services.inference_worker.settings import WorkerSettings
 
@@ -55,8 +54,14 @@ class WorkerService:
         self.consumer: WorkConsumer | None = None
         self.engine: InferenceEngine | None = None
 
+    def _grpc_services(self, server: GrpcServer) -> None:
+        # Made with the first gRPC connection (sluice.grpc_door): grpc loads there.
+        from services.inference_worker.handlers.grpc import provider_health_service
+
+        provider_health_service(self.catalog, self.circuits)(server)
+
     async def start(self) -> None:
-        bus = await self.runtime.start([provider_health_service(self.catalog, self.circuits)])
+        bus = await self.runtime.start([self._grpc_services])
         self.shared = SharedBreakers(bus, self.circuits, self.settings.common.instance_id)
         await self.shared.start()
         breaker_gauge(self.circuits)

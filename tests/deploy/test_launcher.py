@@ -18,7 +18,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sluice.devtools.embedded import free_port
 from sluice.devtools.up.plan import (
     SERVICE_ENV_PREFIX,
@@ -494,6 +496,15 @@ def listeners_of(root: int) -> list[tuple[str, int, str]]:
     return sorted(set(found))
 
 
+def grpc_health_status(port: int) -> str:
+    """The overall status the standard health service on ``port`` answers."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=30
+        )
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @needs_proc
@@ -523,6 +534,12 @@ def test_everything_up_starts_listens_on_loopback_only(state_dir: Path, with_mod
         while not expected <= {port for _, port, _ in listeners} and time.monotonic() < deadline:
             time.sleep(0.2)
             listeners = listeners_of(up.process.pid)
+        # A gRPC port's server starts with its first caller (sluice.grpc_door), on a
+        # loopback port of its own: asked once, each of those is judged too.
+        for name, port in env.items():
+            if name.endswith("_GRPC_PORT"):
+                assert grpc_health_status(int(port)) == "SERVING", name
+        listeners = listeners_of(up.process.pid)
     finally:
         up.process.send_signal(signal.SIGINT)
         code = up.finish(timeout=90)

@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import SecretStr
-from sluice import grpc_edge, telemetry
+from sluice import grpc_edge, service_token, telemetry
 from sluice.cost.v1 import cost_pb2, cost_pb2_grpc
 from sluice.errors import CATALOGUE, ErrorCode, SluiceError
 from sluice.limiter.v1 import limiter_pb2, limiter_pb2_grpc
@@ -294,11 +294,11 @@ async def test_a_streaming_call_is_one_span_current_while_the_servicer_runs(edge
 
 def test_a_configured_token_wins_and_outside_local_one_is_required(tmp_path: Path) -> None:
     configured = CommonSettings(state_dir=tmp_path, service_token=SecretStr(" set-by-operator "))
-    assert grpc_edge.service_token(configured) == "set-by-operator"
-    assert not (tmp_path / grpc_edge.TOKEN_FILENAME).exists()
+    assert service_token.service_token(configured) == "set-by-operator"
+    assert not (tmp_path / service_token.TOKEN_FILENAME).exists()
     for empty in (None, SecretStr(""), SecretStr("  ")):
         with pytest.raises(RuntimeError, match="SLUICE_SERVICE_TOKEN"):
-            grpc_edge.service_token(
+            service_token.service_token(
                 CommonSettings(state_dir=tmp_path, environment="production", service_token=empty)
             )
     with pytest.raises(ValueError):
@@ -307,17 +307,17 @@ def test_a_configured_token_wins_and_outside_local_one_is_required(tmp_path: Pat
 
 def test_local_token_is_generated_once_private_and_reused(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    first = grpc_edge.service_token(CommonSettings(state_dir=state))
-    path = state / grpc_edge.TOKEN_FILENAME
+    first = service_token.service_token(CommonSettings(state_dir=state))
+    path = state / service_token.TOKEN_FILENAME
     assert len(first) >= 32 and path.read_text().strip() == first
     assert path.stat().st_mode & 0o777 == 0o600
-    assert grpc_edge.service_token(CommonSettings(state_dir=state)) == first
-    assert sorted(p.name for p in state.iterdir()) == [grpc_edge.TOKEN_FILENAME]
+    assert service_token.service_token(CommonSettings(state_dir=state)) == first
+    assert sorted(p.name for p in state.iterdir()) == [service_token.TOKEN_FILENAME]
 
 
 def _create_after(barrier: Any, state: str, results: Any) -> None:
     barrier.wait()
-    results.put(grpc_edge.read_or_create_token(Path(state)))
+    results.put(service_token.read_or_create_token(Path(state)))
 
 
 def test_processes_starting_together_agree_on_one_token(tmp_path: Path) -> None:
@@ -333,9 +333,9 @@ def test_processes_starting_together_agree_on_one_token(tmp_path: Path) -> None:
     for p in procs:
         p.join(30)
         assert p.exitcode == 0
-    assert tokens == {(tmp_path / grpc_edge.TOKEN_FILENAME).read_text().strip()}
+    assert tokens == {(tmp_path / service_token.TOKEN_FILENAME).read_text().strip()}
     # No draft is left behind.
-    assert os.listdir(tmp_path) == [grpc_edge.TOKEN_FILENAME]
+    assert os.listdir(tmp_path) == [service_token.TOKEN_FILENAME]
 
 
 def test_an_empty_token_variable_counts_as_unset(
@@ -344,7 +344,7 @@ def test_an_empty_token_variable_counts_as_unset(
     """docker compose passes ``SLUICE_SERVICE_TOKEN: ${SLUICE_SERVICE_TOKEN:-}``."""
     monkeypatch.setenv("SLUICE_SERVICE_TOKEN", "")
     monkeypatch.setenv("SLUICE_STATE_DIR", str(tmp_path))
-    token = grpc_edge.service_token(CommonSettings())
-    assert token and (tmp_path / grpc_edge.TOKEN_FILENAME).read_text().strip() == token
+    token = service_token.service_token(CommonSettings())
+    assert token and (tmp_path / service_token.TOKEN_FILENAME).read_text().strip() == token
     monkeypatch.setenv("SLUICE_SERVICE_TOKEN", "from-the-environment")
-    assert grpc_edge.service_token(CommonSettings()) == "from-the-environment"
+    assert service_token.service_token(CommonSettings()) == "from-the-environment"

@@ -12,6 +12,7 @@ import json
 import re
 import secrets
 import signal
+import socket
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from pathlib import Path
 import grpc
 import nats.errors
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.resources import Resource
 from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
@@ -220,6 +222,44 @@ async def test_get_quota_of_an_unknown_key_and_without_key(limiter: LimiterUnder
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await limiter.quota("")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def loads_grpc(pid: int) -> bool:
+    """Whether the process has grpc's core library mapped."""
+    return "cygrpc" in Path(f"/proc/{pid}/maps").read_text()
+
+
+async def test_grpc_loads_with_the_first_caller(limiter: LimiterUnderTest) -> None:
+    """The port is bound from the start, but grpc loads in the process only when the
+    first caller connects; callers that come together get one server, which then serves
+    health (open), refuses a caller without the token and answers one with it."""
+    process = await limiter.start()
+    assert not loads_grpc(process.process.pid)
+    with socket.create_connection(("127.0.0.1", process.grpc_port), timeout=5):
+        pass  # the port takes connections before anything is loaded
+    assert not loads_grpc(process.process.pid)
+
+    async def health(_: int) -> int:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{process.grpc_port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="sluice.limiter.v1.QuotaService"),
+                timeout=20,
+            )
+            return int(reply.status)
+
+    assert (
+        await asyncio.gather(*map(health, range(4))) == [health_pb2.HealthCheckResponse.SERVING] * 4
+    )
+    assert loads_grpc(process.process.pid)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{process.grpc_port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await limiter_pb2_grpc.QuotaServiceStub(channel).GetQuota(
+                limiter_pb2.GetQuotaRequest(key_id="k"), timeout=5
+            )
+    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert tpm_of(await limiter.quota(f"key-{secrets.token_hex(4)}")).quota == TPM
+    assert process.stop() == 0
+    assert process.log().count("gRPC server started") == 1
 
 
 async def test_quota_service_is_behind_the_edge(limiter: LimiterUnderTest, bus: Bus) -> None:

@@ -22,6 +22,7 @@ from sluice.bus import Bus
 from sluice.common.v1 import chat_pb2
 from sluice.devtools.embedded import free_port, wait_for_port
 from sluice.devtools.up.plan import SERVICE_ENV_PREFIX, SERVICE_MODULES
+from sluice.service_token import read_or_create_token
 from sluice.topology import ServiceName, Subjects
 
 REPO = Path(__file__).resolve().parents[2]
@@ -161,9 +162,7 @@ class Stack:
     @property
     def service_token(self) -> str:
         """The token the stack's gRPC servers ask for."""
-        return self.extra_env.get("SLUICE_SERVICE_TOKEN") or grpc_edge.read_or_create_token(
-            self.state_dir
-        )
+        return self.extra_env.get("SLUICE_SERVICE_TOKEN") or read_or_create_token(self.state_dir)
 
     def grpc_channel(self, name: ServiceName) -> grpc.aio.Channel:
         """A channel to the service's gRPC server whose calls carry the service token."""
