@@ -173,20 +173,22 @@ async def test_two_gateways_leasing_under_a_team_limit_admit_exactly_up_to_it() 
         for _ in range(2)
     ]
     admitted: list[tuple[LeasingLimiter, str]] = []
-    trips = 0
     for n in range(120):
         gateway = gateways[n % 2]
         answer = await gateway.reserve(team_ask(40))
         if answer.allowed:
             admitted.append((gateway, answer.reservation_id))
-            trips = len(limiter.reserves)
         else:
             assert answer.denied_by == "team.concurrent_requests"
         assert limiter.domain._keys["team:t"].open_reservations <= 40
+        await asyncio.sleep(0)  # a lease asked for ahead arrives between requests
     assert len(admitted) == 40
-    # Round trips to the limiter while admitting: one per lease while the leases are
-    # worth having, then one per request as the last room goes.
-    assert sum(g.admitted_locally for g in gateways) == 40 - trips > 0
+    # Every request was admitted from a lease or by a round trip of its own (a refusal
+    # is one too); the other round trips asked for leases ahead.
+    asked_ahead = sum(g.asked_ahead for g in gateways)
+    by_round_trip = len(limiter.reserves) - asked_ahead - 80
+    assert sum(g.admitted_locally for g in gateways) == 40 - by_round_trip > 0
+    assert sum(g.refilled_ahead for g in gateways) > 0
     # Each request ends; the leases close: nothing is left in flight or held.
     for gateway, reservation_id in admitted:
         gateway.release(reservation_id, "k", "")
@@ -204,3 +206,46 @@ async def test_a_changed_team_limit_ends_the_lease() -> None:
     assert len(limiter.reserves) == 1
     await leasing.reserve(team_ask(41))
     assert len(limiter.reserves) == 2 and len(limiter.closes) == 1
+
+
+async def test_the_next_lease_is_asked_ahead_and_no_request_waits_for_it() -> None:
+    """When the lease in use runs low, the next is asked for in the background; the
+    requests after the last of the old one take from it without a round trip, even
+    while the limiter is slow to answer anything else."""
+    limiter = InProcessLimiter()
+    leasing = LeasingLimiter(limiter, lease_requests=4, clock=Clock())  # type: ignore[arg-type]
+    first = [await leasing.reserve(ask()) for _ in range(4)]
+    # Four of the five taken: one left, under the quarter mark: the next was asked for.
+    await asyncio.sleep(0)
+    assert len(limiter.reserves) == 2 and limiter.reserves[1].lease_only
+    assert leasing.refilled_ahead == 1 and leasing.open_leases == 2
+    limiter.gate = asyncio.Event()  # from now on the limiter does not answer
+    later = [await asyncio.wait_for(leasing.reserve(ask()), 1) for _ in range(4)]
+    assert all(a.allowed for a in first + later)
+    ids = [parse_share(a.reservation_id) for a in first + later]
+    leases = [s.lease_id for s in ids]  # type: ignore[union-attr]
+    assert len(set(leases[:5])) == 1 and leases[5] != leases[0] and len(set(leases[5:])) == 1
+    # The spent lease was closed with nothing left; the next one's first share is its
+    # own (the ask admitted no request), so it has admitted 3 of its 5.
+    assert limiter.closes == [(leases[0], 0, 0)]
+    limiter.gate.set()
+    await leasing.drain()
+    view = limiter.domain.quota("k", limiter.now_ms)
+    assert view.open_reservations == len(first + later)  # the admitted, unsettled
+    assert next(p.remaining for p in view.policies if p.name == "rpm") == 600 - 8
+
+
+async def test_a_key_near_its_limit_gets_no_lease_ahead_and_nothing_is_held() -> None:
+    limiter = InProcessLimiter(tpm=2000)
+    leasing = LeasingLimiter(limiter, lease_requests=4, clock=Clock())  # type: ignore[arg-type]
+    answers = []
+    for _ in range(20):
+        answers.append(await leasing.reserve(ask()))
+        await asyncio.sleep(0)
+    await leasing.drain()
+    assert sum(a.allowed for a in answers) == 20
+    view = limiter.domain.quota("k", limiter.now_ms)
+    # Exactly what the 20 requests reserved, nothing for leases refused ahead.
+    assert next(p.remaining for p in view.policies if p.name == "tpm") == 0
+    assert next(p.remaining for p in view.policies if p.name == "rpm") == 600 - 20
+    assert any(r.lease_only for r in limiter.reserves)

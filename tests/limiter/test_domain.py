@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.limiter.domain.windows import (
+    LEASE,
     RPM,
     TPM,
     Decision,
@@ -303,6 +304,39 @@ def test_no_lease_when_the_key_has_no_room_for_another_request() -> None:
     # A plain reservation: usage settles it as before.
     assert lim.settle(d.reservation_id, 500, T0 + 10) is not None
     assert lim.open_reservations == 0
+
+
+def test_a_lease_only_ask_holds_nothing_without_room_for_a_lease() -> None:
+    """A holder renewing ahead asks for a lease alone: granted, the ask is the lease's
+    first share; with no room for one, it is refused and nothing is counted."""
+    lim = limiter(tpm=10_000, rpm=100)
+    d = lim.reserve(
+        "k",
+        input_tokens=100,
+        max_output_tokens=0,
+        now_ms=T0,
+        lease_tokens=1000,
+        lease_requests=10,
+        lease_only=True,
+    )
+    assert d.allowed and (d.lease_tokens, d.lease_requests) == (1000, 10)
+
+    tight = limiter(tpm=1000, rpm=100)
+    assert reserve(tight, 850, 0).allowed
+    refused = tight.reserve(
+        "k",
+        input_tokens=100,
+        max_output_tokens=0,
+        now_ms=T0 + 1,
+        lease_tokens=1000,
+        lease_requests=10,
+        lease_only=True,
+    )
+    assert not refused.allowed and refused.denied_by == LEASE and refused.retry_after_ms == 0
+    assert policy(refused, TPM).remaining == 150 and policy(refused, RPM).remaining == 99
+    assert tight.open_reservations == 1
+    # The room is still there for a request of its own.
+    assert reserve(tight, 150, 2).allowed
 
 
 def test_lease_shares_settle_once_each_and_close_returns_the_unused() -> None:

@@ -23,6 +23,15 @@ a request from it while it has a request, the tokens, the prompt's input and the
 request's output left (``Lease.fits``). Each share's usage settles on every level as a
 reservation's would; closing the lease hands back the rest on every level.
 
+A lease is refilled ahead: when the one in use has a quarter of its requests, tokens or
+time left (``REFILL_AHEAD``), the next is asked for in the background, and the requests
+after the last of the old one are admitted from it without waiting for the limiter. Only
+the first request of a key, or one that finds both leases spent before the next came,
+waits for a round trip; before this, every request that arrived while a lease was being
+renewed waited for the limiter (the heavier tail of the admission, issue 14). The next
+lease is granted under the same rule as any (at most 1/8 of what is left); the ask is
+``lease_only``, so a key near a limit gets none and nothing is held for it.
+
 A lease is held per key, team, end user, model and priority class (``lease_key``), and
 only for the terms it was granted under (``LeaseTerms``: the key's quotas and every
 level's limits and budgets): an end user never admits from another's lease, a model's
@@ -41,6 +50,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from sluice.leases import Unused, share_id
 from sluice.limiter.v1 import limiter_pb2
 
@@ -52,6 +62,8 @@ TPM, RPM = "tpm", "rpm"
 # Units of a policy, as PolicyState.unit names them.
 U_TOKENS, U_REQUESTS, U_CONCURRENT = "tokens", "requests", "concurrent_requests"
 U_INPUT, U_OUTPUT = "input_tokens", "output_tokens"
+# The share of a lease's requests, tokens or time left at which the next is asked for.
+REFILL_AHEAD = 0.25
 
 
 def lease_key(request: limiter_pb2.ReserveRequest) -> str:
@@ -99,6 +111,22 @@ class Lease:
     # The span of the request whose round trip to the limiter obtained the lease.
     granted_in: trace.SpanContext | None = None
     numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    # What was granted: the marks ``running_low`` measures against.
+    requests_granted: int = 0
+    tokens_granted: int = 0
+
+    def usable(self, request: limiter_pb2.ReserveRequest, now: float) -> bool:
+        """Not expired, and granted under the terms ``request`` carries."""
+        return now < self.expires_at and self.terms == lease_terms(request)
+
+    def running_low(self, now: float) -> bool:
+        """A quarter or less of its requests, tokens or time left: the next is due."""
+        ttl = self.expires_at - self.granted_at
+        return (
+            self.requests_left <= self.requests_granted * REFILL_AHEAD
+            or self.tokens_left <= self.tokens_granted * REFILL_AHEAD
+            or self.expires_at - now <= ttl * REFILL_AHEAD
+        )
 
     def fits(self, input_tokens: int, output_tokens: int) -> bool:
         return (
@@ -176,10 +204,16 @@ class LeasingLimiter:
         self.lease_requests = max(0, lease_requests)
         self._clock = clock
         self._leases: dict[str, Lease] = {}
+        # The lease asked for ahead, waiting for the one in use to be spent.
+        self._next: dict[str, Lease] = {}
         # One lease request in flight per key; the others wait for it, then look again.
         self._refills: dict[str, asyncio.Future[bool]] = {}
+        self._ahead: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.admitted_locally = 0
+        # Leases asked for ahead, and how many of them the limiter granted.
+        self.asked_ahead = 0
+        self.refilled_ahead = 0
         self._tracer = trace.get_tracer("sluice.gateway")
 
     async def reserve(self, request: limiter_pb2.ReserveRequest) -> limiter_pb2.ReserveResponse:
@@ -209,13 +243,17 @@ class LeasingLimiter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
-        for key_id in list(self._leases):
-            self._close(self._leases.pop(key_id))
+        # A lease asked for ahead is closed too once granted: never left held.
+        if self._ahead:
+            await asyncio.gather(*self._ahead, return_exceptions=True)
+        for leases in (self._leases, self._next):
+            for key_id in list(leases):
+                self._close(leases.pop(key_id))
         await self.limiter.drain()
 
     @property
     def open_leases(self) -> int:
-        return len(self._leases)
+        return len(self._leases) + len(self._next)
 
     # --- inside -----------------------------------------------------------------------
 
@@ -223,19 +261,26 @@ class LeasingLimiter:
         self, request: limiter_pb2.ReserveRequest, held: str
     ) -> limiter_pb2.ReserveResponse | None:
         lease = self._leases.get(held)
-        if lease is None:
-            return None
         now = self._clock()
-        if now >= lease.expires_at or lease.terms != lease_terms(request):
+        if lease is not None and not lease.usable(request, now):
             # Expired, or a quota, limit or budget changed: the next lease is granted
             # under the new terms.
             self._close(self._leases.pop(held))
-            return None
+            lease = None
         input_tokens, output_tokens = request.input_tokens, request.max_output_tokens
-        if not lease.fits(input_tokens, output_tokens):
-            return None
+        if lease is None or not lease.fits(input_tokens, output_tokens):
+            lease = self._promote_next(request, held, now) or lease
+            if lease is None:
+                return None
+            if not lease.fits(input_tokens, output_tokens):
+                # Too little left for this request, which goes to the limiter: what the
+                # lease still holds goes back first, so that it can count there.
+                self._close(self._leases.pop(held))
+                return None
         need = input_tokens + output_tokens
         reservation_id = lease.take(input_tokens, output_tokens)
+        if lease.running_low(now) and held not in self._refills and held not in self._next:
+            self._refill_ahead(request, held)
         response = lease.answer(now)
         response.reservation_id = reservation_id
         response.reserved_tokens = need
@@ -278,18 +323,83 @@ class LeasingLimiter:
             del self._refills[held]
             refill.set_result(leased)
 
-    def _install(
+    def _promote_next(
+        self, request: limiter_pb2.ReserveRequest, held: str, now: float
+    ) -> Lease | None:
+        """The lease asked for ahead, now the one in use (the spent one closed)."""
+        lease = self._next.pop(held, None)
+        if lease is None:
+            return None
+        if not lease.usable(request, now):
+            self._close(lease)
+            return None
+        spent = self._leases.pop(held, None)
+        if spent is not None:
+            self._close(spent)
+        self._leases[held] = lease
+        return lease
+
+    def _refill_ahead(self, request: limiter_pb2.ReserveRequest, held: str) -> None:
+        refill: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._refills[held] = refill
+        self.asked_ahead += 1
+        asked = limiter_pb2.ReserveRequest()
+        asked.CopyFrom(request)
+        asked.request_id = ""
+        asked.lease_tokens = (request.input_tokens + request.max_output_tokens) * (
+            self.lease_requests
+        )
+        asked.lease_requests = self.lease_requests
+        asked.lease_only = True
+        # Its own trace (linked from the request that found the lease running low): the
+        # request does not wait for it, and its trace ends with its answer.
+        task = asyncio.create_task(
+            self._ask_ahead(asked, held, refill, trace.get_current_span().get_span_context()),
+            name="gateway-lease-refill",
+        )
+        self._ahead.add(task)
+        task.add_done_callback(self._ahead.discard)
+
+    async def _ask_ahead(
         self,
         asked: limiter_pb2.ReserveRequest,
-        response: limiter_pb2.ReserveResponse,
         held: str,
+        refill: asyncio.Future[bool],
+        found_low_in: trace.SpanContext,
     ) -> None:
-        now = self._clock()
-        # The request that asked is the lease's first share, as the limiter held it
-        # (its output may be the key's learned estimate rather than max_output_tokens).
+        leased = False
+        try:
+            with self._tracer.start_as_current_span(
+                "limiter.lease refill",
+                context=Context(),
+                links=[trace.Link(found_low_in)] if found_low_in.is_valid else None,
+                attributes={"sluice.key_id": asked.key_id},
+            ):
+                response = await self.limiter.reserve(asked)
+            if response.allowed and response.lease_tokens > 0:
+                self._next[held] = self._lease_of(asked, response, self._clock())
+                self.refilled_ahead += 1
+                leased = True
+            elif response.allowed:
+                # A limiter that does not know lease_only (an older replica) reserved
+                # the ask as a request: it goes back.
+                self.limiter.release(response.reservation_id, asked.key_id, "")
+        except Exception:
+            # The requests that find the lease spent ask the limiter themselves (and
+            # meet its failure there, with their tier's choice).
+            log.debug("asking for the next lease failed", exc_info=True)
+        finally:
+            del self._refills[held]
+            refill.set_result(leased)
+
+    def _lease_of(
+        self, asked: limiter_pb2.ReserveRequest, response: limiter_pb2.ReserveResponse, now: float
+    ) -> Lease:
+        """The lease ``response`` grants, with the asking reservation part of its room
+        (as the limiter held it: its output may be the key's learned estimate)."""
         first_input = min(asked.input_tokens, response.reserved_tokens)
         first_output = response.reserved_tokens - first_input
-        lease = Lease(
+        return Lease(
             lease_id=response.reservation_id,
             key_id=asked.key_id,
             terms=lease_terms(asked),
@@ -306,8 +416,21 @@ class LeasingLimiter:
             ),
             backs=_backs(response.policies),
             granted_in=trace.get_current_span().get_span_context(),
+            requests_granted=response.lease_requests + 1,
+            tokens_granted=response.lease_tokens + response.reserved_tokens,
         )
-        response.reservation_id = lease.take(first_input, first_output)
+
+    def _install(
+        self,
+        asked: limiter_pb2.ReserveRequest,
+        response: limiter_pb2.ReserveResponse,
+        held: str,
+    ) -> None:
+        now = self._clock()
+        lease = self._lease_of(asked, response, now)
+        # The request that asked is the lease's first share, as the limiter held it.
+        first_input = min(asked.input_tokens, response.reserved_tokens)
+        response.reservation_id = lease.take(first_input, response.reserved_tokens - first_input)
         # Its headers count the lease as the later requests' headers will.
         lease.count_back(response, now)
         previous = self._leases.get(held)
@@ -326,6 +449,7 @@ class LeasingLimiter:
         while True:
             await asyncio.sleep(1.0)
             now = self._clock()
-            for key_id, lease in list(self._leases.items()):
-                if now >= lease.expires_at:
-                    self._close(self._leases.pop(key_id))
+            for leases in (self._leases, self._next):
+                for key_id, lease in list(leases.items()):
+                    if now >= lease.expires_at:
+                        self._close(leases.pop(key_id))

@@ -24,6 +24,7 @@ from sluice.tenancy.v1 import tenancy_pb2
 from sluice.topology import PriorityClass, ServiceName
 
 from services.limiter.domain.windows import (
+    LEASE,
     Level,
     LevelLimits,
     Limiter,
@@ -216,6 +217,7 @@ class Admission:
             share=self._share(request),
             output_estimated=request.output_estimated,
             price=self.prices.pricer(request.model),
+            lease_only=request.lease_only,
         )
         span = trace.get_current_span()
         span.set_attribute("sluice.key_id", request.key_id)
@@ -226,6 +228,10 @@ class Admission:
                 span.set_attribute("sluice.limiter.lease_tokens", decision.lease_tokens)
                 span.set_attribute("sluice.limiter.lease_requests", decision.lease_requests)
             self.metrics.decisions["allowed", ""] += 1
+        elif decision.denied_by == LEASE:
+            # A holder's lease asked ahead found no room for one: not a refused request.
+            span.set_attribute("sluice.limiter.denied_by", LEASE)
+            self.metrics.decisions["no_lease", ""] += 1
         else:
             span.set_attribute("sluice.limiter.denied_by", decision.denied_by)
             span.set_attribute("sluice.limiter.retry_after_ms", decision.retry_after_ms)

@@ -51,6 +51,8 @@ from sluice.leases import Share, parse_share
 
 TPM = "tpm"
 RPM = "rpm"
+# The refusal of a lease-only ask (``lease_only``): no room for a lease, nothing held.
+LEASE = "lease"
 
 # Units of a policy, as PolicyState.unit names them.
 U_REQUESTS = "requests"
@@ -393,6 +395,7 @@ class Limiter:
         share: float = 1.0,
         output_estimated: bool = False,
         price: Pricer | None = None,
+        lease_only: bool = False,
     ) -> Decision:
         """Admit or refuse one request that may spend ``input + max_output`` tokens.
 
@@ -411,7 +414,10 @@ class Limiter:
         every quota and budget holds across every holder. A lease takes at most
         1/``lease_divisor`` of what is left under the tightest of them, and when that is
         not room for even one more request like this one it is not granted (the caller
-        comes back for each request, as without leases). See ``_lease_room``.
+        comes back for each request, as without leases). See ``_lease_room``. With
+        ``lease_only`` (a holder renewing ahead) the request is the lease's first share
+        rather than a request of its own: without room for a lease nothing is reserved
+        and the answer is a refusal by ``LEASE`` (no retry: the holder asks per request).
         """
         cfg = self.config
         tpm = tokens_per_minute if tokens_per_minute > 0 else cfg.default_tokens_per_minute
@@ -475,6 +481,12 @@ class Limiter:
                 pricing,
             )
         leased = room.requests > 0
+        if lease_only and not leased:
+            return Decision(
+                allowed=False,
+                policies=self._views(state, now_ms, scoped, day, month),
+                denied_by=LEASE,
+            )
         state.tokens.add(current, need + room.tokens)
         state.requests.add(current, 1 + room.requests)
         reservation_id = f"{self._id_prefix}-{next(self._ids):x}"

@@ -26,7 +26,7 @@ from sluice.common.v1 import chat_pb2 as sluice_dot_common_dot_v1_dot_chat__pb2
 from sluice.tenancy.v1 import tenancy_pb2 as sluice_dot_tenancy_dot_v1_dot_tenancy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsluice/limiter/v1/limiter.proto\x12\x11sluice.limiter.v1\x1a\x1bsluice/common/v1/chat.proto\x1a\x1fsluice/tenancy/v1/tenancy.proto\"\xea\x04\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x06 \x01(\x03\x12\x19\n\x11tokens_per_minute\x18\x07 \x01(\x03\x12\x1b\n\x13requests_per_minute\x18\x08 \x01(\x03\x12\x14\n\x0clease_tokens\x18\t \x01(\x03\x12\x16\n\x0elease_requests\x18\n \x01(\x03\x12-\n\nkey_limits\x18\x0b \x01(\x0b\x32\x19.sluice.tenancy.v1.Limits\x12/\n\x0bkey_budgets\x18\x0c \x01(\x0b\x32\x1a.sluice.tenancy.v1.Budgets\x12.\n\x0bteam_limits\x18\r \x01(\x0b\x32\x19.sluice.tenancy.v1.Limits\x12\x30\n\x0cteam_budgets\x18\x0e \x01(\x0b\x32\x1a.sluice.tenancy.v1.Budgets\x12\x10\n\x08\x65nd_user\x18\x0f \x01(\t\x12\x32\n\x0f\x65nd_user_limits\x18\x10 \x01(\x0b\x32\x19.sluice.tenancy.v1.Limits\x12\x34\n\x10\x65nd_user_budgets\x18\x11 \x01(\x0b\x32\x1a.sluice.tenancy.v1.Budgets\x12\x10\n\x08priority\x18\x12 \x01(\t\x12\x18\n\x10output_estimated\x18\x13 \x01(\x08\x12\x13\n\x0b\x62\x61tch_share\x18\x14 \x01(\x01\"u\n\x0bPolicyState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05quota\x18\x02 \x01(\x03\x12\x11\n\tremaining\x18\x03 \x01(\x03\x12\x16\n\x0ewindow_seconds\x18\x04 \x01(\x03\x12\x10\n\x08reset_ms\x18\x05 \x01(\x03\x12\x0c\n\x04unit\x18\x06 \x01(\t\"\xa3\x03\n\x0fReserveResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x30\n\x08policies\x18\x03 \x03(\x0b\x32\x1e.sluice.limiter.v1.PolicyState\x12\x11\n\tdenied_by\x18\x04 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x05 \x01(\x03\x12\x17\n\x0freserved_tokens\x18\x06 \x01(\x03\x12\x14\n\x0clease_tokens\x18\x07 \x01(\x03\x12\x16\n\x0elease_requests\x18\x08 \x01(\x03\x12\x14\n\x0clease_ttl_ms\x18\t \x01(\x03\x12\x17\n\x0f\x62udget_exceeded\x18\n \x01(\x08\x12\x1f\n\x17spend_ceiling_usd_nanos\x18\x0b \x01(\x03\x12\x1a\n\x12reserved_usd_nanos\x18\x0c \x01(\x03\x12\x1e\n\x16reserved_output_tokens\x18\r \x01(\x03\x12\x1a\n\x12lease_input_tokens\x18\x0e \x01(\x03\x12\x1b\n\x13lease_output_tokens\x18\x0f \x01(\x03\"\xf4\x01\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\'\n\x06\x61\x63tual\x18\x03 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x13\n\x0b\x63lose_lease\x18\x05 \x01(\x08\x12\x15\n\runused_tokens\x18\x06 \x01(\x03\x12\x17\n\x0funused_requests\x18\x07 \x01(\x03\x12\x1b\n\x13unused_input_tokens\x18\x08 \x01(\x03\x12\x1c\n\x14unused_output_tokens\x18\t \x01(\x03\"\x1f\n\x0e\x43ommitResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"!\n\x0fGetQuotaRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"o\n\x10GetQuotaResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x30\n\x08policies\x18\x02 \x03(\x0b\x32\x1e.sluice.limiter.v1.PolicyState\x12\x19\n\x11open_reservations\x18\x03 \x01(\x03\x32\x63\n\x0cQuotaService\x12S\n\x08GetQuota\x12\".sluice.limiter.v1.GetQuotaRequest\x1a#.sluice.limiter.v1.GetQuotaResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsluice/limiter/v1/limiter.proto\x12\x11sluice.limiter.v1\x1a\x1bsluice/common/v1/chat.proto\x1a\x1fsluice/tenancy/v1/tenancy.proto\"\xfe\x04\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07team_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x06 \x01(\x03\x12\x19\n\x11tokens_per_minute\x18\x07 \x01(\x03\x12\x1b\n\x13requests_per_minute\x18\x08 \x01(\x03\x12\x14\n\x0clease_tokens\x18\t \x01(\x03\x12\x16\n\x0elease_requests\x18\n \x01(\x03\x12-\n\nkey_limits\x18\x0b \x01(\x0b\x32\x19.sluice.tenancy.v1.Limits\x12/\n\x0bkey_budgets\x18\x0c \x01(\x0b\x32\x1a.sluice.tenancy.v1.Budgets\x12.\n\x0bteam_limits\x18\r \x01(\x0b\x32\x19.sluice.tenancy.v1.Limits\x12\x30\n\x0cteam_budgets\x18\x0e \x01(\x0b\x32\x1a.sluice.tenancy.v1.Budgets\x12\x10\n\x08\x65nd_user\x18\x0f \x01(\t\x12\x32\n\x0f\x65nd_user_limits\x18\x10 \x01(\x0b\x32\x19.sluice.tenancy.v1.Limits\x12\x34\n\x10\x65nd_user_budgets\x18\x11 \x01(\x0b\x32\x1a.sluice.tenancy.v1.Budgets\x12\x10\n\x08priority\x18\x12 \x01(\t\x12\x18\n\x10output_estimated\x18\x13 \x01(\x08\x12\x13\n\x0b\x62\x61tch_share\x18\x14 \x01(\x01\x12\x12\n\nlease_only\x18\x15 \x01(\x08\"u\n\x0bPolicyState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05quota\x18\x02 \x01(\x03\x12\x11\n\tremaining\x18\x03 \x01(\x03\x12\x16\n\x0ewindow_seconds\x18\x04 \x01(\x03\x12\x10\n\x08reset_ms\x18\x05 \x01(\x03\x12\x0c\n\x04unit\x18\x06 \x01(\t\"\xa3\x03\n\x0fReserveResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x30\n\x08policies\x18\x03 \x03(\x0b\x32\x1e.sluice.limiter.v1.PolicyState\x12\x11\n\tdenied_by\x18\x04 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x05 \x01(\x03\x12\x17\n\x0freserved_tokens\x18\x06 \x01(\x03\x12\x14\n\x0clease_tokens\x18\x07 \x01(\x03\x12\x16\n\x0elease_requests\x18\x08 \x01(\x03\x12\x14\n\x0clease_ttl_ms\x18\t \x01(\x03\x12\x17\n\x0f\x62udget_exceeded\x18\n \x01(\x08\x12\x1f\n\x17spend_ceiling_usd_nanos\x18\x0b \x01(\x03\x12\x1a\n\x12reserved_usd_nanos\x18\x0c \x01(\x03\x12\x1e\n\x16reserved_output_tokens\x18\r \x01(\x03\x12\x1a\n\x12lease_input_tokens\x18\x0e \x01(\x03\x12\x1b\n\x13lease_output_tokens\x18\x0f \x01(\x03\"\xf4\x01\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\'\n\x06\x61\x63tual\x18\x03 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x13\n\x0b\x63lose_lease\x18\x05 \x01(\x08\x12\x15\n\runused_tokens\x18\x06 \x01(\x03\x12\x17\n\x0funused_requests\x18\x07 \x01(\x03\x12\x1b\n\x13unused_input_tokens\x18\x08 \x01(\x03\x12\x1c\n\x14unused_output_tokens\x18\t \x01(\x03\"\x1f\n\x0e\x43ommitResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"!\n\x0fGetQuotaRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"o\n\x10GetQuotaResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x30\n\x08policies\x18\x02 \x03(\x0b\x32\x1e.sluice.limiter.v1.PolicyState\x12\x19\n\x11open_reservations\x18\x03 \x01(\x03\x32\x63\n\x0cQuotaService\x12S\n\x08GetQuota\x12\".sluice.limiter.v1.GetQuotaRequest\x1a#.sluice.limiter.v1.GetQuotaResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.limiter.v1.limiter_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESERVEREQUEST']._serialized_start=117
-  _globals['_RESERVEREQUEST']._serialized_end=735
-  _globals['_POLICYSTATE']._serialized_start=737
-  _globals['_POLICYSTATE']._serialized_end=854
-  _globals['_RESERVERESPONSE']._serialized_start=857
-  _globals['_RESERVERESPONSE']._serialized_end=1276
-  _globals['_COMMITREQUEST']._serialized_start=1279
-  _globals['_COMMITREQUEST']._serialized_end=1523
-  _globals['_COMMITRESPONSE']._serialized_start=1525
-  _globals['_COMMITRESPONSE']._serialized_end=1556
-  _globals['_GETQUOTAREQUEST']._serialized_start=1558
-  _globals['_GETQUOTAREQUEST']._serialized_end=1591
-  _globals['_GETQUOTARESPONSE']._serialized_start=1593
-  _globals['_GETQUOTARESPONSE']._serialized_end=1704
-  _globals['_QUOTASERVICE']._serialized_start=1706
-  _globals['_QUOTASERVICE']._serialized_end=1805
+  _globals['_RESERVEREQUEST']._serialized_end=755
+  _globals['_POLICYSTATE']._serialized_start=757
+  _globals['_POLICYSTATE']._serialized_end=874
+  _globals['_RESERVERESPONSE']._serialized_start=877
+  _globals['_RESERVERESPONSE']._serialized_end=1296
+  _globals['_COMMITREQUEST']._serialized_start=1299
+  _globals['_COMMITREQUEST']._serialized_end=1543
+  _globals['_COMMITRESPONSE']._serialized_start=1545
+  _globals['_COMMITRESPONSE']._serialized_end=1576
+  _globals['_GETQUOTAREQUEST']._serialized_start=1578
+  _globals['_GETQUOTAREQUEST']._serialized_end=1611
+  _globals['_GETQUOTARESPONSE']._serialized_start=1613
+  _globals['_GETQUOTARESPONSE']._serialized_end=1724
+  _globals['_QUOTASERVICE']._serialized_start=1726
+  _globals['_QUOTASERVICE']._serialized_end=1825
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,7 @@ class ReserveRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     OUTPUT_ESTIMATED_FIELD_NUMBER: _builtins.int
     BATCH_SHARE_FIELD_NUMBER: _builtins.int
+    LEASE_ONLY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     key_id: _builtins.str
     team_id: _builtins.str
@@ -72,6 +73,10 @@ class ReserveRequest(_message.Message):
     batch_share: _builtins.float
     """The share of each limit batch work is admitted within, from the team's tier
     (0: the limiter's SLUICE_LIMITER_BATCH_SHARE).
+    """
+    lease_only: _builtins.bool
+    """Asks for a lease alone (a holder renewing ahead of need): nothing is reserved unless
+    a lease is granted, and no room for one is answered not allowed, denied_by "lease".
     """
     @_builtins.property
     def key_limits(self) -> _tenancy_pb2.Limits:
@@ -112,10 +117,11 @@ class ReserveRequest(_message.Message):
         priority: _builtins.str = ...,
         output_estimated: _builtins.bool = ...,
         batch_share: _builtins.float = ...,
+        lease_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_user_budgets", b"end_user_budgets", "end_user_limits", b"end_user_limits", "key_budgets", b"key_budgets", "key_limits", b"key_limits", "team_budgets", b"team_budgets", "team_limits", b"team_limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_share", b"batch_share", "end_user", b"end_user", "end_user_budgets", b"end_user_budgets", "end_user_limits", b"end_user_limits", "input_tokens", b"input_tokens", "key_budgets", b"key_budgets", "key_id", b"key_id", "key_limits", b"key_limits", "lease_requests", b"lease_requests", "lease_tokens", b"lease_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "output_estimated", b"output_estimated", "priority", b"priority", "request_id", b"request_id", "requests_per_minute", b"requests_per_minute", "team_budgets", b"team_budgets", "team_id", b"team_id", "team_limits", b"team_limits", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_share", b"batch_share", "end_user", b"end_user", "end_user_budgets", b"end_user_budgets", "end_user_limits", b"end_user_limits", "input_tokens", b"input_tokens", "key_budgets", b"key_budgets", "key_id", b"key_id", "key_limits", b"key_limits", "lease_only", b"lease_only", "lease_requests", b"lease_requests", "lease_tokens", b"lease_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "output_estimated", b"output_estimated", "priority", b"priority", "request_id", b"request_id", "requests_per_minute", b"requests_per_minute", "team_budgets", b"team_budgets", "team_id", b"team_id", "team_limits", b"team_limits", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
