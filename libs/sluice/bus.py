@@ -67,11 +67,28 @@ class CoalescingClient(NatsClient):
     a publish; on loopback each write is a system call that also wakes the server, and a
     request's publishes (its answer, its usage, its ack, the next pull) come a turn or two
     apart. Waiting a turn lets them, and other requests' in the same turns, leave in one
-    write. The cost is a turn of latency per write."""
+    write. The cost is a turn of latency per write.
+
+    It also delivers the messages of ``direct`` subscriptions (``Bus.subscribe_data``)
+    straight from the read loop: their payload goes to a plain function as it is read,
+    without nats-py's per-subscription task and queue, and without parsing headers."""
 
     def __init__(self, flush_yields: int = 0) -> None:
         super().__init__()
         self.flush_yields = flush_yields
+        # Subscription id -> the function each payload of that subscription goes to.
+        self.direct: dict[int, Callable[[bytes], None]] = {}
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        deliver = self.direct.get(sid)
+        if deliver is None:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        deliver(data)
 
     async def _flusher(self) -> None:
         # nats-py's own loop (client.py, ``_flusher``), with the turns let pass first
@@ -449,9 +466,28 @@ class Bus:
         own stream subject, a reply inbox); ``serve`` is for handlers of a subject."""
         return await self.nc.subscribe(subject, queue=queue, cb=cb)
 
+    async def subscribe_data(self, subject: str, deliver: Callable[[bytes], None]) -> Subscription:
+        """A core subscription whose payloads go to ``deliver`` as the read loop reads
+        them (a request's own stream subject, one per request): nats-py's callback
+        subscription costs a task and a queue hop per message, and a task to start and
+        cancel per subscription. ``deliver`` must not block; headers are not read."""
+        sub = await self.nc.subscribe(subject)
+        if isinstance(self.nc, CoalescingClient):
+            self.nc.direct[sub._id] = deliver
+        else:  # pragma: no cover - Bus.connect always makes a CoalescingClient
+            raise TypeError("subscribe_data needs the bus's own client")
+        # Anything that arrived before the function was in place (the server answers
+        # only after the subscription went out, but the loop may have turned meanwhile).
+        while not sub._pending_queue.empty():
+            deliver(sub._pending_queue.get_nowait().data)
+        return sub
+
     @staticmethod
     async def unsubscribe(sub: Subscription) -> None:
         """End a subscription; one whose connection is already gone ends quietly."""
+        direct = getattr(sub._conn, "direct", None)
+        if direct is not None:
+            direct.pop(sub._id, None)
         with contextlib.suppress(*NATS_FAILURES):
             await sub.unsubscribe()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from sluice.bus import NATS_FAILURES, Bus
 from sluice.errors import ErrorCode
@@ -29,11 +28,9 @@ class LiveSubscription(Inbox):
         self._bus = bus
         self._sub: Subscription | None = None
 
-    async def on_message(self, msg: Msg) -> None:
-        self.put(msg.data)
-
     async def subscribe(self, subject: str) -> LiveSubscription:
-        self._sub = await self._bus.subscribe(subject, self.on_message)
+        # Each event straight into the inbox from the NATS read loop (Bus.subscribe_data).
+        self._sub = await self._bus.subscribe_data(subject, self.put)
         return self
 
     async def close(self) -> None:
