@@ -500,10 +500,7 @@ def wakeups_table(runs: list[OverheadRun]) -> str:
             [
                 r.mode,
                 r.rate,
-                *[
-                    f"{r.wakeups.get(n, 0.0):.1f} / {r.syscalls.get(n, 0.0):.1f}"
-                    for n in names
-                ],
+                *[f"{r.wakeups.get(n, 0.0):.1f} / {r.syscalls.get(n, 0.0):.1f}" for n in names],
                 f"{sum(r.wakeups.values()):.1f} / {sum(r.syscalls.values()):.1f}",
             ]
             for r in runs
@@ -763,11 +760,16 @@ async def main_async(args: argparse.Namespace) -> int:
                     },
                     False,
                 )
+                span_file = product.state_dir / "spans" / "gateway.jsonl"
+                offset = span_file.stat().st_size if span_file.exists() else 0
                 print(
                     await tail.tail_report(
                         product.gateway, product.api_key, chat_body(False, 16), rate, args.seconds
                     )
                 )
+                await asyncio.sleep(1.0)  # the span writer's last lines
+                print("\nThe same requests' admission, from the gateway's spans")
+                print(tail.round_trips(tail.span_lines_after(span_file, offset)))
             if "jobs" in only:
                 section(
                     f"Job submission: 202 latency at {args.job_rate:g}/s for "

@@ -3,7 +3,12 @@ gateway, each answer's client latency split by the answer's own ``sluice.latency
 into what the gateway measured (from admission to the final event: queue, upstream and
 the rest) and what it did not (the HTTP server's hand-off, authentication, the body's
 arrival, the rendering, the client). The table compares the middle half of the requests
-with the slowest few percent, so that a longer tail can be placed before it is cut."""
+with the slowest few percent, so that a longer tail can be placed before it is cut.
+
+Beside it, from the gateway's own spans of the same requests (``round_trips``): how many
+request traces held a round trip to the limiter, and how many lease refills ran ahead of
+need. A request admitted from a lease makes none; one that found its key's lease spent
+did, and the requests of the key that came meanwhile waited for it."""
 
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ import asyncio
 import json
 import statistics
 import time
+from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,6 +26,10 @@ import aiohttp
 from bench.report import table
 
 QUANTILES = (0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995)
+CHAT_SPAN = "POST /v1/chat/completions"
+# The gateway's CLIENT span of a reserve on a limiter partition, and a lease asked ahead.
+RESERVE_SPAN = "sluice.v1.limiter.reserve.* request"
+REFILL_SPAN = "limiter.lease refill"
 
 
 @dataclass
@@ -110,3 +121,29 @@ async def tail_report(
         rows,
     )
     return f"{quantiles}\n\nMedians of each group\n{split}"
+
+
+def round_trips(span_lines: list[str]) -> str:
+    """Of the chat requests' traces among ``span_lines`` (the gateway's span file, JSON
+    lines): how many held a round trip to the limiter, and the lease refills run ahead."""
+    names: dict[str, set[str]] = defaultdict(set)
+    for line in span_lines:
+        span = json.loads(line)
+        names[span["trace_id"]].add(span["name"])
+    requests = [trace for trace in names.values() if CHAT_SPAN in trace]
+    waited = sum(1 for trace in requests if RESERVE_SPAN in trace)
+    refills = sum(1 for trace in names.values() if REFILL_SPAN in trace)
+    return table(
+        ["request traces", "with a round trip to the limiter", "lease refills ahead"],
+        [[len(requests), waited, refills]],
+    )
+
+
+def span_lines_after(path: Path, offset: int) -> list[str]:
+    """The span file's complete lines from byte ``offset`` on."""
+    if not path.exists():
+        return []
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        data = fh.read()
+    return [line for line in data.decode().splitlines() if line.strip()]
