@@ -21,7 +21,7 @@ PostgreSQL, bench/ledger.py, on a NATS and a PostgreSQL server of their own) and
 (a route whose primary fails 5% of its calls and stalls 5%, over the simulator: share
 answered and p99 against the primary's, bench/chaos.py, on a product of its own) and
 ``memory`` (RSS of every Sluice process idle and under load, bench/memory.py, on a
-product of its own started without --foreground, as a user starts it) and
+product of its own, started as a user starts it) and
 ``floor`` (CPU per request of minimal pipelines built from the same libraries: a direct
 proxy, one NATS hop, JetStream as Sluice uses it, with one and two usage consumers,
 bench/floor.py, beside a product of its own under the same load).
@@ -97,7 +97,6 @@ class RunningProduct:
         state_dir: Path,
         extra_env: Mapping[str, str] | None = None,
         checkout: Path = REPO,
-        foreground: bool = True,
     ) -> None:
         self.state_dir = state_dir
         self.checkout = checkout
@@ -137,10 +136,10 @@ class RunningProduct:
             if checkout == REPO
             else checkout / ".venv" / "bin" / "sluice"
         )
-        # Without --foreground, as a user starts it: the launcher forks its supervisor.
-        command = [str(sluice), "up", "--simulator", "--no-model"]
+        # As a user starts it (a checkout from before the supervisor ran in `sluice up`'s
+        # own process forks it from a launcher there; the bench counts both).
         self.proc = subprocess.Popen(
-            [*command, "--foreground"] if foreground else command,
+            [str(sluice), "up", "--simulator", "--no-model"],
             cwd=checkout,
             env=env,
             stdout=self.log,
@@ -603,11 +602,11 @@ async def overhead_report(product: RunningProduct, args: argparse.Namespace) -> 
 
 @contextlib.asynccontextmanager
 async def running(
-    extra_env: Mapping[str, str] | None = None, checkout: Path = REPO, foreground: bool = True
+    extra_env: Mapping[str, str] | None = None, checkout: Path = REPO
 ) -> AsyncIterator[RunningProduct]:
     """The product on free ports in a temporary state directory, stopped on exit."""
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
-        product = RunningProduct(Path(tmp), extra_env, checkout, foreground)
+        product = RunningProduct(Path(tmp), extra_env, checkout)
         try:
             await product.wait_ready()
             yield product
@@ -859,8 +858,7 @@ async def main_async(args: argparse.Namespace) -> int:
                     )
                 )
     if "memory" in only:
-        # As a user starts it (no --foreground): the launcher and its supervisor count.
-        async with running(foreground=False) as product:
+        async with running() as product:
             section(
                 f"Memory: RSS of every Sluice process idle and under {args.memory_rate:g} "
                 f"requests/s (every other one streamed) for {args.memory_seconds:g} s "

@@ -1,7 +1,7 @@
 """Resident memory of every Sluice process, idle and under load (``--only memory``).
 
-The product as ``sluice up --simulator --no-model`` starts it: the launcher, the five
-services and the embedded NATS server. RSS (``VmRSS``, what ``ps`` and the peer bench
+The product as ``sluice up --simulator --no-model`` starts it: the supervisor (the
+``sluice up`` process itself), the five services and the embedded NATS server. RSS (``VmRSS``, what ``ps`` and the peer bench
 sum) is read from /proc idle (after the warm-up), then every half second while an open
 loop sends ``rate`` requests per second for ``seconds`` (every other one streamed); the
 table gives idle, peak and end, and the CPU each process spent per request meanwhile
@@ -29,7 +29,9 @@ from bench.load import Sample, one_request
 from bench.report import table
 
 SAMPLE_EVERY_S = 0.5
-# The order of the table: the launcher first, the services as they start, NATS last.
+# The order of the table: the supervisor first, the services as they start, NATS last.
+# ("launcher": a checkout from before `sluice up` supervised from its own process forked
+# its supervisor from a launcher that forwarded signals.)
 ORDER = (
     "launcher",
     "supervisor",
@@ -110,14 +112,15 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def product_pids(launcher: int, services: Mapping[str, int]) -> dict[str, int]:
+def product_pids(root: int, services: Mapping[str, int]) -> dict[str, int]:
     """Every process of the product's tree by name: ``services`` (the five and NATS, by
-    their command lines), the launcher, the supervisor it forks (without --foreground)
-    and the simulator."""
+    their command lines), the ``sluice up`` process at ``root`` (the supervisor, or the
+    launcher of an older checkout, whose supervisor is a child running ``up`` too) and the
+    simulator."""
     named = dict(services)
     known = set(services.values())
     kids = _children()
-    todo, tree = [launcher], []
+    todo, tree = [root], []
     while todo:
         pid = todo.pop()
         tree.append(pid)
@@ -129,12 +132,12 @@ def product_pids(launcher: int, services: Mapping[str, int]) -> dict[str, int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if pid == launcher:
-            named["launcher"] = pid
+        if pid == root:
+            named["supervisor"] = pid
         elif b" simulator" in cmdline:
             named["simulator"] = pid
         elif b" up " in cmdline:
-            named["supervisor"] = pid
+            named["launcher"], named["supervisor"] = root, pid
     return named
 
 

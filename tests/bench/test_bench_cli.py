@@ -72,38 +72,71 @@ def test_memory_options_follow_the_presets() -> None:
     assert quick.memory_seconds == QUICK[15]
 
 
-def test_the_memory_table_names_every_process_of_the_tree() -> None:
-    """``product_pids`` finds the launcher, its supervisor and the simulator in the tree
-    under the launcher by their command lines; the services come named."""
+def _named_tree(root: subprocess.Popen[bytes], want: set[str]) -> dict[str, int]:
     from bench import memory
 
-    sleeper = "import time; time.sleep(30)"
+    deadline = time.monotonic() + 10
+    while True:
+        named = memory.product_pids(root.pid, {"gateway": 1})
+        if want <= set(named) or time.monotonic() > deadline:
+            return named
+        time.sleep(0.05)
+
+
+def _stop_tree(root: subprocess.Popen[bytes]) -> None:
+    from bench import memory
+
+    for pid in memory.product_pids(root.pid, {}).values():
+        if pid != root.pid:
+            os.kill(pid, signal.SIGKILL)
+    root.kill()
+    root.wait()
+
+
+SLEEPER = "import time; time.sleep(30)"
+
+
+def test_the_memory_table_names_every_process_of_the_tree() -> None:
+    """``product_pids`` names the ``sluice up`` process the supervisor and finds the
+    simulator under it by its command line; the services come named."""
+    from bench import memory
+
+    supervisor = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            f"m = subprocess.Popen([sys.executable, '-c', {SLEEPER!r}, 'cli', 'simulator'])\n"
+            "time.sleep(30)\n",
+        ]
+    )
+    try:
+        named = _named_tree(supervisor, {"simulator"})
+        assert named["supervisor"] == supervisor.pid and named["gateway"] == 1
+        assert "simulator" in named and "launcher" not in named
+        assert memory.rss_mib(supervisor.pid) > 0 and memory.pss_mib(supervisor.pid) > 0
+    finally:
+        _stop_tree(supervisor)
+
+
+def test_an_older_checkouts_launcher_is_counted_with_its_supervisor() -> None:
+    """A checkout whose ``sluice up`` forked its supervisor (a child running ``up`` too):
+    both are named, so an A/B against it sums the same tree a user runs."""
     launcher = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import subprocess, sys, time\n"
-            f"s = subprocess.Popen([sys.executable, '-c', {sleeper!r}, 'up', '--x'])\n"
-            f"m = subprocess.Popen([sys.executable, '-c', {sleeper!r}, 'cli', 'simulator'])\n"
+            f"s = subprocess.Popen([sys.executable, '-c', {SLEEPER!r}, 'up', '--x'])\n"
             "time.sleep(30)\n",
         ]
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            named = memory.product_pids(launcher.pid, {"gateway": 1})
-            if {"supervisor", "simulator"} <= set(named) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert named["launcher"] == launcher.pid and named["gateway"] == 1
-        assert {"supervisor", "simulator"} <= set(named)
-        assert memory.rss_mib(launcher.pid) > 0 and memory.pss_mib(launcher.pid) > 0
+        named = _named_tree(launcher, {"launcher"})
+        assert named["launcher"] == launcher.pid
+        assert named["supervisor"] != launcher.pid
     finally:
-        for pid in memory.product_pids(launcher.pid, {}).values():
-            if pid != launcher.pid:
-                os.kill(pid, signal.SIGKILL)
-        launcher.kill()
-        launcher.wait()
+        _stop_tree(launcher)
 
 
 @pytest.mark.slow

@@ -256,6 +256,9 @@ class Up:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            # A process group of its own, as a shell gives a command: a Ctrl-C reaches
+            # the whole group (os.killpg), as it would from a terminal.
+            start_new_session=True,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.output: list[str] = []
@@ -378,10 +381,27 @@ def test_up_serves_and_ctrl_c_stops_everything(state_dir: Path) -> None:
     children = processes_using(state_dir)
     assert len(children) >= 7  # nats, simulator, five services
 
-    up.process.send_signal(signal.SIGINT)
+    # As a terminal's Ctrl-C: SIGINT to the foreground process group. The children run in
+    # sessions of their own, so only the supervisor gets it, and it stops them in order.
+    os.killpg(up.process.pid, signal.SIGINT)
     assert up.finish(timeout=90) == 0, up.text
     assert "stopping: gateway" in up.text
     assert wait_gone(state_dir) == []
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@needs_proc
+def test_a_killed_supervisor_leaves_no_process_behind(state_dir: Path) -> None:
+    """SIGKILL gives the supervisor no chance to stop anything: every child asked the
+    kernel for SIGTERM when its parent dies, and stops by itself."""
+    env = isolated_env(state_dir)
+    up = Up(env, "--no-model", "--simulator")
+    up.wait_for("URL ", timeout=120)
+    assert len(processes_using(state_dir)) >= 8  # sluice up, nats, simulator, five services
+    up.process.kill()
+    up.finish(timeout=10)
+    assert wait_gone(state_dir, timeout=30) == []
 
 
 @pytest.mark.integration

@@ -18,8 +18,6 @@ One module per responsibility:
   services' graceful drain;
 - ``ready``: the readiness probe, a short-lived process of its own (the NATS client
   never loads in the supervisor, which runs as long as the product);
-- ``session``: the launcher's own process, which forks the supervisor into a session of
-  its own and forwards signals to it (standard library only);
 - ``console``: every line ``sluice up`` prints;
 - ``command``: the options and the entry point.
 """

@@ -1,14 +1,12 @@
-"""``sluice up [options]``: the options, and the supervisor run in a session of its own."""
+"""``sluice up [options]``: the options, and the supervisor run in this process."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-from sluice.devtools.up.session import run_in_own_session
+from sluice.devtools.up.supervisor import Supervisor
 
-# Here rather than in ``plan``: this process forwards signals as long as the product
-# runs, and imports nothing the supervisor needs (``session``).
 DEFAULT_STATE_DIR = ".sluice"
 DEFAULT_CONFIG_DIR = "config"
 
@@ -49,23 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--model-timeout", type=float, default=300.0, help="seconds to wait for llama-server"
     )
-    parser.add_argument(
-        "--foreground",
-        action="store_true",
-        help="supervise from this process instead of a session of its own",
-    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-
-    def body() -> int:
-        # After the fork: the launcher's own process never loads the supervisor's modules.
-        from sluice.devtools.up.supervisor import Supervisor
-
-        return Supervisor(args).run()
-
-    if args.foreground or os.name != "posix":
-        return body()
-    return run_in_own_session(body)
+    return Supervisor(parse_args(argv)).run()

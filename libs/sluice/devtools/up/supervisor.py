@@ -1,15 +1,18 @@
 """The processes of ``sluice up``: start them, wait until the services answer ready,
 watch them, and stop them in order, the services first with their graceful drain.
 
-On POSIX the supervisor runs in a session of its own, forked from the command the user
-started: a Ctrl-C in the terminal then reaches only that command, which forwards it as
-one orderly stop, instead of reaching NATS and every service at the same moment.
+The supervisor is the process the user started. Every child runs in a session of its
+own, so a Ctrl-C in the terminal reaches the supervisor alone, which turns it into one
+orderly stop instead of NATS and every service stopping at the same moment. Each child
+also asks the kernel for SIGTERM when the supervisor dies, so a supervisor killed
+outright leaves no orphans.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -28,7 +31,6 @@ from sluice.devtools.embedded import EmbeddedNats, wait_for_port
 from sluice.devtools.up.console import Console
 from sluice.devtools.up.plan import LaunchError, UpPlan
 from sluice.devtools.up.ready import READY_TIMED_OUT
-from sluice.devtools.up.session import set_parent_death_signal
 
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
 # Seconds beyond the services' own shutdown grace before they are killed.
@@ -94,6 +96,16 @@ def prepare_log(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal() -> None:
+    """Linux: receive SIGTERM when the parent dies (run in the child before exec)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
 def spawn(
     name: str,
     argv: list[str],
@@ -103,7 +115,7 @@ def spawn(
     cwd: Path | None = None,
     is_service: bool = False,
 ) -> Child:
-    """Start ``argv`` in its own session (terminal signals go to the launcher only)."""
+    """Start ``argv`` in its own session (terminal signals go to the supervisor only)."""
     offset = prepare_log(log_path)
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
