@@ -1,13 +1,14 @@
 """Resident memory of every Sluice process, idle and under load (``--only memory``).
 
 The product as ``sluice up --simulator --no-model`` starts it: the supervisor (the
-``sluice up`` process itself), the five services and the embedded NATS server. RSS (``VmRSS``, what ``ps`` and the peer bench
-sum) is read from /proc idle (after the warm-up), then every half second while an open
-loop sends ``rate`` requests per second for ``seconds`` (every other one streamed); the
-table gives idle, peak and end, and the CPU each process spent per request meanwhile
-(what a memory setting costs in CPU). PSS (shared pages split among the processes that map
-them) is printed beside it: RSS counts the shared libraries and the files every Python
-process maps once per process, PSS once in all.
+``sluice up`` process itself), the five services and the embedded NATS server. RSS
+(``VmRSS``, what ``ps`` and the peer bench sum) is read from /proc idle (after the warm-
+up), then every half second while an open loop sends ``rate`` requests per second for
+``seconds`` (every other one streamed); the table gives idle, peak and end, and the CPU
+each process spent per request meanwhile (what a memory setting costs in CPU). PSS
+(shared pages split among the processes that map them) is printed beside it: RSS counts
+the shared libraries and the files every Python process maps once per process, PSS once
+in all.
 
 The bar (issue 17) is RSS summed over every process of Sluice under load, NATS
 included; the sum without NATS is the Python processes alone. The simulator is the

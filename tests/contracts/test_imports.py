@@ -72,7 +72,11 @@ def test_the_supervisor_loads_no_client_or_settings_library() -> None:
     """``sluice up`` is one long-lived process, the supervisor: it loads neither
     pydantic, nor the NATS client, nor an event loop (its readiness probe is a process of
     its own)."""
-    probe = "import json, sys\nimport sluice.devtools.up.command\nprint(json.dumps(sorted(sys.modules)))\n"
+    probe = (
+        "import json, sys\n"
+        "import sluice.devtools.up.command\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
     found = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )

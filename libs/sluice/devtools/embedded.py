@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from sluice.devtools.children import owned_child_options
+
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 
 
@@ -150,7 +152,9 @@ class EmbeddedNats:
             # On the client listener's address (-a), so loopback only.
             args += ["-m", str(monitor_port)]
         out = log_file.open("ab") if log_file else subprocess.DEVNULL
-        proc = subprocess.Popen(args, stdout=out, stderr=out, env=server_env(os.environ))
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=out, env=server_env(os.environ), **owned_child_options()
+        )
         try:
             wait_for_port("127.0.0.1", port, 15, proc)
         except Exception:

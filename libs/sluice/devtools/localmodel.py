@@ -21,6 +21,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from sluice.devtools.children import owned_child_options
+
 MODEL_FILENAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 MODEL_SIZE = 491_400_064
 MODEL_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -217,7 +219,9 @@ def start_llama_server(
         p for p in (bin_dir, env.get("LD_LIBRARY_PATH", "")) if p
     )
     try:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env=env, **owned_child_options()
+        )
     finally:
         if log_file is not None and not isinstance(out, int):
             out.close()  # the child holds its own descriptor

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from sluice.devtools.children import owned_child_options
 from sluice.devtools.embedded import EmbeddedNats, wait_for_port
 from sluice.devtools.up.console import Console
 from sluice.devtools.up.plan import LaunchError, UpPlan
@@ -96,16 +96,6 @@ def prepare_log(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-PR_SET_PDEATHSIG = 1
-
-
-def set_parent_death_signal() -> None:
-    """Linux: receive SIGTERM when the parent dies (run in the child before exec)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-
-
 def spawn(
     name: str,
     argv: list[str],
@@ -125,8 +115,7 @@ def spawn(
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=set_parent_death_signal if sys.platform == "linux" else None,  # noqa: PLW1509
+            **owned_child_options(),
         )
     return Child(name, proc, log_path, offset, is_service=is_service)
 
@@ -404,8 +393,7 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=errors,
-                start_new_session=True,
-                preexec_fn=set_parent_death_signal if sys.platform == "linux" else None,  # noqa: PLW1509
+                **owned_child_options(),
             )
             try:
                 code = self._follow_readiness(probe)
