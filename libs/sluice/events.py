@@ -133,8 +133,8 @@ USAGE = EventSpec(
     delivery=(
         "at least once, deduplicated: a JetStream publish with Nats-Msg-Id = request "
         "id, so a worker that takes a request over after a crash does not store it "
-        f"twice within the stream's duplicate window ({_span(Streams.USAGE)}). A "
-        "consumer may still be "
+        f"twice within the stream's duplicate window ({_span(Streams.USAGE)}; Sluice's "
+        "own ledger counts a request once by its id past it). A consumer may still be "
         "handed one event more than once (redelivery) and should apply it idempotently "
         "by request_id."
     ),
