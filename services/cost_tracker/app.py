@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import replace
+from typing import TYPE_CHECKING, TypeAlias
 
 from opentelemetry import trace
 from sluice.bus import Bus
@@ -25,7 +26,6 @@ from services.cost_tracker.adapters.alerts import NatsAlertSink
 from services.cost_tracker.adapters.directory import KvBudgetDirectory
 from services.cost_tracker.adapters.events import NatsCostEvents
 from services.cost_tracker.adapters.ledger import SqliteLedger, sqlite_rebuilding
-from services.cost_tracker.adapters.postgres import PostgresLedger
 from services.cost_tracker.adapters.rebuild import rebuild_ledger
 from services.cost_tracker.domain.alerts import AlertSettings, SpendWatch
 from services.cost_tracker.domain.feed import CostFeed
@@ -38,14 +38,20 @@ from services.cost_tracker.handlers.nats import (
 )
 from services.cost_tracker.settings import CostTrackerSettings
 
+if TYPE_CHECKING:
+    from services.cost_tracker.adapters.postgres import PostgresLedger
+
 log = logging.getLogger(__name__)
 
-Ledger = SqliteLedger | PostgresLedger
+Ledger: TypeAlias = "SqliteLedger | PostgresLedger"
 
 
 def ledger_for(settings: CostTrackerSettings) -> Ledger:
     """PostgreSQL when ``SLUICE_COST_DATABASE_URL`` is set, else the SQLite file."""
     if settings.database_url is not None:
+        # Imported here: asyncpg (about 2 MiB resident) loads only for a PostgreSQL ledger.
+        from services.cost_tracker.adapters.postgres import PostgresLedger
+
         return PostgresLedger(
             settings.database_url.get_secret_value(), pool_size=settings.database_pool_size
         )
@@ -54,7 +60,7 @@ def ledger_for(settings: CostTrackerSettings) -> Ledger:
 
 def ledger_where(ledger: Ledger) -> str:
     """Where the ledger is, for logs (a database URL without its credentials)."""
-    return ledger.where if isinstance(ledger, PostgresLedger) else str(ledger.path)
+    return str(ledger.path) if isinstance(ledger, SqliteLedger) else ledger.where
 
 
 class CostTracker:

