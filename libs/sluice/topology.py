@@ -184,6 +184,9 @@ class ConsumerSpec:
 # a stream written once per request would hold 8.6 million ids at 100 requests/s, about
 # 1.4 GiB; the streams written per request keep at most this long a window.
 PER_REQUEST_DUPLICATE_WINDOW_MAX_SECONDS = 15 * 60
+# For the streams whose messages carry no Nats-Msg-Id. JetStream has no "off": a window
+# of 0 is its default of 2 minutes, so these declare the shortest window it keeps.
+NO_DEDUPLICATION_WINDOW_SECONDS = 1.0
 
 
 class Streams:
@@ -203,7 +206,7 @@ class Streams:
         name="SLUICE_STREAMS",
         subjects=(Subjects.STREAM_ALL,),
         max_age_seconds=24 * 3600,
-        duplicate_window_seconds=0.0,
+        duplicate_window_seconds=NO_DEDUPLICATION_WINDOW_SECONDS,
         description="token stream events by request id, kept for resumption",
     )
     # Billing source of truth; Nats-Msg-Id = request id deduplicates a worker's second
@@ -241,7 +244,7 @@ class Streams:
         name="SLUICE_AUDIT",
         subjects=(Subjects.AUDIT_ALL,),
         max_age_seconds=90 * 24 * 3600,
-        duplicate_window_seconds=0.0,
+        duplicate_window_seconds=NO_DEDUPLICATION_WINDOW_SECONDS,
         description="audit trail: admin actions and requests, by team",
     )
     # Spend alerts; Nats-Msg-Id = alert id, so replicas raising the same one store it once.
@@ -260,7 +263,7 @@ class Streams:
         name="SLUICE_LIMITER_JOURNAL",
         subjects=(Subjects.LIMITER_JOURNAL_ALL,),
         max_age_seconds=15 * 60,
-        duplicate_window_seconds=0.0,
+        duplicate_window_seconds=NO_DEDUPLICATION_WINDOW_SECONDS,
         description="limiter reservations and releases by partition, for takeovers",
     )
 

@@ -9,7 +9,11 @@ import uuid
 
 from sluice.bus import Bus
 from sluice.devtools.embedded import EmbeddedNats
-from sluice.topology import PER_REQUEST_DUPLICATE_WINDOW_MAX_SECONDS, Streams
+from sluice.topology import (
+    NO_DEDUPLICATION_WINDOW_SECONDS,
+    PER_REQUEST_DUPLICATE_WINDOW_MAX_SECONDS,
+    Streams,
+)
 
 # Written once per request (or per event of one): every id lands in a window.
 PER_REQUEST = (
@@ -28,6 +32,10 @@ async def test_streams_written_per_request_keep_minutes_of_ids(bus: Bus) -> None
         info = await bus.js.stream_info(spec.name)
         window = info.config.duplicate_window or 0.0
         assert window <= PER_REQUEST_DUPLICATE_WINDOW_MAX_SECONDS, spec.name
+    # Nothing on these carries an id: not the server's 2 min default that a 0 would give.
+    for spec in (Streams.STREAMS, Streams.AUDIT, Streams.LIMITER_JOURNAL):
+        info = await bus.js.stream_info(spec.name)
+        assert info.config.duplicate_window == NO_DEDUPLICATION_WINDOW_SECONDS, spec.name
     usage = await bus.js.stream_info(Streams.USAGE.name)
     assert usage.config.duplicate_window and usage.config.duplicate_window > 0, (
         "usage events stay deduplicated by request id"

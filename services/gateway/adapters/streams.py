@@ -52,15 +52,12 @@ class NatsStreams:
         # The opened record is a plain publish that SLUICE_STREAMS captures, like every
         # other stream event, so only the work waits for a JetStream acknowledgement.
         # Published before the subscription exists, on the same connection, it is with
-        # the server before the work is and is not echoed back (one message fewer).
+        # the server before the work is and is not echoed back (one message fewer). No
+        # Nats-Msg-Id: it is published once, and an id would sit in the stream's
+        # duplicate window in the server's memory.
         subject = Subjects.stream(opened.request_id)
         try:
-            await self._bus.publish(
-                subject,
-                opened,
-                headers={"Nats-Msg-Id": f"{opened.request_id}:opened"},
-                traced=False,
-            )
+            await self._bus.publish(subject, opened, traced=False)
             return await LiveSubscription(self._bus).subscribe(subject)
         except NATS_FAILURES:
             raise _bus_down() from None
