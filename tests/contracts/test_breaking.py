@@ -1,8 +1,9 @@
 """The proto contracts' breaking-change guard (`make lint` runs
 ``scripts/buf_breaking.sh``): in a throwaway git repository holding a copy of
 ``proto/`` tagged as a release, an additive change passes and a planted breaking one
-(a field deleted, a field's type changed) fails, naming it. Without a release tag the
-guard says it skipped."""
+(a field deleted, a field's type changed) fails, naming it. A clone without the tag
+checks against the commit ``proto/RELEASED`` names; with no release at all the guard
+says it skipped."""
 
 from __future__ import annotations
 
@@ -66,13 +67,45 @@ def edit(repo: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
-def test_without_a_release_tag_the_guard_skips(tmp_path: Path) -> None:
+def test_without_a_release_the_guard_skips(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(REPO / "proto", repo / "proto")
+    (repo / "proto" / "RELEASED").unlink()
     git(repo, "init", "-q")
     out = guard(repo)
     assert out.returncode == 0, out.stderr
-    assert "skipped, no v* release tag" in out.stdout
+    assert "skipped, no release yet" in out.stdout
+
+
+def _head(repo: Path) -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def test_a_clone_without_the_tag_checks_against_the_release_commit(released: Path) -> None:
+    """Tags do not always travel with a clone: proto/RELEASED names the commit."""
+    commit = _head(released)
+    git(released, "tag", "-d", "v0.1.0")
+    (released / "proto" / "RELEASED").write_text(f"# the last release\nv0.1.0 {commit}\n")
+    git(released, "commit", "-qam", "name the release")
+    out = guard(released)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"against v0.1.0 (commit {commit}" in out.stdout
+    edit(released, "  string secret_prefix = 21;\n", "")
+    out = guard(released)
+    assert out.returncode != 0
+    assert 'field "21" with name "secret_prefix"' in out.stdout + out.stderr
+
+
+def test_a_release_commit_missing_from_the_clone_fails(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "proto", repo / "proto")
+    (repo / "proto" / "RELEASED").write_text("v0.1.0 " + "0" * 40 + "\n")
+    git(repo, "init", "-q")
+    out = guard(repo)
+    assert out.returncode != 0
+    assert "is not in this clone" in out.stderr
 
 
 def test_an_additive_change_passes(released: Path) -> None:
