@@ -10,4 +10,4 @@ async def gw(bus, tmp_path):
     """A gateway on the test NATS, with scripted limiter, cache and worker replies."""
     gateway = await build_gateway(bus, tmp_path)
     yield gateway
-    await gateway.fake.stop()
+    await gateway.close()

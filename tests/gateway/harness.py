@@ -180,6 +180,14 @@ class Gateway:
     secret: str
     record: keys_pb2.ApiKeyRecord
 
+    async def close(self) -> None:
+        """What the service's stop does for the parts a test starts: the scripted
+        services stop, the lease ledger and the audit trail drain (their tasks end
+        with the test's event loop, not after it)."""
+        await self.fake.stop()
+        await self.parts.limiter.drain()
+        await self.parts.audit.drain()
+
     def http(self, **headers: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.edge),

@@ -734,7 +734,7 @@ async def test_idle_stream_pings_after_message_start(bus, tmp_path):
         assert names.index("ping") < names.index("content_block_start")
         assert names[-1] == "message_stop"
     finally:
-        await gw.fake.stop()
+        await gw.close()
 
 
 async def test_mid_stream_failure_is_an_error_event(gw: Gateway):
@@ -926,7 +926,7 @@ async def test_body_over_the_limit_is_413(bus, tmp_path):
                 model="sim-fast", max_tokens=8, messages=[{"role": "user", "content": "a" * 4096}]
             )
     finally:
-        await gw.fake.stop()
+        await gw.close()
 
 
 async def test_sdk_error_classes(gw: Gateway):

@@ -72,7 +72,7 @@ async def test_a_claim_without_a_stream_is_taken_over(bus, tmp_path):
         assert resp.headers["x-sluice-cache"] == "miss"
         assert len(gw.fake.work) == 1
     finally:
-        await gw.fake.stop()
+        await gw.close()
 
 
 async def test_streams_and_plain_answers_do_not_share(gw: Gateway):

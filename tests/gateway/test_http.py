@@ -245,7 +245,7 @@ async def test_silent_worker_times_out_with_504(bus, tmp_path):
             resp = await http.post(CHAT, json=chat_body(stream=True))
             assert_problem(resp, 504, "model_timeout")
     finally:
-        await gw.fake.stop()
+        await gw.close()
 
 
 async def test_tool_call_stream(gw: Gateway):
@@ -612,7 +612,7 @@ async def test_body_over_the_limit_is_413(bus, tmp_path):
             )
         assert_problem(resp, 413, "payload_too_large")
     finally:
-        await gw.fake.stop()
+        await gw.close()
 
 
 async def test_wrong_content_type_is_415(gw: Gateway):

@@ -43,7 +43,7 @@ HISTORY = VersionRegistry([OLD, DEPRECATED, ApiVersion(CURRENT, ("now",))])
 async def gw(bus, tmp_path):
     gateway = await build_gateway(bus, tmp_path)
     yield gateway
-    await gateway.fake.stop()
+    await gateway.close()
     await gateway.parts.api.keys.keys.stop()  # type: ignore[attr-defined]
 
 

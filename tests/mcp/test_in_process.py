@@ -28,7 +28,7 @@ async def gw(bus, tmp_path) -> AsyncIterator[tuple[Gateway, McpEndpoint, Edge]]:
         yield gateway, endpoint, edge
     finally:
         await endpoint.stop()
-        await gateway.fake.stop()
+        await gateway.close()
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
@@ -98,4 +98,4 @@ async def test_the_gateway_loads_the_sdk_on_the_first_mcp_request(bus, tmp_path)
         assert r.json()["code"] == "service_unavailable"
     finally:
         await lazy.stop()
-        await gateway.fake.stop()
+        await gateway.close()

@@ -29,7 +29,7 @@ CHAT = {"model": "sim-fast", "messages": [{"role": "user", "content": "hi"}]}
 async def gw(bus, tmp_path):
     gateway = await build_gateway(bus, tmp_path)
     yield gateway
-    await gateway.fake.stop()
+    await gateway.close()
     await gateway.parts.api.keys.keys.stop()  # type: ignore[attr-defined]
 
 
@@ -377,7 +377,7 @@ async def jwt_gw(bus, tmp_path, jwks_server):
     ]
     gateway = await build_gateway(bus, tmp_path, jwt_issuers=issuers)
     yield gateway, rsa_key, ec_key
-    await gateway.fake.stop()
+    await gateway.close()
 
 
 def _token(private: Any, kid: str, alg: str, **claims: Any) -> str:
