@@ -37,7 +37,8 @@ _DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 
 async def read_body(request: HttpRequest, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
-    too_large = declared.isdigit() and int(declared) > limit
+    length = int(declared) if declared.isdigit() else -1
+    too_large = length > limit
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -51,6 +52,11 @@ async def read_body(request: HttpRequest, limit: int) -> bytes:
         if not too_large:
             chunks.append(chunk)
         if not message.get("more_body", False) or size > limit + _DRAIN_LIMIT_BYTES:
+            break
+        if size == length and not too_large:
+            # The declared body is all here. Granian marks a body's last chunk as
+            # ``more_body`` and says it ended only on another ``receive``, a second
+            # hand-off from its runtime thread to the event loop, before admission.
             break
     if too_large:
         raise SluiceError(
