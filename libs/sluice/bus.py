@@ -34,6 +34,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
+from nats.protocol import command as nats_command
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -73,11 +74,49 @@ class CoalescingClient(NatsClient):
     straight from the read loop: their payload goes to a plain function as it is read,
     without nats-py's per-subscription task and queue, and without parsing headers."""
 
+    # How long an unsubscribe may wait for another write to carry it (``end_direct``).
+    UNSUBSCRIBE_WRITE_WAIT_SECONDS = 0.05
+
     def __init__(self, flush_yields: int = 0) -> None:
         super().__init__()
         self.flush_yields = flush_yields
         # Subscription id -> the function each payload of that subscription goes to.
         self.direct: dict[int, Callable[[bytes], None]] = {}
+        self._unsubscribe_kick: asyncio.TimerHandle | None = None
+
+    def end_direct(self, sub: Subscription) -> None:
+        """End a direct subscription at once on this side, and tell the server with the
+        next write instead of a write of its own.
+
+        Every request ends its stream subscription, and nats-py writes each UNSUB alone
+        when its flusher next runs: on loopback a system call and a wake-up of the server
+        per request. Here the UNSUB joins what is pending and leaves with the next
+        publish, or within ``UNSUBSCRIBE_WRITE_WAIT_SECONDS`` when nothing else is
+        written. Until the server reads it, a message on the subject still reaches this
+        connection and is dropped here: the subscription is already gone from nats-py's
+        table (so a reconnect does not subscribe it again) and from ``direct``."""
+        self.direct.pop(sub._id, None)
+        if sub._closed:
+            return
+        sub._closed = True
+        sub._stop_processing()
+        self._remove_sub(sub._id)
+        if self.is_closed or self.is_reconnecting or not self.is_connected:
+            # A reconnect subscribes again only what is in the table.
+            return
+        command = nats_command.unsub_cmd(sub._id, 0)
+        self._pending.append(command)
+        self._pending_data_size += len(command)
+        if self._unsubscribe_kick is None:
+            self._unsubscribe_kick = asyncio.get_running_loop().call_later(
+                self.UNSUBSCRIBE_WRITE_WAIT_SECONDS, self._write_unsubscribes
+            )
+
+    def _write_unsubscribes(self) -> None:
+        self._unsubscribe_kick = None
+        queue = self._flush_queue
+        if self._pending_data_size and self.is_connected and queue and not queue.full():
+            queue.put_nowait(asyncio.get_running_loop().create_future())
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
@@ -484,10 +523,13 @@ class Bus:
 
     @staticmethod
     async def unsubscribe(sub: Subscription) -> None:
-        """End a subscription; one whose connection is already gone ends quietly."""
-        direct = getattr(sub._conn, "direct", None)
-        if direct is not None:
-            direct.pop(sub._id, None)
+        """End a subscription; one whose connection is already gone ends quietly. A
+        direct one (``subscribe_data``) ends without a write of its own
+        (``CoalescingClient.end_direct``)."""
+        conn = sub._conn
+        if isinstance(conn, CoalescingClient) and sub._id in conn.direct:
+            conn.end_direct(sub)
+            return
         with contextlib.suppress(*NATS_FAILURES):
             await sub.unsubscribe()
 
