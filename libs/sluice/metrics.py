@@ -53,10 +53,21 @@ class LiveCount:
         return [metrics.Observation(v, dict(k)) for k, v in list(self._values.items())]
 
 
+class LiveTally(LiveCount):
+    """A monotonic count kept the same way, read as a counter (``sluice.requests``:
+    the SDK's ``Counter.add`` cost the gateway about 20 µs of every request)."""
+
+    def __init__(self, meter: metrics.Meter, name: str, unit: str, description: str) -> None:
+        self._values = Counter()
+        meter.create_observable_counter(
+            name, callbacks=[self._observe], unit=unit, description=description
+        )
+
+
 @dataclass(frozen=True)
 class Instruments:
-    requests: metrics.Counter
-    errors: metrics.Counter
+    requests: LiveTally
+    errors: LiveTally
     request_duration: metrics.Histogram
     queue_wait: metrics.Histogram
     time_to_first_token: metrics.Histogram
@@ -73,11 +84,11 @@ def instruments() -> Instruments:
     """The instruments of this process (call after ``setup_telemetry``)."""
     meter = metrics.get_meter("sluice")
     return Instruments(
-        requests=meter.create_counter(
-            "sluice.requests", unit="{request}", description="Requests by route and status"
+        requests=LiveTally(
+            meter, "sluice.requests", unit="{request}", description="Requests by route and status"
         ),
-        errors=meter.create_counter(
-            "sluice.errors", unit="{error}", description="Errors by stable code and service"
+        errors=LiveTally(
+            meter, "sluice.errors", unit="{error}", description="Errors by stable code and service"
         ),
         request_duration=meter.create_histogram(
             "sluice.request.duration",
