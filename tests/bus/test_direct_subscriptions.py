@@ -72,6 +72,7 @@ async def test_an_unsubscribe_leaves_with_the_next_write(bus: Bus) -> None:
     assert await _interest(bus, subject)
 
     await Bus.unsubscribe(sub)
+    assert isinstance(bus.nc, CoalescingClient)
     assert sub._id not in bus.nc._subs and sub._id not in bus.nc.direct
     assert bus.nc._pending_data_size > 0, "the UNSUB waits for another write"
     # The next write carries it: a flush is a PING written after what is pending.
