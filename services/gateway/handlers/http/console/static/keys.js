@@ -58,9 +58,21 @@ page(async (main, me) => {
     return form;
   }
 
+  let listing = 0;
   async function loadKeys() {
+    // Only the newest listing is drawn: an older answer arriving late would replace the
+    // form the user is already typing into with another team's. The panel says while one
+    // is on its way.
+    const mine = ++listing;
+    keysPanel.dataset.loading = "";
     const team = teamFilter.value;
-    const keys = (await api(`/v1/admin/keys${team ? `?team_id=${encodeURIComponent(team)}` : ""}`)).data;
+    let keys;
+    try {
+      keys = (await api(`/v1/admin/keys${team ? `?team_id=${encodeURIComponent(team)}` : ""}`)).data;
+    } finally {
+      if (mine === listing) delete keysPanel.dataset.loading;
+    }
+    if (mine !== listing) return;
     const rows = keys.map((k) => {
       const live = ["active", "rotating"].includes(k.status);
       return h("tr", { "data-key": k.key_id, "data-name": k.name },
