@@ -70,6 +70,50 @@ async def _gateway_first_byte_ms(stack: ConsoleStack, key: str, body: dict[str, 
     raise AssertionError("no bytes")
 
 
+async def test_a_late_key_listing_does_not_replace_a_newer_one(
+    console_stack: ConsoleStack,
+) -> None:
+    """An operator picks one team, then another before the first listing came back: the
+    page shows the team picked last, whatever order the answers arrive in."""
+    executable = chromium_path()
+    from playwright.async_api import Route, async_playwright
+
+    slow_team, picked_team = (f"late-{n}-" + uuid.uuid4().hex[:6] for n in ("a", "b"))
+    async with console_stack.client(ADMIN_KEY) as admin:
+        for team in (slow_team, picked_team):
+            r = await admin.post("/v1/admin/teams", json={"team_id": team, "name": team})
+            assert r.status_code == 201, r.text
+            r = await admin.post("/v1/admin/keys", json={"team_id": team, "name": f"key-of-{team}"})
+            assert r.status_code == 201, r.text
+
+    answered = asyncio.Event()
+
+    async def late(route: Route) -> None:
+        await asyncio.sleep(1.5)
+        await route.continue_()
+        answered.set()
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=str(executable), headless=True)
+        page = await browser.new_page()
+        await page.goto(f"{console_stack.url}/console")
+        await page.fill("#api-key", ADMIN_KEY)
+        await page.click("#login-button")
+        await page.wait_for_url("**/console/playground")
+        await page.goto(f"{console_stack.url}/console/keys")
+        await page.wait_for_function(READY)
+        await page.route(f"**/v1/admin/keys?team_id={slow_team}", late)
+        await page.select_option("#key-team-filter", slow_team)
+        await page.select_option("#key-team-filter", picked_team)
+        await page.wait_for_selector(f"{SETTLED} #key-table tr[data-name='key-of-{picked_team}']")
+        await answered.wait()
+        await asyncio.sleep(0.5)  # the late answer has reached the page
+        assert await page.query_selector(f"tr[data-name='key-of-{slow_team}']") is None
+        assert await page.query_selector(f"tr[data-name='key-of-{picked_team}']") is not None
+        assert await page.input_value("#key-team-filter") == picked_team
+        await browser.close()
+
+
 async def test_console_in_a_browser(console_stack: ConsoleStack) -> None:
     executable = chromium_path()
     from playwright.async_api import async_playwright
