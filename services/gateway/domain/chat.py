@@ -194,14 +194,21 @@ class ChatService:
             semantic=query,
             options=options,
         )
-        headers = admitted_headers(reservation, options.dialect.limit_headers)
-        headers["x-sluice-cache"] = meta.cache
+        if not reservation.allowed:
+            admitted_headers(reservation, options.dialect.limit_headers)  # the refusal
+        # The rate-limit headers are the answer's alone: for work sent to a worker they
+        # are written while it works (a tiered key has a dozen policies to read).
+        limit_headers = functools.partial(
+            admitted_headers, reservation, options.dialect.limit_headers
+        )
+        headers: dict[str, str] = {"x-sluice-cache": meta.cache}
         if meta.cache_reason:
             headers["x-sluice-cache-reason"] = meta.cache_reason
         if inspected.redacted:
             headers["x-sluice-guard"] = "redacted=" + inspected.header
         headers.update(routed.response_headers())
         if cached is not None:
+            headers.update(limit_headers())
             return await self._answer_from_cache(
                 key=key,
                 request=request,
@@ -222,6 +229,7 @@ class ChatService:
             ckey = coalesce_key(cache_key, options.dialect.name, request.stream)
             leader, revision = await claims.claim(ckey, meta.request_id)
             if leader != meta.request_id:
+                headers.update(limit_headers())
                 followed = await self._follow(
                     leader,
                     key=key,
@@ -256,11 +264,11 @@ class ChatService:
         )
         self.route_work(work, routed, key, request, cache_key)
         if release is None:
-            return await self._run(key, work, meta, headers, options)
+            return await self._run(key, work, meta, headers, options, limit_headers=limit_headers)
         # The leader's claim ends with its answer: later identical requests find it in
         # the cache, or lead again.
         try:
-            answer = await self._run(key, work, meta, headers, options)
+            answer = await self._run(key, work, meta, headers, options, limit_headers=limit_headers)
         except BaseException:
             await release()
             raise
@@ -589,6 +597,8 @@ class ChatService:
         meta: RequestMeta,
         headers: dict[str, str],
         options: ChatOptions,
+        *,
+        limit_headers: Callable[[], dict[str, str]],
     ) -> Answer:
         request = work.request
         # The worker reports the route's deadline itself (model_timeout, with what it
@@ -620,6 +630,7 @@ class ChatService:
             await live.close()
             self.limiter.release(work.reservation_id, key.key_id, meta.request_id)
             raise
+        headers.update(limit_headers())
 
         reader = self.relay.reader(meta.request_id, live, deadline)
         if not request.stream:
