@@ -99,3 +99,31 @@ class PriceTable:
         input_usd = (fresh * rate.input_per_mtok + cached * rate.cached_input_per_mtok) / MILLION
         output_usd = usage.output_tokens * rate.output_per_mtok / MILLION
         return PricedUsage(input_usd, output_usd)
+
+    def output_tokens_within(self, model: str, input_tokens: int, ceiling_nanos: int) -> int | None:
+        """The most output tokens that cost, with ``input_tokens`` of prompt, at most
+        ``ceiling_nanos`` as ``price`` counts it: -1 when the prompt alone costs more,
+        None when output is free (no count of it passes a ceiling the prompt fits).
+
+        A stream checked against a spend ceiling compares its count with this after each
+        delta, instead of pricing every delta (``price`` is monotonic in output tokens).
+        """
+
+        def total(output_tokens: int) -> int:
+            usage = chat_pb2.Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+            return self.price(model, usage).total_nanos
+
+        if total(0) > ceiling_nanos:
+            return -1
+        rate = self.price_for(model)
+        if rate is None or rate.output_per_mtok <= 0:
+            return None
+        # Each part is rounded to the nano-dollar on its own: start from the exact
+        # quotient and step to the boundary (a step or two at most).
+        nanos_per_token = rate.output_per_mtok * _NANOS_PER_USD_DEC / MILLION
+        most = int((ceiling_nanos - total(0)) / nanos_per_token)
+        while total(most + 1) <= ceiling_nanos:
+            most += 1
+        while most > 0 and total(most) > ceiling_nanos:
+            most -= 1
+        return most

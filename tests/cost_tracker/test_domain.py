@@ -1,8 +1,9 @@
 from decimal import Decimal
 
 import pytest
+from sluice.common.v1 import chat_pb2
 from sluice.cost.v1 import cost_pb2
-from sluice.pricing import PriceTable
+from sluice.pricing import ModelPrice, PriceTable
 
 from services.cost_tracker.domain.usage import (
     Dimension,
@@ -97,6 +98,40 @@ def test_nano_dollar_rounding_is_half_even():
 def test_shipped_price_table_loads():
     table = PriceTable.load(REPO_CONFIG / "prices.yaml")
     assert table.prices, "config/prices.yaml prices no model"
+
+
+@pytest.mark.parametrize(
+    ("input_rate", "output_rate"),
+    [("0.10", "0.40"), ("3", "15"), ("0.15", "0.6"), ("0.07", "0.333"), ("2.5", "0")],
+)
+def test_output_tokens_within_a_ceiling_is_what_pricing_each_count_says(
+    input_rate: str, output_rate: str
+):
+    """The count a stream compares with instead of pricing every delta: the largest one
+    whose price fits the ceiling, to the nano-dollar, against pricing each count."""
+    price = ModelPrice(Decimal(input_rate), Decimal(output_rate), Decimal(input_rate))
+    table = PriceTable({"m": price}, "test")
+    prompt = 37
+
+    def total(output_tokens: int) -> int:
+        usage = chat_pb2.Usage(input_tokens=prompt, output_tokens=output_tokens)
+        return table.price("m", usage).total_nanos
+
+    ceilings = {
+        total(0) - 1,
+        total(0),
+        *(total(n) + d for n in (1, 2, 7, 50, 333) for d in (-1, 0, 1)),
+    }
+    for ceiling in sorted(ceilings):
+        most = table.output_tokens_within("m", prompt, ceiling)
+        if total(0) > ceiling:
+            assert most == -1
+        elif Decimal(output_rate) == 0:
+            assert most is None
+        else:
+            assert most is not None and most >= 0
+            assert total(most) <= ceiling < total(most + 1), (ceiling, most)
+    assert table.output_tokens_within("unpriced", prompt, 0) is None
 
 
 @pytest.mark.parametrize(

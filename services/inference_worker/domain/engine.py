@@ -167,6 +167,10 @@ class _Request:
     prompt_tokens: int = 0
     output_tokens: int = 0
     cut: bool = False
+    # The output tokens the ceiling leaves room for at the prices of ``allowance_for``,
+    # the model being called (None: output is free there).
+    output_allowance: int | None = None
+    allowance_for: str | None = None
     # The task serving this delivery (what a cut cancels).
     task: asyncio.Task[Outcome] | None = None
 
@@ -984,11 +988,17 @@ class InferenceEngine:
         spend ceiling, at the price table's prices for the model being called."""
         if req.target is None:
             return False
-        if not req.prompt_tokens:
-            req.prompt_tokens = tokens.count_chat(req.work.request)
-        usage = chat_pb2.Usage(input_tokens=req.prompt_tokens, output_tokens=req.output_tokens)
-        cost = self.prices.price(req.target.served, usage).total_nanos
-        return cost > req.work.spend_ceiling_usd_nanos
+        served = req.target.served
+        if req.allowance_for != served:
+            # Priced once per model called (a fallback may call another): from then on a
+            # delta costs a count and a comparison, not a pricing.
+            if not req.prompt_tokens:
+                req.prompt_tokens = tokens.count_chat(req.work.request)
+            req.output_allowance = self.prices.output_tokens_within(
+                served, req.prompt_tokens, req.work.spend_ceiling_usd_nanos
+            )
+            req.allowance_for = served
+        return req.output_allowance is not None and req.output_tokens > req.output_allowance
 
     async def _end_cancelled(self, req: _Request) -> Outcome:
         """The terminal event of a cancelled request, billing only what was produced."""
